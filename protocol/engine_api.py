@@ -1,0 +1,135 @@
+"""The engine contract: commands the runtime sends to the engine thread and events it gets back.
+
+Plain msgspec structs so they are cheap to build, compare and copy across the thread boundary.
+Text never crosses this boundary: the protocol core tokenizes and detokenizes; the engine only
+sees token ids. Events are delivered in one batch per engine step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class StructuredOutput(msgspec.Struct, omit_defaults=True, frozen=True):
+    """A decoding constraint; at most one of the constraint fields is set."""
+
+    json: str | None = None  # a JSON schema, serialized
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # a Lark / EBNF grammar
+    json_object: bool = False  # any JSON object
+    whitespace_pattern: str | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+
+class SamplingParams(msgspec.Struct, omit_defaults=True, frozen=True):
+    """Everything the engine needs, in token space. Validated by the protocol core already."""
+
+    max_tokens: int = 16
+    n: int = 1
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words_token_ids: tuple[tuple[int, ...], ...] | None = None
+    seed: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # top-k logprobs per sampled token; None: none
+    prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None
+
+
+class PoolingParams(msgspec.Struct, omit_defaults=True, frozen=True):
+    task: Literal["embed", "classify", "score", "token_embed", "token_classify"] = "embed"
+    normalize: bool | None = None
+    dimensions: int | None = None
+    use_activation: bool | None = None
+
+
+# ---- commands (runtime -> engine) ----
+
+
+class Generate(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int = 0
+
+
+class Encode(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    inputs: tuple[tuple[int, ...], ...]  # one or two token sequences (a pair for cross-encoders)
+    params: PoolingParams
+
+
+class Abort(msgspec.Struct, tag=True, frozen=True):
+    """Stop a request. `index` aborts one of its n samples (a stop string matched); None aborts all."""
+
+    request_id: str
+    index: int | None = None
+
+
+Command = Generate | Encode | Abort
+
+
+# ---- events (engine -> runtime) ----
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True, frozen=True):
+    """Logprob of one chosen token and the top-k alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1-based rank of the chosen token in the distribution
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), best first
+
+
+class Tokens(msgspec.Struct, tag=True, frozen=True):
+    """New tokens for sample `index` of a request, produced in one engine step.
+
+    `finish_reason` is set on the last event of a sample. `stop_reason` is the stop token id that
+    ended it, if any. `prompt_logprobs` comes once, on the first event (first entry None).
+    """
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+    logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = None
+    cumulative_logprob: float | None = None
+
+
+class Pooled(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    data: tuple[float, ...] | tuple[tuple[float, ...], ...]
+    num_prompt_tokens: int
+
+
+class Failed(msgspec.Struct, tag=True, frozen=True):
+    """The engine could not serve a request (bad constraint, out of memory, internal error)."""
+
+    request_id: str
+    status: int
+    message: str
+
+
+Event = Tokens | Pooled | Failed

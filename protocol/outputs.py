@@ -1,0 +1,34 @@
+"""What a `Call` asks its runtime to do, as small value events (h11 style: events out, no IO).
+
+A runtime loop handles them in order: `StartResponse` commits the HTTP status and headers (sent
+only once the status is known, so an early failure keeps its real 4xx/5xx), `Body` is bytes to
+write (a JSON body or SSE frames), `EndResponse` closes the response, `Submit` hands commands to
+the engine (the runtime must route the engine's events for the submitted request ids back to
+`Call.feed`).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from protocol.engine_api import Command
+
+
+class StartResponse(msgspec.Struct, frozen=True):
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+class Body(msgspec.Struct, frozen=True):
+    data: bytes
+
+
+class EndResponse(msgspec.Struct, frozen=True):
+    pass
+
+
+class Submit(msgspec.Struct, frozen=True):
+    commands: tuple[Command, ...]
+
+
+Output = StartResponse | Body | EndResponse | Submit
