@@ -1,0 +1,202 @@
+"""Paged KV cache bookkeeping: a block pool with prefix caching, and per-sequence block tables.
+
+Only the accounting lives here (which block holds which tokens); the tensors themselves belong to
+the model runner, laid out as `[num_blocks, block_size, num_kv_heads, head_dim]` per layer (see
+`kernels.attention`). The design follows vLLM v1's KV cache manager:
+
+- a full block is identified by a chained hash of (parent block hash, its token ids, salt), so a
+  shared prefix maps to the same physical blocks for every sequence that has it;
+- blocks whose reference count drops to zero go to the tail of an LRU free queue but keep their
+  hash, so they can still be hit until they are reused for something else (evicted);
+- a sequence's blocks are freed tail-first, so the end of a prompt is evicted before its start.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+BlockHash = int
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "block_hash")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.block_hash: BlockHash | None = None
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], salt: str | None = None) -> BlockHash:
+    """Chained hash of one full block; equal prefixes give equal chains."""
+    return hash((parent, tuple(token_ids), salt))
+
+
+class BlockPool:
+    """Fixed set of physical blocks, reference counted, with a hash -> block map for prefix hits."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("the KV cache needs at least one block of at least one token")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order (least recently freed first). Insertion order is the LRU order.
+        self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[BlockHash, Block] = {}
+        # Prefix cache statistics in tokens, as vLLM reports them.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def usage(self) -> float:
+        """Fraction of blocks in use by live sequences (cached-but-free blocks count as free)."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def lookup(self, block_hash: BlockHash) -> Block | None:
+        return self._cached.get(block_hash) if self.enable_prefix_caching else None
+
+    def allocate(self, count: int) -> list[Block] | None:
+        """Take `count` blocks off the free queue, evicting their cached contents; None if short."""
+        if count > len(self._free):
+            return None
+        out = []
+        for _ in range(count):
+            _, block = self._free.popitem(last=False)
+            if block.block_hash is not None:
+                if self._cached.get(block.block_hash) is block:
+                    del self._cached[block.block_hash]
+                block.block_hash = None
+            block.ref_count = 1
+            out.append(block)
+        return out
+
+    def touch(self, block: Block) -> None:
+        """Take a reference on a cached block (a prefix hit)."""
+        if block.ref_count == 0:
+            del self._free[block.block_id]
+        block.ref_count += 1
+
+    def release(self, blocks: Sequence[Block]) -> None:
+        """Drop one reference on each block; unreferenced ones become free (still hittable)."""
+        for block in blocks:
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block.block_id] = block
+
+    def cache(self, block: Block, block_hash: BlockHash) -> None:
+        """Publish a full block under its hash so later sequences can share it."""
+        if not self.enable_prefix_caching or block.block_hash is not None:
+            return
+        block.block_hash = block_hash
+        self._cached.setdefault(block_hash, block)
+
+    def reset_prefix_cache(self) -> None:
+        for block in self._cached.values():
+            block.block_hash = None
+        self._cached.clear()
+
+
+class SequenceBlocks:
+    """The block table of one sequence plus the hash chain of its full blocks."""
+
+    __slots__ = ("blocks", "hashes", "salt")
+
+    def __init__(self, salt: str | None = None) -> None:
+        self.blocks: list[Block] = []
+        self.hashes: list[BlockHash] = []
+        self.salt = salt
+
+    @property
+    def block_ids(self) -> list[int]:
+        return [b.block_id for b in self.blocks]
+
+
+class KVCacheManager:
+    """Allocates blocks to sequences, finds prefix hits, and frees blocks the moment a sequence ends."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.block_size = block_size
+        self._tables: dict[str, SequenceBlocks] = {}
+
+    def table(self, seq_id: str) -> SequenceBlocks:
+        return self._tables[seq_id]
+
+    def block_ids(self, seq_id: str) -> list[int]:
+        return self._tables[seq_id].block_ids
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self._tables
+
+    def _hash_chain(self, token_ids: Sequence[int], num_blocks: int, salt: str | None) -> list[BlockHash]:
+        hashes: list[BlockHash] = []
+        parent: BlockHash | None = None
+        bs = self.block_size
+        for i in range(num_blocks):
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], salt)
+            hashes.append(parent)
+        return hashes
+
+    def start(self, seq_id: str, token_ids: Sequence[int], salt: str | None = None) -> int:
+        """Open a sequence and attach the cached blocks of its longest cached prefix.
+
+        Returns the number of tokens already computed. At least the last token is always left to
+        compute, because its logits are needed to sample.
+        """
+        table = SequenceBlocks(salt)
+        self._tables[seq_id] = table
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        self.pool.prefix_queries += len(token_ids)
+        if max_blocks <= 0 or not self.pool.enable_prefix_caching:
+            return 0
+        for block_hash in self._hash_chain(token_ids, max_blocks, salt):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            self.pool.touch(block)
+            table.blocks.append(block)
+            table.hashes.append(block_hash)
+        hit = len(table.blocks) * self.block_size
+        self.pool.prefix_hits += hit
+        return hit
+
+    def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
+        """Blocks to add so the sequence can hold `num_tokens` tokens in total."""
+        have = len(self._tables[seq_id].blocks)
+        return max(0, -(-num_tokens // self.block_size) - have)
+
+    def allocate(self, seq_id: str, num_tokens: int) -> bool:
+        """Grow the sequence's table to hold `num_tokens` tokens; False (and no change) if out of blocks."""
+        need = self.blocks_needed(seq_id, num_tokens)
+        if need == 0:
+            return True
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            return False
+        self._tables[seq_id].blocks.extend(blocks)
+        return True
+
+    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Publish every block the sequence has now completely computed, for later prefix hits."""
+        table = self._tables[seq_id]
+        full = min(num_computed // self.block_size, len(table.blocks))
+        if full <= len(table.hashes):
+            return
+        bs = self.block_size
+        parent = table.hashes[-1] if table.hashes else None
+        for i in range(len(table.hashes), full):
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], table.salt)
+            table.hashes.append(parent)
+            self.pool.cache(table.blocks[i], parent)
+
+    def free(self, seq_id: str) -> None:
+        """Release all blocks of a sequence at once (finish, abort, or preemption)."""
+        table = self._tables.pop(seq_id, None)
+        if table is not None:
+            self.pool.release(list(reversed(table.blocks)))

@@ -1,0 +1,205 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+There are no separate prefill and decode phases (as in vLLM v1): every sequence has a number of
+computed tokens, and each step gives it a share of a token budget to close the gap to its known
+tokens. A decoding sequence needs one token; a new prompt takes as many as the budget allows, so a
+long prompt is prefilled in chunks while other sequences keep decoding.
+
+Order: running sequences first (they hold KV blocks), then waiting ones by (priority, arrival).
+When the cache runs out of blocks, the running sequence that would be served last is preempted:
+its blocks are freed and it goes back to the waiting queue to be recomputed later (its sampled
+tokens are kept, so its output is unchanged).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.kv_cache import KVCacheManager
+from protocol.engine_api import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request: `n` samples share a prompt, and its blocks through the prefix cache."""
+
+    request_id: str
+    index: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    arrival: int | None = None
+    salt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    status: Status = Status.WAITING
+    first_scheduled: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def seq_id(self) -> str:
+        return f"{self.request_id}\x00{self.index}"
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first token position computed this step
+    num_tokens: int
+    samples: bool = False  # the chunk reaches the end of the known tokens: a new token is sampled
+
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        long_prefill_token_threshold: int = 0,
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.running: list[Sequence] = []
+        self._waiting: list[tuple[int, int, int, Sequence]] = []
+        self._counter = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- queue management ----
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for *_, s in self._waiting if s.status is Status.WAITING)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or any(s.status is Status.WAITING for *_, s in self._waiting)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.arrival is None:
+            seq.arrival = next(self._counter)
+        seq.status = Status.WAITING
+        heapq.heappush(self._waiting, (seq.priority, seq.arrival, next(self._counter), seq))
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) and free its blocks in the same step."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        seq.status = Status.FINISHED
+        self.kv.free(seq.seq_id)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    # ---- the step ----
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        scheduled: set[int] = set()
+
+        # 1. Running sequences, in arrival order, each asking for what it is missing.
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this step to make room for another
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self.long_prefill_token_threshold:
+                want = min(want, self.long_prefill_token_threshold)
+            if want <= 0:
+                continue
+            while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + want):
+                victim = max(
+                    (s for s in self.running if id(s) not in scheduled),
+                    key=lambda s: (s.priority, s.arrival),
+                )
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, want))
+            scheduled.add(id(seq))
+            budget -= want
+
+        # 2. Waiting sequences, best (priority, arrival) first, while budget, seats and blocks last.
+        if not preempted:
+            while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                *_, seq = self._waiting[0]
+                if seq.status is not Status.WAITING:
+                    heapq.heappop(self._waiting)
+                    continue
+                tokens = seq.all_token_ids
+                computed = self.kv.start(seq.seq_id, tokens, seq.salt)
+                want = min(seq.num_tokens - computed, budget)
+                if self.long_prefill_token_threshold:
+                    want = min(want, self.long_prefill_token_threshold)
+                if not self.kv.allocate(seq.seq_id, computed + want):
+                    self.kv.free(seq.seq_id)
+                    break
+                heapq.heappop(self._waiting)
+                if not seq.first_scheduled:
+                    seq.first_scheduled = True
+                    seq.num_cached_tokens = computed
+                seq.num_computed_tokens = computed
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                chunks.append(ScheduledChunk(seq, computed, want))
+                budget -= want
+
+        return SchedulerOutput(chunks, preempted)
+
+    def advance(self, chunks: Seq[ScheduledChunk]) -> None:
+        """Record that the scheduled tokens were computed, and publish the blocks they filled."""
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.kv.commit(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
