@@ -1,0 +1,128 @@
+"""Test doubles for the protocol core: a byte-level tokenizer and a tiny served model.
+
+`ByteTokenizer` makes every UTF-8 byte a token, so a multi-byte character spans several tokens:
+exactly the case incremental detokenization must get right. It needs no files and no downloads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from protocol.model import ServedModel
+
+BOS_ID = 256
+EOS_ID = 257
+IM_START_ID = 258
+IM_END_ID = 259
+
+SPECIAL_TOKENS: dict[str, int] = {
+    "<s>": BOS_ID,
+    "</s>": EOS_ID,
+    "<|im_start|>": IM_START_ID,
+    "<|im_end|>": IM_END_ID,
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class ByteTokenizer:
+    """Ids 0..255 are bytes; 256..259 are `<s>`, `</s>`, `<|im_start|>`, `<|im_end|>`.
+
+    Special-token strings inside the text are encoded as their ids (as HF tokenizers do), so a
+    rendered chat template tokenizes the way a real model's would. `add_special_tokens` prepends
+    `<s>`. Both `</s>` and `<|im_end|>` end generation.
+    """
+
+    def __init__(self, chat_template: str | None = CHATML_TEMPLATE):
+        self._chat_template = chat_template
+        self._names = {token_id: name for name, token_id in SPECIAL_TOKENS.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(SPECIAL_TOKENS)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset({EOS_ID, IM_END_ID})
+
+    @property
+    def all_special_ids(self) -> frozenset[int]:
+        return frozenset(SPECIAL_TOKENS.values())
+
+    @property
+    def bos_token(self) -> str | None:
+        return "<s>"
+
+    @property
+    def eos_token(self) -> str | None:
+        return "</s>"
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [BOS_ID] if add_special_tokens else []
+        position = 0
+        while position < len(text):
+            special = self._special_at(text, position)
+            if special is not None:
+                ids.append(SPECIAL_TOKENS[special])
+                position += len(special)
+                continue
+            end = self._next_special(text, position)
+            ids.extend(text[position:end].encode("utf-8", errors="surrogatepass"))
+            position = end
+        return ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        pieces: list[str] = []
+        pending = bytearray()
+        for token_id in token_ids:
+            if 0 <= token_id < 256:
+                pending.append(token_id)
+                continue
+            if token_id not in self._names:
+                raise ValueError(f"Token id {token_id} is out of vocabulary")
+            pieces.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+            if not skip_special_tokens:
+                pieces.append(self._names[token_id])
+        pieces.append(pending.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """Printable ASCII bytes as themselves, other bytes as `<0xNN>` (sentencepiece style)."""
+        tokens = []
+        for token_id in token_ids:
+            if token_id in self._names:
+                tokens.append(self._names[token_id])
+            elif 0x20 <= token_id < 0x7F:
+                tokens.append(chr(token_id))
+            elif 0 <= token_id < 256:
+                tokens.append(f"<0x{token_id:02X}>")
+            else:
+                raise ValueError(f"Token id {token_id} is out of vocabulary")
+        return tokens
+
+    @staticmethod
+    def _special_at(text: str, position: int) -> str | None:
+        for name in SPECIAL_TOKENS:
+            if text.startswith(name, position):
+                return name
+        return None
+
+    @staticmethod
+    def _next_special(text: str, position: int) -> int:
+        found = [text.find(name, position) for name in SPECIAL_TOKENS]
+        return min((index for index in found if index > position), default=len(text))
+
+
+def tiny_served_model(max_model_len: int = 256, name: str = "tiny-byte-model") -> ServedModel:
+    """A generative model as the API sees it, backed by `ByteTokenizer`."""
+    return ServedModel(names=[name], root=name, tokenizer=ByteTokenizer(), max_model_len=max_model_len)
