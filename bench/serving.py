@@ -1,0 +1,279 @@
+"""Serving benchmark: concurrent streaming clients against `sansllm serve`, with HF transformers alongside.
+
+    .venv/bin/python -m bench.serving [--concurrency 32] [--input-len 32,512] [--output-len 16,256]
+                                      [--shared-prefix] [--record]
+
+Starts our server in a subprocess (or uses `--base-url`), sends every prompt as a streamed
+/v1/completions request with at most C in flight, and reports output tok/s, TTFT and
+inter-token latency p50/p99. In the same run, before the server starts (so the two never compete
+for the CPU), HF transformers generates the same prompts as static batches of C (throughput) and
+times single-sequence TTFT on a few of them.
+
+`--shared-prefix` puts a ~500-token system prompt in front of every prompt and runs twice: first
+with a unique salt in front of each copy (nothing cacheable: the "not cached" TTFT), then, after
+one request has warmed the cache, with the shared prompt as is. The second run's requests report
+`usage.prompt_tokens_details.cached_tokens`, and the table gives the TTFT ratio between the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import shlex
+import statistics
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import torch
+
+from bench.hf_baseline import HFBaseline, HFTokenizer
+from bench.model_files import DEFAULT_MODEL_NAME, resolve_model
+from bench.prompts import (
+    BenchPrompt,
+    Encode,
+    make_prompts,
+    parse_range,
+    shared_system_prompt,
+    warmup_prompt,
+    with_prefix,
+)
+from bench.report import (
+    RESULTS_PATH,
+    SUMMARY_HEADERS,
+    append_section,
+    command_line,
+    fmt,
+    markdown_table,
+    ms,
+    summary_row,
+)
+from bench.server_process import ServerProcess
+from bench.sse_client import run_clients, served_model_name
+from bench.stats import RequestTiming, Summary, ratio, summarize
+
+HF = "hf-transformers static batch"
+OURS = "sansllm"
+OURS_COLD = "sansllm, prefix not cached"
+OURS_WARM = "sansllm, prefix cached"
+
+
+class ServingResult(msgspec.Struct, kw_only=True):
+    concurrency: int
+    summaries: list[Summary]
+    hf_single_ttft: float | None = None  # median over the sampled prompts
+    warm_cached_tokens: list[int] | None = None  # per request of the cached run (shared-prefix mode)
+    prefix_tokens: int | None = None
+
+    def get(self, name: str) -> Summary | None:
+        return next((s for s in self.summaries if s.name == name), None)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model", default=None, help=f"name, GGUF file or HF folder (default {DEFAULT_MODEL_NAME})"
+    )
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (C)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="requests per run (default: C)")
+    parser.add_argument(
+        "--input-len", type=parse_range, default=(32, 512), help="prompt tokens, N or LOW,HIGH"
+    )
+    parser.add_argument(
+        "--output-len", type=parse_range, default=(16, 256), help="output tokens, N or LOW,HIGH"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared-prefix", action="store_true", help="a shared system prompt in front of all")
+    parser.add_argument("--prefix-len", type=int, default=500, help="shared system prompt tokens")
+    parser.add_argument(
+        "--hf-ttft-samples", type=int, default=4, help="prompts HF times single-sequence TTFT on"
+    )
+    parser.add_argument(
+        "--no-hf", action="store_true", help="skip the HF baseline (development only: no ratios)"
+    )
+    parser.add_argument("--base-url", default=None, help="use a running server instead of starting one")
+    parser.add_argument("--runtime", choices=["asyncio", "trio"], default=None, help="server runtime")
+    parser.add_argument(
+        "--server-args", default="", help="extra `sansllm serve` flags, one shell-quoted string"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the HF baseline")
+    parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
+    parser.add_argument("--results", default=str(RESULTS_PATH), help="file --record appends to")
+    parser.add_argument("--note", default="", help="recorded with the results (e.g. 'machine busy')")
+    return parser.parse_args(argv)
+
+
+class PromptPlan(msgspec.Struct):
+    """What each run sends: `main` always; `cold` (salted prefixes) only in shared-prefix mode."""
+
+    main: list[BenchPrompt]
+    warmup: BenchPrompt
+    cold: list[BenchPrompt] | None = None
+    warmer: BenchPrompt | None = None  # warms the shared prefix before the cached run
+    prefix_tokens: int | None = None
+
+
+def plan_prompts(args: argparse.Namespace, encode: Encode) -> PromptPlan:
+    bodies = make_prompts(
+        encode, args.num_prompts or args.concurrency, args.input_len, args.output_len, seed=args.seed
+    )
+    if not args.shared_prefix:
+        return PromptPlan(main=bodies, warmup=warmup_prompt(encode, max(len(p.token_ids) for p in bodies)))
+    prefix = shared_system_prompt(encode, args.prefix_len)
+    main = [with_prefix(encode, body, prefix) for body in bodies]
+    # A fresh salt per process: against a long-running server (--base-url), an earlier run's
+    # salted prefixes must not be cached either.
+    session = uuid.uuid4().hex[:8]
+    cold = [
+        with_prefix(
+            encode, body, shared_system_prompt(encode, args.prefix_len, salt=f"Visitor {i}, {session}.")
+        )
+        for i, body in enumerate(bodies)
+    ]
+    warmer = with_prefix(encode, BenchPrompt(text=f"Hello ({session}).", token_ids=(), output_len=4), prefix)
+    return PromptPlan(
+        main=main,
+        warmup=warmup_prompt(encode, max(len(p.token_ids) for p in main)),
+        cold=cold,
+        warmer=warmer,
+        prefix_tokens=len(encode(prefix)),
+    )
+
+
+def run_hf(args: argparse.Namespace, model: str, tokenizer: HFTokenizer, plan: PromptPlan):
+    """HF static batches of C over the main prompts, and single-sequence TTFT on a few of them."""
+    baseline = HFBaseline(model, tokenizer, args.dtype)
+    baseline.warmup(plan.warmup.token_ids)
+    print(
+        f"[hf] static batches of {args.concurrency} over {len(plan.main)} prompts",
+        file=sys.stderr,
+        flush=True,
+    )
+    ids, lens = [p.token_ids for p in plan.main], [p.output_len for p in plan.main]
+    batch = summarize(HF, baseline.run(ids, lens, args.concurrency), useful_tokens=sum(lens))
+    samples = plan.main[: max(1, args.hf_ttft_samples)]
+    print(f"[hf] single-sequence TTFT on {len(samples)} prompts", file=sys.stderr, flush=True)
+    single_ttft = statistics.median(baseline.ttft(p.token_ids) for p in samples)
+    del baseline
+    gc.collect()
+    return batch, single_ttft
+
+
+async def run_ours(
+    base_url: str, args: argparse.Namespace, plan: PromptPlan
+) -> tuple[list[Summary], list[int]]:
+    model = await served_model_name(base_url)
+    await run_clients(base_url, model, [plan.warmup], 1)
+    if plan.cold is None:
+        print(
+            f"[ours] {len(plan.main)} requests, concurrency {args.concurrency}", file=sys.stderr, flush=True
+        )
+        return [summarize(OURS, await run_clients(base_url, model, plan.main, args.concurrency))], []
+    print("[ours] shared prefix, not cached (salted copies)", file=sys.stderr, flush=True)
+    cold = await run_clients(base_url, model, plan.cold, args.concurrency)
+    assert plan.warmer is not None
+    await run_clients(base_url, model, [plan.warmer], 1)
+    print("[ours] shared prefix, cached", file=sys.stderr, flush=True)
+    warm: list[RequestTiming] = await run_clients(base_url, model, plan.main, args.concurrency)
+    return [summarize(OURS_COLD, cold), summarize(OURS_WARM, warm)], [t.cached_tokens for t in warm]
+
+
+def run(args: argparse.Namespace) -> ServingResult:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    served = args.model or DEFAULT_MODEL_NAME
+    model_path = resolve_model(args.model)
+    tokenizer = HFTokenizer(model_path)
+    plan = plan_prompts(args, tokenizer.encode)
+    summaries: list[Summary] = []
+    hf_single_ttft = None
+    if not args.no_hf:
+        hf_batch, hf_single_ttft = run_hf(args, model_path, tokenizer, plan)
+        summaries.append(hf_batch)
+    if args.base_url:
+        ours, cached = asyncio.run(run_ours(args.base_url, args, plan))
+    else:
+        server_args = [
+            "--dtype",
+            args.dtype,
+            "--enable-prompt-tokens-details",
+            *shlex.split(args.server_args),
+        ]
+        if args.runtime:
+            server_args += ["--runtime", args.runtime]
+        with ServerProcess(served, server_args) as server:
+            ours, cached = asyncio.run(run_ours(server.base_url, args, plan))
+    summaries.extend(ours)
+    return ServingResult(
+        concurrency=args.concurrency,
+        summaries=summaries,
+        hf_single_ttft=hf_single_ttft,
+        warm_cached_tokens=cached or None,
+        prefix_tokens=plan.prefix_tokens,
+    )
+
+
+def render(args: argparse.Namespace, result: ServingResult) -> str:
+    lo_in, hi_in = args.input_len
+    lo_out, hi_out = args.output_len
+    blocks = [
+        f"Model `{args.model or DEFAULT_MODEL_NAME}` ({args.dtype}), /v1/completions streamed, greedy, "
+        f"ignore_eos; {result.summaries[-1].requests} requests per run, "
+        f"concurrency {result.concurrency}, prompts of {lo_in}-{hi_in} tokens"
+        + (f" behind a shared {result.prefix_tokens}-token system prompt" if result.prefix_tokens else "")
+        + f", {lo_out}-{hi_out} output tokens each. HF output tok/s counts only the requested tokens "
+        "(a static batch decodes every row to the longest request).",
+        markdown_table(SUMMARY_HEADERS, [summary_row(s) for s in result.summaries]),
+    ]
+    hf = result.get(HF)
+    ours = result.get(OURS) or result.get(OURS_WARM)
+    lines = []
+    if hf and ours:
+        lines.append(
+            f"- output tok/s, {ours.name} / HF static batch of {result.concurrency}: "
+            f"x{fmt(ratio(ours.output_tok_s, hf.output_tok_s), 2)} (higher is better)"
+        )
+    if ours and result.hf_single_ttft is not None:
+        lines.append(
+            f"- TTFT p50 {ours.name} at concurrency {result.concurrency} ({ms(ours.ttft_p50)} ms) / HF single "
+            f"sequence ({ms(result.hf_single_ttft)} ms): x{fmt(ratio(ours.ttft_p50, result.hf_single_ttft), 2)}"
+        )
+    cold, warm = result.get(OURS_COLD), result.get(OURS_WARM)
+    if cold and warm:
+        lines.append(
+            f"- TTFT p50 prefix cached / not cached: {ms(warm.ttft_p50)} / {ms(cold.ttft_p50)} ms = "
+            f"x{fmt(ratio(warm.ttft_p50, cold.ttft_p50), 2)} (lower is better)"
+        )
+        cached = result.warm_cached_tokens or [0]
+        lines.append(
+            f"- cached prompt tokens per request in the cached run: min {min(cached)}, "
+            f"max {max(cached)} (shared prefix: {result.prefix_tokens} tokens)"
+        )
+    if lines:
+        blocks.append("Ratios:\n\n" + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def run_and_report(argv: Sequence[str]) -> tuple[ServingResult, str]:
+    """Parse, run, print the table and (with --record) append it to the results file."""
+    args = parse_args(argv)
+    result = run(args)
+    text = render(args, result)
+    print(text)
+    if args.record:
+        title = "Serving, shared prefix" if args.shared_prefix else "Serving"
+        append_section(title, command_line("bench.serving", argv), args.note, text, Path(args.results))
+    return result, text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_and_report(list(sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Load a model, its tokenizer and its generation defaults from a `ModelSource`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from engine.gguf_file import GGUFModel
+from engine.model_config import ModelConfig
+from engine.model_files import ModelSource
+from engine.models.llama import LlamaForCausalLM
+from engine.tokenizer import HFTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES.update({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16})
+
+# generation_config.json key -> sampling parameter it defaults
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: HFTokenizer
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, config_dtype: str | None = None) -> torch.dtype:
+    """`auto` is float32 on CPU; on an accelerator the checkpoint's half type, else bfloat16."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    if config_dtype in ("bfloat16", "float16"):
+        return DTYPES[config_dtype]
+    return torch.bfloat16
+
+
+def load_model(
+    source: ModelSource, dtype: str = "auto", device: str = "auto", progress: bool = True
+) -> LoadedModel:
+    """Read config, weights (dequantizing GGUF) and tokenizer; the model comes back in eval mode."""
+    dev = resolve_device(device)
+    if source.kind == "gguf":
+        gguf = GGUFModel(source.path)
+        config = gguf.config
+        torch_dtype = resolve_dtype(dtype, dev)
+        model = build_model(config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress))
+        tokenizer = HFTokenizer.from_gguf(source.path, config.vocab_size, config.eos_token_ids)
+        defaults = generation_defaults(source.folder / "generation_config.json")
+        return LoadedModel(source, config, model, tokenizer, defaults)
+
+    raw = _read_json(source.path / "config.json")
+    config = ModelConfig.from_hf(raw)
+    torch_dtype = resolve_dtype(dtype, dev, raw.get("torch_dtype") or raw.get("dtype"))
+    model = build_model(config, torch_dtype, dev, None, safetensors_weights(source.path, torch_dtype, progress))
+    generation = _read_json(source.path / "generation_config.json")
+    eos = set(config.eos_token_ids) | set(_ids(generation.get("eos_token_id")))
+    tokenizer = HFTokenizer.from_folder(source.path, config.vocab_size, eos)
+    return LoadedModel(source, config, model, tokenizer, generation_defaults(source.path / "generation_config.json"))
+
+
+def build_model(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    rope_freq_factors: torch.Tensor | None,
+    weights: Iterator[tuple[str, torch.Tensor]],
+) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    if config.tie_word_embeddings:  # to_empty unties shared parameters
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope(rope_freq_factors)  # computed, not loaded: the meta build left it empty
+    model.load_weights((name, tensor.to(device)) for name, tensor in weights)
+    return model.eval().requires_grad_(False)
+
+
+def safetensors_weights(folder: Path, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, converted to `dtype`."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    for filename in tqdm(files, desc=f"Loading {folder.name}", unit="file", disable=not progress or len(files) < 2):
+        with safe_open(str(folder / filename), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, handle.get_tensor(name).to(dtype)
+
+
+def generation_defaults(path: Path) -> dict[str, Any]:
+    """Sampling defaults from a generation_config.json, under sampling-parameter names."""
+    config = _read_json(path)
+    return {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)

@@ -1,0 +1,212 @@
+"""Our Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in plain torch.
+
+The forward pass takes a flat batch of tokens from many sequences (prefill chunks and decode
+steps mixed), their absolute positions, and `AttentionMetadata` saying which tokens belong to
+which sequence and cache. Parameter names follow transformers' checkpoints, except that q/k/v
+and gate/up are stacked into one matrix each (one matmul instead of three / two);
+`load_weights` takes checkpoint names and fills the stacked slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, attend
+from engine.model_config import ModelConfig
+from engine.models import ops
+from engine.rope import cos_sin_cache, inverse_frequencies
+
+# checkpoint name fragment -> (our parameter fragment, slice index in the stacked matrix)
+_STACKED = {
+    ".q_proj.": (".qkv_proj.", 0),
+    ".k_proj.": (".qkv_proj.", 1),
+    ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+class Linear(nn.Module):
+    """`nn.Linear`'s parameters, computed by `kernels.linear` (which has a batch-invariant mode)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; given `residual`, adds it first and returns (normed, new residual), as vLLM fuses it."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.split = [self.num_heads * self.head_dim, *2 * [self.num_kv_heads * self.head_dim]]
+        self.qkv_proj = Linear(config.hidden_size, sum(self.split), bias=config.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.o_proj_bias)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k = ops.rotary_embedding(positions, q, k, rope, self.head_dim)
+        out = attend(
+            self.layer,
+            q.reshape(tokens, self.num_heads, self.head_dim),
+            k.reshape(tokens, self.num_kv_heads, self.head_dim),
+            v.reshape(tokens, self.num_kv_heads, self.head_dim),
+            meta,
+            self.scale,
+        )
+        return self.o_proj(out.reshape(tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * size, bias=config.mlp_bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block with the residual stream carried separately: returns (mlp output, residual)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rope, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model: `forward` gives final hidden states, `compute_logits` turns chosen rows into logits."""
+
+    def __init__(self, config: ModelConfig, rope_freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.model = LlamaBackbone(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_rope(rope_freq_factors)
+
+    def init_rope(self, rope_freq_factors: torch.Tensor | None = None) -> None:
+        """(Re)build the rotary table on the model's device; a model built on `meta` must call this."""
+        cfg = self.config
+        inv_freq = inverse_frequencies(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, rope_freq_factors
+        )
+        device = self.model.embed_tokens.weight.device
+        table = cos_sin_cache(inv_freq, cfg.max_position_embeddings).to(device)
+        self.register_buffer("rope_cache", table, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, positions, self.rope_cache, meta)
+        x, _ = self.model.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (transformers names) into our parameters; every one must be filled."""
+        params = dict(self.named_parameters())
+        missing = {(name, i) for name in params for i in range(_parts(name))}
+        if self.config.tie_word_embeddings:
+            missing.discard(("lm_head.weight", 0))
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue  # some tied checkpoints still store a copy
+            target, index = name, 0
+            for fragment, (stacked, i) in _STACKED.items():
+                if fragment in name:
+                    target, index = name.replace(fragment, stacked), i
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+            param = params[target]
+            dest = _stacked_slice(self, target, param, index) if _parts(target) > 1 else param.data
+            _copy(dest, tensor, name)
+            missing.discard((target, index))
+        if missing:
+            names = sorted(f"{name}[{i}]" if _parts(name) > 1 else name for name, i in missing)
+            raise ValueError(f"checkpoint lacks tensors for: {', '.join(names[:8])}")
+
+
+def _parts(name: str) -> int:
+    """How many checkpoint tensors are stacked into our parameter `name`."""
+    if ".qkv_proj." in name:
+        return 3
+    return 2 if ".gate_up_proj." in name else 1
+
+
+def _stacked_slice(model: LlamaForCausalLM, target: str, param: torch.Tensor, index: int) -> torch.Tensor:
+    if ".qkv_proj." in target:
+        cfg = model.config
+        sizes = [cfg.num_attention_heads * cfg.head_dim, *2 * [cfg.num_key_value_heads * cfg.head_dim]]
+    else:
+        sizes = [model.config.intermediate_size] * 2
+    start = sum(sizes[:index])
+    return param.data[start : start + sizes[index]]
+
+
+def _copy(dest: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dest.shape) != tuple(src.shape):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)}")
+    dest.copy_(src)

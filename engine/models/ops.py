@@ -1,0 +1,8 @@
+"""The kernels the model calls, in one place: the kernels package picks triton on CUDA and its torch
+path elsewhere (and batch-invariant variants when that mode is on)."""
+
+from __future__ import annotations
+
+from kernels import linear, rms_norm, rotary_embedding, silu_and_mul
+
+__all__ = ["linear", "rms_norm", "rotary_embedding", "silu_and_mul"]

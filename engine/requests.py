@@ -1,0 +1,118 @@
+"""Per-request and per-sample state inside the engine, and the checks a new request must pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import SequenceKVCache
+from protocol.engine_api import FinishReason, Generate, SamplingParams, TokenLogprobs
+
+
+class RequestRejected(ValueError):
+    """A request the engine will not run; becomes `Failed(request_id, status, message)`."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class SampleState:
+    """One of a request's n samples once its prompt is prefilled."""
+
+    index: int
+    cache: SequenceKVCache
+    generator: torch.Generator | None
+    output_token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    sent_first_event: bool = False
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int
+    arrival: int
+    max_tokens: int  # max_tokens capped by the room left in the context window
+    samples: dict[int, SampleState] = field(default_factory=dict)
+    dropped_indices: set[int] = field(default_factory=set)  # aborted before the prefill
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        return bool(self.samples)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def live_indices(self) -> list[int]:
+        return [i for i in range(self.params.n) if i not in self.dropped_indices]
+
+
+def validate(command: Generate, vocab_size: int, max_model_len: int, max_num_seqs: int) -> int:
+    """Refuse what the engine cannot do; return max_tokens capped to the context window."""
+    p = command.params
+    prompt = command.prompt_token_ids
+    if p.use_beam_search:
+        raise RequestRejected("beam search is not supported by this engine yet")
+    if p.structured is not None:
+        raise RequestRejected("structured output (json, regex, choice, grammar) is not supported by this engine yet")
+    if p.best_of is not None and p.best_of > p.n:
+        raise RequestRejected("best_of greater than n is not supported by this engine yet")
+    if p.n < 1:
+        raise RequestRejected(f"n must be at least 1, got {p.n}")
+    if p.n > max_num_seqs:
+        raise RequestRejected(f"n={p.n} exceeds the engine's max_num_seqs={max_num_seqs}")
+    if p.max_tokens < 0:
+        raise RequestRejected(f"max_tokens must be at least 0, got {p.max_tokens}")
+    if not prompt:
+        raise RequestRejected("the prompt is empty")
+    room = max_model_len - len(prompt)
+    if room < (1 if p.max_tokens > 0 else 0):
+        raise RequestRejected(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+            f"{len(prompt)} input tokens. Please reduce the length of the input messages."
+        )
+    _check_ids("prompt", prompt, vocab_size)
+    _check_ids("logit_bias", p.logit_bias or (), vocab_size)
+    _check_ids("allowed_token_ids", p.allowed_token_ids or (), vocab_size)
+    if p.allowed_token_ids is not None and not p.allowed_token_ids:
+        raise RequestRejected("allowed_token_ids is empty")
+    _check_ids("stop_token_ids", p.stop_token_ids, vocab_size)
+    for word in p.bad_words_token_ids or ():
+        if not word:
+            raise RequestRejected("bad_words_token_ids holds an empty sequence")
+        _check_ids("bad_words_token_ids", word, vocab_size)
+    return min(p.max_tokens, room)
+
+
+def _check_ids(what: str, ids, vocab_size: int) -> None:
+    bad = sorted({int(i) for i in ids if not 0 <= int(i) < vocab_size})
+    if bad:
+        raise RequestRejected(f"{what} holds token ids outside the vocabulary [0, {vocab_size}): {bad[:10]}")
+
+
+def finish_check(
+    token: int, sample: SampleState, request: RequestState, eos_token_ids: frozenset[int]
+) -> tuple[FinishReason, int | None] | None:
+    """Whether `token` (already appended) ends the sample: (finish_reason, stop_reason) or None.
+
+    Same order as vLLM's `check_stop`: the length limit wins over a stop token sampled last.
+    """
+    p = request.params
+    produced = len(sample.output_token_ids)
+    if produced >= request.max_tokens:
+        return "length", None
+    if produced < p.min_tokens:
+        return None
+    if not p.ignore_eos and token in eos_token_ids:
+        return "stop", None
+    if token in p.stop_token_ids:
+        return "stop", token
+    return None

@@ -1,0 +1,235 @@
+"""Batched sampling with per-request parameters.
+
+One row of logits per sequence. Processing order follows vLLM: allowed tokens, logit bias, bad
+words, min_tokens (stop and EOS ids masked), penalties (repetition over prompt and output,
+frequency and presence over output), then greedy argmax for temperature 0, otherwise
+temperature, min_p, top_k, top_p and a draw.
+
+Logprobs are vLLM's default "raw logprobs": log_softmax of the model's logits *before* any of
+the processing above, so they do not depend on temperature, penalties or bias.
+
+Draws use the exponential race (argmax of p / Exp(1) noise), which needs exactly one noise
+vector per row and step. A seeded sequence draws its noise from its own `torch.Generator`,
+so its output is the same whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol.engine_api import SamplingParams, TokenLogprobs
+
+_GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as in vLLM
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence at this step."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    eos_token_ids: Collection[int] = ()
+    generator: torch.Generator | None = None  # None: the sampler's shared generator
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature < _GREEDY_BELOW
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]  # raw logprob of each chosen token
+    top_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # for rows that asked
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
+        """Pick one token per row of float32 `logits` [rows, vocab]. `logits` is modified in place."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        process_logits(logits, rows)
+        tokens = choose(logits, rows, self.generator)
+        chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        token_list = tokens.tolist()
+        tops: list[TokenLogprobs | None] = []
+        for i, row in enumerate(rows):
+            k = row.params.logprobs
+            tops.append(None if k is None else token_logprobs(raw_logprobs[i], token_list[i], k))
+        return SampleResult(token_list, chosen, tops)
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Everything that reshapes the distribution before temperature, in vLLM's order."""
+    apply_allowed_token_ids(logits, rows)
+    apply_logit_bias(logits, rows)
+    apply_bad_words(logits, rows)
+    apply_min_tokens(logits, rows)
+    apply_penalties(logits, rows)
+
+
+def choose(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy rows take the argmax; the others are tempered, truncated and drawn."""
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, row in enumerate(rows) if not row.greedy]
+    if not random_rows:
+        return tokens
+    index = torch.tensor(random_rows, device=logits.device)
+    sub = logits[index]
+    params = [rows[i].params for i in random_rows]
+    sub.div_(torch.tensor([p.temperature for p in params], device=logits.device)[:, None])
+    apply_min_p(sub, [p.min_p for p in params])
+    apply_top_k_top_p(sub, [p.top_k for p in params], [p.top_p for p in params])
+    probs = torch.softmax(sub, dim=-1)
+    noise = exponential_noise(probs, [rows[i].generator for i in random_rows], generator)
+    tokens[index] = (probs / noise).argmax(dim=-1)
+    return tokens
+
+
+def exponential_noise(
+    probs: torch.Tensor, generators: Sequence[torch.Generator | None], shared: torch.Generator | None
+) -> torch.Tensor:
+    """Exp(1) noise per row: from the row's own generator when it has one, else the shared one."""
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+            generator=shared
+        )
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    return noise.clamp_(min=1e-20)  # a zero draw would make p / noise infinite
+
+
+# ---- individual processors (each modifies `logits` in place) ----
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        allowed = row.params.allowed_token_ids
+        if allowed is not None:
+            mask = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            mask[list(allowed)] = False
+            logits[i].masked_fill_(mask, float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        bias = row.params.logit_bias
+        if bias:
+            ids = torch.tensor(list(bias.keys()), device=logits.device)
+            values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[i].index_add_(0, ids, values)
+
+
+def apply_bad_words(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Ban a bad word's last token whenever the output so far ends with the rest of it."""
+    for i, row in enumerate(rows):
+        words = row.params.bad_words_token_ids
+        if not words:
+            continue
+        output = list(row.output_token_ids)
+        banned = []
+        for word in words:
+            prefix = list(word[:-1])
+            if not prefix or (len(output) >= len(prefix) and output[len(output) - len(prefix) :] == prefix):
+                banned.append(word[-1])
+        if banned:
+            logits[i, banned] = float("-inf")
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Until `min_tokens` are out, no token may end the sequence (stop ids, and EOS unless ignored)."""
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) >= row.params.min_tokens:
+            continue
+        stops = set(row.params.stop_token_ids)
+        if not row.params.ignore_eos:
+            stops.update(row.eos_token_ids)
+        if stops:
+            logits[i, sorted(stops)] = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Repetition (prompt + output, divides positive logits), frequency and presence (output only)."""
+    active = [
+        i
+        for i, row in enumerate(rows)
+        if row.params.repetition_penalty != 1.0 or row.params.frequency_penalty or row.params.presence_penalty
+    ]
+    if not active:
+        return
+    vocab, device = logits.shape[1], logits.device
+    for i in active:
+        p = rows[i].params
+        counts = torch.bincount(torch.tensor(list(rows[i].output_token_ids), dtype=torch.long), minlength=vocab)
+        counts = counts[:vocab].to(device=device, dtype=logits.dtype)
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            prompt = [t for t in rows[i].prompt_token_ids if 0 <= t < vocab]
+            if prompt:
+                seen[prompt] = True
+            penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            row.copy_(torch.where(seen, penalised, row))
+        if p.frequency_penalty:
+            row.sub_(p.frequency_penalty * counts)
+        if p.presence_penalty:
+            row.sub_(p.presence_penalty * (counts > 0).to(logits.dtype))
+
+
+def apply_min_p(logits: torch.Tensor, min_ps: Sequence[float]) -> None:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    if not any(p > 0 for p in min_ps):
+        return
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, device=logits.device)[:, None]
+    logits.masked_fill_(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_ks: Sequence[int], top_ps: Sequence[float]) -> None:
+    """Keep the k most likely tokens, then the smallest set whose probability reaches top_p."""
+    vocab = logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    if all(k == vocab for k in ks) and all(p >= 1.0 for p in top_ps):
+        return
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    remove = ranks >= torch.tensor(ks, device=logits.device)[:, None]
+    sorted_logits.masked_fill_(remove, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # probability mass of the better tokens
+    remove |= before > torch.tensor(top_ps, dtype=probs.dtype, device=logits.device)[:, None]
+    remove[:, 0] = False  # always keep the best token
+    logits.scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+
+
+# ---- logprobs ----
+
+
+def token_logprobs(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
+    """The chosen token's logprob and 1-based rank, with the top-k alternatives, from one row of logprobs."""
+    chosen = logprobs[token_id]
+    rank = int((logprobs > chosen).sum()) + 1
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        values, ids = logprobs.topk(min(k, logprobs.shape[0]))
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprobs(token_id, float(chosen), rank, top)
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], k: int) -> tuple[TokenLogprobs | None, ...]:
+    """Logprob of each prompt token given the ones before it; `logits` [len(prompt) - 1, vocab]
+    are the model's outputs at positions 0 .. len - 2. The first token has none."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    entries: list[TokenLogprobs | None] = [None]
+    for position, token in enumerate(prompt_token_ids[1:]):
+        entries.append(token_logprobs(logprobs[position], token, k))
+    return tuple(entries)

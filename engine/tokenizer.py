@@ -1,0 +1,112 @@
+"""The model's tokenizer, satisfying `protocol.tokenizer.Tokenizer` structurally.
+
+Backed by a transformers fast tokenizer. `encode` goes through transformers (it knows the
+model's BOS handling); `decode` and `convert_ids_to_tokens` call the Rust `tokenizers` object
+directly, because they run once per generated token on the event loop and the transformers
+wrapper adds Python overhead there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+class HFTokenizer:
+    def __init__(
+        self,
+        hf_tokenizer: PreTrainedTokenizerBase,
+        vocab_size: int | None = None,
+        extra_eos_token_ids: Iterable[int] = (),
+        chat_template: str | None = None,
+    ):
+        self.hf = hf_tokenizer
+        self._backend = hf_tokenizer.backend_tokenizer
+        self._vocab_size = vocab_size or len(hf_tokenizer)
+        self._backend_size = self._backend.get_vocab_size(with_added_tokens=True)
+        # Qwen2 pads its embeddings past the vocabulary: such ids have no string and decode to nothing
+        self._has_padding = self._vocab_size > self._backend_size
+        eos = {int(i) for i in extra_eos_token_ids}
+        if hf_tokenizer.eos_token_id is not None:
+            eos.add(int(hf_tokenizer.eos_token_id))
+        self._eos_token_ids = frozenset(eos)
+        specials = set(hf_tokenizer.all_special_ids)
+        specials.update(i for i, tok in self._backend.get_added_tokens_decoder().items() if tok.special)
+        self._special_ids = frozenset(specials)
+        template = chat_template if chat_template is not None else hf_tokenizer.chat_template
+        self._chat_template = template if isinstance(template, str) else None
+        # transformers' optional space clean-up ("a ." -> "a."); when on, decode must go through it
+        self._clean_up = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
+
+    # ---- constructors ----
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, vocab_size: int | None = None, extra_eos_token_ids: Iterable[int] = ()):
+        """An HF folder: tokenizer.json + tokenizer_config.json, chat template from there or chat_template.jinja."""
+        folder = Path(folder)
+        hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        template = None
+        jinja = folder / "chat_template.jinja"
+        if not isinstance(hf.chat_template, str) and jinja.is_file():
+            template = jinja.read_text()
+        return cls(hf, vocab_size, extra_eos_token_ids, template)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, vocab_size: int | None = None, extra_eos_token_ids: Iterable[int] = ()):
+        """Convert the vocabulary stored in a GGUF file, as transformers' `gguf_file=` loading does."""
+        path = Path(path)
+        return cls(_gguf_tokenizer(path), vocab_size, extra_eos_token_ids)
+
+    # ---- protocol.tokenizer.Tokenizer ----
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos_token_ids
+
+    @property
+    def all_special_ids(self) -> frozenset[int]:
+        return self._special_ids
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.hf.bos_token
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.hf.eos_token
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [i for i in token_ids if 0 <= i < self._backend_size] if self._has_padding else list(token_ids)
+        if self._clean_up:
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """Vocabulary strings; ids past the tokenizer's vocabulary (padded embeddings) give ''."""
+        id_to_token = self._backend.id_to_token
+        return [id_to_token(i) or "" for i in token_ids]
+
+
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    try:  # the conversion AutoTokenizer(gguf_file=...) runs, without its slow full-file config parse
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+        architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+    except ImportError:  # other transformers versions keep these helpers elsewhere
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)

@@ -1,0 +1,16 @@
+"""Reports how many requests the fuzz properties exercised, so the figure is visible in every run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fuzz import harness
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    total = sum(harness.EXERCISED.values())
+    if not total:
+        return
+    families = ", ".join(f"{name} {count}" for name, count in sorted(harness.EXERCISED.items()))
+    statuses = ", ".join(f"{status}: {count}" for status, count in sorted(harness.STATUSES.items()))
+    terminalreporter.write_line(f"fuzz: {total} requests exercised ({families}); statuses {statuses}")

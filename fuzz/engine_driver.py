@@ -1,0 +1,377 @@
+"""A scripted fake engine that drives one `Call` to its end, with no threads, clock or IO.
+
+It plays the part of the runtime and the engine together: it runs `call.start()`, answers the
+`Generate` commands of every `Submit` with `Tokens` events (random ids inside the vocabulary,
+random chunking into engine steps, n samples, finish reasons "stop"/"length", stop token ids,
+logprobs and prompt logprobs in the requested shape), answers `Encode` with `Pooled`, honours
+`Abort` (whole request or one sample), and feeds one batch of events per step until
+`call.finished`. A hypothesis-drawn `EngineScript` decides the randomness, and may inject a
+`Failed` event (before or after the first output) or a client disconnect.
+
+Token streams are drawn per (submission position, sample index) from their own seeded
+generators, so the same script yields the same tokens for a streamed and a non-streamed request
+even if the two interleave steps differently. The driver records everything in a `Transcript`
+that the properties check; it raises `DriverError` only for protocol violations of the call
+itself (outputs out of order, a call that waits forever).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from hypothesis import strategies as st
+
+from protocol.engine_api import (
+    Abort,
+    Command,
+    Encode,
+    Event,
+    Failed,
+    Generate,
+    Pooled,
+    TokenLogprobs,
+    Tokens,
+)
+from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+
+MAX_STEPS = 10_000
+MAX_SAMPLE_TOKENS = 24  # a sample never runs longer than this, whatever its max_tokens
+MAX_SAMPLES = 64  # refuse to simulate more concurrent samples than this (see DriverError)
+
+
+class CallLike(Protocol):
+    def start(self) -> list[Output]: ...
+
+    def feed(self, events: Sequence[Event]) -> list[Output]: ...
+
+    def disconnected(self) -> list[Command]: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+class DriverError(AssertionError):
+    """The call broke the runtime contract (its outputs or its waiting), not the response format."""
+
+
+@dataclass(frozen=True)
+class EngineScript:
+    """How the fake engine behaves for one call."""
+
+    seed: int = 0
+    max_chunk: int = 3  # most tokens one sample gets per step
+    empty_chunks: bool = False  # sometimes a step carries no new token (chunked prefill)
+    special_tokens: bool = False  # sometimes sample special ids (EOS, chat markers) mid-stream
+    minus_inf_logprobs: bool = False  # sometimes report -inf logprobs (the core must clamp)
+    failure: Literal["none", "before", "after"] = "none"
+    failure_status: int = 500
+    failure_step: int = 1  # with failure="after": the step (>= 1) that fails, if output began
+    disconnect_step: int | None = None  # the client leaves before this step
+
+
+def engine_scripts(*, failures: bool = True, disconnects: bool = True) -> st.SearchStrategy[EngineScript]:
+    return st.builds(
+        EngineScript,
+        seed=st.integers(0, 2**32 - 1),
+        max_chunk=st.integers(1, 4),
+        empty_chunks=st.booleans(),
+        special_tokens=st.booleans(),
+        minus_inf_logprobs=st.booleans(),
+        failure=st.sampled_from(["none", "none", "none", "before", "after"]) if failures else st.just("none"),
+        failure_status=st.sampled_from([400, 500, 500, 503]),
+        failure_step=st.integers(1, 4),
+        disconnect_step=(st.none() | st.none() | st.integers(0, 4)) if disconnects else st.none(),
+    )
+
+
+@dataclass
+class _Sample:
+    """One sample (index) of a submitted Generate, as the engine will produce it."""
+
+    position: int  # submission order of its Generate
+    request: Generate
+    index: int
+    plan: list[int]  # all token ids it will produce
+    finish_reason: Literal["stop", "length"]
+    stop_reason: int | None
+    rng: random.Random
+    sent: int = 0
+    done: bool = False
+    cumulative: float = 0.0
+
+
+@dataclass
+class Transcript:
+    """What happened while driving one call."""
+
+    status: int | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+    ended: bool = False
+    generates: list[Generate] = field(default_factory=list)
+    encodes: list[Encode] = field(default_factory=list)
+    aborts: list[Abort] = field(default_factory=list)
+    tokens: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (position, index) -> ids fed
+    finish: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
+    failed: Failed | None = None
+    output_before_failure: bool = False  # a Tokens event (maybe without tokens) was fed before the failure
+    disconnected: bool = False
+    steps: int = 0
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+class FakeEngine:
+    """Drives calls through a scripted engine; pure apart from the call under test."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        special_ids: frozenset[int] = frozenset(),
+        eos_ids: frozenset[int] = frozenset(),
+    ):
+        self.vocab_size = vocab_size
+        self.special_ids = special_ids
+        self.eos_ids = eos_ids
+
+    def run(self, call: CallLike, script: EngineScript = EngineScript()) -> Transcript:
+        transcript = Transcript()
+        rng = random.Random(script.seed)
+        samples: list[_Sample] = []
+        dead: set[str] = set()  # request ids that failed or were aborted as a whole
+        self._play(call.start(), transcript, samples, dead, script)
+        step = 0
+        while not call.finished:
+            if step >= MAX_STEPS:
+                raise DriverError(f"the call is still not finished after {MAX_STEPS} engine steps")
+            if script.disconnect_step is not None and step >= script.disconnect_step:
+                transcript.disconnected = True
+                commands = call.disconnected()
+                for command in commands:
+                    if not isinstance(command, Abort):
+                        raise DriverError(f"disconnected() returned a non-Abort command {command!r}")
+                self._apply_aborts(list(commands), transcript, samples, dead)
+                break
+            events = self._step(step, rng, script, transcript, samples, dead)
+            if not events:
+                raise DriverError(
+                    "the call waits for engine events, but every submitted request has finished, failed"
+                    " or been aborted (or it submitted nothing)"
+                )
+            self._play(call.feed(events), transcript, samples, dead, script)
+            step += 1
+        transcript.steps = step
+        if call.finished and not transcript.disconnected and not transcript.ended:
+            raise DriverError("the call finished without ending its response")
+        return transcript
+
+    # ---- outputs of the call
+
+    def _play(
+        self,
+        outputs: Sequence[Output],
+        transcript: Transcript,
+        samples: list[_Sample],
+        dead: set[str],
+        script: EngineScript,
+    ) -> None:
+        if not isinstance(outputs, list | tuple):
+            raise DriverError(f"the call returned {type(outputs).__name__}, not a list of outputs")
+        for output in outputs:
+            if transcript.ended:
+                if isinstance(output, Submit) and all(isinstance(c, Abort) for c in output.commands):
+                    self._apply_aborts(list(output.commands), transcript, samples, dead)
+                    continue
+                raise DriverError(f"output {output!r} after EndResponse")
+            if isinstance(output, StartResponse):
+                if transcript.status is not None:
+                    raise DriverError("a second StartResponse")
+                transcript.status = output.status
+                transcript.headers = tuple(output.headers)
+            elif isinstance(output, Body):
+                if transcript.status is None:
+                    raise DriverError("Body before StartResponse")
+                transcript.body += output.data
+            elif isinstance(output, EndResponse):
+                if transcript.status is None:
+                    raise DriverError("EndResponse before StartResponse")
+                transcript.ended = True
+            elif isinstance(output, Submit):
+                self._submit(output.commands, transcript, samples, dead, script)
+            else:
+                raise DriverError(f"unknown output {output!r}")
+
+    def _submit(
+        self,
+        commands: Sequence[Command],
+        transcript: Transcript,
+        samples: list[_Sample],
+        dead: set[str],
+        script: EngineScript,
+    ) -> None:
+        aborts: list[Abort] = []
+        for command in commands:
+            if isinstance(command, Generate):
+                self._check_generate(command, transcript)
+                position = len(transcript.generates)
+                transcript.generates.append(command)
+                for index in range(command.params.n):
+                    samples.append(self._plan(position, command, index, script))
+                if len(samples) > MAX_SAMPLES:
+                    raise DriverError(
+                        f"the call submitted {len(samples)} samples; the core let n grow unbounded"
+                    )
+            elif isinstance(command, Encode):
+                transcript.encodes.append(command)
+            elif isinstance(command, Abort):
+                aborts.append(command)
+            else:
+                raise DriverError(f"unknown command {command!r}")
+        self._apply_aborts(aborts, transcript, samples, dead)
+
+    def _check_generate(self, command: Generate, transcript: Transcript) -> None:
+        known = {g.request_id for g in transcript.generates} | {e.request_id for e in transcript.encodes}
+        if command.request_id in known:
+            raise DriverError(f"request id {command.request_id!r} submitted twice")
+        params = command.params
+        if not command.prompt_token_ids:
+            raise DriverError("a Generate with an empty prompt")
+        bad = [t for t in command.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise DriverError(f"prompt token ids out of the vocabulary reached the engine: {bad[:5]}")
+        if params.n < 1 or params.max_tokens < 1:
+            raise DriverError(f"invalid sampling params reached the engine: {params!r}")
+
+    @staticmethod
+    def _apply_aborts(
+        aborts: list[Abort], transcript: Transcript, samples: list[_Sample], dead: set[str]
+    ) -> None:
+        for abort in aborts:
+            transcript.aborts.append(abort)
+            for sample in samples:
+                if sample.request.request_id == abort.request_id and abort.index in (None, sample.index):
+                    sample.done = True
+            if abort.index is None:
+                dead.add(abort.request_id)
+
+    # ---- the engine side
+
+    def _plan(self, position: int, request: Generate, index: int, script: EngineScript) -> _Sample:
+        params = request.params
+        rng = random.Random(f"{script.seed}:{position}:{index}")
+        limit = min(params.max_tokens, MAX_SAMPLE_TOKENS)
+        length = rng.randint(max(1, min(params.min_tokens, limit)), limit)
+        finish: Literal["stop", "length"] = "length" if length == params.max_tokens else "stop"
+        choices = list(params.allowed_token_ids or range(self.vocab_size))
+        ordinary = [t for t in choices if t not in self.special_ids] or choices
+        plan = [
+            rng.choice(choices if script.special_tokens and rng.random() < 0.1 else ordinary)
+            for _ in range(length)
+        ]
+        stop_reason: int | None = None
+        if finish == "stop":
+            # The last token ended the sample: a stop token id (reported as stop_reason) or EOS.
+            if params.stop_token_ids and rng.random() < 0.5:
+                stop_reason = rng.choice(params.stop_token_ids)
+                plan[-1] = stop_reason
+            elif self.eos_ids and not params.ignore_eos and rng.random() < 0.5:
+                plan[-1] = rng.choice(sorted(self.eos_ids))
+        return _Sample(position, request, index, plan, finish, stop_reason, rng)
+
+    def _step(
+        self,
+        step: int,
+        rng: random.Random,
+        script: EngineScript,
+        transcript: Transcript,
+        samples: list[_Sample],
+        dead: set[str],
+    ) -> list[Event]:
+        live = [s for s in samples if not s.done and s.request.request_id not in dead]
+        pending_encodes = [e for e in transcript.encodes if e.request_id not in dead]
+        fail = script.failure == "before" and step == 0
+        fail = fail or (
+            script.failure == "after" and step >= script.failure_step and transcript.output_before_failure
+        )
+        if fail and transcript.failed is None and (live or pending_encodes):
+            victim = (live[0].request.request_id) if live else pending_encodes[0].request_id
+            transcript.failed = Failed(
+                victim, script.failure_status, f"injected engine failure {script.failure_status}"
+            )
+            dead.add(victim)
+            for sample in samples:
+                if sample.request.request_id == victim:
+                    sample.done = True
+            return [transcript.failed]
+        events: list[Event] = []
+        for encode in pending_encodes:
+            events.append(self._pooled(encode, rng))
+            dead.add(encode.request_id)
+        rng.shuffle(live)
+        for sample in live:
+            events.append(self._tokens(sample, script, transcript))
+        return events
+
+    def _pooled(self, encode: Encode, rng: random.Random) -> Pooled:
+        size = encode.params.dimensions or 4
+        return Pooled(
+            encode.request_id, tuple(rng.uniform(-1, 1) for _ in range(size)), len(encode.inputs[0])
+        )
+
+    def _tokens(self, sample: _Sample, script: EngineScript, transcript: Transcript) -> Tokens:
+        rng = sample.rng
+        params = sample.request.params
+        first = sample.sent == 0
+        count = rng.randint(0 if script.empty_chunks else 1, script.max_chunk)
+        chunk = sample.plan[sample.sent : sample.sent + count]
+        sample.sent += len(chunk)
+        last = sample.sent >= len(sample.plan)
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = tuple(self._logprob(token, params.logprobs, rng, script) for token in chunk)
+            sample.cumulative += sum(entry.logprob for entry in logprobs)
+        prompt_logprobs = None
+        if first and params.prompt_logprobs is not None:
+            prompt = sample.request.prompt_token_ids
+            prompt_logprobs = (None,) + tuple(
+                self._logprob(t, params.prompt_logprobs, rng, script) for t in prompt[1:]
+            )
+        key = (sample.position, sample.index)
+        transcript.tokens.setdefault(key, []).extend(chunk)
+        if transcript.failed is None:
+            transcript.output_before_failure = True
+        if last:
+            sample.done = True
+            transcript.finish[key] = (sample.finish_reason, sample.stop_reason)
+        prompt_len = len(sample.request.prompt_token_ids)
+        return Tokens(
+            request_id=sample.request.request_id,
+            index=sample.index,
+            token_ids=tuple(chunk),
+            num_prompt_tokens=prompt_len,
+            num_cached_tokens=random.Random(f"{script.seed}:{sample.position}").randint(0, prompt_len),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            finish_reason=sample.finish_reason if last else None,
+            stop_reason=sample.stop_reason if last else None,
+            cumulative_logprob=sample.cumulative if params.logprobs is not None else None,
+        )
+
+    def _logprob(self, token: int, k: int, rng: random.Random, script: EngineScript) -> TokenLogprobs:
+        """The chosen token's logprob and rank, plus the top-k alternatives, consistent with each other."""
+        k = self.vocab_size if k < 0 else min(k, self.vocab_size)
+        values = sorted((rng.uniform(-12.0, 0.0) for _ in range(k + 1)), reverse=True)
+        if script.minus_inf_logprobs and rng.random() < 0.2:
+            values[-1] = float("-inf")
+        others = rng.sample([t for t in range(self.vocab_size) if t != token], k)
+        rank = rng.randint(1, k + 1)
+        ids = others[: rank - 1] + [token] + others[rank - 1 :]
+        top = tuple(zip(ids[:k], values[:k], strict=True))
+        return TokenLogprobs(token_id=token, logprob=values[rank - 1], rank=rank, top=top)

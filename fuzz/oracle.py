@@ -1,0 +1,523 @@
+"""What a response must look like, checked against the request and what the fake engine did.
+
+`check_exchange` is the property every fuzzed request must satisfy: the answer is an
+OpenAI-shaped error (4xx, status == code; a 5xx only as the status of a `Failed` the engine
+injected) or a success shaped like the reference (a JSON body, or a well-formed SSE stream ending
+in `data: [DONE]`), consistent with the token ids the engine produced. `Answer` is the parsed,
+mode-independent view of a success (text, finish reason, logprob tokens and usage per choice),
+which the stream/non-stream agreement property compares.
+
+JSON is parsed strictly here: `NaN`/`Infinity` in a response (say, an unclamped -inf logprob) is
+a failure, although Python's `json` module would accept it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fuzz.engine_driver import Transcript
+from fuzz.strategies import CHAT_PATH, COMPLETIONS_PATH, FuzzRequest
+from protocol.tokenizer import Tokenizer
+
+FINISH_REASONS = {"stop", "length", "tool_calls", "abort"}
+MIN_LOGPROB = -9999.0
+
+
+class OracleError(AssertionError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def strict_json(data: bytes | str) -> Any:
+    """Parse JSON as a strict client would (no NaN/Infinity)."""
+    return json.loads(data, parse_constant=_reject_constant)
+
+
+def request_json(request: FuzzRequest) -> dict[str, Any] | None:
+    """The request body as the server would read it, when it is a JSON object."""
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def expect(condition: Any, message: str, *context: Any) -> None:
+    if not condition:
+        detail = "".join(f"\n  {item!r}"[:2000] for item in context)
+        raise OracleError(message + detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# parsed view of a successful completion
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    role: str | None = None
+    finish_reason: str | None = None
+    stop_reason: Any = None
+    logprob_tokens: list[str] | None = None
+    tool_calls: list[Any] = field(default_factory=list)
+    reasoning: str = ""
+
+
+@dataclass
+class Answer:
+    """A successful chat/completions answer, independent of streaming."""
+
+    id: str
+    model: str
+    choices: dict[int, Choice]
+    usage: dict[str, Any] | None
+    error: dict[str, Any] | None = None  # an SSE error frame, if one came
+
+
+# ---------------------------------------------------------------------------------------------
+# the property
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """What the oracle knows about the server configuration."""
+
+    served_name: str
+    tokenizer: Tokenizer
+    api_key: str | None = None
+
+
+def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: Expectations) -> Answer | None:
+    """Assert the response is a well-formed error or success; return the parsed success, if any."""
+    if transcript.disconnected and not transcript.ended:
+        return None  # the client left; nothing more was owed to it
+    expect(transcript.status is not None, "the call finished without a status")
+    expect(transcript.ended, "the response was never ended")
+    status = transcript.status
+    assert status is not None
+    failed = transcript.failed
+    for name, value in transcript.headers:
+        expect(
+            isinstance(name, bytes) and isinstance(value, bytes),
+            "headers must be bytes pairs",
+            transcript.headers,
+        )
+    if status >= 400:
+        _check_error_response(status, transcript, expectations)
+        if failed is not None and not transcript.output_before_failure:
+            expect(
+                status == failed.status,
+                f"engine failed with {failed.status} before any output, answered {status}",
+            )
+        return None
+    expect(200 <= status < 300, f"unexpected status {status}")
+    if failed is not None:
+        # A failure is a success only for a stream that had started: then it ends with an error frame.
+        expect(
+            transcript.output_before_failure and _is_sse(transcript),
+            f"engine failed with {failed.status} but the answer is {status}",
+            transcript.body[:500],
+        )
+    if request.method == "POST" and request.path in (CHAT_PATH, COMPLETIONS_PATH):
+        return _check_completion_success(request, transcript, expectations)
+    _check_other_success(transcript)
+    return None
+
+
+def _is_sse(transcript: Transcript) -> bool:
+    content_type = transcript.header(b"content-type") or b""
+    return content_type.split(b";")[0].strip().lower() == b"text/event-stream"
+
+
+def _check_error_body(payload: Any, status: int, where: str) -> dict[str, Any]:
+    expect(isinstance(payload, dict) and set(payload) == {"error"}, f"{where}: not an error object", payload)
+    error = payload["error"]
+    expect(isinstance(error, dict), f"{where}: `error` is not an object", payload)
+    expect(
+        set(error) >= {"message", "type", "param", "code"},
+        f"{where}: error lacks message/type/param/code",
+        payload,
+    )
+    expect(isinstance(error["message"], str) and error["message"], f"{where}: empty error message", payload)
+    expect(isinstance(error["type"], str) and error["type"], f"{where}: empty error type", payload)
+    expect(error["param"] is None or isinstance(error["param"], str), f"{where}: bad param", payload)
+    expect(error["code"] == status, f"{where}: code {error['code']!r} != status {status}", payload)
+    expect("Traceback" not in error["message"], f"{where}: traceback leaked", error["message"])
+    return error
+
+
+def _check_error_response(status: int, transcript: Transcript, expectations: Expectations) -> None:
+    failed = transcript.failed
+    if status >= 500:
+        expect(
+            failed is not None and failed.status == status,
+            f"a {status} answer without an engine failure of that status (client input must never cause a 5xx)",
+            transcript.body[:2000],
+        )
+    expect(status < 600, f"status {status} out of range")
+    try:
+        payload = strict_json(transcript.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OracleError(f"error body is not JSON ({exc}): {transcript.body[:300]!r}") from None
+    if status == 401 and payload == {"error": "Unauthorized"}:
+        return  # vLLM's authentication middleware answers in this flat shape
+    _check_error_body(payload, status, f"{status} error body")
+
+
+def _check_other_success(transcript: Transcript) -> None:
+    """A 200 on another route: the body must at least be what its content type says."""
+    content_type = (transcript.header(b"content-type") or b"").split(b";")[0].strip().lower()
+    if content_type == b"application/json":
+        try:
+            strict_json(transcript.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise OracleError(f"a JSON 200 whose body is not JSON ({exc})") from None
+    elif content_type == b"text/event-stream":
+        _sse_payloads(transcript.body)
+
+
+# ---------------------------------------------------------------------------------------------
+# chat / completions successes
+
+
+def _check_completion_success(
+    request: FuzzRequest, transcript: Transcript, expectations: Expectations
+) -> Answer:
+    body = request_json(request)
+    expect(body is not None, "a 200 for a body that is not a JSON object", request.body[:300])
+    assert body is not None
+    chat = request.path == CHAT_PATH
+    stream = bool(body.get("stream"))
+    if stream:
+        expect(_is_sse(transcript), "stream=true but the answer is not text/event-stream", transcript.headers)
+        answer = _parse_stream(transcript, chat=chat)
+    else:
+        expect(
+            (transcript.header(b"content-type") or b"").startswith(b"application/json"),
+            "a non-streamed answer must be application/json",
+            transcript.headers,
+        )
+        answer = _parse_whole(transcript, chat=chat)
+    expect(
+        answer.model == expectations.served_name, f"model {answer.model!r} != {expectations.served_name!r}"
+    )
+    expect(answer.id.startswith("chatcmpl-" if chat else "cmpl-"), f"bad id {answer.id!r}")
+    if answer.error is not None:
+        failed = transcript.failed
+        expect(failed is not None, "an SSE error frame without an engine failure", answer.error)
+        assert failed is not None
+        expect(
+            answer.error.get("code") == failed.status, "the SSE error frame must carry the engine's status"
+        )
+        return answer
+    _check_choices(body, answer, transcript, expectations, chat=chat, stream=stream)
+    return answer
+
+
+def _sample_keys(transcript: Transcript) -> dict[int, tuple[int, int]]:
+    """Choice index -> (submission position, sample index): index = sample + position * n."""
+    keys: dict[int, tuple[int, int]] = {}
+    offset = 0
+    for position, generate in enumerate(transcript.generates):
+        for index in range(generate.params.n):
+            keys[offset + index] = (position, index)
+        offset += generate.params.n
+    return keys
+
+
+def _aborted(transcript: Transcript, position: int, index: int) -> bool:
+    request_id = transcript.generates[position].request_id
+    return any(a.request_id == request_id and a.index in (None, index) for a in transcript.aborts)
+
+
+def _check_choices(
+    body: dict[str, Any],
+    answer: Answer,
+    transcript: Transcript,
+    expectations: Expectations,
+    *,
+    chat: bool,
+    stream: bool,
+) -> None:
+    keys = _sample_keys(transcript)
+    if transcript.generates:
+        expect(
+            sorted(answer.choices) == sorted(keys),
+            f"choice indices {sorted(answer.choices)} != expected {sorted(keys)}",
+        )
+    has_stop_strings = bool(body.get("stop")) or bool(body.get("bad_words"))
+    for number, choice in answer.choices.items():
+        expect(
+            choice.finish_reason in FINISH_REASONS, f"choice {number}: finish_reason {choice.finish_reason!r}"
+        )
+        if number not in keys:
+            continue
+        position, index = keys[number]
+        engine_finish = transcript.finish.get((position, index))
+        aborted = _aborted(transcript, position, index)
+        if engine_finish is not None and not aborted and not has_stop_strings:
+            reason, stop_reason = engine_finish
+            if reason == "length":
+                expect(choice.finish_reason == "length", f"choice {number}: engine said length", choice)
+            else:
+                expect(
+                    choice.finish_reason in ("stop", "tool_calls"),
+                    f"choice {number}: engine said stop",
+                    choice,
+                )
+                if stop_reason is not None and choice.finish_reason == "stop":
+                    expect(
+                        choice.stop_reason == stop_reason,
+                        f"choice {number}: stop_reason",
+                        choice,
+                        stop_reason,
+                    )
+        elif engine_finish is None:
+            expect(
+                aborted,
+                f"choice {number} finished, yet the engine never finished it and the core never aborted it",
+            )
+        if _plain_text_request(body, chat=chat):
+            tokens = transcript.tokens.get((position, index), [])
+            candidates = {expectations.tokenizer.decode(tokens, skip_special_tokens=True)}
+            if tokens:
+                candidates.add(expectations.tokenizer.decode(tokens[:-1], skip_special_tokens=True))
+            expect(
+                choice.text in candidates,
+                f"choice {number}: text differs from the decoded tokens",
+                choice,
+                tokens,
+            )
+        _check_logprob_count(body, choice, transcript.tokens.get((position, index), []), chat=chat)
+    _check_usage(body, answer, transcript, chat=chat, stream=stream, has_stop_strings=has_stop_strings)
+
+
+def _plain_text_request(body: dict[str, Any], *, chat: bool) -> bool:
+    """True when the choice text must be exactly the detokenized output (nothing cut, added or parsed)."""
+    if body.get("stop") or body.get("echo") or body.get("skip_special_tokens") is False:
+        return False
+    if body.get("bad_words") or body.get("include_stop_str_in_output"):
+        return False
+    if chat and (body.get("tools") or body.get("tool_choice") not in (None, "none")):
+        return False
+    return True
+
+
+def _check_logprob_count(body: dict[str, Any], choice: Choice, tokens: list[int], *, chat: bool) -> None:
+    wanted = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+    if isinstance(body.get("logprobs"), bool) and not chat:
+        wanted = False  # `logprobs: true` is not a valid completions value; a 200 must not invent any
+    if not wanted:
+        expect(choice.logprob_tokens is None, "logprobs were not requested but came back", choice)
+        return
+    expect(choice.logprob_tokens is not None, "logprobs were requested but none came back", choice)
+    assert choice.logprob_tokens is not None
+    if not body.get("echo"):
+        expect(
+            len(choice.logprob_tokens) <= len(tokens),
+            f"{len(choice.logprob_tokens)} logprob entries for {len(tokens)} generated tokens",
+        )
+
+
+def _check_usage(
+    body: dict[str, Any],
+    answer: Answer,
+    transcript: Transcript,
+    *,
+    chat: bool,
+    stream: bool,
+    has_stop_strings: bool,
+) -> None:
+    usage = answer.usage
+    if stream:
+        options = body.get("stream_options")
+        include = isinstance(options, dict) and options.get("include_usage", True)
+        if not include:
+            expect(usage is None, "usage in a stream that did not ask for it", usage)
+            return
+        expect(usage is not None, "stream_options.include_usage but no usage chunk")
+    expect(isinstance(usage, dict), "usage missing", usage)
+    assert usage is not None
+    prompt, completion, total = (
+        usage.get("prompt_tokens"),
+        usage.get("completion_tokens"),
+        usage.get("total_tokens"),
+    )
+    expect(all(isinstance(v, int) and v >= 0 for v in (prompt, total)), "usage counts", usage)
+    completion = completion or 0
+    expect(prompt + completion == total, "usage: prompt + completion != total", usage)
+    if not transcript.generates:
+        return
+    expect(
+        prompt == sum(len(g.prompt_token_ids) for g in transcript.generates),
+        "usage.prompt_tokens != tokens in the submitted prompts",
+        usage,
+        [len(g.prompt_token_ids) for g in transcript.generates],
+    )
+    fed = sum(len(tokens) for tokens in transcript.tokens.values())
+    if has_stop_strings or transcript.aborts:
+        expect(completion <= fed, f"usage.completion_tokens {completion} > {fed} tokens generated", usage)
+    else:
+        expect(completion == fed, f"usage.completion_tokens {completion} != {fed} tokens generated", usage)
+
+
+def _parse_whole(transcript: Transcript, *, chat: bool) -> Answer:
+    try:
+        payload = strict_json(transcript.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OracleError(f"200 body is not strict JSON ({exc}): {transcript.body[:300]!r}") from None
+    expect(isinstance(payload, dict), "200 body is not an object", payload)
+    expect(payload.get("object") == ("chat.completion" if chat else "text_completion"), "object", payload)
+    _check_envelope(payload)
+    choices: dict[int, Choice] = {}
+    expect(isinstance(payload.get("choices"), list), "choices must be a list", payload)
+    for raw in payload["choices"]:
+        expect(isinstance(raw, dict) and isinstance(raw.get("index"), int), "choice without index", raw)
+        expect(raw["index"] not in choices, f"duplicate choice index {raw['index']}")
+        choice = Choice(
+            index=raw["index"], finish_reason=raw.get("finish_reason"), stop_reason=raw.get("stop_reason")
+        )
+        if chat:
+            message = raw.get("message")
+            expect(
+                isinstance(message, dict) and isinstance(message.get("role"), str), "chat choice message", raw
+            )
+            content = message.get("content")
+            expect(content is None or isinstance(content, str), "message.content", raw)
+            choice.text = content or ""
+            choice.role = message["role"]
+            choice.tool_calls = list(message.get("tool_calls") or [])
+            choice.reasoning = message.get("reasoning") or ""
+            choice.logprob_tokens = _chat_logprob_tokens(raw.get("logprobs"))
+        else:
+            expect(isinstance(raw.get("text"), str), "completion choice text", raw)
+            choice.text = raw["text"]
+            choice.logprob_tokens = _completion_logprob_tokens(raw.get("logprobs"))
+        choices[choice.index] = choice
+    expect(isinstance(payload.get("usage"), dict), "usage must be an object", payload)
+    return Answer(payload["id"], payload["model"], choices, payload["usage"])
+
+
+def _check_envelope(payload: dict[str, Any]) -> None:
+    expect(isinstance(payload.get("id"), str) and payload["id"], "id", payload)
+    expect(isinstance(payload.get("created"), int), "created", payload)
+    expect(isinstance(payload.get("model"), str), "model", payload)
+
+
+def _chat_logprob_tokens(logprobs: Any) -> list[str] | None:
+    if logprobs is None:
+        return None
+    expect(isinstance(logprobs, dict), "chat logprobs must be an object", logprobs)
+    content = logprobs.get("content") or []
+    tokens = []
+    for entry in content:
+        expect(isinstance(entry.get("token"), str), "logprob entry token", entry)
+        expect(
+            isinstance(entry.get("logprob"), int | float) and entry["logprob"] >= MIN_LOGPROB,
+            "logprob",
+            entry,
+        )
+        for alternative in entry.get("top_logprobs") or []:
+            expect(alternative.get("logprob", 0) >= MIN_LOGPROB, "top logprob below the floor", entry)
+        tokens.append(entry["token"])
+    return tokens
+
+
+def _completion_logprob_tokens(logprobs: Any) -> list[str] | None:
+    if logprobs is None:
+        return None
+    expect(isinstance(logprobs, dict), "completion logprobs must be an object", logprobs)
+    columns = ("text_offset", "token_logprobs", "tokens", "top_logprobs")
+    lengths = {name: len(logprobs.get(name) or []) for name in columns}
+    expect(len(set(lengths.values())) == 1, "completion logprob columns differ in length", lengths)
+    for value in logprobs.get("token_logprobs") or []:
+        expect(value is None or value >= MIN_LOGPROB, "token logprob below the floor", value)
+    return list(logprobs.get("tokens") or [])
+
+
+def _sse_payloads(body: bytes) -> list[Any]:
+    """The JSON payloads of an SSE body, checking the framing; the [DONE] frame is not included."""
+    expect(body.endswith(b"data: [DONE]\n\n"), "an SSE stream must end with `data: [DONE]`", body[-300:])
+    frames = body.split(b"\n\n")
+    expect(frames[-1] == b"", "trailing bytes after the last frame")
+    frames = frames[:-1]
+    expect(frames.count(b"data: [DONE]") == 1, "[DONE] must come exactly once")
+    payloads = []
+    for frame in frames[:-1]:
+        expect(frame.startswith(b"data: "), "an SSE frame must start with `data: `", frame[:200])
+        try:
+            payloads.append(strict_json(frame[len(b"data: ") :]))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise OracleError(f"an SSE frame is not strict JSON ({exc}): {frame[:300]!r}") from None
+    return payloads
+
+
+def _parse_stream(transcript: Transcript, *, chat: bool) -> Answer:
+    payloads = _sse_payloads(transcript.body)
+    expect(payloads, "a stream with no chunk at all")
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    choices: dict[int, Choice] = {}
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    ident = model = created = None
+    for number, payload in enumerate(payloads):
+        expect(isinstance(payload, dict), "an SSE chunk must be an object", payload)
+        expect(error is None, "chunks after an SSE error frame", payload)
+        if "error" in payload:
+            error = _check_error_body(payload, payload.get("error", {}).get("code", -1), "SSE error frame")
+            continue
+        expect(payload.get("object") == kind, f"chunk object must be {kind}", payload)
+        _check_envelope(payload)
+        if ident is None:
+            ident, model, created = payload["id"], payload["model"], payload["created"]
+        expect(
+            (payload["id"], payload["model"], payload["created"]) == (ident, model, created),
+            "chunk envelope changed",
+        )
+        expect(isinstance(payload.get("choices"), list), "chunk choices must be a list", payload)
+        expect(len(payload["choices"]) <= 1, "a chunk must carry one choice at most", payload)
+        if payload.get("usage") is not None:
+            expect(isinstance(payload["usage"], dict), "chunk usage", payload)
+            usage = payload["usage"]
+        if not payload["choices"]:
+            expect(payload.get("usage") is not None, "a chunk with no choice and no usage", payload)
+            expect(number == len(payloads) - 1, "the usage-only chunk must come last", payload)
+            continue
+        raw = payload["choices"][0]
+        expect(isinstance(raw.get("index"), int), "stream choice index", raw)
+        choice = choices.setdefault(raw["index"], Choice(index=raw["index"]))
+        expect(
+            choice.finish_reason is None, f"choice {choice.index}: a chunk after its finish_reason", payload
+        )
+        if chat:
+            delta = raw.get("delta")
+            expect(isinstance(delta, dict), "chat chunk delta", raw)
+            if delta.get("role") is not None:
+                expect(choice.role is None, f"choice {choice.index}: role sent twice", payload)
+                choice.role = delta["role"]
+            content = delta.get("content")
+            expect(content is None or isinstance(content, str), "delta.content", raw)
+            choice.text += content or ""
+            choice.reasoning += delta.get("reasoning") or ""
+            choice.tool_calls.extend(delta.get("tool_calls") or [])
+            new_logprobs = _chat_logprob_tokens(raw.get("logprobs"))
+        else:
+            expect(isinstance(raw.get("text"), str), "completion chunk text", raw)
+            choice.text += raw["text"]
+            new_logprobs = _completion_logprob_tokens(raw.get("logprobs"))
+        if new_logprobs is not None:
+            choice.logprob_tokens = (choice.logprob_tokens or []) + new_logprobs
+        if raw.get("finish_reason") is not None:
+            choice.finish_reason = raw["finish_reason"]
+            choice.stop_reason = raw.get("stop_reason")
+    expect(ident is not None or error is not None, "a stream without a single chunk")
+    if error is None:
+        for choice in choices.values():
+            expect(choice.finish_reason is not None, f"choice {choice.index} never got a finish_reason")
+    return Answer(ident or "", model or "", choices, usage, error)

@@ -1,0 +1,189 @@
+"""Property-based fuzzing of request handling: bytes in, well-formed OpenAI answers out.
+
+Each test drives the real `protocol.App` with hypothesis-generated requests (`fuzz.strategies`)
+and a scripted fake engine (`fuzz.engine_driver`), and checks the answer with `fuzz.oracle`:
+
+- nothing raises, and the call follows the runtime contract (one status, body, end);
+- the answer is a success shaped like vLLM's (JSON, or SSE frames ending in `data: [DONE]` with one
+  finish_reason per choice, usage matching the tokens the engine produced) or an OpenAI-shaped
+  error with status == code, never a 5xx for client input; an engine `Failed` keeps its status
+  (or becomes an SSE error frame once the stream has started);
+- streamed and non-streamed answers to the same request and the same engine tokens agree.
+
+The number of examples comes from `FUZZ_EXAMPLES` (default 2000; `make fuzz` runs 50000); each test
+asserts it exercised at least that many requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fuzz import harness
+from fuzz.engine_driver import EngineScript, engine_scripts
+from fuzz.jsontext import dumps
+from fuzz.oracle import Answer, check_exchange, expect
+from fuzz.strategies import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    FuzzRequest,
+    any_requests,
+    garbage_requests,
+    polite_headers,
+    valid_chat_bodies,
+    valid_completion_bodies,
+)
+
+EXAMPLES = harness.EXAMPLES
+SMALLER = max(EXAMPLES // 4, 50)  # for the narrower properties, which cost two requests each
+
+
+def _assert_exercised(family_before: int, at_least: int) -> None:
+    done = sum(harness.EXERCISED.values()) - family_before
+    assert done >= at_least, f"only {done} requests exercised, expected at least {at_least}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@harness.fuzz_settings(EXAMPLES)
+@given(request=any_requests(harness.PROFILE), script=engine_scripts())
+def _every_request_is_answered_well(request: FuzzRequest, script: EngineScript) -> None:
+    transcript = harness.exchange(request, script)
+    check_exchange(request, transcript, harness.EXPECTATIONS)
+
+
+def test_every_request_is_answered_well_formed() -> None:
+    """Valid, almost-valid and garbage requests: a shaped success or a shaped 4xx, never a crash or 5xx."""
+    before = sum(harness.EXERCISED.values())
+    _every_request_is_answered_well()
+    _assert_exercised(before, EXAMPLES)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _authorized(request: FuzzRequest) -> bool:
+    values = [value for name, value in request.headers if name == b"authorization"]
+    if not values:
+        return False
+    scheme, _, token = values[-1].decode("latin-1").strip().partition(" ")
+    return scheme.lower() == "bearer" and token.strip() == harness.API_KEY
+
+
+@harness.fuzz_settings(SMALLER)
+@given(
+    request=st.one_of(any_requests(harness.PROFILE), garbage_requests(harness.PROFILE)),
+    script=engine_scripts(),
+)
+def _api_key_guards_v1(request: FuzzRequest, script: EngineScript) -> None:
+    transcript = harness.exchange(request, script, harness.APP_WITH_KEY)
+    check_exchange(request, transcript, harness.EXPECTATIONS)
+    path = request.path.split("?", 1)[0]
+    if path.startswith("/v1") and request.method.upper() != "OPTIONS" and not _authorized(request):
+        expect(
+            transcript.status == 401, f"{request.method} {path} without the key answered {transcript.status}"
+        )
+
+
+def test_api_key_guards_every_v1_route() -> None:
+    """With --api-key, /v1 answers 401 to anything without the right bearer token; the rest stays well-formed."""
+    before = sum(harness.EXERCISED.values())
+    _api_key_guards_v1()
+    _assert_exercised(before, SMALLER)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _variant(body: dict[str, Any], *, stream: bool) -> dict[str, Any]:
+    body = {
+        key: value
+        for key, value in body.items()
+        if key not in ("stream", "stream_options", "prompt_logprobs")
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _tool_calls(choice: Any, *, streamed: bool) -> list[tuple[str | None, str]]:
+    """(name, arguments) per tool call; stream deltas are joined by their `index`."""
+    if not streamed:
+        return [(call["function"]["name"], call["function"]["arguments"]) for call in choice.tool_calls]
+    joined: dict[int, list[Any]] = {}
+    for delta in choice.tool_calls:
+        entry = joined.setdefault(delta.get("index", 0), [None, ""])
+        function = delta.get("function") or {}
+        if function.get("name"):
+            entry[0] = function["name"]
+        entry[1] += function.get("arguments") or ""
+    return [(name, arguments) for name, arguments in (joined[key] for key in sorted(joined))]
+
+
+def _summary(answer: Answer, *, streamed: bool) -> dict[int, tuple[Any, ...]]:
+    return {
+        index: (
+            choice.text,
+            choice.role,
+            choice.finish_reason,
+            choice.stop_reason,
+            choice.logprob_tokens,
+            choice.reasoning,
+            _tool_calls(choice, streamed=streamed),
+        )
+        for index, choice in answer.choices.items()
+    }
+
+
+def _usage(answer: Answer) -> dict[str, Any]:
+    """Usage without null fields (the stream's usage chunk drops them, as vLLM's does)."""
+    return {key: value for key, value in (answer.usage or {}).items() if value is not None}
+
+
+@harness.fuzz_settings(SMALLER)
+@given(
+    data=st.data(),
+    chat=st.booleans(),
+    script=engine_scripts(failures=False, disconnects=False),
+)
+def _stream_agrees_with_whole(data: st.DataObject, chat: bool, script: EngineScript) -> None:
+    strategy = valid_chat_bodies(harness.PROFILE) if chat else valid_completion_bodies(harness.PROFILE)
+    body = data.draw(strategy, label="body")
+    headers = data.draw(polite_headers(), label="headers")
+    path = CHAT_PATH if chat else COMPLETIONS_PATH
+    answers = []
+    for stream in (False, True):
+        variant = _variant(body, stream=stream)
+        request = FuzzRequest("POST", path, headers, dumps(variant), "valid", variant)
+        transcript = harness.exchange(request, script)
+        answers.append((transcript, check_exchange(request, transcript, harness.EXPECTATIONS)))
+    (whole_t, whole), (stream_t, streamed) = answers
+    expect(
+        whole_t.status == stream_t.status,
+        f"non-stream answered {whole_t.status}, stream answered {stream_t.status}",
+        whole_t.body[:500],
+        stream_t.body[:500],
+    )
+    if whole is None or streamed is None:
+        expect(
+            whole_t.body == stream_t.body, "the two errors differ", whole_t.body[:500], stream_t.body[:500]
+        )
+        return
+    expect(
+        _summary(whole, streamed=False) == _summary(streamed, streamed=True),
+        "streamed and whole answers differ",
+        _summary(whole, streamed=False),
+        _summary(streamed, streamed=True),
+    )
+    expect(_usage(whole) == _usage(streamed), "usage differs", whole.usage, streamed.usage)
+
+
+def test_stream_and_whole_answers_agree() -> None:
+    """The same request and engine tokens give the same choices, text, finish reasons and usage either way."""
+    before = sum(harness.EXERCISED.values())
+    _stream_agrees_with_whole()
+    _assert_exercised(before, 2 * SMALLER)

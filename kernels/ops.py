@@ -1,0 +1,140 @@
+"""The kernels the engine calls: each picks the triton kernel on CUDA tensors and the torch path elsewhere,
+and the batch-invariant variant when that mode is on (see `kernels.mode`)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from kernels.dispatch import use_triton
+from kernels.mode import is_batch_invariant
+from kernels.torch_ops import activation, attention, cache, norm, penalties, rotary, sampling
+from kernels.torch_ops import linear as torch_linear
+
+
+def _triton(module: str) -> ModuleType:
+    """A `kernels.triton_ops` module, imported on first use so CPU-only processes never load triton."""
+    return importlib.import_module(f"kernels.triton_ops.{module}")
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim; with `residual`, returns `(rmsnorm(x + residual), x + residual)`."""
+    if use_triton(x):
+        return _triton("norm").rms_norm(x, weight, eps, residual)
+    if is_batch_invariant():
+        return norm.rms_norm_batch_invariant(x, weight, eps, residual)
+    return norm.rms_norm(x, weight, eps, residual)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_dim: int,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(q, k)` [num_tokens, heads*head_dim] rotated by `positions`; cache from `kernels.compute_cos_sin_cache`."""
+    if use_triton(q):
+        return _triton("rotary").rotary_embedding(positions, q, k, cos_sin_cache, head_dim, is_neox)
+    return rotary.rotary_embedding(positions, q, k, cos_sin_cache, head_dim, is_neox)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2*d] -> [..., d]: silu(gate) * up."""
+    if use_triton(x):
+        return _triton("activation").silu_and_mul(x)
+    return activation.silu_and_mul(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias`; batch-invariant mode swaps in a fixed-tile matmul."""
+    if is_batch_invariant():
+        if use_triton(x):
+            return _triton("linear").linear(x, weight, bias)
+        return torch_linear.linear_batch_invariant(x, weight, bias)
+    return torch_linear.linear(x, weight, bias)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] at flat `slot_mapping` slots (-1: skip)."""
+    if use_triton(key_cache):
+        _triton("cache").reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        cache.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """Causal varlen attention over the paged cache (prefill, chunked prefill, decode; GQA)."""
+    args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len)
+    if use_triton(query):
+        return _triton("attention").paged_attention(*args, batch_invariant=is_batch_invariant())
+    if is_batch_invariant():
+        return attention.paged_attention_batch_invariant(*args)
+    return attention.paged_attention(*args)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """One token id per row of logits [B, V]; temperature 0 is greedy, `generators[i]` seeds row i."""
+    if use_triton(logits):
+        return _triton("sampling").sample(logits, temperature, top_k, top_p, min_p, generators)
+    return sampling.sample(logits, temperature, top_k, top_p, min_p, generators)
+
+
+def apply_sampling_masks(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    """Temperature-scaled logits with the tokens min-p / top-k / top-p drop set to -inf (for logprobs too)."""
+    if use_triton(logits):
+        return _triton("sampling").apply_sampling_masks(logits, temperature, top_k, top_p, min_p)
+    return sampling.apply_sampling_masks(logits, temperature, top_k, top_p, min_p)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_token_ids: torch.Tensor,
+    output_token_ids: torch.Tensor,
+    repetition_penalties: torch.Tensor,
+    frequency_penalties: torch.Tensor,
+    presence_penalties: torch.Tensor,
+) -> torch.Tensor:
+    """Repetition (prompt + output tokens), frequency and presence (output tokens) penalties, in place.
+
+    Token-id tensors are [B, N] padded with any id outside [0, V).
+    """
+    args = (logits, prompt_token_ids, output_token_ids, repetition_penalties, frequency_penalties, presence_penalties)
+    if use_triton(logits):
+        return _triton("penalties").apply_penalties(*args)
+    return penalties.apply_penalties(*args)

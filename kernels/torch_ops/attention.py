@@ -1,0 +1,151 @@
+"""Paged attention over the KV cache: prefill, chunked prefill on cached context, and decode, with GQA.
+
+Query token j of a sequence with `q_len` new tokens and total length `L` sits at position `L - q_len + j`
+and sees every cached position up to its own. The new tokens' keys and values are already in the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows of `cache` for `blocks` [..., n] laid out as [..., n*block_size, num_kv_heads, head_dim]."""
+    gathered = cache.index_select(0, blocks.reshape(-1).long())
+    return gathered.view(*blocks.shape[:-1], -1, cache.shape[2], cache.shape[3])
+
+
+def _attend_one_sequence(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens `query` [q_len, H, D] over its first `seq_len` cached tokens."""
+    q_len = query.shape[0]
+    num_blocks = -(-seq_len // key_cache.shape[1])
+    keys = _gather_blocks(key_cache, block_table[:num_blocks])[:seq_len]
+    values = _gather_blocks(value_cache, block_table[:num_blocks])[:seq_len]
+    context_len = seq_len - q_len
+    mask = None
+    if context_len > 0 and q_len > 1:
+        # Bottom-right aligned causal mask: new token j sees positions <= context_len + j.
+        positions = torch.arange(seq_len, device=query.device)
+        mask = positions <= (positions[context_len:, None])
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1),
+        keys.transpose(0, 1),
+        values.transpose(0, 1),
+        attn_mask=mask,
+        is_causal=context_len == 0 and q_len > 1,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)
+
+
+def _attend_decodes(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """One new token per sequence, query [S, H, D]: every sequence's blocks gathered in one batched op and
+    padded to the longest, padding masked out. Cache rows past a sequence's length must hold finite values
+    (`kernels.allocate_kv_cache` zero-fills), since padded values meet zero weights in the matmul.
+    """
+    num_blocks = -(-max_seq_len // key_cache.shape[1])
+    blocks = block_tables[:, :num_blocks]
+    keys = _gather_blocks(key_cache, blocks)
+    values = _gather_blocks(value_cache, blocks)
+    visible = torch.arange(keys.shape[1], device=query.device) < seq_lens[:, None].to(query.device)
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=visible[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """Attention for a ragged batch of sequences; returns [num_tokens, num_heads, head_dim].
+
+    query: [num_tokens, num_heads, head_dim]; key_cache/value_cache: [num_blocks, block_size, num_kv_heads,
+    head_dim]; block_tables: [num_seqs, max_blocks] int32; seq_lens: [num_seqs] int32 (context including the
+    new tokens); query_start_loc: [num_seqs + 1] int32 (the new tokens of sequence i are
+    query[query_start_loc[i]:query_start_loc[i+1]]).
+    Decode-only batches run as one batched op; sequences with several new tokens run one SDPA each, and
+    single-token sequences in a mixed batch are still batched together.
+    """
+    if max_query_len == 1 and query.shape[0] == seq_lens.shape[0]:
+        return _attend_decodes(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    decode_seqs: list[int] = []
+    for seq, seq_len in enumerate(lengths):
+        start, end = starts[seq], starts[seq + 1]
+        if end - start == 1:
+            decode_seqs.append(seq)
+        elif end > start:
+            out[start:end] = _attend_one_sequence(
+                query[start:end], key_cache, value_cache, block_tables[seq], seq_len, scale
+            )
+    if decode_seqs:
+        seq_index = torch.tensor(decode_seqs, device=query.device)
+        token_index = query_start_loc[:-1].to(query.device)[seq_index].long()
+        decode_lens = seq_lens.to(query.device)[seq_index]
+        out[token_index] = _attend_decodes(
+            query[token_index],
+            key_cache,
+            value_cache,
+            block_tables[seq_index],
+            decode_lens,
+            scale,
+            max(lengths[seq] for seq in decode_seqs),
+        )
+    return out
+
+
+def paged_attention_batch_invariant(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """`paged_attention` computed one sequence at a time over exactly its own keys: no padding to the batch's
+    longest sequence, so a sequence's result does not depend on the other sequences."""
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for seq, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[seq], starts[seq + 1]
+        if end > start:
+            # A private copy of the query rows: the same memory alignment whatever the row's batch offset.
+            out[start:end] = _attend_one_sequence(
+                query[start:end].clone(), key_cache, value_cache, block_tables[seq], seq_len, scale
+            )
+    return out

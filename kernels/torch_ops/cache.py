@@ -1,0 +1,32 @@
+"""Writing new keys and values into the paged KV cache.
+
+Layout (the engine's paged cache uses exactly this): key_cache and value_cache are
+[num_blocks, block_size, num_kv_heads, head_dim]; token t goes to flat slot
+`slot_mapping[t] = block_id * block_size + offset`, and slot -1 means "padding, do not write".
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping`, in place."""
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
+    flat_values = value_cache.view(-1, num_kv_heads, head_dim)
+    key = key.reshape(-1, num_kv_heads, head_dim).to(key_cache.dtype)
+    value = value.reshape(-1, num_kv_heads, head_dim).to(value_cache.dtype)
+    slots = slot_mapping.reshape(-1).long()
+    padding = slots < 0
+    if bool(padding.any()):
+        keep = ~padding
+        slots, key, value = slots[keep], key[keep], value[keep]
+    flat_keys.index_copy_(0, slots, key)
+    flat_values.index_copy_(0, slots, value)

@@ -1,0 +1,259 @@
+"""The Sans-IO application: HTTP request in (method, path, headers, body), a `Call` out.
+
+Routing, API-key authentication, content-type checks and request ids live here; the per-request
+behaviour lives in `protocol.calls`. Nothing here does IO or reads a clock or randomness except
+through the injected `clock` and `new_id`, so every response is reproducible in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from protocol.calls.base import JSON_CONTENT_TYPE, Call, Headers, ImmediateCall, error_call, internal_error
+from protocol.calls.chat import ChatSettings, build_chat_call
+from protocol.calls.completion import build_completion_call
+from protocol.calls.info import detokenize_call, health_call, models_call, tokenize_call, version_call
+from protocol.calls.prompt import ChatRenderer
+from protocol.errors import ProtocolError
+from protocol.model import ServedModel
+from protocol.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    decode_request,
+    decode_tokenize_request,
+)
+from protocol.validation import resolve_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
+_AUTH_PREFIXES = ("/v1",)
+
+
+class AppConfig(msgspec.Struct, kw_only=True):
+    """Server options that shape responses (the CLI fills them; defaults are vLLM's)."""
+
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    max_logprobs: int = 20
+    response_role: str = "assistant"
+    chat_template: str | None = None  # the template text, already loaded by the CLI
+    chat_template_content_format: Literal["auto", "string", "openai"] = "auto"
+    trust_request_chat_template: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_force_include_usage: bool = False
+    return_tokens_as_token_ids: bool = False
+    enable_request_id_headers: bool = False
+    root_path: str = ""
+    version: str = "0.1.0"
+    allow_priority: bool = False
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One HTTP request as the handlers see it."""
+
+    headers: dict[bytes, bytes]  # lower-cased names; the last value of a repeated header wins
+    body: bytes
+    healthy: bool
+    base_id: str  # X-Request-Id header, else a fresh id (the body's request_id may override it)
+    response_headers: Headers  # X-Request-Id, when enabled
+
+    def generation_id(self, body_request_id: str | None) -> tuple[str, Headers]:
+        """Base id of a chat/completion: the header, else the body's `request_id`, else fresh."""
+        if b"x-request-id" in self.headers or not body_request_id:
+            return self.base_id, self.response_headers
+        if self.response_headers and _header_safe(body_request_id):
+            return body_request_id, ((b"x-request-id", body_request_id.encode("ascii")),)
+        return body_request_id, self.response_headers
+
+
+def _header_safe(value: str) -> bool:
+    """Printable ASCII only: a body's `request_id` must not smuggle line breaks into a header."""
+    return value.isascii() and value.isprintable()
+
+
+_Handler = Callable[["App", _Request], Call]
+
+
+class App:
+    """Routes requests to calls. `handle` never raises: every failure is an OpenAI-shaped error."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        models: list[ServedModel],
+        *,
+        clock: Callable[[], float],
+        new_id: Callable[[], str],
+    ) -> None:
+        self.config = config
+        self.models = list(models)
+        self.clock = clock
+        self.new_id = new_id
+        self._key_digests = [hashlib.sha256(key.encode()).digest() for key in config.api_keys]
+        self._renderer = ChatRenderer(
+            server_template=config.chat_template,
+            content_format=config.chat_template_content_format,
+            trust_request_template=config.trust_request_chat_template,
+            clock=clock,
+        )
+        self._settings = ChatSettings(
+            response_role=config.response_role,
+            max_logprobs=config.max_logprobs,
+            allow_priority=config.allow_priority,
+            return_tokens_as_token_ids=config.return_tokens_as_token_ids,
+            enable_force_include_usage=config.enable_force_include_usage,
+            enable_prompt_tokens_details=config.enable_prompt_tokens_details,
+        )
+
+    def handle(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        healthy: bool = True,
+    ) -> Call:
+        """The call answering one request (its `start()` says what to do first)."""
+        response_headers: Headers = ()
+        try:
+            header_map = {bytes(name).lower(): bytes(value) for name, value in headers}
+            request_header_id = header_map.get(b"x-request-id")
+            base_id = request_header_id.decode("latin-1") if request_header_id else self.new_id()
+            if self.config.enable_request_id_headers:
+                response_headers = ((b"x-request-id", base_id.encode("latin-1", "replace")),)
+            request = _Request(header_map, body, healthy, base_id, response_headers)
+            return self._route(method.upper(), path, request)
+        except ProtocolError as error:
+            return error_call(error, response_headers)
+        except Exception as exc:  # a bug in the core: a 500, never an escaped exception
+            logger.exception("failed to handle %s %s", method, path)
+            return error_call(internal_error(exc), response_headers)
+
+    # ---- routing ----
+
+    def _route(self, method: str, target: str, request: _Request) -> Call:
+        path = self._strip_root(target.split("?", 1)[0])
+        if method != "OPTIONS" and self._key_digests and path.startswith(_AUTH_PREFIXES):
+            if not self._authorized(request.headers.get(b"authorization")):
+                return ImmediateCall(
+                    401, b'{"error":"Unauthorized"}', JSON_CONTENT_TYPE + request.response_headers
+                )
+        methods = _ROUTES.get(path)
+        if methods is None:
+            raise ProtocolError("Not Found", status=404)
+        if method == "OPTIONS":
+            allow = ", ".join(sorted({*methods, "OPTIONS"})).encode()
+            return ImmediateCall(200, b"", ((b"allow", allow), *request.response_headers))
+        handler = methods.get(method)
+        if handler is None:
+            allow = ", ".join(sorted(methods)).encode()
+            return error_call(
+                ProtocolError("Method Not Allowed", status=405),
+                ((b"allow", allow), *request.response_headers),
+            )
+        if path in _JSON_POSTS:
+            self._check_json_post(request)
+        return handler(self, request)
+
+    def _strip_root(self, path: str) -> str:
+        root = self.config.root_path.rstrip("/")
+        if root and (path == root or path.startswith(root + "/")):
+            return path[len(root) :] or "/"
+        return path
+
+    def _authorized(self, authorization: bytes | None) -> bool:
+        """`Authorization: Bearer <key>`, scheme case-insensitive; digests compared in constant time."""
+        if not authorization:
+            return False
+        scheme, _, token = authorization.decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        digest = hashlib.sha256(token.strip().encode("latin-1")).digest()
+        matches = [hmac.compare_digest(digest, key) for key in self._key_digests]
+        return any(matches)
+
+    def _check_json_post(self, request: _Request) -> None:
+        media_type = request.headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if media_type != b"application/json":
+            raise ProtocolError(UNSUPPORTED_MEDIA_TYPE, status=400)
+        if len(request.body) > self.config.max_request_body_bytes:
+            raise ProtocolError(
+                f"Request body too large: the limit is {self.config.max_request_body_bytes} bytes", status=413
+            )
+
+    # ---- handlers ----
+
+    def _created(self) -> int:
+        return int(self.clock())
+
+    def _chat(self, request: _Request) -> Call:
+        body = decode_request(request.body, ChatCompletionRequest)
+        model = self._generative_model(body.model, "Chat Completions")
+        base_id, headers = request.generation_id(body.request_id)
+        return build_chat_call(
+            body,
+            model,
+            self._renderer,
+            self._settings,
+            base_id=base_id,
+            created=self._created(),
+            headers=headers,
+        )
+
+    def _completion(self, request: _Request) -> Call:
+        body = decode_request(request.body, CompletionRequest)
+        model = self._generative_model(body.model, "Completions")
+        base_id, headers = request.generation_id(body.request_id)
+        return build_completion_call(
+            body, model, self._settings, base_id=base_id, created=self._created(), headers=headers
+        )
+
+    def _generative_model(self, requested: str | None, api: str) -> ServedModel:
+        model = resolve_model(requested, self.models)
+        if model.task != "generate":
+            raise ProtocolError(f"The model does not support {api} API", status=400, param="model")
+        return model
+
+    def _models(self, request: _Request) -> Call:
+        return models_call(self.models, self._created(), request.response_headers)
+
+    def _health(self, request: _Request) -> Call:
+        return health_call(request.healthy, request.response_headers)
+
+    def _version(self, request: _Request) -> Call:
+        return version_call(self.config.version, request.response_headers)
+
+    def _tokenize(self, request: _Request) -> Call:
+        body = decode_tokenize_request(request.body)
+        model = resolve_model(body.model, self.models)
+        return tokenize_call(body, model, self._renderer, request.response_headers)
+
+    def _detokenize(self, request: _Request) -> Call:
+        body = decode_request(request.body, DetokenizeRequest)
+        model = resolve_model(body.model, self.models)
+        return detokenize_call(body, model, request.response_headers)
+
+
+_ROUTES: dict[str, dict[str, _Handler]] = {
+    "/v1/chat/completions": {"POST": App._chat},
+    "/v1/completions": {"POST": App._completion},
+    "/v1/models": {"GET": App._models},
+    "/health": {"GET": App._health},
+    "/ping": {"GET": App._health, "POST": App._health},
+    "/version": {"GET": App._version},
+    "/tokenize": {"POST": App._tokenize},
+    "/detokenize": {"POST": App._detokenize},
+}
+_JSON_POSTS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})

@@ -1,0 +1,315 @@
+"""The runtime-neutral ASGI shell: drives the Sans-IO core over ASGI, under asyncio or trio alike.
+
+It is the only IO the protocol package does, and it stays runtime-neutral by using anyio alone:
+the runtime packages provide the `EngineClient` bridges (which wake the loop once per engine step)
+and hypercorn. One HTTP request is one `_Exchange`: read the body, `app.handle(...)`, then play the
+call's outputs in order while engine events arrive, watching for the client going away.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from protocol.engine_api import Abort, Command, Encode, Event, Generate
+from protocol.engine_client import EngineClient
+from protocol.errors import ProtocolError
+from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+LifespanHook = Callable[[], Awaitable[None]]
+
+_JSON_HEADERS = ((b"content-type", b"application/json"),)
+
+
+class CallLike(Protocol):
+    """The per-request state machine of the core (`protocol.calls.Call`), as the shell uses it."""
+
+    model: str | None
+
+    def start(self) -> list[Output]: ...
+
+    def feed(self, events: Sequence[Event]) -> list[Output]: ...
+
+    def disconnected(self) -> list[Command]: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
+class CoreApp(Protocol):
+    """The Sans-IO core (`protocol.app.App`), as the shell uses it."""
+
+    def handle(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        healthy: bool = True,
+    ) -> CallLike: ...
+
+
+class AsgiApp:
+    """An ASGI 3 application serving `app` with the engines in `engines` (keyed by served model name).
+
+    `engines` is read at request time, so a lifespan hook may fill it once the loop runs (the
+    bridges need the running loop). `on_startup` hooks run in order at lifespan startup, and
+    `on_shutdown` hooks at lifespan shutdown.
+    """
+
+    def __init__(
+        self,
+        app: CoreApp,
+        engines: Mapping[str, EngineClient],
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        on_startup: Sequence[LifespanHook] = (),
+        on_shutdown: Sequence[LifespanHook] = (),
+    ) -> None:
+        self.app = app
+        self.engines = engines
+        self.max_body_bytes = max_body_bytes
+        self.on_startup = list(on_startup)
+        self.on_shutdown = list(on_shutdown)
+
+    @property
+    def healthy(self) -> bool:
+        return all(engine.healthy for engine in self.engines.values())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await _Exchange(self, scope, receive, send).run()
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if not await _run_hooks(self.on_startup, "startup", send):
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if await _run_hooks(self.on_shutdown, "shutdown", send):
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _run_hooks(hooks: Sequence[LifespanHook], phase: str, send: Send) -> bool:
+    """Run lifespan hooks; a failure is reported to the server as `lifespan.<phase>.failed`."""
+    try:
+        for hook in hooks:
+            await hook()
+    except Exception as exc:
+        logger.exception("lifespan %s failed", phase)
+        await send({"type": f"lifespan.{phase}.failed", "message": f"{type(exc).__name__}: {exc}"})
+        return False
+    return True
+
+
+class _EngineMissing(Exception):
+    """The call names a model whose engine is not running (startup not done, or it failed)."""
+
+
+class _Exchange:
+    """One HTTP request/response, from the request body to the last byte or the client leaving."""
+
+    def __init__(self, shell: AsgiApp, scope: Scope, receive: Receive, send: Send) -> None:
+        self.shell = shell
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.call: CallLike | None = None
+        self.engine: EngineClient | None = None
+        self.request_ids: list[str] = []
+        self.response_started = False
+        self.response_ended = False
+        self.client_gone = False
+        self.events_in, self.events_out = anyio.create_memory_object_stream[Event](math.inf)
+
+    async def run(self) -> None:
+        try:
+            body = await self._read_body()
+            if body is None:
+                return
+            self.call = self.shell.app.handle(
+                self.scope["method"],
+                _target(self.scope),
+                self.scope.get("headers", ()),
+                body,
+                healthy=self.shell.healthy,
+            )
+            await self._serve(self.call)
+        except _EngineMissing as exc:
+            await self._fail(ProtocolError(str(exc), 503))
+        except Exception:
+            logger.exception(
+                "unexpected failure serving %s %s", self.scope.get("method"), self.scope.get("path")
+            )
+            await self._fail(ProtocolError("Internal server error", 500))
+        finally:
+            self._release()
+
+    async def _read_body(self) -> bytes | None:
+        """The whole request body, or None when the client left or the body is over the cap (413 sent)."""
+        cap = self.shell.max_body_bytes
+        declared = _content_length(self.scope.get("headers", ()))
+        if declared is not None and declared > cap:
+            await self._too_large(cap)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                return None
+            if message["type"] != "http.request":
+                continue
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                await self._too_large(cap)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _too_large(self, cap: int) -> None:
+        error = ProtocolError(f"Request body too large: the limit is {cap} bytes", 413)
+        await self._respond_error(error)
+
+    async def _serve(self, call: CallLike) -> None:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._watch_disconnect, tasks.cancel_scope)
+            await self._play(call.start())
+            while not call.finished:
+                if not self.request_ids:
+                    raise RuntimeError("the call waits for engine events but submitted no engine work")
+                batch = [await self.events_out.receive()]
+                while True:  # everything already queued goes to the core in one feed
+                    try:
+                        batch.append(self.events_out.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                await self._play(call.feed(batch))
+            tasks.cancel_scope.cancel()
+        if not self.response_ended and not self.client_gone:
+            raise RuntimeError("the call finished without ending its response")
+
+    async def _watch_disconnect(self, scope: anyio.CancelScope) -> None:
+        """Stop serving when the client goes away; `_release` then aborts the unfinished work."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        scope.cancel()
+
+    async def _play(self, outputs: Sequence[Output]) -> None:
+        for output in outputs:
+            if isinstance(output, StartResponse):
+                await self.send(
+                    {"type": "http.response.start", "status": output.status, "headers": list(output.headers)}
+                )
+                self.response_started = True
+            elif isinstance(output, Body):
+                if output.data:
+                    await self.send({"type": "http.response.body", "body": output.data, "more_body": True})
+            elif isinstance(output, EndResponse):
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+                self.response_ended = True
+            elif isinstance(output, Submit):
+                self._submit(output.commands)
+            else:
+                raise TypeError(f"unknown output {output!r}")
+
+    def _submit(self, commands: Sequence[Command]) -> None:
+        engine = self._engine()
+        for command in commands:
+            if isinstance(command, Generate | Encode) and command.request_id not in self.request_ids:
+                engine.subscribe(command.request_id, self.events_in.send_nowait)
+                self.request_ids.append(command.request_id)
+        engine.submit(commands)
+
+    def _engine(self) -> EngineClient:
+        if self.engine is None:
+            model = self.call.model if self.call is not None else None
+            engine = self.shell.engines.get(model) if model is not None else None
+            if engine is None:
+                raise _EngineMissing(f"The engine for model {model!r} is not running")
+            self.engine = engine
+        return self.engine
+
+    async def _fail(self, error: ProtocolError) -> None:
+        """Answer an unexpected failure as well as the response's state still allows."""
+        try:
+            if not self.response_started:
+                await self._respond_error(error)
+            elif not self.response_ended:
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+                self.response_ended = True
+        except Exception:
+            logger.debug("could not report a failure to the client", exc_info=True)
+
+    async def _respond_error(self, error: ProtocolError) -> None:
+        await self.send(
+            {"type": "http.response.start", "status": error.status, "headers": list(_JSON_HEADERS)}
+        )
+        self.response_started = True
+        await self.send({"type": "http.response.body", "body": error.to_json(), "more_body": False})
+        self.response_ended = True
+
+    def _release(self) -> None:
+        """Abort engine work the call did not finish (client gone, failure, cancellation); unsubscribe."""
+        if self.engine is None:
+            return
+        try:
+            if self.call is not None and not self.call.finished:
+                aborts = self._aborts()
+                if aborts:
+                    self.engine.submit(aborts)
+        finally:
+            for request_id in self.request_ids:
+                self.engine.unsubscribe(request_id)
+            self.events_in.close()
+            self.events_out.close()
+
+    def _aborts(self) -> list[Command]:
+        try:
+            return list(self.call.disconnected()) if self.call is not None else []
+        except Exception:
+            logger.exception("the call failed to list its aborts; aborting all its requests")
+            return [Abort(request_id) for request_id in self.request_ids]
+
+
+def _target(scope: Scope) -> str:
+    """The request target as the core routes it: the path, plus the query string when there is one."""
+    query = scope.get("query_string", b"")
+    path = scope["path"]
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,74 @@
+"""The `Call` interface the runtime shell drives, and the calls answered at once (no engine).
+
+A call is an h11-style state machine: `start()` says what to do first, `feed(events)` turns engine
+events into output events, `disconnected()` lists the aborts for unfinished engine work. It never
+does IO and never raises: failures become OpenAI-shaped error responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from protocol.engine_api import Command, Event
+from protocol.errors import ProtocolError
+from protocol.outputs import Body, EndResponse, Output, StartResponse
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+JSON_CONTENT_TYPE: Headers = ((b"content-type", b"application/json"),)
+
+
+class Call:
+    """One HTTP request's state machine. Subclasses override what they need."""
+
+    #: ServedModel.name whose engine receives this call's `Submit` commands (None: no engine).
+    model: str | None = None
+
+    def start(self) -> list[Output]:
+        raise NotImplementedError
+
+    def feed(self, events: Sequence[Event]) -> list[Output]:
+        return []
+
+    def disconnected(self) -> list[Command]:
+        return []
+
+    @property
+    def finished(self) -> bool:
+        raise NotImplementedError
+
+
+class ImmediateCall(Call):
+    """A response known when the request arrives: errors, /v1/models, /tokenize, /health, ..."""
+
+    def __init__(self, status: int, body: bytes = b"", headers: Headers = ()) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self._started = False
+
+    def start(self) -> list[Output]:
+        self._started = True
+        outputs: list[Output] = [StartResponse(self.status, self.headers)]
+        if self.body:
+            outputs.append(Body(self.body))
+        outputs.append(EndResponse())
+        return outputs
+
+    @property
+    def finished(self) -> bool:
+        return self._started
+
+
+def json_call(body: bytes, status: int = 200, extra_headers: Headers = ()) -> ImmediateCall:
+    return ImmediateCall(status, body, JSON_CONTENT_TYPE + extra_headers)
+
+
+def error_call(error: ProtocolError, extra_headers: Headers = ()) -> ImmediateCall:
+    """An OpenAI-shaped error: `{"error": {message, type, param, code}}` with status == code."""
+    return json_call(error.to_json(), error.status, extra_headers)
+
+
+def internal_error(exc: BaseException) -> ProtocolError:
+    """A bug in the core, reported as a 500 with the exception's type (no traceback to clients)."""
+    return ProtocolError(f"Internal server error: {type(exc).__name__}: {exc}", status=500)

@@ -1,0 +1,43 @@
+"""Serve an ASGI app with hypercorn on trio, shutting down gracefully on SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config
+
+from protocol.asgi import AsgiApp
+
+ShutdownTrigger = Callable[[], Awaitable[None]]
+
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def serve(asgi_app: AsgiApp, config: Config, shutdown_trigger: ShutdownTrigger | None = None) -> None:
+    """Serve until `shutdown_trigger` returns (default: the first SIGINT/SIGTERM), then drain.
+
+    In-flight requests get `config.graceful_timeout` seconds to finish; the app's lifespan
+    shutdown (which stops the engines) runs after that.
+    """
+    if shutdown_trigger is None:
+        shutdown_trigger = _on_signal
+    await hypercorn.trio.serve(asgi_app, config, shutdown_trigger=shutdown_trigger, mode="asgi")
+
+
+def run(asgi_app: AsgiApp, config: Config, shutdown_trigger: ShutdownTrigger | None = None) -> None:
+    """Run `serve` in a fresh trio run (the blocking entry point of the CLI)."""
+    trio.run(partial(serve, asgi_app, config, shutdown_trigger))
+
+
+async def _on_signal() -> None:
+    """Return at the first shutdown signal; wait forever off the main thread (no signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        await trio.sleep_forever()
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        async for _ in signals:
+            return

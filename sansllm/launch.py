@@ -1,0 +1,31 @@
+"""Run a server from parsed flags on a given runtime: bind first, then load the model, then serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+
+from hypercorn.config import Config as HypercornConfig
+
+from protocol.asgi import AsgiApp
+from sansllm.assemble import build_asgi_app, load_engines
+from sansllm.lifecycle import BridgeFactory
+from sansllm.listen import bind_early, hypercorn_config_from_args
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[AsgiApp, HypercornConfig], None]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+
+
+def launch(args: argparse.Namespace, bridge_factory: BridgeFactory, run: Runner) -> None:
+    """Bind, load the engines, and serve until SIGINT/SIGTERM (blocks)."""
+    config = hypercorn_config_from_args(args)
+    for address in bind_early(config):
+        logger.info("bound %s; loading %s", address, args.model)
+    engines = load_engines(args)
+    run(build_asgi_app(args, engines, bridge_factory), config)

@@ -1,0 +1,145 @@
+"""Our Llama-family model, loaded from HF folders, gives transformers' logits.
+
+Tolerance: 1e-4 absolute on float32 logits of magnitude ~3 (observed differences are ~2e-6; they
+come from a different summation order in attention and the fused residual adds).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine.attention import AttentionMetadata, SequenceKVCache
+from engine.loader import LoadedModel, load_model
+from engine.model_files import resolve_model
+from tests.engine.tiny_models import build_model
+
+ATOL = 1e-4
+TEXT = "The capital of France is Paris. Hello world! A quick brown fox jumps over the lazy dog."
+
+
+def load(folder: Path) -> LoadedModel:
+    return load_model(resolve_model(str(folder)), progress=False)
+
+
+def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def new_cache(loaded: LoadedModel) -> SequenceKVCache:
+    cfg, dtype = loaded.config, loaded.model.lm_head.weight.dtype
+    return SequenceKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, dtype, torch.device("cpu"))
+
+
+def our_logits(loaded: LoadedModel, chunks: list[list[int]]) -> torch.Tensor:
+    """Logits for every token, feeding the sequence in `chunks` (a prefill, then more) through one cache."""
+    cache, start, out = new_cache(loaded), 0, []
+    with torch.inference_mode():
+        for chunk in chunks:
+            meta = AttentionMetadata([len(chunk)], [start], [cache])
+            positions = torch.arange(start, start + len(chunk))
+            hidden = loaded.model(torch.tensor(chunk), positions, meta)
+            meta.commit()
+            out.append(loaded.model.compute_logits(hidden))
+            start += len(chunk)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
+def test_prefill_logits_match_transformers(fixture, request):
+    folder = request.getfixturevalue(fixture)
+    loaded = load(folder)
+    ids = loaded.tokenizer.encode(TEXT)
+    torch.testing.assert_close(our_logits(loaded, [ids]), hf_logits(folder, ids), atol=ATOL, rtol=0)
+
+
+def test_qwen2_has_qkv_biases_and_llama_has_none(tiny_llama, tiny_qwen2):
+    assert load(tiny_qwen2).model.model.layers[0].self_attn.qkv_proj.bias is not None
+    assert load(tiny_llama).model.model.layers[0].self_attn.qkv_proj.bias is None
+
+
+def test_cached_decode_gives_the_same_logits_as_one_prefill(tiny_llama):
+    loaded = load(tiny_llama)
+    ids = loaded.tokenizer.encode(TEXT)
+    # a prefill, a chunk after cached tokens, then single-token decode steps
+    chunks = [ids[:10], ids[10:17]] + [[t] for t in ids[17:]]
+    torch.testing.assert_close(our_logits(loaded, chunks), hf_logits(tiny_llama, ids), atol=ATOL, rtol=0)
+
+
+def test_sequences_in_one_flat_batch_do_not_see_each_other(tiny_llama):
+    loaded = load(tiny_llama)
+    a = loaded.tokenizer.encode(TEXT)
+    b = loaded.tokenizer.encode("Hello world! 0123456789")
+    caches = [new_cache(loaded), new_cache(loaded)]
+    meta = AttentionMetadata([len(a), len(b)], [0, 0], caches)
+    positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
+    with torch.inference_mode():
+        logits = loaded.model.compute_logits(loaded.model(torch.tensor(a + b), positions, meta))
+    torch.testing.assert_close(logits[: len(a)], hf_logits(tiny_llama, a), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[len(a) :], hf_logits(tiny_llama, b), atol=ATOL, rtol=0)
+
+
+ROPE_SCALINGS = {
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    "linear": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(kind, tmp_path):
+    folder = build_model(tmp_path / kind, "llama", rope_scaling=dict(ROPE_SCALINGS[kind]))
+    loaded = load(folder)
+    ids = loaded.tokenizer.encode(TEXT)
+    reference = hf_logits(folder, ids)
+    torch.testing.assert_close(our_logits(loaded, [ids]), reference, atol=ATOL, rtol=0)
+    # the scaling matters: the same weights without it give other logits
+    plain = tmp_path / "plain"
+    shutil.copytree(folder, plain)
+    config = json.loads((plain / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    (plain / "config.json").write_text(json.dumps(config))
+    assert (our_logits(load(plain), [ids]) - reference).abs().max() > 1e-2
+
+
+def test_tied_embeddings_share_the_lm_head(tmp_path):
+    folder = build_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    loaded = load(folder)
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    ids = loaded.tokenizer.encode(TEXT)
+    torch.testing.assert_close(our_logits(loaded, [ids]), hf_logits(folder, ids), atol=ATOL, rtol=0)
+
+
+def test_sharded_checkpoint_loads(tmp_path, tiny_llama):
+    """A checkpoint split over several files with model.safetensors.index.json."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, safe_serialization=True, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    loaded = load(sharded)
+    ids = loaded.tokenizer.encode(TEXT)
+    torch.testing.assert_close(our_logits(loaded, [ids]), hf_logits(tiny_llama, ids), atol=ATOL, rtol=0)
+
+
+def test_bfloat16_runs_close_to_float32(tiny_llama):
+    ids = load(tiny_llama).tokenizer.encode(TEXT)
+    loaded = load_model(resolve_model(str(tiny_llama)), dtype="bfloat16", progress=False)
+    assert loaded.model.lm_head.weight.dtype == torch.bfloat16
+    logits = our_logits(loaded, [ids])
+    assert logits.dtype == torch.float32
+    assert (logits - hf_logits(tiny_llama, ids)).abs().max() < 0.5

@@ -1,0 +1,312 @@
+"""The application's routing, auth, content types, ids and the engine-free endpoints."""
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import App, AppConfig, Body, EndResponse, Generate, ServedModel, StartResponse, Submit, Tokens
+from protocol.testing import BOS_ID, ByteTokenizer, tiny_served_model
+
+NOW = 1_700_000_000.0
+JSON = (b"content-type", b"application/json")
+
+
+def make_app(models=None, **config):
+    ids = itertools.count(1)
+    return App(
+        AppConfig(**config),
+        models or [tiny_served_model()],
+        clock=lambda: NOW,
+        new_id=lambda: f"id{next(ids)}",
+    )
+
+
+def respond(app, method, path, body=b"", headers=(JSON,), healthy=True):
+    """An immediate call's response as (status, headers, body); engine calls give their Submit."""
+    if not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    call = app.handle(method, path, list(headers), body, healthy=healthy)
+    outputs = call.start()
+    if isinstance(outputs[0], Submit):
+        return outputs[0]
+    start, *bodies, end = outputs
+    assert isinstance(start, StartResponse) and isinstance(end, EndResponse) and call.finished
+    assert all(isinstance(b, Body) for b in bodies)
+    return start.status, dict(start.headers), b"".join(b.data for b in bodies)
+
+
+def error_of(response):
+    status, headers, body = response
+    assert headers[b"content-type"] == b"application/json"
+    error = json.loads(body)["error"]
+    assert error["code"] == status and set(error) == {"message", "type", "param", "code"}
+    return status, error
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+# ---- routing ----
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405():
+    app = make_app()
+    assert error_of(respond(app, "GET", "/nope"))[0] == 404
+    status, headers, _ = respond(app, "GET", "/v1/chat/completions")
+    assert status == 405 and headers[b"allow"] == b"POST"
+    assert error_of(respond(app, "DELETE", "/v1/models"))[0] == 405
+
+
+def test_engine_routes_submit_work_for_their_model():
+    app = make_app()
+    chat = app.handle("POST", "/v1/chat/completions", [JSON], json.dumps(CHAT).encode())
+    assert chat.model == "tiny-byte-model"
+    assert isinstance(chat.start()[0].commands[0], Generate)
+    completion = app.handle("POST", "/v1/completions", [JSON], b'{"prompt": "x"}')
+    assert completion.start()[0].commands[0].request_id == "cmpl-id2-0"
+
+
+def test_query_strings_and_root_path():
+    app = make_app(root_path="/api")
+    assert respond(app, "GET", "/api/v1/models?x=1")[0] == 200
+    assert respond(app, "GET", "/v1/models")[0] == 200
+    assert respond(app, "GET", "/api/health")[0] == 200
+
+
+def test_health_ping_version():
+    app = make_app(version="9.9")
+    assert respond(app, "GET", "/health") == (200, {}, b"")
+    assert respond(app, "GET", "/health", healthy=False)[0] == 503
+    assert respond(app, "POST", "/ping", headers=())[0] == 200
+    assert respond(app, "GET", "/ping", healthy=False)[0] == 503
+    status, _, body = respond(app, "GET", "/version")
+    assert (status, json.loads(body)) == (200, {"version": "9.9"})
+
+
+def test_models_list_shape():
+    model = ServedModel(
+        names=["main", "alias"], root="/models/main", tokenizer=ByteTokenizer(), max_model_len=64
+    )
+    status, _, body = respond(make_app([model]), "GET", "/v1/models")
+    listing = json.loads(body)
+    assert status == 200 and listing["object"] == "list"
+    (card,) = listing["data"]
+    assert {
+        k: card[k] for k in ("id", "object", "owned_by", "root", "parent", "max_model_len", "created")
+    } == {
+        "id": "main",
+        "object": "model",
+        "owned_by": "vllm",
+        "root": "/models/main",
+        "parent": None,
+        "max_model_len": 64,
+        "created": int(NOW),
+    }
+    assert card["permission"][0]["object"] == "model_permission"
+
+
+def test_any_served_name_is_accepted():
+    model = ServedModel(names=["main", "alias"], root="r", tokenizer=ByteTokenizer(), max_model_len=64)
+    submit = respond(make_app([model]), "POST", "/v1/completions", {"model": "alias", "prompt": "x"})
+    assert isinstance(submit, Submit)
+
+
+def test_non_generative_model_refuses_chat():
+    model = tiny_served_model()
+    model.task = "embed"
+    status, error = error_of(respond(make_app([model]), "POST", "/v1/chat/completions", CHAT))
+    assert status == 400 and error["message"] == "The model does not support Chat Completions API"
+
+
+# ---- content type and bodies ----
+
+
+@pytest.mark.parametrize("content_type", [None, b"text/plain", b"application/x-www-form-urlencoded"])
+def test_json_posts_need_a_json_content_type(content_type):
+    headers = [] if content_type is None else [(b"content-type", content_type)]
+    status, error = error_of(respond(make_app(), "POST", "/v1/chat/completions", CHAT, headers=headers))
+    assert status == 400 and error["message"] == "Unsupported Media Type: Only 'application/json' is allowed"
+
+
+def test_json_content_type_with_parameters_is_fine():
+    headers = [(b"Content-Type", b"Application/JSON; charset=utf-8")]
+    assert isinstance(respond(make_app(), "POST", "/v1/chat/completions", CHAT, headers=headers), Submit)
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b"\xff\xfe", b'{"messages": 3}'])
+def test_bad_bodies_are_400(body):
+    assert error_of(respond(make_app(), "POST", "/v1/chat/completions", body))[0] == 400
+
+
+def test_body_over_the_limit_is_413():
+    status, _ = error_of(
+        respond(make_app(max_request_body_bytes=10), "POST", "/v1/completions", {"prompt": "x" * 20})
+    )
+    assert status == 413
+
+
+def test_unknown_model_is_404():
+    status, error = error_of(respond(make_app(), "POST", "/v1/chat/completions", {**CHAT, "model": "gpt-4"}))
+    assert (status, error["type"], error["message"]) == (
+        404,
+        "NotFoundError",
+        "The model `gpt-4` does not exist.",
+    )
+
+
+# ---- auth ----
+
+
+def test_api_key_guards_v1_paths():
+    app = make_app(api_keys=["k1", "k2"])
+    status, headers, body = respond(app, "GET", "/v1/models", headers=())
+    assert (status, json.loads(body)) == (401, {"error": "Unauthorized"})
+    assert respond(app, "GET", "/v1/models", headers=[(b"authorization", b"Bearer k2")])[0] == 200
+    assert respond(app, "GET", "/v1/models", headers=[(b"Authorization", b"bearer k1")])[0] == 200
+    assert respond(app, "GET", "/v1/models", headers=[(b"authorization", b"Bearer k3")])[0] == 401
+    assert respond(app, "GET", "/v1/models", headers=[(b"authorization", b"Basic k1")])[0] == 401
+    assert respond(app, "GET", "/v1/nope", headers=())[0] == 401  # auth comes before routing
+
+
+def test_api_key_leaves_other_paths_and_options_open():
+    app = make_app(api_keys=["k"])
+    assert respond(app, "GET", "/health", headers=())[0] == 200
+    assert respond(app, "POST", "/tokenize", {"prompt": "a"})[0] == 200
+    status, headers, _ = respond(app, "OPTIONS", "/v1/chat/completions", headers=())
+    assert status == 200 and b"POST" in headers[b"allow"]
+
+
+def test_api_key_is_checked_after_stripping_the_root_path():
+    app = make_app(api_keys=["k"], root_path="/api")
+    assert respond(app, "GET", "/api/v1/models", headers=())[0] == 401
+
+
+# ---- request ids ----
+
+
+def test_request_id_header_is_echoed_when_enabled():
+    app = make_app(enable_request_id_headers=True)
+    status, headers, _ = respond(app, "GET", "/health", headers=[(b"x-request-id", b"abc")])
+    assert headers[b"x-request-id"] == b"abc"
+    assert respond(app, "GET", "/health")[1][b"x-request-id"] == b"id1"
+    assert error_of(respond(app, "GET", "/missing"))  # errors carry it too
+    assert respond(app, "GET", "/missing")[1][b"x-request-id"] == b"id3"
+    assert b"x-request-id" not in respond(make_app(), "GET", "/health", headers=[(b"x-request-id", b"a")])[1]
+
+
+def test_request_id_header_on_streamed_responses():
+    app = make_app(enable_request_id_headers=True)
+    call = app.handle(
+        "POST", "/v1/completions", [JSON, (b"x-request-id", b"trace-1")], b'{"prompt":"a","stream":true}'
+    )
+    (submit,) = call.start()
+    assert submit.commands[0].request_id == "cmpl-trace-1-0"
+    start = call.feed([Tokens("cmpl-trace-1-0", 0, (97,), num_prompt_tokens=2)])[0]
+    assert dict(start.headers)[b"x-request-id"] == b"trace-1"
+
+
+def test_body_request_id_names_the_response_and_header():
+    app = make_app(enable_request_id_headers=True)
+    call = app.handle("POST", "/v1/completions", [JSON], b'{"prompt":"a","request_id":"mine"}')
+    assert call.start()[0].commands[0].request_id == "cmpl-mine-0"
+    start = call.feed([Tokens("cmpl-mine-0", 0, (97,), num_prompt_tokens=2, finish_reason="length")])[0]
+    assert dict(start.headers)[b"x-request-id"] == b"mine"
+
+
+# ---- tokenize / detokenize ----
+
+
+def test_tokenize_prompt():
+    status, _, body = respond(make_app(), "POST", "/tokenize", {"prompt": "hé", "return_token_strs": True})
+    assert status == 200
+    assert json.loads(body) == {
+        "count": 4,
+        "max_model_len": 256,
+        "tokens": [BOS_ID, 104, 0xC3, 0xA9],
+        "token_strs": ["<s>", "h", "<0xC3>", "<0xA9>"],
+    }
+    _, _, body = respond(make_app(), "POST", "/tokenize", {"prompt": "a", "add_special_tokens": False})
+    assert json.loads(body)["tokens"] == [97] and json.loads(body)["token_strs"] is None
+
+
+def test_tokenize_chat_renders_the_template():
+    _, _, body = respond(make_app(), "POST", "/tokenize", {"messages": CHAT["messages"]})
+    tokens = json.loads(body)["tokens"]
+    assert ByteTokenizer().decode(tokens, skip_special_tokens=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    status, error = error_of(
+        respond(make_app(), "POST", "/tokenize", {"messages": CHAT["messages"], "chat_template": "x"})
+    )
+    assert status == 400 and "trust-request-chat-template" in error["message"]
+
+
+def test_detokenize():
+    status, _, body = respond(make_app(), "POST", "/detokenize", {"tokens": [BOS_ID, 104, 0xC3, 0xA9]})
+    assert (status, json.loads(body)) == (200, {"prompt": "<s>hé"})
+    status, error = error_of(respond(make_app(), "POST", "/detokenize", {"tokens": [99999]}))
+    assert status == 400 and "out of vocabulary" in error["message"]
+    assert error_of(respond(make_app(), "POST", "/detokenize", {"tokens": "abc"}))[0] == 400
+
+
+# ---- robustness ----
+
+
+def test_a_bug_inside_the_core_is_a_500_not_an_exception():
+    class Exploding(ByteTokenizer):
+        def encode(self, text, add_special_tokens=True):
+            raise MemoryError("boom")
+
+    model = tiny_served_model()
+    model.tokenizer = Exploding()
+    app = make_app([model])
+    # A tokenizer failing on client text is the request's problem, reported as a 400...
+    assert error_of(respond(app, "POST", "/tokenize", {"prompt": "a"}))[0] == 400
+    # ...and an unexpected failure elsewhere is a 500 that still answers.
+    model.tokenizer = None
+    assert error_of(respond(app, "POST", "/detokenize", {"tokens": [1]}))[0] == 500
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "OPTIONS", "get"]),
+    path=st.sampled_from(
+        ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/v1/models", "/x"]
+    ),
+    body=st.one_of(
+        st.binary(max_size=40),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "messages",
+                            "prompt",
+                            "n",
+                            "stream",
+                            "tokens",
+                            "role",
+                            "content",
+                            "max_tokens",
+                            "stop",
+                        ]
+                    ),
+                    inner,
+                    max_size=4,
+                )
+            ),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+    ),
+)
+def test_no_request_produces_a_500(method, path, body):
+    app = make_app()
+    call = app.handle(method, path, [JSON], body)
+    outputs = call.start()
+    if isinstance(outputs[0], StartResponse):
+        assert outputs[0].status < 500

@@ -1,0 +1,145 @@
+"""End to end with the real engine and SmolLM2-135M-Instruct, over sockets, under both runtimes.
+
+One model load for the module: each runtime's server gets its own engine over the shared weights.
+The CLI entry points run as real processes (they load the model themselves) and stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from sansllm.args import DEFAULT_MODEL, parse_serve_args
+from sansllm.assemble import build_asgi_app, engine_config_from_args
+from tests.runtime.server import BRIDGES, RUNTIMES, ServerThread
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ANSWER = "The capital of France is Paris."
+FLAGS = ["--max-model-len", "2k"]
+
+
+@pytest.fixture(scope="module")
+def loaded_model():
+    from engine.loader import load_model
+    from engine.model_files import resolve_model
+
+    return load_model(resolve_model(DEFAULT_MODEL), "auto", "auto", False)
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def server(request, loaded_model):
+    from engine.engine import Engine, EngineConfig
+
+    args = parse_serve_args([*FLAGS], environ={})
+    config = engine_config_from_args(args, EngineConfig)
+    config.progress = False
+    engine = Engine(config, loaded=loaded_model)
+    with ServerThread(build_asgi_app(args, [engine], BRIDGES[request.param]), request.param) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+def test_greedy_capital_of_france(client):
+    completion = client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0)
+    assert completion.choices[0].message.content == ANSWER
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_streaming_text_and_usage_equal_non_streaming_and_are_exact(server, client):
+    plain = client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=QUESTION, temperature=0, max_tokens=24
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == plain.choices[0].message.content
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+    tokenize = httpx.post(
+        f"{server.url}/tokenize", json={"model": DEFAULT_MODEL, "messages": QUESTION}, timeout=60
+    ).json()
+    answer_tokens = httpx.post(
+        f"{server.url}/tokenize",
+        json={
+            "model": DEFAULT_MODEL,
+            "prompt": plain.choices[0].message.content,
+            "add_special_tokens": False,
+        },
+        timeout=60,
+    ).json()
+    assert plain.usage.prompt_tokens == tokenize["count"]
+    # the answer's tokens plus the end-of-turn token that stopped it
+    assert plain.usage.completion_tokens == answer_tokens["count"] + 1
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+
+def test_completions_stop_at_max_tokens(client):
+    completion = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=5, temperature=0
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 5
+    assert completion.choices[0].text.strip()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "runtime_trio"],
+        [sys.executable, "-m", "runtime_asyncio"],
+        [str(Path(sys.executable).with_name("sansllm")), "serve", "--runtime", "trio"],
+    ],
+    ids=["python-m-runtime_trio", "python-m-runtime_asyncio", "sansllm-serve"],
+)
+def test_cli_serves_and_stops_gracefully_on_sigterm(command, tmp_path):
+    uds = tmp_path / "sansllm.sock"
+    process = subprocess.Popen(
+        [*command, DEFAULT_MODEL, "--uds", str(uds), *FLAGS, "--log-level", "warning"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # the socket is bound before the model loads: wait for it, then the request waits for the load
+        while not uds.exists():
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                process.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+        http_client = httpx.Client(transport=httpx.HTTPTransport(uds=str(uds)), timeout=300)
+        with openai.OpenAI(base_url="http://sansllm/v1", api_key="x", http_client=http_client) as client:
+            completion = client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0)
+        assert "Paris" in completion.choices[0].message.content
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+        assert process.returncode == 0, output
+        assert "Traceback" not in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
