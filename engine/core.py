@@ -3,7 +3,8 @@
 Each step runs one forward pass over a flat batch that mixes the prompts admitted this step
 (whole, no chunking yet) with one decode token per running sample. A prompt is prefilled once
 per request; its n samples then fork the prompt's cache and decode separately.
-The scheduler teammate's paged cache and chunked prefill replace `_schedule` and the cache.
+A paged cache with chunked prefill (engine/scheduler.py, engine/kv_cache.py) is meant to replace
+`_schedule` and the per-sequence caches.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from engine.attention import AttentionMetadata, SequenceKVCache
 from engine.models.llama import LlamaForCausalLM
 from engine.requests import RequestRejected, RequestState, SampleState, finish_check, validate
 from engine.sampler import Sampler, SamplingRow, prompt_logprobs
-from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Tokens
+from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, TokenLogprobs, Tokens
+
+_PROMPT_LOGPROBS_CHUNK = 256  # prompt rows turned into logits at a time
 
 
 @dataclass
@@ -72,7 +75,9 @@ class EngineCore:
             elif isinstance(command, Abort):
                 self._abort(command)
             elif isinstance(command, Encode):
-                events.append(Failed(command.request_id, 400, "this model generates text; it does not serve embeddings"))
+                events.append(
+                    Failed(command.request_id, 400, "this model generates text; it does not serve embeddings")
+                )
         return events
 
     def _add_generate(self, command: Generate) -> list[Event]:
@@ -130,7 +135,9 @@ class EngineCore:
         budget = self.max_num_batched_tokens - len(decodes)
         slots = self.max_num_seqs - len(decodes)
         prefills: list[RequestState] = []
-        waiting = sorted((r for r in self.requests.values() if not r.prefilled), key=lambda r: (r.priority, r.arrival))
+        waiting = sorted(
+            (r for r in self.requests.values() if not r.prefilled), key=lambda r: (r.priority, r.arrival)
+        )
         for request in waiting:
             needed = len(request.live_indices)
             fits = request.num_prompt_tokens <= budget or not prefills
@@ -142,67 +149,19 @@ class EngineCore:
         return _Batch(prefills, decodes)
 
     def _run(self, batch: _Batch) -> list[Event]:
-        tokens: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        starts: list[int] = []
-        caches: list[SequenceKVCache] = []
-        prefill_caches = []
-        for request in batch.prefills:
-            length = request.num_prompt_tokens
-            cache = self._new_cache(length + min(request.max_tokens, 256))
-            prefill_caches.append(cache)
-            tokens.extend(request.prompt_token_ids)
-            positions.extend(range(length))
-            query_lens.append(length)
-            starts.append(0)
-            caches.append(cache)
-        for request, sample in batch.decodes:
-            position = request.num_prompt_tokens + len(sample.output_token_ids) - 1
-            tokens.append(sample.output_token_ids[-1])
-            positions.append(position)
-            query_lens.append(1)
-            starts.append(position)
-            caches.append(sample.cache)
-
-        meta = AttentionMetadata(query_lens, starts, caches)
-        hidden = self.model(
-            torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device), meta
-        )
+        input_ids, positions, meta, prefill_caches = self._flat_inputs(batch)
+        hidden = self.model(input_ids, positions, meta)
         meta.commit()
 
-        # rows of `hidden` whose logits we need: each sequence's last token
-        ends = list(itertools.accumulate(query_lens))
+        # logits only where we sample: each sequence's last token
+        ends = list(itertools.accumulate(meta.query_lens))
         logits = self.model.compute_logits(hidden[torch.tensor([e - 1 for e in ends], device=self.device)])
-
         for i, request in enumerate(batch.prefills):
             if request.params.prompt_logprobs is not None:
-                start = ends[i] - query_lens[i]
-                prompt_logits = self.model.compute_logits(hidden[start : ends[i] - 1])
-                request.prompt_logprobs = prompt_logprobs(
-                    prompt_logits, request.prompt_token_ids, request.params.prompt_logprobs
-                )
+                rows_of_prompt = hidden[ends[i] - meta.query_lens[i] : ends[i]]
+                request.prompt_logprobs = self._prompt_logprobs(request, rows_of_prompt)
 
-        # sampling rows: n per new prompt (sharing its logits row), one per decoding sample
-        row_logits: list[int] = []
-        rows: list[SamplingRow] = []
-        owners: list[tuple[RequestState, SampleState]] = []
-        for i, request in enumerate(batch.prefills):
-            if request.max_tokens == 0:
-                continue
-            indices = request.live_indices
-            for j, index in enumerate(indices):
-                cache = prefill_caches[i] if j == len(indices) - 1 else prefill_caches[i].fork()
-                sample = SampleState(index, cache, self._generator(request, index))
-                request.samples[index] = sample
-                owners.append((request, sample))
-                row_logits.append(i)
-                rows.append(self._row(request, sample))
-        for k, (request, sample) in enumerate(batch.decodes):
-            owners.append((request, sample))
-            row_logits.append(len(batch.prefills) + k)
-            rows.append(self._row(request, sample))
-
+        row_logits, rows, owners = self._sampling_rows(batch, prefill_caches)
         events: list[Event] = []
         if rows:
             result = self.sampler(logits[torch.tensor(row_logits, device=self.device)], rows)
@@ -253,9 +212,81 @@ class EngineCore:
 
     # ---- helpers ----
 
+    def _flat_inputs(
+        self, batch: _Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[SequenceKVCache]]:
+        """One flat batch: every new prompt whole, then one token per decoding sample."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        starts: list[int] = []
+        caches: list[SequenceKVCache] = []
+        for request in batch.prefills:
+            length = request.num_prompt_tokens
+            caches.append(self._new_cache(length + min(request.max_tokens, 256)))
+            tokens.extend(request.prompt_token_ids)
+            positions.extend(range(length))
+            query_lens.append(length)
+            starts.append(0)
+        prefill_caches = list(caches)
+        for request, sample in batch.decodes:
+            position = request.num_prompt_tokens + len(sample.output_token_ids) - 1
+            tokens.append(sample.output_token_ids[-1])
+            positions.append(position)
+            query_lens.append(1)
+            starts.append(position)
+            caches.append(sample.cache)
+        meta = AttentionMetadata(query_lens, starts, caches)
+        input_ids = torch.tensor(tokens, device=self.device)
+        return input_ids, torch.tensor(positions, device=self.device), meta, prefill_caches
+
+    def _sampling_rows(
+        self, batch: _Batch, prefill_caches: list[SequenceKVCache]
+    ) -> tuple[list[int], list[SamplingRow], list[tuple[RequestState, SampleState]]]:
+        """n rows per new prompt (sharing its logits row; samples fork its cache), one per decoding sample.
+
+        Returns, per row: the index of its logits row, what the sampler needs, and whose it is.
+        """
+        row_logits: list[int] = []
+        rows: list[SamplingRow] = []
+        owners: list[tuple[RequestState, SampleState]] = []
+        for i, request in enumerate(batch.prefills):
+            if request.max_tokens == 0:
+                continue
+            indices = request.live_indices
+            for j, index in enumerate(indices):
+                cache = prefill_caches[i] if j == len(indices) - 1 else prefill_caches[i].fork()
+                sample = SampleState(index, cache, self._generator(request, index))
+                request.samples[index] = sample
+                owners.append((request, sample))
+                row_logits.append(i)
+                rows.append(self._row(request, sample))
+        for k, (request, sample) in enumerate(batch.decodes):
+            owners.append((request, sample))
+            row_logits.append(len(batch.prefills) + k)
+            rows.append(self._row(request, sample))
+        return row_logits, rows, owners
+
+    def _prompt_logprobs(
+        self, request: RequestState, hidden: torch.Tensor
+    ) -> tuple[TokenLogprobs | None, ...]:
+        """Score each prompt token given the ones before it, a chunk of rows at a time so a long
+        prompt never holds [prompt, vocab] logits at once. The first token has no score."""
+        prompt, k = request.prompt_token_ids, request.params.prompt_logprobs
+        entries: list[TokenLogprobs | None] = [None]
+        for start in range(0, len(prompt) - 1, _PROMPT_LOGPROBS_CHUNK):
+            stop = min(start + _PROMPT_LOGPROBS_CHUNK, len(prompt) - 1)
+            logits = self.model.compute_logits(hidden[start:stop])
+            entries.extend(prompt_logprobs(logits, prompt[start + 1 : stop + 1], k))
+        return tuple(entries)
+
     def _row(self, request: RequestState, sample: SampleState) -> SamplingRow:
         return SamplingRow(
-            request.params, request.prompt_token_ids, sample.output_token_ids, self.eos_token_ids, sample.generator
+            request.params,
+            request.prompt_token_ids,
+            sample.output_token_ids,
+            self.eos_token_ids,
+            sample.generator,
         )
 
     def _generator(self, request: RequestState, index: int) -> torch.Generator | None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+import kernels
 from engine.core import EngineCore
 from engine.loader import LoadedModel, load_model, resolve_device
 from engine.model_files import DEFAULT_MODEL, resolve_model
@@ -45,6 +46,8 @@ class EngineConfig:
     # (two threads contending for two cores make each small matmul wait ~15 ms at OpenMP barriers);
     # 0: leave torch's setting alone. The setting is process-wide.
     num_threads: int | None = None
+    # kernels whose result for a row does not depend on the rest of the batch (process-wide, slower)
+    batch_invariant: bool = False
 
 
 class Engine:
@@ -55,6 +58,8 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         self.config = config = config or EngineConfig()
         _set_threads(config)
+        if config.batch_invariant:
+            kernels.set_batch_invariant(True)
         source = loaded.source if loaded else resolve_model(config.model)
         loaded = loaded or load_model(source, config.dtype, config.device, config.progress)
         self.loaded = loaded
@@ -115,22 +120,24 @@ class Engine:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        undelivered: list[Event] = []  # this step's events, until handed over
         try:
             while True:
                 commands, stop = self._drain(block=not self.core.has_work)
-                events = self.core.add(commands)
+                undelivered = self.core.add(commands)
                 if stop:
-                    events += self.core.fail_all(503, "the engine is shutting down")
-                    events += _fail(self._leftovers(), 503, "the engine is shutting down")
+                    undelivered += self.core.fail_all(503, "the engine is shutting down")
+                    undelivered += _fail(self._leftovers(), 503, "the engine is shutting down")
                 elif self.core.has_work:
-                    events += self.core.step()
-                if events:
+                    undelivered += self.core.step()
+                if undelivered:
+                    events, undelivered = undelivered, []
                     self._on_events(events)
                 if stop:
                     return
         except BaseException as error:  # noqa: BLE001 - any death must fail the pending requests
             logger.exception("engine thread died")
-            self._die(f"engine error: {type(error).__name__}: {error}")
+            self._die(f"engine error: {type(error).__name__}: {error}", undelivered)
 
     def _drain(self, block: bool) -> tuple[list[Command], bool]:
         commands: list[Command] = []
@@ -153,12 +160,13 @@ class Engine:
                 return [i for i in items if i is not _STOP]
             items.append(item)
 
-    def _die(self, message: str) -> None:
+    def _die(self, message: str, undelivered: list[Event]) -> None:
+        """Fail everything still pending; events the dying step had already made go out first."""
         with self._lock:
             self._alive = False
             self._refusal = (500, message)
             pending = self._leftovers()
-        events = self.core.fail_all(500, message) + _fail(pending, 500, message)
+        events = undelivered + self.core.fail_all(500, message) + _fail(pending, 500, message)
         if events and self._on_events is not None:
             try:
                 self._on_events(events)

@@ -66,13 +66,19 @@ class GGUFModel:
         hidden = int(key("embedding_length"))
         heads = int(key("attention.head_count"))
         names = {t.name for t in self.reader.tensors}
-        vocab = key("vocab_size") or len(meta.get("tokenizer.ggml.tokens", ())) or _rows(self.reader, "token_embd.weight")
+        vocab = (
+            key("vocab_size")
+            or len(meta.get("tokenizer.ggml.tokens", ()))
+            or _rows(self.reader, "token_embd.weight")
+        )
         rope_scaling = None
         scaling_type = key("rope.scaling.type")
         if scaling_type not in (None, "none"):
             rope_scaling = {"rope_type": scaling_type, "factor": float(key("rope.scaling.factor", 1.0))}
             if key("rope.scaling.original_context_length"):
-                rope_scaling["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
+                rope_scaling["original_max_position_embeddings"] = int(
+                    key("rope.scaling.original_context_length")
+                )
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return ModelConfig(
             architecture=_ARCHITECTURES[arch],
@@ -157,7 +163,12 @@ def _read_metadata(reader: GGUFReader) -> dict[str, Any]:
     """Scalar and string fields; the large tokenizer arrays are left to the tokenizer loader."""
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in ("tokens", "scores", "token_type", "merges"):
+        if key.startswith("tokenizer.ggml.") and key.rsplit(".", 1)[-1] in (
+            "tokens",
+            "scores",
+            "token_type",
+            "merges",
+        ):
             out[key] = range(len(field.data))  # just the count
             continue
         try:

@@ -69,7 +69,9 @@ def load_model(
         gguf = GGUFModel(source.path)
         config = gguf.config
         torch_dtype = resolve_dtype(dtype, dev)
-        model = build_model(config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress))
+        model = build_model(
+            config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress)
+        )
         tokenizer = HFTokenizer.from_gguf(source.path, config.vocab_size, config.eos_token_ids)
         defaults = generation_defaults(source.folder / "generation_config.json")
         return LoadedModel(source, config, model, tokenizer, defaults)
@@ -77,11 +79,15 @@ def load_model(
     raw = _read_json(source.path / "config.json")
     config = ModelConfig.from_hf(raw)
     torch_dtype = resolve_dtype(dtype, dev, raw.get("torch_dtype") or raw.get("dtype"))
-    model = build_model(config, torch_dtype, dev, None, safetensors_weights(source.path, torch_dtype, progress))
+    model = build_model(
+        config, torch_dtype, dev, None, safetensors_weights(source.path, torch_dtype, progress)
+    )
     generation = _read_json(source.path / "generation_config.json")
     eos = set(config.eos_token_ids) | set(_ids(generation.get("eos_token_id")))
     tokenizer = HFTokenizer.from_folder(source.path, config.vocab_size, eos)
-    return LoadedModel(source, config, model, tokenizer, generation_defaults(source.path / "generation_config.json"))
+    return LoadedModel(
+        source, config, model, tokenizer, generation_defaults(source.path / "generation_config.json")
+    )
 
 
 def build_model(
@@ -101,7 +107,9 @@ def build_model(
     return model.eval().requires_grad_(False)
 
 
-def safetensors_weights(folder: Path, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def safetensors_weights(
+    folder: Path, dtype: torch.dtype, progress: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of a (possibly sharded) safetensors checkpoint, converted to `dtype`."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -110,7 +118,9 @@ def safetensors_weights(folder: Path, dtype: torch.dtype, progress: bool = True)
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-    for filename in tqdm(files, desc=f"Loading {folder.name}", unit="file", disable=not progress or len(files) < 2):
+    for filename in tqdm(
+        files, desc=f"Loading {folder.name}", unit="file", disable=not progress or len(files) < 2
+    ):
         with safe_open(str(folder / filename), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, handle.get_tensor(name).to(dtype)
@@ -119,7 +129,11 @@ def safetensors_weights(folder: Path, dtype: torch.dtype, progress: bool = True)
 def generation_defaults(path: Path) -> dict[str, Any]:
     """Sampling defaults from a generation_config.json, under sampling-parameter names."""
     config = _read_json(path)
-    return {ours: config[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if config.get(theirs) is not None}
+    return {
+        ours: config[theirs]
+        for theirs, ours in _GENERATION_DEFAULTS.items()
+        if config.get(theirs) is not None
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:

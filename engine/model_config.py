@@ -81,7 +81,8 @@ class ModelConfig:
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=SUPPORTED_ARCHITECTURES[architecture] or bool(config.get("attention_bias", False)),
-            o_proj_bias=not SUPPORTED_ARCHITECTURES[architecture] and bool(config.get("attention_bias", False)),
+            o_proj_bias=not SUPPORTED_ARCHITECTURES[architecture]
+            and bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             rope_scaling=rope_scaling,
             sliding_window=config.get("sliding_window") if use_sliding else None,

@@ -62,7 +62,9 @@ def validate(command: Generate, vocab_size: int, max_model_len: int, max_num_seq
     if p.use_beam_search:
         raise RequestRejected("beam search is not supported by this engine yet")
     if p.structured is not None:
-        raise RequestRejected("structured output (json, regex, choice, grammar) is not supported by this engine yet")
+        raise RequestRejected(
+            "structured output (json, regex, choice, grammar) is not supported by this engine yet"
+        )
     if p.best_of is not None and p.best_of > p.n:
         raise RequestRejected("best_of greater than n is not supported by this engine yet")
     if p.n < 1:

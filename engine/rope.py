@@ -67,7 +67,9 @@ def _llama3(inv_freq: torch.Tensor, factor: float, scaling: dict[str, Any], max_
     return torch.where(is_medium, smoothed, scaled)
 
 
-def cos_sin_cache(inv_freq: torch.Tensor, max_position: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def cos_sin_cache(
+    inv_freq: torch.Tensor, max_position: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """[max_position, head_dim] table in the layout `kernels.rotary_embedding` reads: cos | sin."""
     freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)

@@ -74,7 +74,9 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     apply_penalties(logits, rows)
 
 
-def choose(logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None) -> torch.Tensor:
+def choose(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None
+) -> torch.Tensor:
     """Greedy rows take the argmax; the others are tempered, truncated and drawn."""
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, row in enumerate(rows) if not row.greedy]
@@ -169,7 +171,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     vocab, device = logits.shape[1], logits.device
     for i in active:
         p = rows[i].params
-        counts = torch.bincount(torch.tensor(list(rows[i].output_token_ids), dtype=torch.long), minlength=vocab)
+        counts = torch.bincount(
+            torch.tensor(list(rows[i].output_token_ids), dtype=torch.long), minlength=vocab
+        )
         counts = counts[:vocab].to(device=device, dtype=logits.dtype)
         row = logits[i]
         if p.repetition_penalty != 1.0:
@@ -215,21 +219,19 @@ def apply_top_k_top_p(logits: torch.Tensor, top_ks: Sequence[int], top_ps: Seque
 
 
 def token_logprobs(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
-    """The chosen token's logprob and 1-based rank, with the top-k alternatives, from one row of logprobs."""
+    """The chosen token's logprob and 1-based rank, with the top-k alternatives (best first), from one row."""
     chosen = logprobs[token_id]
     rank = int((logprobs > chosen).sum()) + 1
     top: tuple[tuple[int, float], ...] = ()
-    if k > 0:
-        values, ids = logprobs.topk(min(k, logprobs.shape[0]))
+    if k != 0:  # a negative k asks for the whole vocabulary, as vLLM's -1
+        vocab = logprobs.shape[0]
+        values, ids = logprobs.topk(vocab if k < 0 else min(k, vocab))
         top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
     return TokenLogprobs(token_id, float(chosen), rank, top)
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], k: int) -> tuple[TokenLogprobs | None, ...]:
-    """Logprob of each prompt token given the ones before it; `logits` [len(prompt) - 1, vocab]
-    are the model's outputs at positions 0 .. len - 2. The first token has none."""
+def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprobs]:
+    """Logprob of each target token under the matching row of `logits` (the model's output one
+    position earlier), with the top-k alternatives. The engine feeds a prompt in chunks of rows."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    entries: list[TokenLogprobs | None] = [None]
-    for position, token in enumerate(prompt_token_ids[1:]):
-        entries.append(token_logprobs(logprobs[position], token, k))
-    return tuple(entries)
+    return [token_logprobs(logprobs[row], token, k) for row, token in enumerate(targets)]

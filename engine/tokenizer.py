@@ -43,7 +43,9 @@ class HFTokenizer:
     # ---- constructors ----
 
     @classmethod
-    def from_folder(cls, folder: str | Path, vocab_size: int | None = None, extra_eos_token_ids: Iterable[int] = ()):
+    def from_folder(
+        cls, folder: str | Path, vocab_size: int | None = None, extra_eos_token_ids: Iterable[int] = ()
+    ):
         """An HF folder: tokenizer.json + tokenizer_config.json, chat template from there or chat_template.jinja."""
         folder = Path(folder)
         hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -54,7 +56,9 @@ class HFTokenizer:
         return cls(hf, vocab_size, extra_eos_token_ids, template)
 
     @classmethod
-    def from_gguf(cls, path: str | Path, vocab_size: int | None = None, extra_eos_token_ids: Iterable[int] = ()):
+    def from_gguf(
+        cls, path: str | Path, vocab_size: int | None = None, extra_eos_token_ids: Iterable[int] = ()
+    ):
         """Convert the vocabulary stored in a GGUF file, as transformers' `gguf_file=` loading does."""
         path = Path(path)
         return cls(_gguf_tokenizer(path), vocab_size, extra_eos_token_ids)

@@ -222,12 +222,12 @@ class FakeEngine:
                 self._check_generate(command, transcript)
                 position = len(transcript.generates)
                 transcript.generates.append(command)
+                if len(samples) + command.params.n > MAX_SAMPLES:
+                    raise DriverError(
+                        f"the call asks for {len(samples) + command.params.n} samples; the core let n grow unbounded"
+                    )
                 for index in range(command.params.n):
                     samples.append(self._plan(position, command, index, script))
-                if len(samples) > MAX_SAMPLES:
-                    raise DriverError(
-                        f"the call submitted {len(samples)} samples; the core let n grow unbounded"
-                    )
             elif isinstance(command, Encode):
                 transcript.encodes.append(command)
             elif isinstance(command, Abort):

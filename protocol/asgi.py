@@ -158,13 +158,15 @@ class _Exchange:
                 healthy=self.shell.healthy,
             )
             await self._serve(self.call)
-        except _EngineMissing as exc:
-            await self._fail(ProtocolError(str(exc), 503))
-        except Exception:
-            logger.exception(
-                "unexpected failure serving %s %s", self.scope.get("method"), self.scope.get("path")
-            )
-            await self._fail(ProtocolError("Internal server error", 500))
+        except Exception as exc:
+            cause = _sole_cause(exc)
+            if isinstance(cause, _EngineMissing):
+                await self._fail(ProtocolError(str(cause), 503))
+            else:
+                logger.exception(
+                    "unexpected failure serving %s %s", self.scope.get("method"), self.scope.get("path")
+                )
+                await self._fail(ProtocolError("Internal server error", 500))
         finally:
             self._release()
 
@@ -277,16 +279,15 @@ class _Exchange:
 
     def _release(self) -> None:
         """Abort engine work the call did not finish (client gone, failure, cancellation); unsubscribe."""
-        if self.engine is None:
-            return
         try:
-            if self.call is not None and not self.call.finished:
+            if self.engine is not None and self.call is not None and not self.call.finished:
                 aborts = self._aborts()
                 if aborts:
                     self.engine.submit(aborts)
         finally:
-            for request_id in self.request_ids:
-                self.engine.unsubscribe(request_id)
+            if self.engine is not None:
+                for request_id in self.request_ids:
+                    self.engine.unsubscribe(request_id)
             self.events_in.close()
             self.events_out.close()
 
@@ -296,6 +297,13 @@ class _Exchange:
         except Exception:
             logger.exception("the call failed to list its aborts; aborting all its requests")
             return [Abort(request_id) for request_id in self.request_ids]
+
+
+def _sole_cause(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) task-group exception groups, or `exc` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _target(scope: Scope) -> str:

@@ -22,7 +22,7 @@ async def serve(asgi_app: AsgiApp, config: Config, shutdown_trigger: ShutdownTri
     """Serve until `shutdown_trigger` returns (default: the first SIGINT/SIGTERM), then drain.
 
     In-flight requests get `config.graceful_timeout` seconds to finish; the app's lifespan
-    shutdown (which stops the engines) runs after that.
+    shutdown (which stops the engines) runs after that. A second signal stops at once.
     """
     if shutdown_trigger is None:
         shutdown_trigger = _on_signal

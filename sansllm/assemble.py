@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from protocol.app import App, AppConfig
-from protocol.asgi import DEFAULT_MAX_BODY_BYTES, AsgiApp
+from protocol.asgi import AsgiApp
 from protocol.model import ServedModel
 from sansllm.chat_template import load_chat_template
 from sansllm.lifecycle import BridgeFactory, EngineLifecycle
@@ -42,21 +42,21 @@ def engine_config_from_args(args: argparse.Namespace, config_cls: Callable[..., 
 
 
 def app_config_from_args(args: argparse.Namespace) -> AppConfig:
-    wanted = {
-        "api_keys": list(args.api_key),
-        "max_logprobs": args.max_logprobs,
-        "response_role": args.response_role,
-        "chat_template": load_chat_template(args.chat_template),
-        "chat_template_content_format": args.chat_template_content_format,
-        "trust_request_chat_template": args.trust_request_chat_template,
-        "enable_prompt_tokens_details": args.enable_prompt_tokens_details,
-        "enable_force_include_usage": args.enable_force_include_usage,
-        "return_tokens_as_token_ids": args.return_tokens_as_token_ids,
-        "enable_request_id_headers": args.enable_request_id_headers,
-        "root_path": args.root_path,
-        "version": _version(),
-    }
-    return _construct(AppConfig, wanted)
+    """The core's options from the flags (the chat template file is read here: the core does no IO)."""
+    return AppConfig(
+        api_keys=list(args.api_key),
+        max_logprobs=args.max_logprobs,
+        response_role=args.response_role,
+        chat_template=load_chat_template(args.chat_template),
+        chat_template_content_format=args.chat_template_content_format,
+        trust_request_chat_template=args.trust_request_chat_template,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_force_include_usage=args.enable_force_include_usage,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        enable_request_id_headers=args.enable_request_id_headers,
+        root_path=args.root_path,
+        version=_version(),
+    )
 
 
 def load_engines(args: argparse.Namespace) -> list[Any]:
@@ -97,7 +97,7 @@ def build_asgi_app(
     return AsgiApp(
         app,
         lifecycle.clients,
-        max_body_bytes=getattr(app_config, "max_request_body_bytes", None) or DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes=app_config.max_request_body_bytes,
         on_startup=[lifecycle.startup],
         on_shutdown=[lifecycle.shutdown],
     )

@@ -149,7 +149,9 @@ class LlamaForCausalLM(nn.Module):
         table = cos_sin_cache(inv_freq, cfg.max_position_embeddings).to(device)
         self.register_buffer("rope_cache", table, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         residual = None
@@ -208,5 +210,7 @@ def _stacked_slice(model: LlamaForCausalLM, target: str, param: torch.Tensor, in
 
 def _copy(dest: torch.Tensor, src: torch.Tensor, name: str) -> None:
     if tuple(dest.shape) != tuple(src.shape):
-        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)}")
+        raise ValueError(
+            f"checkpoint tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(dest.shape)}"
+        )
     dest.copy_(src)

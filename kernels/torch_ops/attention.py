@@ -61,7 +61,8 @@ def _attend_decodes(
     (`kernels.allocate_kv_cache` zero-fills), since padded values meet zero weights in the matmul.
     """
     num_blocks = -(-max_seq_len // key_cache.shape[1])
-    blocks = block_tables[:, :num_blocks]
+    # Shorter sequences' tables may be padded with -1 there; any real block does, its rows are masked.
+    blocks = block_tables[:, :num_blocks].clamp(min=0)
     keys = _gather_blocks(key_cache, blocks)
     values = _gather_blocks(value_cache, blocks)
     visible = torch.arange(keys.shape[1], device=query.device) < seq_lens[:, None].to(query.device)

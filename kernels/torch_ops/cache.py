@@ -1,9 +1,4 @@
-"""Writing new keys and values into the paged KV cache.
-
-Layout (the engine's paged cache uses exactly this): key_cache and value_cache are
-[num_blocks, block_size, num_kv_heads, head_dim]; token t goes to flat slot
-`slot_mapping[t] = block_id * block_size + offset`, and slot -1 means "padding, do not write".
-"""
+"""Writing new keys and values into the paged KV cache (layout in `kernels.kv_cache`)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 Order and semantics follow vLLM's v1 sampler: logits are divided by the temperature, min-p drops tokens
 whose probability is below `min_p * max_prob`, top-k keeps the k largest logits (ties with the k-th kept),
-top-p keeps the smallest set of most likely tokens whose mass reaches p (computed after top-k). Rows with
-temperature 0 are greedy: the argmax of the raw logits.
+top-p keeps the smallest set of most likely tokens whose mass reaches p (computed after top-k; tokens
+tied with the last kept one are kept too). Rows with temperature 0 are greedy: the argmax of the raw
+logits.
 """
 
 from __future__ import annotations
@@ -15,35 +16,55 @@ import torch
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 
+# top-p first looks for its cut among each row's largest logits; only rows whose kept set reaches past
+# them pay for a sort of the whole vocabulary.
+TOP_P_CANDIDATES = 256
+
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _top_p_threshold(
+    candidates: torch.Tensor, row_max: torch.Tensor, total: torch.Tensor, top_k_threshold: torch.Tensor,
+    top_p: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest kept value per row from `candidates` (a row's largest logits, descending), and whether the
+    cut fell inside them. A token is kept when the mass of the tokens above it is still below p, i.e. the
+    kept set ends at the first token where the running mass reaches p."""
+    weights = torch.exp(candidates - row_max).masked_fill_(candidates < top_k_threshold, 0.0)
+    reached = weights.cumsum_(dim=-1) >= top_p.unsqueeze(1) * total
+    found = reached.any(dim=-1)
+    cut = reached.to(torch.uint8).argmax(dim=-1, keepdim=True)
+    return candidates.gather(1, cut), found
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (in place) all but the top-k / top-p tokens of each row with -inf."""
+    """Mask (in place) all but the top-k / top-p tokens of each row with -inf; ties at a cut are kept."""
     vocab = logits.shape[-1]
     k_active = (top_k > 0) & (top_k < vocab)
     p_active = top_p < 1.0
-    if bool(p_active.any()):
-        # Full sort only when some row needs top-p, as vLLM does.
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        if bool(k_active.any()):
-            kth_index = (vocab - top_k.clamp(1, vocab)).long().unsqueeze(1)
-            kth_value = sorted_logits.gather(1, kth_index)
-            kth_value.masked_fill_(~k_active.unsqueeze(1), float("-inf"))
-            sorted_logits.masked_fill_(sorted_logits < kth_value, float("-inf"))
-        cumulative = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)
-        drop = cumulative <= (1 - top_p).unsqueeze(1)
-        drop[:, -1] = False  # the most likely token always survives
-        drop &= p_active.unsqueeze(1)
-        sorted_logits.masked_fill_(drop, float("-inf"))
-        return logits.scatter_(1, order, sorted_logits)
-    if bool(k_active.any()):
-        max_k = int(top_k[k_active].max())
-        top_values = logits.topk(max_k, dim=-1).values
-        kth_value = top_values.gather(1, (top_k.clamp(1, max_k) - 1).long().unsqueeze(1))
-        kth_value.masked_fill_(~k_active.unsqueeze(1), float("-inf"))
-        logits.masked_fill_(logits < kth_value, float("-inf"))
-    return logits
+    any_k, any_p = bool(k_active.any()), bool(p_active.any())
+    if not (any_k or any_p):
+        return logits
+    max_k = int(top_k[k_active].max()) if any_k else 1
+    width = min(vocab, max(max_k, TOP_P_CANDIDATES if any_p else 1))
+    candidates = logits.topk(width, dim=-1).values  # descending
+    kth = (top_k.clamp(1, width) - 1).long().unsqueeze(1)
+    threshold = candidates.gather(1, kth).masked_fill_(~k_active.unsqueeze(1), float("-inf"))
+    if any_p:
+        row_max = candidates[:, :1]
+        total = torch.exp(logits - row_max).masked_fill_(logits < threshold, 0.0).sum(dim=-1, keepdim=True)
+        p_threshold, found = _top_p_threshold(candidates, row_max, total, threshold, top_p)
+        missing = p_active & ~found
+        if width < vocab and bool(missing.any()):
+            rows = missing.nonzero().flatten()
+            full = logits[rows].sort(dim=-1, descending=True).values
+            p_threshold[rows], found[rows] = _top_p_threshold(
+                full, row_max[rows], total[rows], threshold[rows], top_p[rows]
+            )
+        # Rounding can leave the running mass a hair short of p: then every survivor is kept.
+        use_p = (p_active & found).unsqueeze(1)
+        threshold = torch.where(use_p, torch.maximum(threshold, p_threshold), threshold)
+    return logits.masked_fill_(logits < threshold, float("-inf"))
 
 
 def apply_sampling_masks(
@@ -74,15 +95,19 @@ def draw(masked_logits: torch.Tensor, generators: Sequence[torch.Generator | Non
     whatever the other rows of the batch are.
     """
     probs = masked_logits.softmax(dim=-1)
+    # E = -log(U): torch's exponential_() is several times slower than uniform_() on CPU.
     noise = torch.empty_like(probs)
-    seeded = [row for row, generator in enumerate(generators) if generator is not None]
-    if len(seeded) < len(generators):
-        noise.exponential_()
-    for row in seeded:
-        noise[row].exponential_(generator=generators[row])
-    # A zero draw would turn a masked token's 0/0 into NaN, which argmax would pick.
-    noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return probs.div_(noise).argmax(dim=-1)
+    unseeded = [row for row, generator in enumerate(generators) if generator is None]
+    if len(unseeded) == len(generators):
+        noise.uniform_()
+    else:
+        if unseeded:
+            noise[unseeded] = torch.rand(len(unseeded), noise.shape[1], dtype=noise.dtype, device=noise.device)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                noise[row].uniform_(generator=generator)
+    # U in [0, 1) makes E in (0, inf]: never 0, so a masked token's 0 / E stays 0 and is never picked.
+    return probs.div_(noise.log_().neg_()).argmax(dim=-1)
 
 
 def sample_with(

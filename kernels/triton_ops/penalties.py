@@ -47,7 +47,7 @@ def apply_penalties_from_counts(
     frequency_penalties: torch.Tensor,
     presence_penalties: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as `kernels.torch_ops.penalties.apply_penalties_from_counts`."""
+    """Penalise logits [B, V] in place given [B, V] prompt and output token counts; returns logits."""
     batch, vocab = logits.shape
     if batch == 0:
         return logits

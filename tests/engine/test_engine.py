@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from engine.engine import Engine, EngineConfig
-from protocol.engine_api import Abort, Encode, Failed, Generate, PoolingParams, SamplingParams, StructuredOutput, Tokens
+from engine.offline import LLM, GenerationFailed
+from protocol.engine_api import (
+    Abort,
+    Encode,
+    Failed,
+    Generate,
+    PoolingParams,
+    SamplingParams,
+    StructuredOutput,
+    Tokens,
+)
 
 PROMPT = (5, 17, 42, 99, 3, 250, 7)
 TIMEOUT = 30
@@ -92,7 +102,9 @@ def test_submit_is_thread_safe_and_requests_run_concurrently(tiny_llama):
     engine.start(recorder)
     try:
         ids = {f"r{i}" for i in range(8)}
-        threads = [threading.Thread(target=engine.submit, args=([gen(r, max_tokens=4)],)) for r in sorted(ids)]
+        threads = [
+            threading.Thread(target=engine.submit, args=([gen(r, max_tokens=4)],)) for r in sorted(ids)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -113,14 +125,19 @@ def test_engine_death_fails_pending_requests_and_later_submits(tiny_llama):
     engine.core.step = broken_step
     recorder = Recorder()
     engine.start(recorder)
-    engine.submit([gen("a", max_tokens=5)])
+    engine.submit([gen("a", max_tokens=5), gen("bad", use_beam_search=True)])
     _, events = recorder.calls.get(timeout=TIMEOUT)
-    assert events == [Failed("a", 500, "engine error: RuntimeError: kaboom")]
+    # the refusal made before the failing step still arrives, then the running request fails
+    assert events[0] == Failed("bad", 400, "beam search is not supported by this engine yet")
+    assert events[1:] == [Failed("a", 500, "engine error: RuntimeError: kaboom")]
     assert engine.healthy is False
     # a later submit fails at once, on the submitting thread
     engine.submit([gen("b")])
     thread, events = recorder.calls.get_nowait()
-    assert (thread, events) == (threading.current_thread().name, [Failed("b", 500, "engine error: RuntimeError: kaboom")])
+    assert (thread, events) == (
+        threading.current_thread().name,
+        [Failed("b", 500, "engine error: RuntimeError: kaboom")],
+    )
 
 
 def test_shutdown_fails_running_requests_and_refuses_new_ones(tiny_llama):
@@ -152,7 +169,11 @@ def test_max_tokens_ends_with_length(engine):
 def test_greedy_is_deterministic_and_batch_independent(engine):
     alone = outputs(engine.generate_sync([gen("a", max_tokens=8, temperature=0.0)]))["a", 0]
     together = engine.generate_sync(
-        [gen("x", prompt=(1, 2, 3), max_tokens=8), gen("a", max_tokens=8, temperature=0.0), gen("y", max_tokens=3)]
+        [
+            gen("x", prompt=(1, 2, 3), max_tokens=8),
+            gen("a", max_tokens=8, temperature=0.0),
+            gen("y", max_tokens=3),
+        ]
     )
     assert outputs(together)["a", 0] == alone
 
@@ -241,7 +262,22 @@ def test_logprobs_and_prompt_logprobs(engine):
         assert chosen.token_id == event.token_ids[0]
         assert chosen.rank == 1  # greedy picks the best token
         assert len(chosen.top) == 2 and chosen.top[0] == (chosen.token_id, chosen.logprob)
-    assert tokens[-1].cumulative_logprob == pytest.approx(sum(e.logprobs[0].logprob for e in tokens), abs=1e-4)
+    assert tokens[-1].cumulative_logprob == pytest.approx(
+        sum(e.logprobs[0].logprob for e in tokens), abs=1e-4
+    )
+
+
+def test_prompt_logprobs_of_a_long_prompt_are_scored_in_chunks(engine, monkeypatch):
+    prompt = [(7 * i) % 300 for i in range(40)]
+    request = gen("a", prompt=prompt, max_tokens=1, prompt_logprobs=3)
+    (whole,) = engine.generate_sync([request])
+    monkeypatch.setattr("engine.core._PROMPT_LOGPROBS_CHUNK", 6)
+    (chunked,) = engine.generate_sync([request])
+    assert len(chunked.prompt_logprobs) == len(prompt)
+    assert [e.token_id for e in chunked.prompt_logprobs[1:]] == prompt[1:]
+    for a, b in zip(whole.prompt_logprobs[1:], chunked.prompt_logprobs[1:], strict=True):
+        assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank, [t for t, _ in b.top])
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
 
 
 def test_max_tokens_zero_returns_only_prompt_logprobs(engine):
@@ -289,7 +325,9 @@ def test_bad_prompts_and_duplicate_ids_fail_with_400(engine):
 
 def test_waiting_requests_respect_max_num_seqs_and_priority(tiny_llama):
     engine = new_engine(tiny_llama, max_num_seqs=2)
-    first = engine.step_sync([gen("a", max_tokens=2), gen("b", max_tokens=2), gen("urgent", max_tokens=2, priority=-1)])
+    first = engine.step_sync(
+        [gen("a", max_tokens=2), gen("b", max_tokens=2), gen("urgent", max_tokens=2, priority=-1)]
+    )
     assert sorted(e.request_id for e in first) == ["a", "urgent"]
     rest = engine.generate_sync([])
     assert {e.request_id for e in rest} == {"a", "b", "urgent"}
@@ -305,3 +343,18 @@ def test_engine_exposes_what_the_server_needs(engine, tiny_llama):
     assert engine.vocab_size == engine.tokenizer.vocab_size
     assert engine.generation_defaults == {}
     assert engine.healthy
+
+
+def test_offline_llm_generates_text_for_each_prompt(engine):
+    llm = LLM(engine=engine)
+    params = SamplingParams(max_tokens=3, n=2, ignore_eos=True, logprobs=1, seed=3)
+    results = llm.generate(["Hello world", [5, 6, 7]], params)
+    assert [r.prompt_token_ids for r in results] == [engine.tokenizer.encode("Hello world"), [5, 6, 7]]
+    for result in results:
+        assert [c.index for c in result.outputs] == [0, 1]
+        for completion in result.outputs:
+            assert len(completion.token_ids) == 3 and completion.finish_reason == "length"
+            assert completion.text == engine.tokenizer.decode(completion.token_ids)
+            assert [lp.token_id for lp in completion.logprobs] == completion.token_ids
+    with pytest.raises(GenerationFailed, match="beam search"):
+        llm.generate(["x"], SamplingParams(use_beam_search=True))

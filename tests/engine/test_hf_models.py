@@ -35,7 +35,9 @@ def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
 
 def new_cache(loaded: LoadedModel) -> SequenceKVCache:
     cfg, dtype = loaded.config, loaded.model.lm_head.weight.dtype
-    return SequenceKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, dtype, torch.device("cpu"))
+    return SequenceKVCache(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, dtype, torch.device("cpu")
+    )
 
 
 def our_logits(loaded: LoadedModel, chunks: list[list[int]]) -> torch.Tensor:

@@ -18,8 +18,8 @@ from engine.loader import build_model, load_model, resolve_dtype
 from engine.model_config import ModelConfig, UnsupportedModelError
 from engine.model_files import DEFAULT_MODEL, ModelNotFoundError, resolve_model
 from engine.tokenizer import HFTokenizer
-from tests.engine.tiny_models import CHATML, build_model as build_tiny
-from tests.engine.tiny_models import write_json
+from tests.engine.tiny_models import CHATML, write_json
+from tests.engine.tiny_models import build_model as build_tiny
 
 # ---- model files ----
 
@@ -72,10 +72,14 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 
 def test_mistral_and_qwen2_configs_map_to_our_model():
-    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    base = dict(
+        vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
     mistral = ModelConfig.from_hf({"architectures": ["MistralForCausalLM"], "sliding_window": 4096, **base})
     assert (mistral.sliding_window, mistral.qkv_bias, mistral.head_dim) == (4096, False, 4)
-    qwen = ModelConfig.from_hf({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False, **base})
+    qwen = ModelConfig.from_hf(
+        {"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False, **base}
+    )
     assert (qwen.architecture, qwen.qkv_bias, qwen.o_proj_bias, qwen.sliding_window) == (
         "Qwen2ForCausalLM",
         True,
@@ -108,7 +112,14 @@ def test_generation_config_gives_defaults_and_eos_ids(tmp_path, tiny_llama):
     shutil.copytree(tiny_llama, folder)
     write_json(
         folder / "generation_config.json",
-        {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_new_tokens": 64, "do_sample": True, "eos_token_id": [0, 2]},
+        {
+            "temperature": 0.6,
+            "top_p": 0.9,
+            "top_k": 20,
+            "max_new_tokens": 64,
+            "do_sample": True,
+            "eos_token_id": [0, 2],
+        },
     )
     loaded = load_model(resolve_model(str(folder)), progress=False)
     assert loaded.generation_defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 64}
@@ -155,8 +166,10 @@ def test_padded_vocabulary_ids_decode_to_nothing(tmp_path):
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
-        weights.shape
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
     )
 
 
@@ -192,7 +205,10 @@ def write_gguf_like_llama_cpp(folder: Path, path: Path) -> None:
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    ours_to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    ours_to_gguf = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
     ours_to_gguf["lm_head.weight"] = "output.weight"
     parts = {
         "input_layernorm": "attn_norm",
@@ -226,9 +242,13 @@ def write_gguf_like_llama_cpp(folder: Path, path: Path) -> None:
 
 def logits_of(model, ids: list[int]) -> torch.Tensor:
     cfg = model.config
-    cache = SequenceKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, torch.float32, "cpu")
+    cache = SequenceKVCache(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, torch.float32, "cpu"
+    )
     with torch.inference_mode():
-        return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata([len(ids)], [0], [cache])))
+        return model.compute_logits(
+            model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata([len(ids)], [0], [cache]))
+        )
 
 
 def test_gguf_written_like_llama_cpp_gives_the_hf_folder_logits(tmp_path, tiny_llama):
@@ -239,7 +259,9 @@ def test_gguf_written_like_llama_cpp_gives_the_hf_folder_logits(tmp_path, tiny_l
     for field in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size"):
         assert getattr(file.config, field) == getattr(hf_config, field)
     assert file.config.tie_word_embeddings is False
-    from_gguf = build_model(file.config, torch.float32, torch.device("cpu"), None, file.weights(torch.float32, False))
+    from_gguf = build_model(
+        file.config, torch.float32, torch.device("cpu"), None, file.weights(torch.float32, False)
+    )
     from_hf = load_model(resolve_model(str(tiny_llama)), progress=False).model
     ids = [5, 17, 42, 99, 3, 250, 7, 8, 9, 10]
     torch.testing.assert_close(logits_of(from_gguf, ids), logits_of(from_hf, ids), atol=1e-5, rtol=0)

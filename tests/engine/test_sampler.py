@@ -174,12 +174,17 @@ def test_logprobs_absent_unless_asked_and_zero_gives_only_the_chosen_token():
     assert (chosen.token_id, chosen.rank, chosen.top) == (0, 1, ())
 
 
-def test_prompt_logprobs_score_each_prompt_token_given_the_prefix():
+def test_prompt_logprobs_score_each_target_under_its_row():
     logits = torch.tensor([LOGITS, list(reversed(LOGITS))])
-    entries = prompt_logprobs(logits, [4, 1, 2], k=1)
-    assert entries[0] is None
-    assert entries[1].token_id == 1 and entries[1].logprob == pytest.approx(math.log(0.3), abs=1e-4)
-    assert entries[1].rank == 2 and entries[1].top[0][0] == 0
+    entries = prompt_logprobs(logits, [1, 2], k=1)
+    assert entries[0].token_id == 1 and entries[0].logprob == pytest.approx(math.log(0.3), abs=1e-4)
+    assert entries[0].rank == 2 and entries[0].top[0][0] == 0
     # the second row is reversed: token 2 has probability 0.05 there and token 5 is the best
-    assert entries[2].token_id == 2 and entries[2].logprob == pytest.approx(math.log(0.05), abs=1e-4)
-    assert entries[2].top[0][0] == 5
+    assert entries[1].token_id == 2 and entries[1].logprob == pytest.approx(math.log(0.05), abs=1e-4)
+    assert entries[1].top[0][0] == 5
+
+
+def test_negative_logprobs_count_asks_for_the_whole_vocabulary():
+    (entry,) = prompt_logprobs(torch.tensor([LOGITS]), [2], k=-1)
+    assert len(entry.top) == len(LOGITS)
+    assert [t for t, _ in entry.top][:4] == [0, 1, 2, 3]  # 4 and 5 tie

@@ -35,7 +35,10 @@ def train_tokenizer(folder: Path, vocab_size: int = 320) -> PreTrainedTokenizerF
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
     )
     hf.chat_template = CHATML
     hf.save_pretrained(folder)

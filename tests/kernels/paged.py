@@ -63,7 +63,8 @@ def make_paged_batch(
     value_cache = torch.randn(shape, generator=generator).to(dtype)
     owned = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     order = torch.randperm(num_blocks, generator=generator).tolist()
-    block_tables = torch.zeros(len(seq_lens), max(blocks_needed) + 1, dtype=torch.int32)
+    # Entries past a sequence's blocks are -1: kernels must never follow them.
+    block_tables = torch.full((len(seq_lens), max(blocks_needed) + 1), -1, dtype=torch.int32)
     dense_keys, dense_values = [], []
     for seq, (needed, seq_len) in enumerate(zip(blocks_needed, seq_lens, strict=True)):
         blocks = [order.pop() for _ in range(needed)]

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels
 from kernels.torch_ops import attention as torch_attention
@@ -80,3 +82,21 @@ def test_dispatcher_runs_either_backend_with_the_same_result():
     with kernels.use_backend("triton"):
         via_triton = kernels.paged_attention(*batch.attention_args())
     torch.testing.assert_close(via_torch, via_triton, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sequences=st.lists(
+        st.tuples(st.integers(1, 40), st.integers(0, 40)),  # (new tokens, cached context)
+        min_size=1,
+        max_size=5,
+    ),
+    group=st.sampled_from([1, 3]),
+    block_size=st.sampled_from([4, 16]),
+)
+def test_torch_path_matches_the_definition_on_any_ragged_batch(sequences, group, block_size):
+    q_lens = [q_len for q_len, _ in sequences]
+    seq_lens = [q_len + context for q_len, context in sequences]
+    batch = make_paged_batch(q_lens, seq_lens, 2 * group, 2, 8, block_size=block_size)
+    out = kernels.paged_attention(*batch.attention_args())
+    torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)

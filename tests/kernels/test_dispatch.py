@@ -25,10 +25,13 @@ def test_cpu_tensors_take_the_torch_path_without_importing_triton():
 
 
 def test_backend_can_be_forced_and_restored():
-    assert kernels.get_backend() == "auto"
+    before = kernels.get_backend()
     with kernels.use_backend("triton"):
         assert kernels.get_backend() == "triton"
-    assert kernels.get_backend() == "auto"
+        with kernels.use_backend("torch"):
+            assert kernels.get_backend() == "torch"
+        assert kernels.get_backend() == "triton"
+    assert kernels.get_backend() == before
     with pytest.raises(ValueError):
         kernels.set_backend("cuda")
 

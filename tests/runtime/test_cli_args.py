@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
 import pytest
 
 from sansllm.args import DEFAULT_MODEL, human_readable_int, parse_serve_args
+from sansllm.assemble import app_config_from_args, engine_config_from_args
 from sansllm.chat_template import load_chat_template
 from sansllm.cli import main
 from sansllm.listen import bind_early, hypercorn_config_from_args
@@ -194,3 +196,52 @@ def test_a_busy_port_fails_at_once():
             bind_early(busy)
     finally:
         socket.socket(fileno=int(config.bind[0][5:])).close()
+
+
+def test_engine_config_takes_the_engine_flags():
+    from engine.engine import EngineConfig
+
+    args = parse(
+        "some-model", "--max-model-len", "2k", "--dtype", "half", "--seed", "3",
+        "--max-num-seqs", "4", "--max-num-batched-tokens", "1K",
+    )  # fmt: skip
+    config = engine_config_from_args(args, EngineConfig)
+    assert (config.model, config.max_model_len, config.dtype, config.seed) == (
+        "some-model",
+        2000,
+        "float16",
+        3,
+    )
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (4, 1024)
+    defaults = engine_config_from_args(parse(), EngineConfig)
+    assert defaults == EngineConfig(model=DEFAULT_MODEL, dtype="auto")
+
+
+def test_flags_the_engine_does_not_know_yet_are_reported_not_fatal(caplog):
+    @dataclass
+    class SmallConfig:
+        model: str
+        dtype: str = "auto"
+
+    config = engine_config_from_args(parse("m", "--kv-cache-memory", "1G", "--batch-invariant"), SmallConfig)
+    assert config == SmallConfig("m")
+    assert "--kv-cache-memory is ignored" in caplog.text
+    assert "--batch-invariant is ignored" in caplog.text
+
+
+def test_app_config_takes_the_api_flags(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    args = parse(
+        "--api-key", "k", "--response-role", "bot", "--max-logprobs", "3", "--chat-template", str(template),
+        "--chat-template-content-format", "string", "--trust-request-chat-template",
+        "--enable-prompt-tokens-details", "--enable-force-include-usage", "--return-tokens-as-token-ids",
+        "--enable-request-id-headers", "--root-path", "/r",
+    )  # fmt: skip
+    config = app_config_from_args(args)
+    assert config.api_keys == ["k"]
+    assert (config.response_role, config.max_logprobs, config.chat_template) == ("bot", 3, "{{ messages }}")
+    assert config.chat_template_content_format == "string" and config.trust_request_chat_template
+    assert config.enable_prompt_tokens_details and config.enable_force_include_usage
+    assert config.return_tokens_as_token_ids and config.enable_request_id_headers
+    assert config.root_path == "/r"

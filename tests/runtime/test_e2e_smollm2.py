@@ -108,11 +108,10 @@ def test_completions_stop_at_max_tokens(client):
 @pytest.mark.parametrize(
     "command",
     [
-        [sys.executable, "-m", "runtime_trio"],
         [sys.executable, "-m", "runtime_asyncio"],
         [str(Path(sys.executable).with_name("sansllm")), "serve", "--runtime", "trio"],
     ],
-    ids=["python-m-runtime_trio", "python-m-runtime_asyncio", "sansllm-serve"],
+    ids=["python-m-runtime_asyncio", "sansllm-serve-trio"],
 )
 def test_cli_serves_and_stops_gracefully_on_sigterm(command, tmp_path):
     uds = tmp_path / "sansllm.sock"

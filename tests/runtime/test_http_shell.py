@@ -190,6 +190,19 @@ def test_core_failure_mid_stream_ends_the_response_and_aborts(runtime):
         assert engine.aborted.get(timeout=10) == "req-1"
 
 
+def test_a_model_whose_engine_is_not_running_gets_503(runtime):
+    shell = shell_over(EchoApp("scripted"), {}, runtime)  # no engine was started for "scripted"
+    with ServerThread(shell, runtime) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.post("/generate", json={"prompt": "hi"})
+    assert response.status_code == 503
+    assert response.json()["error"] == {
+        "message": "The engine for model 'scripted' is not running",
+        "type": "ServiceUnavailableError",
+        "param": None,
+        "code": 503,
+    }
+
+
 def test_health_follows_the_engine_and_lifespan_stops_it(runtime):
     engine = ScriptedEngine(reply=REPLY)
     with serve_echo(runtime, engine) as server, httpx.Client(base_url=server.url, timeout=30) as client:
