@@ -16,8 +16,16 @@ from typing import Literal
 
 import msgspec
 
-from protocol.calls.base import JSON_CONTENT_TYPE, Call, Headers, ImmediateCall, error_call, internal_error
-from protocol.calls.chat import ChatSettings, build_chat_call
+from protocol.calls.base import (
+    JSON_CONTENT_TYPE,
+    Call,
+    CallSettings,
+    Headers,
+    ImmediateCall,
+    error_call,
+    internal_error,
+)
+from protocol.calls.chat import build_chat_call
 from protocol.calls.completion import build_completion_call
 from protocol.calls.info import detokenize_call, health_call, models_call, tokenize_call, version_call
 from protocol.calls.prompt import ChatRenderer
@@ -107,7 +115,7 @@ class App:
             trust_request_template=config.trust_request_chat_template,
             clock=clock,
         )
-        self._settings = ChatSettings(
+        self._settings = CallSettings(
             response_role=config.response_role,
             max_logprobs=config.max_logprobs,
             allow_priority=config.allow_priority,

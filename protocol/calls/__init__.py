@@ -1,16 +1,16 @@
 """Per-request state machines: what a request turns into, and how engine events become output."""
 
-from protocol.calls.base import Call, ImmediateCall, error_call, json_call
-from protocol.calls.chat import ChatCall, ChatSettings, build_chat_call
+from protocol.calls.base import Call, CallSettings, ImmediateCall, error_call, json_call
+from protocol.calls.chat import ChatCall, build_chat_call
 from protocol.calls.completion import CompletionCall, build_completion_call
 from protocol.calls.generation import GenerationCall, UsageOptions
 from protocol.calls.prompt import ChatRenderer
 
 __all__ = [
     "Call",
+    "CallSettings",
     "ChatCall",
     "ChatRenderer",
-    "ChatSettings",
     "CompletionCall",
     "GenerationCall",
     "ImmediateCall",

@@ -8,6 +8,7 @@ does IO and never raises: failures become OpenAI-shaped error responses.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from protocol.engine_api import Command, Event
 from protocol.errors import ProtocolError
@@ -16,6 +17,18 @@ from protocol.outputs import Body, EndResponse, Output, StartResponse
 Headers = tuple[tuple[bytes, bytes], ...]
 
 JSON_CONTENT_TYPE: Headers = ((b"content-type", b"application/json"),)
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """The server options that shape chat and completion calls (from `AppConfig`)."""
+
+    response_role: str = "assistant"
+    max_logprobs: int = 20
+    allow_priority: bool = False
+    return_tokens_as_token_ids: bool = False
+    enable_force_include_usage: bool = False
+    enable_prompt_tokens_details: bool = False
 
 
 class Call:

@@ -12,17 +12,16 @@ and a named or "required" `tool_choice` constrains decoding to the tool's JSON (
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from msgspec import UNSET
 
-from protocol.calls.base import Headers
-from protocol.calls.generation import EngineRequest, GenerationCall, usage_options
+from protocol.calls.base import CallSettings, Headers
+from protocol.calls.generation import GenerationCall
 from protocol.calls.prompt import ChatRenderer, encode_text, prepare_prompt_ids
-from protocol.calls.sample import Sample, Step, TextOptions
+from protocol.calls.sample import Sample, Step
 from protocol.engine_api import Generate, TokenLogprobs
-from protocol.logprobs import TokenNames, chat_logprobs, prompt_logprobs
+from protocol.logprobs import chat_logprobs, prompt_logprobs
 from protocol.model import ServedModel
 from protocol.requests import ChatCompletionRequest
 from protocol.responses import (
@@ -36,26 +35,14 @@ from protocol.responses import (
     encode,
 )
 from protocol.sse import data_frame
-from protocol.validation import chat_sampling_params, check_chat_request, stop_strings
-
-
-@dataclass(frozen=True, slots=True)
-class ChatSettings:
-    """The server options a chat call depends on (from `AppConfig`)."""
-
-    response_role: str = "assistant"
-    max_logprobs: int = 20
-    allow_priority: bool = False
-    return_tokens_as_token_ids: bool = False
-    enable_force_include_usage: bool = False
-    enable_prompt_tokens_details: bool = False
+from protocol.validation import chat_sampling_params, check_chat_request
 
 
 def build_chat_call(
     request: ChatCompletionRequest,
     model: ServedModel,
     renderer: ChatRenderer,
-    settings: ChatSettings,
+    settings: CallSettings,
     *,
     base_id: str,
     created: int,
@@ -109,42 +96,14 @@ class ChatCall(GenerationCall):
         request: ChatCompletionRequest,
         model: ServedModel,
         generate: Generate,
-        settings: ChatSettings,
+        settings: CallSettings,
         *,
         response_id: str,
         created: int,
         headers: Headers = (),
     ) -> None:
-        options = TextOptions(
-            stop=stop_strings(request.stop),
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            skip_special_tokens=request.skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
-        )
-        samples = [
-            Sample(
-                choice_index=i,
-                request_id=generate.request_id,
-                engine_index=i,
-                tokenizer=model.tokenizer,
-                prompt_token_ids=generate.prompt_token_ids,
-                options=options,
-            )
-            for i in range(generate.params.n)
-        ]
         super().__init__(
-            model=model.name,
-            response_id=response_id,
-            created=created,
-            requests=[EngineRequest(generate, 0)],
-            samples=samples,
-            stream=bool(request.stream),
-            usage=usage_options(
-                request.stream_options,
-                force=settings.enable_force_include_usage,
-                details=settings.enable_prompt_tokens_details,
-            ),
-            headers=headers,
+            request, model, [generate], settings, response_id=response_id, created=created, headers=headers
         )
         last = request.messages[-1]
         self._role = settings.response_role if request.add_generation_prompt else str(last.get("role"))
@@ -152,11 +111,6 @@ class ChatCall(GenerationCall):
         self._want_logprobs = bool(request.logprobs)
         self._top_logprobs = request.top_logprobs or 0
         self._want_prompt_logprobs = generate.params.prompt_logprobs is not None
-        self._return_token_ids = bool(request.return_token_ids)
-        as_ids = request.return_tokens_as_token_ids
-        self._names = TokenNames(
-            model.tokenizer, settings.return_tokens_as_token_ids if as_ids is None else as_ids
-        )
         self._generate = generate
 
     # ---- stream ----
@@ -175,7 +129,7 @@ class ChatCall(GenerationCall):
 
     def _opening_frames(self) -> list[bytes]:
         frames = []
-        prompt_ids = list(self._generate.prompt_token_ids) if self._return_token_ids else UNSET
+        prompt_ids = list(self._generate.prompt_token_ids) if self.return_token_ids else UNSET
         for sample in self.samples:
             choice = ChatCompletionResponseStreamChoice(
                 index=sample.choice_index, delta=DeltaMessage(role=self._role, content="")
@@ -190,7 +144,7 @@ class ChatCall(GenerationCall):
         return frames
 
     def _step_frames(self, sample: Sample, step: Step) -> list[bytes]:
-        carries_tokens = bool(step.token_ids) and (self._want_logprobs or self._return_token_ids)
+        carries_tokens = bool(step.token_ids) and (self._want_logprobs or self.return_token_ids)
         if not step.text and not step.finished and not carries_tokens:
             return []
         choice = ChatCompletionResponseStreamChoice(
@@ -199,7 +153,7 @@ class ChatCall(GenerationCall):
             logprobs=self._logprobs(step.logprobs or ()),
             finish_reason=sample.finish_reason if step.finished else None,
             stop_reason=sample.stop_reason if step.finished else UNSET,
-            token_ids=list(step.token_ids) if self._return_token_ids else UNSET,
+            token_ids=list(step.token_ids) if self.return_token_ids else UNSET,
         )
         return [self._chunk(choice)]
 
@@ -213,7 +167,7 @@ class ChatCall(GenerationCall):
                 logprobs=self._logprobs(sample.logprobs),
                 finish_reason=sample.finish_reason,
                 stop_reason=sample.stop_reason,
-                token_ids=list(sample.token_ids) if self._return_token_ids else None,
+                token_ids=list(sample.token_ids) if self.return_token_ids else None,
             )
             for sample in self.samples
         ]
@@ -225,15 +179,15 @@ class ChatCall(GenerationCall):
             choices=choices,
             usage=self.usage(),
             prompt_logprobs=(
-                prompt_logprobs(request.prompt_token_ids, request.prompt_logprobs or (), self._names)
+                prompt_logprobs(request.prompt_token_ids, request.prompt_logprobs or (), self.names)
                 if self._want_prompt_logprobs
                 else None
             ),
-            prompt_token_ids=list(request.prompt_token_ids) if self._return_token_ids else None,
+            prompt_token_ids=list(request.prompt_token_ids) if self.return_token_ids else None,
         )
         return encode(response)
 
     def _logprobs(self, entries: Sequence[TokenLogprobs]) -> ChatCompletionLogProbs | None:
         if not self._want_logprobs:
             return None
-        return ChatCompletionLogProbs(content=chat_logprobs(entries, self._top_logprobs, self._names))
+        return ChatCompletionLogProbs(content=chat_logprobs(entries, self._top_logprobs, self.names))

@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protocol.calls.base import Headers
-from protocol.calls.chat import ChatSettings
-from protocol.calls.generation import EngineRequest, GenerationCall, usage_options
+from protocol.calls.base import CallSettings, Headers
+from protocol.calls.generation import EngineRequest, GenerationCall
 from protocol.calls.prompt import decode_ids, encode_text, prepare_prompt_ids
-from protocol.calls.sample import Sample, Step, TextOptions
+from protocol.calls.sample import Sample, Step
 from protocol.engine_api import Generate, TokenLogprobs
-from protocol.logprobs import CompletionLogprobsBuilder, TokenNames, prompt_logprobs
+from protocol.logprobs import CompletionLogprobsBuilder, prompt_logprobs
 from protocol.model import ServedModel
 from protocol.requests import CompletionRequest
 from protocol.responses import (
@@ -29,9 +28,7 @@ from protocol.responses import (
     encode,
 )
 from protocol.sse import data_frame
-from protocol.validation import check_completion_request, completion_sampling_params, stop_strings
-
-CompletionSettings = ChatSettings  # the same server options apply (response_role unused)
+from protocol.validation import check_completion_request, completion_sampling_params
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +59,7 @@ def _prompts(request: CompletionRequest, model: ServedModel) -> list[_Prompt]:
 def build_completion_call(
     request: CompletionRequest,
     model: ServedModel,
-    settings: CompletionSettings,
+    settings: CallSettings,
     *,
     base_id: str,
     created: int,
@@ -110,60 +107,29 @@ class CompletionCall(GenerationCall):
         model: ServedModel,
         prompts: Sequence[_Prompt],
         generates: Sequence[Generate],
-        settings: CompletionSettings,
+        settings: CallSettings,
         *,
         response_id: str,
         created: int,
         headers: Headers = (),
     ) -> None:
-        options = TextOptions(
-            stop=stop_strings(request.stop),
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            skip_special_tokens=request.skip_special_tokens,
-            spaces_between_special_tokens=request.spaces_between_special_tokens,
-        )
-        n = request.n or 1
-        echo_only = bool(request.echo) and request.max_tokens == 0
-        requests = [EngineRequest(generate, index) for index, generate in enumerate(generates)]
-        samples = [
-            Sample(
-                choice_index=prompt_index * n + i,
-                request_id=generate.request_id,
-                engine_index=i,
-                tokenizer=model.tokenizer,
-                prompt_token_ids=generate.prompt_token_ids,
-                options=options,
-                discard_output=echo_only,
-            )
-            for prompt_index, generate in enumerate(generates)
-            for i in range(n)
-        ]
         super().__init__(
-            model=model.name,
+            request,
+            model,
+            generates,
+            settings,
             response_id=response_id,
             created=created,
-            requests=requests,
-            samples=samples,
-            stream=bool(request.stream),
-            usage=usage_options(
-                request.stream_options,
-                force=settings.enable_force_include_usage,
-                details=settings.enable_prompt_tokens_details,
-            ),
             headers=headers,
+            discard_output=bool(request.echo) and request.max_tokens == 0,  # echo-only
         )
         self._tokenizer = model.tokenizer
         self._prompts = list(prompts)
         self._echo = bool(request.echo)
         self._logprobs_n = request.logprobs
         self._want_prompt_logprobs = request.prompt_logprobs is not None
-        self._return_token_ids = bool(request.return_token_ids)
-        as_ids = request.return_tokens_as_token_ids
-        self._names = TokenNames(
-            model.tokenizer, settings.return_tokens_as_token_ids if as_ids is None else as_ids
-        )
         self._builders = {
-            sample.choice_index: CompletionLogprobsBuilder(self._logprobs_n or 0, self._names)
+            sample.choice_index: CompletionLogprobsBuilder(self._logprobs_n or 0, self.names)
             for sample in self.samples
         }
         self._started: set[int] = set()  # choices that sent a chunk already
@@ -198,7 +164,7 @@ class CompletionCall(GenerationCall):
         first_chunk = sample.choice_index not in self._started
         echo_now = self._echo and first_chunk
         text = self._prompt_text(sample) + step.text if echo_now else step.text
-        carries_tokens = bool(step.token_ids) and (self._logprobs_n is not None or self._return_token_ids)
+        carries_tokens = bool(step.token_ids) and (self._logprobs_n is not None or self.return_token_ids)
         if not text and not step.finished and not carries_tokens:
             return []
         self._started.add(sample.choice_index)
@@ -209,9 +175,9 @@ class CompletionCall(GenerationCall):
             logprobs=self._logprobs(sample, step.token_ids, step.logprobs or (), echo_now),
             finish_reason=sample.finish_reason if step.finished else None,
             stop_reason=sample.stop_reason if step.finished else None,
-            token_ids=list(step.token_ids) if self._return_token_ids else None,
+            token_ids=list(step.token_ids) if self.return_token_ids else None,
             prompt_token_ids=list(request.prompt_token_ids)
-            if self._return_token_ids and first_chunk
+            if self.return_token_ids and first_chunk
             else None,
         )
         chunk = CompletionStreamResponse(
@@ -237,13 +203,13 @@ class CompletionCall(GenerationCall):
                     logprobs=self._logprobs(sample, sample.token_ids, sample.logprobs, self._echo),
                     finish_reason=sample.finish_reason,
                     stop_reason=sample.stop_reason,
-                    token_ids=list(sample.token_ids) if self._return_token_ids else None,
+                    token_ids=list(sample.token_ids) if self.return_token_ids else None,
                     prompt_logprobs=(
-                        prompt_logprobs(request.prompt_token_ids, request.prompt_logprobs or (), self._names)
+                        prompt_logprobs(request.prompt_token_ids, request.prompt_logprobs or (), self.names)
                         if self._want_prompt_logprobs
                         else None
                     ),
-                    prompt_token_ids=list(request.prompt_token_ids) if self._return_token_ids else None,
+                    prompt_token_ids=list(request.prompt_token_ids) if self.return_token_ids else None,
                 )
             )
         response = CompletionResponse(

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 
 import msgspec
 
-from protocol.calls.base import JSON_CONTENT_TYPE, Call, Headers, internal_error
-from protocol.calls.sample import Sample, Step
+from protocol.calls.base import JSON_CONTENT_TYPE, Call, CallSettings, Headers, internal_error
+from protocol.calls.sample import Sample, Step, TextOptions
 from protocol.engine_api import Abort, Command, Event, Failed, Generate, TokenLogprobs, Tokens
 from protocol.errors import ProtocolError
+from protocol.logprobs import TokenNames
+from protocol.model import ServedModel
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.requests import ChatCompletionRequest, CompletionRequest
 from protocol.responses import PromptTokenUsageInfo, UsageInfo, encode, usage_chunk
 from protocol.sse import DONE_FRAME, SSE_HEADERS, data_frame, error_frame
 
@@ -70,24 +73,49 @@ class GenerationCall(Call):
 
     def __init__(
         self,
+        request: ChatCompletionRequest | CompletionRequest,
+        model: ServedModel,
+        generates: Sequence[Generate],
+        settings: CallSettings,
         *,
-        model: str,
         response_id: str,
         created: int,
-        requests: Sequence[EngineRequest],
-        samples: Sequence[Sample],
-        stream: bool,
-        usage: UsageOptions,
         headers: Headers = (),
+        discard_output: bool = False,
     ) -> None:
-        self.model = model
+        """One engine request per prompt; choice `prompt_index * n + i` is its sample i."""
+        self.model = model.name
         self.response_id = response_id
         self.created = created
-        self.stream = stream
-        self.usage_options = usage
+        self.stream = bool(request.stream)
+        self.usage_options = usage_options(
+            request.stream_options,
+            force=settings.enable_force_include_usage,
+            details=settings.enable_prompt_tokens_details,
+        )
         self.extra_headers = headers
-        self.requests = {request.request_id: request for request in requests}
-        self.samples = sorted(samples, key=lambda sample: sample.choice_index)
+        as_ids = request.return_tokens_as_token_ids
+        self.names = TokenNames(
+            model.tokenizer, settings.return_tokens_as_token_ids if as_ids is None else as_ids
+        )
+        self.return_token_ids = bool(request.return_token_ids)
+        self.requests = {
+            generate.request_id: EngineRequest(generate, index) for index, generate in enumerate(generates)
+        }
+        options = TextOptions.of(request)
+        self.samples = [
+            Sample(
+                choice_index=prompt_index * generate.params.n + i,
+                request_id=generate.request_id,
+                engine_index=i,
+                tokenizer=model.tokenizer,
+                prompt_token_ids=generate.prompt_token_ids,
+                options=options,
+                discard_output=discard_output,
+            )
+            for prompt_index, generate in enumerate(generates)
+            for i in range(generate.params.n)
+        ]
         self._by_key = {(sample.request_id, sample.engine_index): sample for sample in self.samples}
         self._unfinished = len(self.samples)
         self._committed = False

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 from protocol.detokenizer import IncrementalDetokenizer
 from protocol.engine_api import TokenLogprobs, Tokens
+from protocol.requests import ChatCompletionRequest, CompletionRequest
 from protocol.stop import StopMatcher
 from protocol.tokenizer import Tokenizer
+from protocol.validation import stop_strings
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,15 @@ class TextOptions:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+
+    @classmethod
+    def of(cls, request: ChatCompletionRequest | CompletionRequest) -> TextOptions:
+        return cls(
+            stop=stop_strings(request.stop),
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+        )
 
 
 class Sample:

@@ -68,8 +68,12 @@ class Client:
         return self
 
     @property
+    def generates(self) -> list[Generate]:
+        return [c for c in self.commands if isinstance(c, Generate)]
+
+    @property
     def generate(self) -> Generate:
-        (generate,) = [c for c in self.commands if isinstance(c, Generate)]
+        (generate,) = self.generates
         return generate
 
     @property

@@ -3,20 +3,9 @@
 import itertools
 import json
 
-from protocol import (
-    Abort,
-    App,
-    AppConfig,
-    Body,
-    EndResponse,
-    Failed,
-    Generate,
-    StartResponse,
-    Submit,
-    TokenLogprobs,
-    Tokens,
-)
+from protocol import Abort, App, AppConfig, Failed, TokenLogprobs, Tokens
 from protocol.testing import BOS_ID, EOS_ID, tiny_served_model
+from tests.protocol.test_calls_chat import Client
 
 NOW = 1_700_000_123.0
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -34,57 +23,6 @@ CHUNK_CHOICE_KEYS = {
 def make_app(**config):
     ids = itertools.count(1)
     return App(AppConfig(**config), [tiny_served_model()], clock=lambda: NOW, new_id=lambda: f"r{next(ids)}")
-
-
-class Client:
-    """Plays a call's outputs like a runtime and records what the client receives."""
-
-    def __init__(self, call):
-        self.call, self.status, self.headers, self.body, self.ended, self.commands = (
-            call,
-            None,
-            None,
-            b"",
-            False,
-            [],
-        )
-        self._play(call.start())
-
-    def _play(self, outputs):
-        for output in outputs:
-            if isinstance(output, StartResponse):
-                assert self.status is None
-                self.status, self.headers = output.status, dict(output.headers)
-            elif isinstance(output, Body):
-                assert self.status is not None and not self.ended
-                self.body += output.data
-            elif isinstance(output, EndResponse):
-                self.ended = True
-            else:
-                assert isinstance(output, Submit)
-                self.commands.extend(output.commands)
-
-    def feed(self, *events):
-        self._play(self.call.feed(list(events)))
-        return self
-
-    @property
-    def generates(self):
-        return [c for c in self.commands if isinstance(c, Generate)]
-
-    @property
-    def aborts(self):
-        return [c for c in self.commands if isinstance(c, Abort)]
-
-    def json(self):
-        assert self.ended
-        return json.loads(self.body)
-
-    def events(self):
-        assert self.ended
-        frames = self.body.split(b"\n\n")
-        assert frames[-2:] == [b"data: [DONE]", b""]
-        return [json.loads(frame.removeprefix(b"data: ")) for frame in frames[:-2]]
 
 
 def complete(app=None, **body):
