@@ -218,6 +218,7 @@ class App:
             base_id=base_id,
             created=self._created(),
             headers=headers,
+            engine_tag=self._engine_tag(base_id, request),
         )
 
     def _completion(self, request: _Request) -> Call:
@@ -225,8 +226,18 @@ class App:
         model = self._generative_model(body.model, "Completions")
         base_id, headers = request.generation_id(body.request_id)
         return build_completion_call(
-            body, model, self._settings, base_id=base_id, created=self._created(), headers=headers
+            body,
+            model,
+            self._settings,
+            base_id=base_id,
+            created=self._created(),
+            headers=headers,
+            engine_tag=self._engine_tag(base_id, request),
         )
+
+    def _engine_tag(self, base_id: str, request: _Request) -> str:
+        """A fresh suffix when the base id came from the client, who may reuse it concurrently."""
+        return "" if base_id == request.base_id and b"x-request-id" not in request.headers else f"-{self.new_id()}"
 
     def _generative_model(self, requested: str | None, api: str) -> ServedModel:
         model = resolve_model(requested, self.models)

@@ -47,8 +47,12 @@ def build_chat_call(
     base_id: str,
     created: int,
     headers: Headers = (),
+    engine_tag: str = "",
 ) -> ChatCall:
-    """Validate and render a decoded chat request; raises `ProtocolError` for a bad request."""
+    """Validate and render a decoded chat request; raises `ProtocolError` for a bad request.
+
+    `engine_tag` makes the engine's request id unique even when two clients send the same
+    X-Request-Id or body `request_id` (the response id keeps the client's value)."""
     check_chat_request(request, allow_priority=settings.allow_priority)
     prompt_text = renderer.render(request, model)
     prompt_ids = prepare_prompt_ids(
@@ -61,7 +65,7 @@ def build_chat_call(
     )
     response_id = f"chatcmpl-{base_id}"
     generate = Generate(
-        request_id=response_id, prompt_token_ids=prompt_ids, params=params, priority=request.priority
+        request_id=f"{response_id}{engine_tag}", prompt_token_ids=prompt_ids, params=params, priority=request.priority
     )
     return ChatCall(
         request,

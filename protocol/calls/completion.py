@@ -64,8 +64,11 @@ def build_completion_call(
     base_id: str,
     created: int,
     headers: Headers = (),
+    engine_tag: str = "",
 ) -> CompletionCall:
-    """Validate and tokenize a decoded completion request; raises `ProtocolError` for a bad request."""
+    """Validate and tokenize a decoded completion request; raises `ProtocolError` for a bad request.
+
+    `engine_tag` keeps engine request ids unique when clients reuse a request id."""
     check_completion_request(request, allow_priority=settings.allow_priority)
     response_id = f"cmpl-{base_id}"
     generates = []
@@ -80,7 +83,7 @@ def build_completion_call(
         )
         generates.append(
             Generate(
-                request_id=f"{response_id}-{index}",
+                request_id=f"{response_id}{engine_tag}-{index}",
                 prompt_token_ids=prompt.token_ids,
                 params=params,
                 priority=request.priority,

@@ -203,17 +203,30 @@ def test_request_id_header_on_streamed_responses():
         "POST", "/v1/completions", [JSON, (b"x-request-id", b"trace-1")], b'{"prompt":"a","stream":true}'
     )
     (submit,) = call.start()
-    assert submit.commands[0].request_id == "cmpl-trace-1-0"
-    start = call.feed([Tokens("cmpl-trace-1-0", 0, (97,), num_prompt_tokens=2)])[0]
+    engine_id = submit.commands[0].request_id
+    assert engine_id.startswith("cmpl-trace-1-")
+    start, body = call.feed([Tokens(engine_id, 0, (97,), num_prompt_tokens=2)])[:2]
     assert dict(start.headers)[b"x-request-id"] == b"trace-1"
+    assert json.loads(body.data.split(b"data: ")[1])["id"] == "cmpl-trace-1"
+
+
+def test_reused_client_request_ids_never_collide_in_the_engine():
+    app = make_app()
+    ids = set()
+    for _ in range(2):
+        for headers, body in (([JSON, (b"x-request-id", b"same")], b'{"prompt":"a"}'),
+                              ([JSON], b'{"prompt":"a","request_id":"same"}')):
+            ids.add(app.handle("POST", "/v1/completions", headers, body).start()[0].commands[0].request_id)
+    assert len(ids) == 4
 
 
 def test_body_request_id_names_the_response_and_header():
     app = make_app(enable_request_id_headers=True)
     call = app.handle("POST", "/v1/completions", [JSON], b'{"prompt":"a","request_id":"mine"}')
-    assert call.start()[0].commands[0].request_id == "cmpl-mine-0"
-    start = call.feed([Tokens("cmpl-mine-0", 0, (97,), num_prompt_tokens=2, finish_reason="length")])[0]
+    engine_id = call.start()[0].commands[0].request_id
+    start, body = call.feed([Tokens(engine_id, 0, (97,), num_prompt_tokens=2, finish_reason="length")])[:2]
     assert dict(start.headers)[b"x-request-id"] == b"mine"
+    assert json.loads(body.data)["id"] == "cmpl-mine"
 
 
 # ---- tokenize / detokenize ----

@@ -554,8 +554,11 @@ def test_validation_errors_are_400():
 
 
 def test_request_id_from_header_then_body_then_factory():
-    assert chat(
-        headers=[*JSON_HEADERS, (b"x-request-id", b"hdr")], request_id="body"
-    ).generate.request_id == ("chatcmpl-hdr")
-    assert chat(request_id="body").generate.request_id == "chatcmpl-body"
+    # The response id keeps the client's id; the engine's id gets a fresh suffix when the client chose it.
+    from_header = chat(headers=[*JSON_HEADERS, (b"x-request-id", b"hdr")], request_id="body")
+    assert from_header.call.response_id == "chatcmpl-hdr"
+    assert from_header.generate.request_id.startswith("chatcmpl-hdr-")
+    from_body = chat(request_id="body")
+    assert from_body.call.response_id == "chatcmpl-body"
+    assert from_body.generate.request_id.startswith("chatcmpl-body-")
     assert chat().generate.request_id == "chatcmpl-r1"
