@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,15 @@ def test_completions_stop_at_max_tokens(client):
     assert completion.choices[0].text.strip()
 
 
+def accepts_connections(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -123,16 +133,24 @@ def test_cli_serves_and_stops_gracefully_on_sigterm(command, tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        # the socket is bound before the model loads: wait for it, then the request waits for the load
-        while not uds.exists():
-            assert process.poll() is None, process.stdout.read().decode()
+        # the socket listens before the model loads: wait for that, then the request waits for the load
+        while not accepts_connections(uds):
             try:
                 process.wait(timeout=0.05)
             except subprocess.TimeoutExpired:
-                pass
+                continue
+            pytest.fail("the server exited:\n" + process.stdout.read().decode()[-4000:])
         http_client = httpx.Client(transport=httpx.HTTPTransport(uds=str(uds)), timeout=300)
-        with openai.OpenAI(base_url="http://sansllm/v1", api_key="x", http_client=http_client) as client:
-            completion = client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0)
+        with openai.OpenAI(
+            base_url="http://sansllm/v1", api_key="x", http_client=http_client, max_retries=0
+        ) as client:
+            try:
+                completion = client.chat.completions.create(
+                    model=DEFAULT_MODEL, messages=QUESTION, temperature=0
+                )
+            except openai.APIConnectionError:
+                process.kill()
+                pytest.fail("the server died:\n" + process.communicate()[0].decode()[-4000:])
         assert "Paris" in completion.choices[0].message.content
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=60)[0].decode()
