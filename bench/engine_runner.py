@@ -126,5 +126,6 @@ class EngineRunner:
         """Pay one-off costs (allocator, kernel selection) before anything is timed."""
         self.run([prompt], [4], 1)
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
+        """Stop the engine thread (what is still running is failed and ignored)."""
         self.engine.shutdown()

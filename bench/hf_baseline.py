@@ -11,6 +11,7 @@ same `generate` call that is timed for throughput.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 
@@ -118,6 +119,11 @@ class HFBaseline:
         """Time to first token of one sequence: prefill plus one decode step."""
         start, times = self._generate([prompt], 1)
         return times[0] - start
+
+    def close(self) -> None:
+        """Drop the weights now rather than whenever the object goes (the server needs the memory)."""
+        del self.model
+        gc.collect()
 
     def warmup(self, prompt: Sequence[int]) -> None:
         """Pay one-off costs (allocator, kernel selection) before anything is timed."""

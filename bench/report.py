@@ -47,9 +47,22 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def command_line(module: str, argv: Sequence[str]) -> str:
-    """The command that reproduces this run, as a user would type it from the repository root."""
-    return shlex.join([".venv/bin/python", "-m", module, *argv])
+def command_line(module: str, argv: Sequence[str], omit: Sequence[str] = ("--note",)) -> str:
+    """The command that reproduces this run, as typed from the repository root.
+
+    Options in `omit` (with their values) change nothing measured; `--note` is recorded on its
+    own line instead of inside the command.
+    """
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in omit:
+            skip_value = True
+        elif not arg.startswith(tuple(f"{option}=" for option in omit)):
+            kept.append(arg)
+    return shlex.join([".venv/bin/python", "-m", module, *kept])
 
 
 def machine_line() -> str:

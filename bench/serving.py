@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import shlex
 import statistics
 import sys
@@ -158,8 +157,7 @@ def run_hf(args: argparse.Namespace, model: str, tokenizer: HFTokenizer, plan: P
     samples = plan.main[: max(1, args.hf_ttft_samples)]
     print(f"[hf] single-sequence TTFT on {len(samples)} prompts", file=sys.stderr, flush=True)
     single_ttft = statistics.median(baseline.ttft(p.token_ids) for p in samples)
-    del baseline
-    gc.collect()
+    baseline.close()
     return batch, single_ttft
 
 
@@ -240,7 +238,7 @@ def render(args: argparse.Namespace, result: ServingResult) -> str:
     if ours and result.hf_single_ttft is not None:
         lines.append(
             f"- TTFT p50 {ours.name} at concurrency {result.concurrency} ({ms(ours.ttft_p50)} ms) / HF single "
-            f"sequence ({ms(result.hf_single_ttft)} ms): x{fmt(ratio(ours.ttft_p50, result.hf_single_ttft), 2)}"
+            f"sequence ({ms(result.hf_single_ttft)} ms): x{fmt(ratio(ours.ttft_p50, result.hf_single_ttft), 2)} (lower is better)"
         )
     cold, warm = result.get(OURS_COLD), result.get(OURS_WARM)
     if cold and warm:

@@ -12,12 +12,11 @@ batch 32 throughput >= 2x HF's, batch 1 time per output token <= 1.1x HF's.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import torch
@@ -34,7 +33,7 @@ from bench.report import (
     markdown_table,
     summary_row,
 )
-from bench.stats import Summary, ratio, summarize
+from bench.stats import RequestTiming, Summary, ratio, summarize
 
 HF = "hf-transformers"
 OURS = "sansllm"
@@ -117,53 +116,60 @@ def _prompt_sets(args: argparse.Namespace, tokenizer: HFTokenizer) -> dict[int, 
     }
 
 
-def _run_hf(args, model: str, tokenizer: HFTokenizer, prompt_sets) -> dict[int, Summary]:
-    baseline = HFBaseline(model, tokenizer, args.dtype)
-    baseline.warmup(warmup_prompt(tokenizer.encode, args.input_len[1]).token_ids)
-    summaries = {}
-    for batch, prompts in prompt_sets.items():
-        print(f"[{HF}] batch {batch}: {len(prompts)} prompts", file=sys.stderr, flush=True)
-        ids, lens = [p.token_ids for p in prompts], [p.output_len for p in prompts]
-        summaries[batch] = summarize(HF, baseline.run(ids, lens, batch))
-    del baseline
-    gc.collect()
-    return summaries
+class Backend(Protocol):
+    """What both sides offer: HF's static batches of B, or our engine with at most B in flight."""
+
+    def close(self) -> None: ...
+
+    def warmup(self, prompt: Sequence[int]) -> None: ...
+
+    def run(
+        self, prompts: Sequence[Sequence[int]], output_lens: Sequence[int], batch: int
+    ) -> list[RequestTiming]: ...
 
 
-def _run_ours(args, model: str, tokenizer: HFTokenizer, prompt_sets) -> dict[int, Summary]:
-    from bench.engine_runner import EngineRunner  # deferred: the HF-only mode must not need the engine
+def _load_backends(args: argparse.Namespace, model: str, tokenizer: HFTokenizer) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    if HF in args.backends:
+        backends[HF] = HFBaseline(model, tokenizer, args.dtype)
+    if OURS in args.backends:
+        from bench.engine_runner import EngineRunner  # deferred: the HF-only mode must not need the engine
 
-    options = dict(args.engine_option)
-    options.setdefault("max_num_seqs", args.max_num_seqs or max(args.batch))
-    options.setdefault("progress", False)
-    runner = EngineRunner(model, args.dtype, **options)
-    try:
-        runner.warmup(warmup_prompt(tokenizer.encode, args.input_len[1]).token_ids)
-        summaries = {}
-        for batch, prompts in prompt_sets.items():
-            print(f"[{OURS}] batch {batch}: {len(prompts)} prompts", file=sys.stderr, flush=True)
-            ids, lens = [p.token_ids for p in prompts], [p.output_len for p in prompts]
-            summaries[batch] = summarize(OURS, runner.run(ids, lens, batch))
-    finally:
-        runner.shutdown()
-    return summaries
+        options = dict(args.engine_option)
+        options.setdefault("max_num_seqs", args.max_num_seqs or max(args.batch))
+        options.setdefault("progress", False)
+        # The thread count is process-wide: pin the engine to the one HF runs with, so it cannot
+        # change the baseline's setting (or its own) behind the comparison's back.
+        options.setdefault("num_threads", torch.get_num_threads())
+        backends[OURS] = EngineRunner(model, args.dtype, **options)
+    return backends
 
 
 def run(args: argparse.Namespace) -> list[BatchResult]:
+    """Each batch size runs on HF and then on ours, back to back: on a busy machine, measurements
+    taken minutes apart would compare the load at two moments more than the two backends."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model)
     tokenizer = HFTokenizer(model)
     prompt_sets = _prompt_sets(args, tokenizer)
-    per_backend = {}
-    if HF in args.backends:
-        per_backend[HF] = _run_hf(args, model, tokenizer, prompt_sets)
-    if OURS in args.backends:
-        per_backend[OURS] = _run_ours(args, model, tokenizer, prompt_sets)
-    return [
-        BatchResult(batch, {name: results[batch] for name, results in per_backend.items()})
-        for batch in prompt_sets
-    ]
+    backends = _load_backends(args, model, tokenizer)
+    try:
+        warmup = warmup_prompt(tokenizer.encode, args.input_len[1]).token_ids
+        for backend in backends.values():
+            backend.warmup(warmup)
+        results = []
+        for batch, prompts in prompt_sets.items():
+            ids, lens = [p.token_ids for p in prompts], [p.output_len for p in prompts]
+            summaries = {}
+            for name, backend in backends.items():
+                print(f"[{name}] batch {batch}: {len(prompts)} prompts", file=sys.stderr, flush=True)
+                summaries[name] = summarize(name, backend.run(ids, lens, batch))
+            results.append(BatchResult(batch, summaries))
+    finally:
+        for backend in backends.values():
+            backend.close()
+    return results
 
 
 def render(args: argparse.Namespace, results: list[BatchResult]) -> str:
