@@ -217,10 +217,17 @@ def check_tokenize_chat_request(request: TokenizeChatRequest) -> None:
     check_tool_usage(request)
 
 
+MAX_N = 128  # OpenAI's own cap; each sample is a sequence, so an unbounded n is a denial of service
+
+
 def _check_n(n: int | None, best_of: int | None) -> None:
     n = 1 if n is None else n
     if n < 1:
         raise _bad(f"n must be at least 1, got {n}.", "n")
+    if n > MAX_N:
+        raise _bad(f"n must be at most {MAX_N}, got {n}.", "n")
+    if best_of is not None and best_of > MAX_N:
+        raise _bad(f"best_of must be at most {MAX_N}, got {best_of}.", "best_of")
     if best_of is not None and best_of < n:
         raise _bad(f"best_of must be greater than or equal to n, got n={n} and best_of={best_of}.", "best_of")
 

@@ -594,3 +594,14 @@ def test_any_completion_request_maps_or_is_a_400(fields, prompt_len):
         assert error.status == 400
     else:
         assert params.max_tokens >= 1 and params.n >= 1
+
+
+def test_n_and_best_of_are_capped_so_a_request_cannot_exhaust_the_server():
+    from protocol.requests import CompletionRequest, decode_request
+    from protocol.validation import MAX_N, check_completion_request
+
+    for field in ("n", "best_of"):
+        body = {"prompt": "hi", field: MAX_N + 1}
+        with pytest.raises(ProtocolError) as info:
+            check_completion_request(decode_request(json.dumps(body).encode(), CompletionRequest))
+        assert info.value.status == 400 and info.value.param == field
