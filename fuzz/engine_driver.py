@@ -39,7 +39,7 @@ from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
 
 MAX_STEPS = 10_000
 MAX_SAMPLE_TOKENS = 24  # a sample never runs longer than this, whatever its max_tokens
-MAX_SAMPLES = 64  # refuse to simulate more concurrent samples than this (see DriverError)
+MAX_SAMPLES = 1024  # refuse to simulate more samples per call than this: an unbounded n is a core bug
 
 
 class CallLike(Protocol):
@@ -66,6 +66,8 @@ class EngineScript:
     empty_chunks: bool = False  # sometimes a step carries no new token (chunked prefill)
     special_tokens: bool = False  # sometimes sample special ids (EOS, chat markers) mid-stream
     minus_inf_logprobs: bool = False  # sometimes report -inf logprobs (the core must clamp)
+    use_phrases: bool = False  # splice the phrases given to `run` (stop strings, ...) into samples
+    late_events: bool = False  # an aborted sample still gets the event already in flight (as real engines do)
     failure: Literal["none", "before", "after"] = "none"
     failure_status: int = 500
     failure_step: int = 1  # with failure="after": the step (>= 1) that fails, if output began
@@ -80,6 +82,8 @@ def engine_scripts(*, failures: bool = True, disconnects: bool = True) -> st.Sea
         empty_chunks=st.booleans(),
         special_tokens=st.booleans(),
         minus_inf_logprobs=st.booleans(),
+        use_phrases=st.booleans(),
+        late_events=st.booleans(),
         failure=st.sampled_from(["none", "none", "none", "before", "after"]) if failures else st.just("none"),
         failure_status=st.sampled_from([400, 500, 500, 503]),
         failure_step=st.integers(1, 4),
@@ -101,6 +105,7 @@ class _Sample:
     sent: int = 0
     done: bool = False
     cumulative: float = 0.0
+    late: bool = False  # aborted; one in-flight event is still owed to the call
 
 
 @dataclass
@@ -140,8 +145,15 @@ class FakeEngine:
         self.vocab_size = vocab_size
         self.special_ids = special_ids
         self.eos_ids = eos_ids
+        self._phrases: list[tuple[int, ...]] = []
+        self._late_events = False
 
-    def run(self, call: CallLike, script: EngineScript = EngineScript()) -> Transcript:
+    def run(
+        self, call: CallLike, script: EngineScript = EngineScript(), phrases: Sequence[Sequence[int]] = ()
+    ) -> Transcript:
+        """Drive `call` to its end. `phrases` are token sequences the "model" may say (to hit stop strings)."""
+        self._phrases = [tuple(phrase) for phrase in phrases if phrase]
+        self._late_events = script.late_events
         transcript = Transcript()
         rng = random.Random(script.seed)
         samples: list[_Sample] = []
@@ -170,6 +182,16 @@ class FakeEngine:
         transcript.steps = step
         if call.finished and not transcript.disconnected and not transcript.ended:
             raise DriverError("the call finished without ending its response")
+        leaked = sorted(
+            {
+                (s.request.request_id, s.index)
+                for s in samples
+                if not s.done and s.request.request_id not in dead
+            }
+        )
+        if leaked:
+            # The engine would go on generating for a response nobody reads.
+            raise DriverError(f"the call is over but never aborted these running samples: {leaked}")
         return transcript
 
     # ---- outputs of the call
@@ -249,14 +271,14 @@ class FakeEngine:
         if params.n < 1 or params.max_tokens < 1:
             raise DriverError(f"invalid sampling params reached the engine: {params!r}")
 
-    @staticmethod
     def _apply_aborts(
-        aborts: list[Abort], transcript: Transcript, samples: list[_Sample], dead: set[str]
+        self, aborts: list[Abort], transcript: Transcript, samples: list[_Sample], dead: set[str]
     ) -> None:
         for abort in aborts:
             transcript.aborts.append(abort)
             for sample in samples:
                 if sample.request.request_id == abort.request_id and abort.index in (None, sample.index):
+                    sample.late = self._late_events and not sample.done and transcript.failed is None
                     sample.done = True
             if abort.index is None:
                 dead.add(abort.request_id)
@@ -275,11 +297,17 @@ class FakeEngine:
             rng.choice(choices if script.special_tokens and rng.random() < 0.1 else ordinary)
             for _ in range(length)
         ]
+        if script.use_phrases and self._phrases and rng.random() < 0.7:
+            phrase = list(rng.choice(self._phrases))
+            at = rng.randint(0, max(0, length - len(phrase)))
+            plan = (plan[:at] + phrase + plan[at:])[:length]
         stop_reason: int | None = None
         if finish == "stop":
             # The last token ended the sample: a stop token id (reported as stop_reason) or EOS.
-            if params.stop_token_ids and rng.random() < 0.5:
-                stop_reason = rng.choice(params.stop_token_ids)
+            # (only ids inside the vocabulary: the engine never samples others)
+            stop_ids = [t for t in params.stop_token_ids if 0 <= t < self.vocab_size]
+            if stop_ids and rng.random() < 0.5:
+                stop_reason = rng.choice(stop_ids)
                 plan[-1] = stop_reason
             elif self.eos_ids and not params.ignore_eos and rng.random() < 0.5:
                 plan[-1] = rng.choice(sorted(self.eos_ids))
@@ -314,10 +342,24 @@ class FakeEngine:
         for encode in pending_encodes:
             events.append(self._pooled(encode, rng))
             dead.add(encode.request_id)
+        for sample in samples:
+            if sample.late:  # the step that was running when the abort came in
+                sample.late = False
+                events.append(self._late_event(sample))
         rng.shuffle(live)
         for sample in live:
             events.append(self._tokens(sample, script, transcript))
         return events
+
+    @staticmethod
+    def _late_event(sample: _Sample) -> Tokens:
+        return Tokens(
+            request_id=sample.request.request_id,
+            index=sample.index,
+            token_ids=(sample.rng.randrange(0, 256),),
+            num_prompt_tokens=len(sample.request.prompt_token_ids),
+            finish_reason="abort",
+        )
 
     def _pooled(self, encode: Encode, rng: random.Random) -> Pooled:
         size = encode.params.dimensions or 4

@@ -60,26 +60,60 @@ ENGINE = FakeEngine(
 )
 
 
-def make_app(*, api_key: bool = False) -> App:
+def make_app(config: AppConfig | None = None) -> App:
     """A fresh app (fresh id counter) serving the tiny byte-level model, with a fixed clock."""
     ids = itertools.count(1)
-    config = AppConfig(api_keys=[API_KEY] if api_key else [])
-    return App(config, [MODEL], clock=lambda: 1_700_000_000.0, new_id=lambda: f"fz{next(ids)}")
+    return App(config or AppConfig(), [MODEL], clock=lambda: 1_700_000_000.0, new_id=lambda: f"fz{next(ids)}")
 
 
 APP = make_app()
-APP_WITH_KEY = make_app(api_key=True)
+APP_WITH_KEY = make_app(AppConfig(api_keys=[API_KEY]))
+# Every response-shaping server option turned on: forced usage, cached-token details, token-id
+# logprob strings, X-Request-Id headers, and a max_logprobs inside the generated range.
+OPTIONS_CONFIG = AppConfig(
+    enable_force_include_usage=True,
+    enable_prompt_tokens_details=True,
+    return_tokens_as_token_ids=True,
+    enable_request_id_headers=True,
+    max_logprobs=4,
+)
+APP_WITH_OPTIONS = make_app(OPTIONS_CONFIG)
+EXPECTATIONS_WITH_OPTIONS = Expectations(
+    served_name=MODEL.name, tokenizer=MODEL.tokenizer, force_include_usage=True, request_id_headers=True
+)
+
+
+def phrases(request: FuzzRequest) -> list[list[int]]:
+    """Token sequences worth having the fake model say: the request's stop strings and bad words."""
+    body = request.json_body or {}
+    texts: list[str] = []
+    for key in ("stop", "bad_words"):
+        value = body.get(key)
+        values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        texts += [text for text in values if isinstance(text, str)]
+    encoded = []
+    for text in texts[:8]:
+        try:
+            encoded.append(MODEL.tokenizer.encode(text, add_special_tokens=False))
+        except (UnicodeError, ValueError):
+            continue
+    return encoded
 
 
 def exchange(request: FuzzRequest, script: EngineScript, app: App = APP) -> Transcript:
-    """Run one request end to end; exceptions from the core propagate (that is a finding).
+    """Run one request end to end inside a property; exceptions from the core propagate (a finding).
 
     Requests that would hit a bug already pinned in `fuzz/test_regressions.py` are skipped.
     """
     assume(known_bug(request) is None)
+    return run_request(request, script, app)
+
+
+def run_request(request: FuzzRequest, script: EngineScript = EngineScript(), app: App = APP) -> Transcript:
+    """Run one request end to end (outside hypothesis too), counting it."""
     EXERCISED[request.family] += 1
     call = app.handle(request.method, request.path, request.headers, request.body)
-    transcript = ENGINE.run(call, script)
+    transcript = ENGINE.run(call, script, phrases(request))
     if transcript.status is not None:
         STATUSES[transcript.status] += 1
     return transcript

@@ -14,6 +14,7 @@ a failure, although Python's `json` module would accept it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,8 @@ class Choice:
     logprob_tokens: list[str] | None = None
     tool_calls: list[Any] = field(default_factory=list)
     reasoning: str = ""
+    token_ids: list[int] | None = None  # with return_token_ids (whole responses only)
+    prompt_logprobs: Any = None  # completions: per choice (whole responses only)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Answer:
     choices: dict[int, Choice]
     usage: dict[str, Any] | None
     error: dict[str, Any] | None = None  # an SSE error frame, if one came
+    prompt_logprobs: Any = None  # chat: for the whole response (whole responses only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +94,8 @@ class Expectations:
 
     served_name: str
     tokenizer: Tokenizer
-    api_key: str | None = None
+    force_include_usage: bool = False  # --enable-force-include-usage
+    request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on every response
 
 
 def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: Expectations) -> Answer | None:
@@ -108,6 +113,14 @@ def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: E
             "headers must be bytes pairs",
             transcript.headers,
         )
+    if expectations.request_id_headers:
+        echoed = transcript.header(b"x-request-id")
+        expect(
+            echoed, "--enable-request-id-headers, but the response has no X-Request-Id", transcript.headers
+        )
+        sent = _last_header(request, b"x-request-id")
+        if sent:
+            expect(echoed == sent, f"X-Request-Id {sent!r} came back as {echoed!r}")
     if status >= 400:
         _check_error_response(status, transcript, expectations)
         if failed is not None and not transcript.output_before_failure:
@@ -126,6 +139,9 @@ def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: E
         )
     if request.method == "POST" and request.path in (CHAT_PATH, COMPLETIONS_PATH):
         return _check_completion_success(request, transcript, expectations)
+    if request.method == "POST" and request.path in ("/tokenize", "/detokenize"):
+        _check_tokenizer_success(request, transcript, expectations)
+        return None
     _check_other_success(transcript)
     return None
 
@@ -170,6 +186,28 @@ def _check_error_response(status: int, transcript: Transcript, expectations: Exp
     _check_error_body(payload, status, f"{status} error body")
 
 
+def _check_tokenizer_success(
+    request: FuzzRequest, transcript: Transcript, expectations: Expectations
+) -> None:
+    try:
+        payload = strict_json(transcript.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OracleError(f"a 200 from {request.path} whose body is not JSON ({exc})") from None
+    expect(isinstance(payload, dict), f"{request.path}: not an object", payload)
+    if request.path == "/detokenize":
+        expect(isinstance(payload.get("prompt"), str), "/detokenize: `prompt` must be a string", payload)
+        return
+    tokens = payload.get("tokens")
+    expect(isinstance(tokens, list) and all(isinstance(t, int) for t in tokens), "/tokenize: tokens", payload)
+    expect(payload.get("count") == len(tokens), "/tokenize: count != len(tokens)", payload)
+    expect(
+        all(0 <= t < expectations.tokenizer.vocab_size for t in tokens), "/tokenize: id out of vocab", payload
+    )
+    strs = payload.get("token_strs")
+    if strs is not None:
+        expect(isinstance(strs, list) and len(strs) == len(tokens), "/tokenize: token_strs", payload)
+
+
 def _check_other_success(transcript: Transcript) -> None:
     """A 200 on another route: the body must at least be what its content type says."""
     content_type = (transcript.header(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -205,8 +243,15 @@ def _check_completion_success(
         )
         answer = _parse_whole(transcript, chat=chat)
     if answer.id or answer.error is None:  # a stream may fail before its first chunk: no envelope then
-        expect(answer.model == expectations.served_name, f"model {answer.model!r} != {expectations.served_name!r}")
+        expect(
+            answer.model == expectations.served_name,
+            f"model {answer.model!r} != {expectations.served_name!r}",
+        )
         expect(answer.id.startswith("chatcmpl-" if chat else "cmpl-"), f"bad id {answer.id!r}")
+        request_id = _last_header(request, b"x-request-id")
+        if request_id:  # the X-Request-Id header is the base of the response id (vLLM's _base_request_id)
+            wanted = ("chatcmpl-" if chat else "cmpl-") + request_id.decode("latin-1")
+            expect(answer.id == wanted, f"id {answer.id!r} does not follow X-Request-Id ({wanted!r})")
     if answer.error is not None:
         failed = transcript.failed
         expect(failed is not None, "an SSE error frame without an engine failure", answer.error)
@@ -282,6 +327,7 @@ def _check_choices(
                 aborted,
                 f"choice {number} finished, yet the engine never finished it and the core never aborted it",
             )
+        _check_stop_strings(body, choice)
         if _plain_text_request(body, chat=chat):
             tokens = transcript.tokens.get((position, index), [])
             candidates = {expectations.tokenizer.decode(tokens, skip_special_tokens=True)}
@@ -294,7 +340,62 @@ def _check_choices(
                 tokens,
             )
         _check_logprob_count(body, choice, transcript.tokens.get((position, index), []), chat=chat)
-    _check_usage(body, answer, transcript, chat=chat, stream=stream, has_stop_strings=has_stop_strings)
+        if not stream:
+            prompt = transcript.generates[position].prompt_token_ids
+            _check_prompt_logprobs(body, answer.prompt_logprobs if chat else choice.prompt_logprobs, prompt)
+            echo_only = body.get("max_tokens") == 0  # the engine's one token is dropped (vLLM)
+            if (
+                body.get("return_token_ids") is True
+                and not has_stop_strings
+                and not aborted
+                and not echo_only
+            ):
+                fed = transcript.tokens.get((position, index), [])
+                expect(choice.token_ids == fed, f"choice {number}: token_ids != generated ids", choice, fed)
+    _check_usage(
+        body,
+        answer,
+        transcript,
+        stream=stream,
+        has_stop_strings=has_stop_strings,
+        forced=expectations.force_include_usage,
+    )
+
+
+def _stop_strings(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    values = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return [value for value in values if isinstance(value, str) and value]
+
+
+def _check_stop_strings(body: dict[str, Any], choice: Choice) -> None:
+    """Output ends at the first stop string: cut before it, or right after it with include_stop_str_in_output."""
+    stops = _stop_strings(body)
+    if isinstance(choice.stop_reason, str):
+        expect(choice.stop_reason in stops, f"stop_reason {choice.stop_reason!r} is not one of {stops!r}")
+        expect(choice.finish_reason == "stop", "a stop string must finish with 'stop'", choice)
+    if not stops or body.get("echo"):
+        return
+    if body.get("include_stop_str_in_output"):
+        if isinstance(choice.stop_reason, str):
+            expect(choice.text.endswith(choice.stop_reason), "the stop string must end the text", choice)
+        return
+    for stop in stops:
+        expect(stop not in choice.text, f"stop string {stop!r} left in the text", choice)
+
+
+def _check_prompt_logprobs(body: dict[str, Any], entries: Any, prompt: Sequence[int]) -> None:
+    """One entry per prompt token, the first None (nothing precedes it), when prompt_logprobs was asked."""
+    wanted = body.get("prompt_logprobs")
+    if not isinstance(wanted, int) or isinstance(wanted, bool):
+        return
+    expect(isinstance(entries, list), "prompt_logprobs requested but missing", entries)
+    expect(
+        len(entries) == len(prompt), f"{len(entries)} prompt_logprobs entries for {len(prompt)} prompt tokens"
+    )
+    expect(entries[0] is None, "the first prompt_logprobs entry must be null", entries[:2])
+    for entry in entries[1:]:
+        expect(isinstance(entry, dict) and entry, "a prompt_logprobs entry must be a non-empty object", entry)
 
 
 def _plain_text_request(body: dict[str, Any], *, chat: bool) -> bool:
@@ -329,14 +430,14 @@ def _check_usage(
     answer: Answer,
     transcript: Transcript,
     *,
-    chat: bool,
     stream: bool,
     has_stop_strings: bool,
+    forced: bool,
 ) -> None:
     usage = answer.usage
     if stream:
         options = body.get("stream_options")
-        include = isinstance(options, dict) and options.get("include_usage", True)
+        include = forced or (isinstance(options, dict) and options.get("include_usage", True))
         if not include:
             expect(usage is None, "usage in a stream that did not ask for it", usage)
             return
@@ -380,7 +481,11 @@ def _parse_whole(transcript: Transcript, *, chat: bool) -> Answer:
         expect(isinstance(raw, dict) and isinstance(raw.get("index"), int), "choice without index", raw)
         expect(raw["index"] not in choices, f"duplicate choice index {raw['index']}")
         choice = Choice(
-            index=raw["index"], finish_reason=raw.get("finish_reason"), stop_reason=raw.get("stop_reason")
+            index=raw["index"],
+            finish_reason=raw.get("finish_reason"),
+            stop_reason=raw.get("stop_reason"),
+            token_ids=raw.get("token_ids"),
+            prompt_logprobs=raw.get("prompt_logprobs"),
         )
         if chat:
             message = raw.get("message")
@@ -400,7 +505,13 @@ def _parse_whole(transcript: Transcript, *, chat: bool) -> Answer:
             choice.logprob_tokens = _completion_logprob_tokens(raw.get("logprobs"))
         choices[choice.index] = choice
     expect(isinstance(payload.get("usage"), dict), "usage must be an object", payload)
-    return Answer(payload["id"], payload["model"], choices, payload["usage"])
+    return Answer(
+        payload["id"],
+        payload["model"],
+        choices,
+        payload["usage"],
+        prompt_logprobs=payload.get("prompt_logprobs"),
+    )
 
 
 def _check_envelope(payload: dict[str, Any]) -> None:
@@ -520,3 +631,8 @@ def _parse_stream(transcript: Transcript, *, chat: bool) -> Answer:
         for choice in choices.values():
             expect(choice.finish_reason is not None, f"choice {choice.index} never got a finish_reason")
     return Answer(ident or "", model or "", choices, usage, error)
+
+
+def _last_header(request: FuzzRequest, name: bytes) -> bytes | None:
+    values = [value for key, value in request.headers if key.lower() == name]
+    return values[-1] if values else None

@@ -16,6 +16,9 @@ Three families, from the field set of `reference/openai-server.md` §2:
 Bodies are plain dicts encoded with `fuzz.jsontext.dumps`, so `Raw` values can splice in text no
 JSON encoder writes. Everything is parameterised by a `Profile` (the served model's names,
 vocabulary size and context length) so token ids can be in or out of range on purpose.
+
+Strategy factories are memoised (`functools.cache`): hypothesis validates every new strategy
+object on first draw, and rebuilding them per example tripled the generation time.
 """
 
 from __future__ import annotations
@@ -513,6 +516,8 @@ OTHER_FIELDS = (
 EXTREME_NUMBERS: tuple[Any, ...] = (
     -1,
     0,
+    128,
+    129,
     -(2**63) - 1,
     2**63,
     2**64,
@@ -717,10 +722,8 @@ def bad_prompts(profile: Profile) -> st.SearchStrategy[Any]:
     )
 
 
-@functools.cache
-@st.composite
-def bad_combinations(draw: st.DrawFn, profile: Profile, *, chat: bool) -> dict[str, Any]:
-    """Field combinations the validators reject (or must survive)."""
+def rejected_combinations(profile: Profile, *, chat: bool) -> list[dict[str, Any]]:
+    """Fields the reference says are a 400 on their own (added to a minimal valid body)."""
     vocab = profile.vocab_size
     options: list[dict[str, Any]] = [
         {"stream": False, "stream_options": {"include_usage": True}},
@@ -729,25 +732,18 @@ def bad_combinations(draw: st.DrawFn, profile: Profile, *, chat: bool) -> dict[s
         {"prompt_logprobs": -2},
         {"n": 2, "temperature": 0},
         {"n": 0},
+        {"n": -3},
         {"max_tokens": 3, "min_tokens": 5},
-        {"max_tokens": 0},
         {"stop": [""]},
         {"stop": ""},
         {"stop": [1, 2]},
-        {"stop": ["a"] * 1000},
         {"logit_bias": {str(vocab): 1.0}},
         {"logit_bias": {"abc": 1.0}},
         {"logit_bias": {"1": "high"}},
         {"logit_bias": {"-1": 1.0}},
         {"allowed_token_ids": []},
         {"allowed_token_ids": [vocab]},
-        {"stop_token_ids": [-1]},
-        {"stop_token_ids": [vocab + 5]},
         {"guided_json": {"type": "object"}, "guided_regex": "a+"},
-        {"guided_choice": []},
-        {"guided_regex": "("},
-        {"guided_json": "{not json"},
-        {"response_format": {"type": "json_schema"}},
         {"response_format": {"type": "yaml"}},
         {"response_format": "json"},
         {"structured_outputs": {"json": {}, "regex": "a"}},
@@ -757,25 +753,73 @@ def bad_combinations(draw: st.DrawFn, profile: Profile, *, chat: bool) -> dict[s
         {"truncate_prompt_tokens": -2},
         {"max_tokens": profile.max_model_len * 100},
         {"max_tokens": 2**31},
+        {"max_tokens": -1},
         {"seed": 2**63},
-        {"use_beam_search": True},
-        {"chat_template": "{{ messages }}"},
-        {"logits_processors": ["builtins.print"]},
+        {"seed": -(2**63) - 1},
+        {"temperature": -0.5},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -2},
+        {"min_p": 1.5},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -2.5},
+        {"repetition_penalty": 0},
+        {"min_tokens": -1},
+        {"model": "no-such-model"},
     ]
     if chat:
-        options += [
+        return options + [
+            {"chat_template": "{{ messages }}"},  # needs --trust-request-chat-template
             {"logprobs": False, "top_logprobs": 3},
             {"logprobs": True, "top_logprobs": 21},
             {"logprobs": True, "top_logprobs": -2},
             {"tool_choice": "auto"},
-            {"tool_choice": "required"},
             {"tool_choice": {"type": "function", "function": {"name": "missing"}}},
             {"tool_choice": {}},
             {"tool_choice": "sometimes"},
-            {"tools": [], "tool_choice": "required"},
             {"tools": [{"type": "function"}]},
             {"tools": "all of them"},
             {"add_generation_prompt": True, "continue_final_message": True},
+            {"max_completion_tokens": -1},
+            {"reasoning_effort": "extreme"},
+            {"messages": [{"role": "user", "content": [{"text": "part without a type"}]}]},
+            {"messages": [{"content": "no role"}]},
+            {"messages": "hello"},
+        ]
+    return options + [
+        {"suffix": "tail"},
+        {"logprobs": 21},
+        {"logprobs": -1},
+        {"prompt": ""},
+        {"prompt": []},
+        {"prompt": [profile.vocab_size]},
+        {"prompt": [-1]},
+        {"prompt": [[]]},
+        {"prompt": [0] * (profile.max_model_len + 1)},
+        {"prompt": [], "prompt_embeds": "AAAA"},
+    ]
+
+
+def survivable_combinations(profile: Profile, *, chat: bool) -> list[dict[str, Any]]:
+    """Odd but possibly acceptable fields: any well-formed answer will do."""
+    options: list[dict[str, Any]] = [
+        {"max_tokens": 0},
+        {"stop": ["a"] * 1000},
+        {"stop_token_ids": [-1]},
+        {"stop_token_ids": [profile.vocab_size + 5]},
+        {"guided_choice": []},
+        {"guided_regex": "("},
+        {"guided_json": "{not json"},
+        {"response_format": {"type": "json_schema"}},
+        {"use_beam_search": True},
+        {"logits_processors": ["builtins.print"]},
+        {"n": 3, "best_of": 2},
+        {"echo": True, "max_tokens": 0, "logprobs": 2},
+    ]
+    if chat:
+        return options + [
+            {"tool_choice": "required"},
+            {"tools": [], "tool_choice": "required"},
             {"messages": []},
             {
                 "messages": [{"role": "assistant", "content": "x"}],
@@ -783,20 +827,16 @@ def bad_combinations(draw: st.DrawFn, profile: Profile, *, chat: bool) -> dict[s
                 "add_generation_prompt": False,
                 "echo": True,
             },
-            {"max_completion_tokens": -1},
-            {"reasoning_effort": "extreme"},
         ]
-    else:
-        options += [
-            {"suffix": "tail"},
-            {"logprobs": 21},
-            {"logprobs": -1},
-            {"logprobs": True},
-            {"echo": True, "max_tokens": 0, "logprobs": 2},
-            {"prompt": [], "prompt_embeds": "AAAA"},
-            {"prompt_embeds": ["%%%"]},
-        ]
-    return draw(st.sampled_from(options))
+    return options + [{"logprobs": True}, {"prompt_embeds": ["%%%"]}, {"chat_template": "{{ x }}"}]
+
+
+@functools.cache
+@st.composite
+def bad_combinations(draw: st.DrawFn, profile: Profile, *, chat: bool) -> dict[str, Any]:
+    """Field combinations the validators reject (or must survive)."""
+    rejected = rejected_combinations(profile, chat=chat)
+    return draw(st.sampled_from(rejected + survivable_combinations(profile, chat=chat)))
 
 
 @functools.cache
@@ -1015,6 +1055,30 @@ def garbage_requests(draw: st.DrawFn, profile: Profile = Profile()) -> FuzzReque
 
 
 @functools.cache
+@st.composite
+def tokenizer_requests(draw: st.DrawFn, profile: Profile = Profile()) -> FuzzRequest:
+    """/tokenize (completion- or chat-style) and /detokenize bodies, in and out of range."""
+    path = draw(st.sampled_from(["/tokenize", "/detokenize"]))
+    body: dict[str, Any]
+    if path == "/tokenize":
+        if draw(st.booleans()):
+            body = {"prompt": draw(texts(profile) | lone_surrogate_strings())}
+        else:
+            body = {"messages": draw(messages(profile, None))}
+            if draw(st.booleans()):
+                body["add_generation_prompt"] = draw(st.booleans())
+        for flag in ("add_special_tokens", "return_token_strs"):
+            if draw(st.booleans()):
+                body[flag] = draw(st.booleans())
+    else:
+        wild = st.integers(-5, profile.vocab_size + 5) | st.sampled_from([2**63, -(2**63), 1.5, "1", None])
+        body = {"tokens": draw(st.lists(token_ids(profile), max_size=12) | st.lists(wild, max_size=4))}
+    if draw(st.booleans()):
+        body["model"] = draw(st.sampled_from([*profile.model_names, "", "other"]))
+    return FuzzRequest("POST", path, draw(polite_headers()), dumps(body), "tokenizer", body)
+
+
+@functools.cache
 def any_requests(profile: Profile = Profile()) -> st.SearchStrategy[FuzzRequest]:
     """The mix the main property runs: mostly valid and almost-valid bodies, some garbage."""
     return st.one_of(
@@ -1023,4 +1087,5 @@ def any_requests(profile: Profile = Profile()) -> st.SearchStrategy[FuzzRequest]
         almost_valid_requests(profile),
         almost_valid_requests(profile),
         garbage_requests(profile),
+        tokenizer_requests(profile),
     )

@@ -48,11 +48,21 @@ def _assert_exercised(family_before: int, at_least: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+SERVERS = st.sampled_from(
+    [
+        (harness.APP, harness.EXPECTATIONS),
+        (harness.APP, harness.EXPECTATIONS),
+        (harness.APP_WITH_OPTIONS, harness.EXPECTATIONS_WITH_OPTIONS),
+    ]
+)
+
+
 @harness.fuzz_settings(EXAMPLES)
-@given(request=any_requests(harness.PROFILE), script=engine_scripts())
-def _every_request_is_answered_well(request: FuzzRequest, script: EngineScript) -> None:
-    transcript = harness.exchange(request, script)
-    check_exchange(request, transcript, harness.EXPECTATIONS)
+@given(request=any_requests(harness.PROFILE), script=engine_scripts(), server=SERVERS)
+def _every_request_is_answered_well(request: FuzzRequest, script: EngineScript, server: Any) -> None:
+    app, expectations = server
+    transcript = harness.exchange(request, script, app)
+    check_exchange(request, transcript, expectations)
 
 
 def test_every_request_is_answered_well_formed() -> None:

@@ -1,0 +1,200 @@
+"""The fuzz oracle and fake engine catch what they claim to (so a green fuzz run means something)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from fuzz.engine_driver import DriverError, EngineScript, FakeEngine, Transcript
+from fuzz.harness import EXPECTATIONS
+from fuzz.oracle import OracleError, check_exchange
+from fuzz.strategies import CHAT_PATH, COMPLETIONS_PATH, FuzzRequest
+from protocol import (
+    Abort,
+    Body,
+    EndResponse,
+    Event,
+    Failed,
+    Generate,
+    SamplingParams,
+    StartResponse,
+    Submit,
+    Tokens,
+)
+from protocol.outputs import Output
+
+JSON = ((b"content-type", b"application/json"),)
+SSE = ((b"content-type", b"text/event-stream"),)
+
+
+def _request(body: dict, path: str = COMPLETIONS_PATH) -> FuzzRequest:
+    return FuzzRequest("POST", path, JSON, json.dumps(body).encode(), "valid", body)
+
+
+def _answered(status: int, body: bytes, headers=JSON, failed: Failed | None = None) -> Transcript:
+    return Transcript(status=status, headers=headers, body=body, ended=True, failed=failed)
+
+
+def _error(status: int) -> bytes:
+    return json.dumps({"error": {"message": "m", "type": "T", "param": None, "code": status}}).encode()
+
+
+def test_an_openai_error_passes_and_a_bare_500_fails() -> None:
+    check_exchange(_request({"prompt": "x"}), _answered(400, _error(400)), EXPECTATIONS)
+    with pytest.raises(OracleError, match="5xx"):
+        check_exchange(_request({"prompt": "x"}), _answered(500, _error(500)), EXPECTATIONS)
+
+
+def test_an_engine_failure_must_keep_its_status() -> None:
+    failed = Failed("r", 503, "busy")
+    check_exchange(_request({"prompt": "x"}), _answered(503, _error(503), failed=failed), EXPECTATIONS)
+    with pytest.raises(OracleError):
+        check_exchange(_request({"prompt": "x"}), _answered(500, _error(500), failed=failed), EXPECTATIONS)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"error": {"message": "m", "type": "T", "code": 400}}',  # no param
+        b'{"error": {"message": "m", "type": "T", "param": null, "code": 422}}',  # code != status
+        b'{"message": "flat"}',
+        b"not json",
+    ],
+)
+def test_malformed_error_bodies_fail(body: bytes) -> None:
+    with pytest.raises(OracleError):
+        check_exchange(_request({"prompt": "x"}), _answered(400, body), EXPECTATIONS)
+
+
+def _chunk(index: int, text: str, finish: str | None = None) -> bytes:
+    payload = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": EXPECTATIONS.served_name,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+        "usage": None,
+    }
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def test_streams_need_done_and_one_finish_reason_per_choice() -> None:
+    request = _request({"prompt": "x", "stream": True})
+    good = _chunk(0, "a") + _chunk(0, "b", "stop") + b"data: [DONE]\n\n"
+    check_exchange(request, _answered(200, good, SSE), EXPECTATIONS)
+    for bad in (
+        _chunk(0, "a") + _chunk(0, "b", "stop"),  # no [DONE]
+        _chunk(0, "a", "stop") + _chunk(0, "b", "stop") + b"data: [DONE]\n\n",  # two finish reasons
+        _chunk(0, "a") + b"data: [DONE]\n\n",  # never finished
+        _chunk(0, "a") + b"data: {broken\n\n" + _chunk(0, "b", "stop") + b"data: [DONE]\n\n",
+    ):
+        with pytest.raises(OracleError):
+            check_exchange(request, _answered(200, bad, SSE), EXPECTATIONS)
+
+
+def test_non_finite_numbers_in_a_response_fail() -> None:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": EXPECTATIONS.served_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    request = _request({"messages": [{"role": "user", "content": "x"}]}, CHAT_PATH)
+    check_exchange(request, _answered(200, json.dumps(body).encode()), EXPECTATIONS)
+    body["choices"][0]["logprobs"] = {
+        "content": [{"token": "h", "logprob": float("-inf"), "top_logprobs": []}]
+    }
+    with pytest.raises(OracleError, match="strict JSON"):
+        check_exchange(request, _answered(200, json.dumps(body).encode()), EXPECTATIONS)
+
+
+# ---- the fake engine ----
+
+
+class _ScriptedCall:
+    """A minimal call: submits one Generate and ends when its samples end (or never, if told so)."""
+
+    def __init__(
+        self, params: SamplingParams, *, abort_index_after_first: int | None = None, hang: bool = False
+    ):
+        self.generate = Generate("req", (1, 2, 3), params)
+        self.events: list[Event] = []
+        self.abort_index = abort_index_after_first
+        self.hang = hang
+        self.finished_indexes: set[int] = set()
+        self._done = False
+
+    def start(self) -> list[Output]:
+        return [Submit((self.generate,))]
+
+    def feed(self, events: Sequence[Event]) -> list[Output]:
+        self.events.extend(events)
+        outputs: list[Output] = []
+        for event in events:
+            if isinstance(event, Tokens) and event.finish_reason is not None:
+                self.finished_indexes.add(event.index)
+        if self.abort_index is not None:
+            outputs.append(Submit((Abort("req", self.abort_index),)))
+            self.finished_indexes.add(self.abort_index)
+            self.abort_index = None
+        if len(self.finished_indexes) == self.generate.params.n and not self.hang:
+            self._done = True
+            outputs += [StartResponse(200, JSON), Body(b"{}"), EndResponse()]
+        return outputs
+
+    def disconnected(self) -> list:
+        return [Abort("req")]
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+
+ENGINE = FakeEngine(vocab_size=260, special_ids=frozenset({256, 257}), eos_ids=frozenset({257}))
+
+
+def test_the_engine_sends_logprobs_in_the_requested_shape() -> None:
+    call = _ScriptedCall(SamplingParams(max_tokens=5, n=2, logprobs=3, prompt_logprobs=1))
+    transcript = ENGINE.run(call, EngineScript(seed=7))
+    tokens = [event for event in call.events if isinstance(event, Tokens)]
+    assert {event.index for event in tokens} == {0, 1}
+    for event in tokens:
+        assert event.logprobs is not None and len(event.logprobs) == len(event.token_ids)
+        for entry, token in zip(event.logprobs, event.token_ids, strict=True):
+            assert entry.token_id == token and len(entry.top) == 3
+            assert [logprob for _, logprob in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+            if entry.rank <= 3:
+                assert entry.top[entry.rank - 1] == (token, entry.logprob)
+    firsts = {}
+    for event in tokens:
+        firsts.setdefault(event.index, event)
+    assert all(
+        event.prompt_logprobs is not None and event.prompt_logprobs[0] is None for event in firsts.values()
+    )
+    assert sum(len(ids) for ids in transcript.tokens.values()) == sum(
+        len(event.token_ids) for event in tokens
+    )
+
+
+def test_the_engine_stops_an_aborted_sample() -> None:
+    call = _ScriptedCall(SamplingParams(max_tokens=20, n=2, temperature=1.0), abort_index_after_first=1)
+    ENGINE.run(call, EngineScript(seed=3, max_chunk=1))
+    after_first_step = call.events[2:]
+    assert all(event.index == 0 for event in after_first_step if isinstance(event, Tokens))
+
+
+def test_a_call_that_waits_for_nothing_is_reported() -> None:
+    with pytest.raises(DriverError, match="waits for engine events"):
+        ENGINE.run(_ScriptedCall(SamplingParams(max_tokens=2), hang=True), EngineScript(seed=1))
+
+
+def test_an_injected_failure_reaches_the_call() -> None:
+    call = _ScriptedCall(SamplingParams(max_tokens=4))
+    with pytest.raises(DriverError):
+        # the failure kills the only request, so the call (which ignores Failed) waits for nothing
+        ENGINE.run(call, EngineScript(seed=1, failure="before", failure_status=503))
+    assert call.events == [Failed("req", 503, "injected engine failure 503")]
