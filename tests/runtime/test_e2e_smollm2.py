@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,60 @@ def test_greedy_capital_of_france(client):
     completion = client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0)
     assert completion.choices[0].message.content == ANSWER
     assert completion.choices[0].finish_reason == "stop"
+
+
+def test_async_client_streaming_and_not(server):
+    async def ask():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as aclient:
+            plain = await aclient.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, temperature=0)
+            stream = await aclient.chat.completions.create(
+                model=DEFAULT_MODEL, messages=QUESTION, temperature=0, stream=True
+            )
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            return plain.choices[0].message.content, streamed
+
+    import asyncio
+
+    assert asyncio.run(ask()) == (ANSWER, ANSWER)
+
+
+@pytest.fixture(scope="module")
+def tls_server(request, loaded_model, tmp_path_factory):
+    """The real model over TLS, offering h2 by ALPN (one runtime is enough: the others test HTTP/2 broadly)."""
+    import trustme
+
+    from engine.engine import Engine, EngineConfig
+
+    ca = trustme.CA()
+    pem = tmp_path_factory.mktemp("tls") / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca_pem = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    args = parse_serve_args([*FLAGS], environ={})
+    config = engine_config_from_args(args, EngineConfig)
+    config.progress = False
+    engine = Engine(config, loaded=loaded_model)
+    with ServerThread(build_asgi_app(args, [engine], BRIDGES["trio"]), "trio", tls_pem=pem) as running:
+        yield running.url, str(ca_pem)
+
+
+def test_http2_answers_like_http1(server, tls_server):
+    body = {"model": DEFAULT_MODEL, "messages": QUESTION, "temperature": 0}
+    with httpx.Client(timeout=120) as h1:
+        reply = h1.post(f"{server.url}/v1/chat/completions", json=body)
+        assert reply.http_version == "HTTP/1.1"
+        expected = reply.json()["choices"][0]["message"]["content"]
+    assert expected == ANSWER
+    with httpx.Client(http1=False, http2=True, timeout=120) as h2c:  # cleartext, prior knowledge
+        reply = h2c.post(f"{server.url}/v1/chat/completions", json=body)
+        assert reply.http_version == "HTTP/2"
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+    url, ca_pem = tls_server
+    tls = ssl.create_default_context(cafile=ca_pem)
+    with httpx.Client(http2=True, verify=tls, timeout=120) as h2:  # TLS, negotiated by ALPN
+        replies = [h2.post(f"{url}/v1/chat/completions", json=body) for _ in range(2)]
+        assert {r.http_version for r in replies} == {"HTTP/2"}
+        assert {r.json()["choices"][0]["message"]["content"] for r in replies} == {expected}
 
 
 def test_streaming_text_and_usage_equal_non_streaming_and_are_exact(server, client):
