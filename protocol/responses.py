@@ -268,7 +268,7 @@ class ModelCard(msgspec.Struct, kw_only=True):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
-    owned_by: str = "vllm"
+    owned_by: str = "sansllm"
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None

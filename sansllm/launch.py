@@ -20,6 +20,9 @@ Runner = Callable[[AsgiApp, HypercornConfig], None]
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    # hypercorn's loggers carry their own handlers; propagating to ours would print every line twice.
+    for name in ("hypercorn.error", "hypercorn.access"):
+        logging.getLogger(name).propagate = False
 
 
 def launch(args: argparse.Namespace, bridge_factory: BridgeFactory, run: Runner) -> None:

@@ -99,7 +99,7 @@ def test_models_list_shape():
     } == {
         "id": "main",
         "object": "model",
-        "owned_by": "vllm",
+        "owned_by": "sansllm",
         "root": "/models/main",
         "parent": None,
         "max_model_len": 64,

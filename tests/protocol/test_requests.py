@@ -430,7 +430,7 @@ def test_model_list_uses_the_first_name_and_reports_context_length():
     assert data["object"] == "list"
     card = data["data"][0]
     assert card["id"] == "tiny-byte-model" and card["object"] == "model" and card["max_model_len"] == 128
-    assert card["root"] == "tiny-byte-model" and card["parent"] is None and card["owned_by"] == "vllm"
+    assert card["root"] == "tiny-byte-model" and card["parent"] is None and card["owned_by"] == "sansllm"
     assert card["permission"][0]["object"] == "model_permission"
 
 
