@@ -1,121 +1,137 @@
-"""Attention over a flat token batch, reading and writing keys/values through per-sequence caches.
+"""Paged attention for a flat token batch: the per-layer KV tensors and the per-step metadata.
 
-v0 keeps one contiguous cache per sequence and runs attention sequence by sequence with torch's
-SDPA; projections and MLPs still run on the whole flat batch. The model only sees
-`AttentionMetadata` and `attend()`, so a paged cache with batched varlen attention can replace
-this module without touching the model code.
+The model sees only `AttentionMetadata` and `attend()`. Each step the engine describes the batch
+once (which new tokens belong to which sequence, where their keys and values go, which blocks
+each sequence reads), as int32 tensors built with a few vectorised ops; every layer then writes
+its new keys/values with `kernels.reshape_and_cache` and attends with `kernels.paged_attention`.
+Which block holds which tokens is decided by `engine.kv_cache.KVCacheManager`.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-_MIN_CAPACITY = 64
+import kernels
+from engine.model_config import ModelConfig
 
 
-class SequenceKVCache:
-    """Keys and values of one sequence for every layer: [layers, 2, capacity, kv_heads, head_dim].
-
-    Grows by doubling (up to `max_len`), so a request asking for many tokens does not reserve
-    them all up front.
-    """
+class PagedKVCache:
+    """Keys and values of every layer, `[num_blocks, block_size, num_kv_heads, head_dim]` each."""
 
     def __init__(
         self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_len: int,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
         dtype: torch.dtype,
-        device: torch.device,
-        capacity: int = _MIN_CAPACITY,
+        device: torch.device | str,
     ):
-        self.max_len = max_len
-        self.length = 0  # tokens whose keys/values are stored
-        capacity = max(1, min(max(capacity, _MIN_CAPACITY), max_len))
-        self.kv = torch.empty(num_layers, 2, capacity, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.layers = [
+            kernels.allocate_kv_cache(
+                num_blocks, block_size, config.num_key_value_heads, config.head_dim, dtype, self.device
+            )
+            for _ in range(config.num_hidden_layers)
+        ]
 
-    @property
-    def capacity(self) -> int:
-        return self.kv.shape[2]
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Memory one block takes over all layers (keys and values)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * itemsize
+        return per_token * block_size
 
-    def reserve(self, total: int) -> None:
-        """Make room for `total` tokens."""
-        if total > self.max_len:
-            raise ValueError(f"sequence of {total} tokens exceeds the cache limit of {self.max_len}")
-        if total <= self.capacity:
-            return
-        capacity = min(max(total, 2 * self.capacity), self.max_len)
-        grown = self.kv.new_empty(self.kv.shape[0], 2, capacity, *self.kv.shape[3:])
-        grown[:, :, : self.length] = self.kv[:, :, : self.length]
-        self.kv = grown
 
-    def fork(self) -> SequenceKVCache:
-        """An independent copy (for the n samples of one prompt, prefilled once)."""
-        twin = object.__new__(SequenceKVCache)
-        twin.max_len = self.max_len
-        twin.length = self.length
-        twin.kv = self.kv.clone()
-        return twin
+@dataclass(frozen=True)
+class SequenceSpan:
+    """The new tokens of one sequence this step: ids at positions `start ...`, stored in `block_ids`."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_ids: Sequence[int]  # the sequence's block table (at least up to start + len(token_ids))
 
 
 @dataclass
 class AttentionMetadata:
-    """How the flat batch splits into sequences: for each, its query tokens and its cache.
+    """What every attention layer of one step needs; built once per step by `build_step`."""
 
-    Sequence i owns `query_lens[i]` consecutive tokens of the batch, at positions
-    `start_positions[i]` onward; its cache already holds the tokens before `start_positions[i]`.
-    """
+    kv_cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [num_tokens] int32: flat cache slot of each new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with -1
+    seq_lens: torch.Tensor  # [num_seqs] int32: cached + new tokens
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    max_query_len: int
+    max_seq_len: int
+    # host-side copies, so the engine can pick rows without reading tensors back
+    query_ends: list[int]  # query_start_loc[1:] as a list
 
-    query_lens: list[int]
-    start_positions: list[int]
-    caches: list[SequenceKVCache]
 
-    def __post_init__(self) -> None:
-        for cache, start, qlen in zip(self.caches, self.start_positions, self.query_lens, strict=True):
-            cache.reserve(start + qlen)
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
 
-    def commit(self) -> None:
-        """Record the tokens this forward pass wrote (call once the model has run)."""
-        for cache, start, qlen in zip(self.caches, self.start_positions, self.query_lens, strict=True):
-            cache.length = start + qlen
+
+def build_step(kv_cache: PagedKVCache, spans: Sequence[SequenceSpan]) -> StepInputs:
+    """The model inputs for one step over `spans` (one per scheduled sequence, in batch order)."""
+    device, block_size = kv_cache.device, kv_cache.block_size
+    query_lens = [len(span.token_ids) for span in spans]
+    starts = [span.start for span in spans]
+    seq_lens = [start + length for start, length in zip(starts, query_lens, strict=True)]
+    ends = list(itertools.accumulate(query_lens))
+    num_tokens = ends[-1] if ends else 0
+    tables = [
+        list(span.block_ids[: -(-seq_len // block_size)])
+        for span, seq_len in zip(spans, seq_lens, strict=True)
+    ]
+    width = max((len(t) for t in tables), default=0)
+    block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+    # position of every new token = its sequence's start + its offset inside the sequence's span
+    seq_of_token = torch.repeat_interleave(torch.arange(len(spans)), torch.tensor(query_lens))
+    first_token = torch.tensor([end - length for end, length in zip(ends, query_lens, strict=True)])
+    positions = torch.arange(num_tokens) - first_token[seq_of_token] + torch.tensor(starts)[seq_of_token]
+    blocks = block_tables[seq_of_token, positions // block_size].long()
+    slot_mapping = (blocks * block_size + positions % block_size).to(torch.int32)
+
+    input_ids = torch.tensor(list(itertools.chain.from_iterable(span.token_ids for span in spans)))
+    meta = AttentionMetadata(
+        kv_cache=kv_cache,
+        slot_mapping=slot_mapping.to(device),
+        block_tables=block_tables.to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor([0, *ends], dtype=torch.int32, device=device),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_ends=ends,
+    )
+    return StepInputs(input_ids.to(device), positions.to(device), meta)
 
 
 def attend(
-    layer: int,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
+    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """Causal GQA attention: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], caching k/v on the way."""
-    out = torch.empty_like(q)
-    offset = 0
-    for cache, start, qlen in zip(meta.caches, meta.start_positions, meta.query_lens, strict=True):
-        end = start + qlen
-        rows = slice(offset, offset + qlen)
-        cache.kv[layer, 0, start:end] = k[rows]
-        cache.kv[layer, 1, start:end] = v[rows]
-        keys = cache.kv[layer, 0, :end].transpose(0, 1)[None]
-        values = cache.kv[layer, 1, :end].transpose(0, 1)[None]
-        queries = q[rows].transpose(0, 1)[None]
-        mask = None
-        if qlen > 1 and start > 0:  # a chunk after cached tokens: causal, shifted by `start`
-            query_pos = torch.arange(start, end, device=q.device)[:, None]
-            mask = torch.arange(end, device=q.device)[None, :] <= query_pos
-        result = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=mask,
-            is_causal=qlen > 1 and start == 0,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[rows] = result[0].transpose(0, 1)
-        offset += qlen
-    return out
+    """Store this layer's new keys/values in the paged cache, then attend over each sequence's cache.
+
+    q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads, head_dim].
+    """
+    key_cache, value_cache = meta.kv_cache.layers[layer]
+    kernels.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+    return kernels.paged_attention(
+        q,
+        key_cache,
+        value_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        scale,
+        meta.max_query_len,
+        meta.max_seq_len,
+    )

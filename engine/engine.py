@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from typing import Any, Literal
 import torch
 
 import kernels
-from engine.core import EngineCore
+from engine.attention import PagedKVCache
+from engine.core import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineCore, EngineStats
 from engine.loader import LoadedModel, load_model, resolve_device
 from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.tokenizer import HFTokenizer
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[list[Event]], None]
 _STOP = object()
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
 
 @dataclass(kw_only=True)
@@ -40,12 +44,17 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context length
     seed: int = 0
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # tokens per step (chunked prefill)
+    # KV cache size in bytes (an int, or a string such as "1GiB" or "512M"); default 1 GiB, never more
+    # blocks than max_num_seqs sequences of max_model_len tokens can use
+    kv_cache_memory: int | str | None = None
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests, tuning)
+    block_size: int = DEFAULT_BLOCK_SIZE
+    enable_prefix_caching: bool = True
     progress: bool = True  # show a loading progress bar on stderr
-    # torch intra-op threads on CPU. None: all cores but one, which stays free for the event loop
-    # (two threads contending for two cores make each small matmul wait ~15 ms at OpenMP barriers);
-    # 0: leave torch's setting alone. The setting is process-wide.
-    num_threads: int | None = None
+    # torch intra-op threads on CPU. 0: leave torch's setting alone; None: all cores but one (which
+    # stays free for the event loop); n: n threads. The setting is process-wide.
+    num_threads: int | None = 0
     # kernels whose result for a row does not depend on the rest of the batch (process-wide, slower)
     batch_invariant: bool = False
 
@@ -68,13 +77,18 @@ class Engine:
         self.root = str(source.path)
         self.vocab_size = loaded.config.vocab_size
         self.generation_defaults: dict[str, Any] = dict(loaded.generation_defaults)
-        self.max_model_len = _max_model_len(config.max_model_len, loaded)
+        max_model_len = _max_model_len(config.max_model_len, loaded)
+        num_kv_blocks = _num_kv_blocks(config, loaded, max_model_len)
+        self.max_model_len = _fit_in_cache(max_model_len, num_kv_blocks * config.block_size, config)
         self.core = EngineCore(
             loaded.model,
             self.tokenizer.eos_token_ids,
             self.max_model_len,
+            num_kv_blocks=num_kv_blocks,
+            block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
             seed=config.seed,
         )
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -89,6 +103,10 @@ class Engine:
     @property
     def healthy(self) -> bool:
         return self._alive
+
+    def stats(self) -> EngineStats:
+        """Scheduler and KV cache numbers for metrics, as of the last step (any thread may call it)."""
+        return self.core.stats()
 
     def start(self, on_events: EventCallback) -> None:
         """Start the engine thread; `on_events` is called on it once per step with that step's events."""
@@ -203,6 +221,54 @@ def _set_threads(config: EngineConfig) -> None:
     if config.num_threads == 0 or resolve_device(config.device).type != "cpu":
         return
     torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) - 1))
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_MEMORY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from an int or a string like "1GiB", "512M", "2G", "1.5GB" (binary units throughout,
+    as the CLI's human-readable sizes)."""
+    if isinstance(value, int):
+        return value
+    match = _MEMORY.fullmatch(value)
+    if match is None:
+        raise ValueError(f"cannot read a memory size from {value!r}; write e.g. 1GiB or 512M")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _num_kv_blocks(config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> int:
+    """Blocks the KV cache gets: the override, else as many as the memory holds, capped by what
+    `max_num_seqs` sequences of `max_model_len` tokens could ever use at once."""
+    if config.num_kv_blocks is not None:
+        if config.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be at least 1")
+        return config.num_kv_blocks
+    memory = parse_memory(
+        config.kv_cache_memory if config.kv_cache_memory is not None else DEFAULT_KV_CACHE_MEMORY
+    )
+    dtype = next(loaded.model.parameters()).dtype
+    per_block = PagedKVCache.bytes_per_block(loaded.config, config.block_size, dtype)
+    useful = config.max_num_seqs * -(-max_model_len // config.block_size)
+    blocks = min(memory // per_block, useful)
+    if blocks < 1:
+        raise ValueError(f"kv_cache_memory={memory} bytes holds no block ({per_block} bytes each)")
+    return blocks
+
+
+def _fit_in_cache(max_model_len: int, capacity: int, config: EngineConfig) -> int:
+    """A sequence must fit in the cache on its own, or it could never finish: an explicit
+    max_model_len that does not fit is an error, the model's default is lowered to fit."""
+    if max_model_len <= capacity:
+        return max_model_len
+    if config.max_model_len is not None:
+        raise ValueError(
+            f"max_model_len={max_model_len} is larger than the KV cache holds ({capacity} tokens); "
+            "give it more memory (kv_cache_memory) or lower max_model_len"
+        )
+    logger.warning("max_model_len lowered to %d tokens: the KV cache holds no more", capacity)
+    return capacity
 
 
 def _max_model_len(requested: int | None, loaded: LoadedModel) -> int:

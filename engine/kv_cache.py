@@ -46,9 +46,6 @@ class BlockPool:
         # Free blocks in eviction order (least recently freed first). Insertion order is the LRU order.
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockHash, Block] = {}
-        # Prefix cache statistics in tokens, as vLLM reports them.
-        self.prefix_queries = 0
-        self.prefix_hits = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -105,16 +102,17 @@ class BlockPool:
 class SequenceBlocks:
     """The block table of one sequence plus the hash chain of its full blocks."""
 
-    __slots__ = ("blocks", "hashes", "salt")
+    __slots__ = ("blocks", "block_ids", "hashes", "salt")
 
     def __init__(self, salt: str | None = None) -> None:
         self.blocks: list[Block] = []
+        self.block_ids: list[int] = []  # kept alongside `blocks`: the step builder reads it every step
         self.hashes: list[BlockHash] = []
         self.salt = salt
 
-    @property
-    def block_ids(self) -> list[int]:
-        return [b.block_id for b in self.blocks]
+    def append(self, block: Block) -> None:
+        self.blocks.append(block)
+        self.block_ids.append(block.block_id)
 
 
 class KVCacheManager:
@@ -143,28 +141,28 @@ class KVCacheManager:
             hashes.append(parent)
         return hashes
 
-    def start(self, seq_id: str, token_ids: Sequence[int], salt: str | None = None) -> int:
+    def start(
+        self, seq_id: str, token_ids: Sequence[int], salt: str | None = None, read_cache: bool = True
+    ) -> int:
         """Open a sequence and attach the cached blocks of its longest cached prefix.
 
         Returns the number of tokens already computed. At least the last token is always left to
-        compute, because its logits are needed to sample.
+        compute, because its logits are needed to sample. `read_cache=False` computes everything
+        (a request scoring its prompt needs every position's output); its blocks are still published.
         """
         table = SequenceBlocks(salt)
         self._tables[seq_id] = table
         max_blocks = (len(token_ids) - 1) // self.block_size
-        self.pool.prefix_queries += len(token_ids)
-        if max_blocks <= 0 or not self.pool.enable_prefix_caching:
+        if max_blocks <= 0 or not self.pool.enable_prefix_caching or not read_cache:
             return 0
         for block_hash in self._hash_chain(token_ids, max_blocks, salt):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             self.pool.touch(block)
-            table.blocks.append(block)
+            table.append(block)
             table.hashes.append(block_hash)
-        hit = len(table.blocks) * self.block_size
-        self.pool.prefix_hits += hit
-        return hit
+        return len(table.blocks) * self.block_size
 
     def blocks_needed(self, seq_id: str, num_tokens: int) -> int:
         """Blocks to add so the sequence can hold `num_tokens` tokens in total."""
@@ -179,11 +177,23 @@ class KVCacheManager:
         blocks = self.pool.allocate(need)
         if blocks is None:
             return False
-        self._tables[seq_id].blocks.extend(blocks)
+        table = self._tables[seq_id]
+        for block in blocks:
+            table.append(block)
         return True
 
+    def has_uncommitted(self, seq_id: str, num_computed: int) -> bool:
+        """Whether `commit(seq_id, ..., num_computed)` would publish a block (cheap; no token ids needed)."""
+        table = self._tables[seq_id]
+        return min(num_computed // self.block_size, len(table.blocks)) > len(table.hashes)
+
     def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-        """Publish every block the sequence has now completely computed, for later prefix hits."""
+        """Publish every full block among the first `num_computed` tokens, for later prefix hits.
+
+        The scheduler calls this when it allocates a chunk, before the step computes it (as vLLM v1
+        does): a sequence scheduled later in the same step may then share those blocks, because each
+        layer writes every new key/value of the step before any sequence attends.
+        """
         table = self._tables[seq_id]
         full = min(num_computed // self.block_size, len(table.blocks))
         if full <= len(table.hashes):

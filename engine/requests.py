@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import SequenceKVCache
+from engine.scheduler import Sequence
 from protocol.engine_api import FinishReason, Generate, SamplingParams, TokenLogprobs
+
+# A request with max_tokens=0 samples nothing; if it asks for prompt logprobs, one sequence under
+# this index (never shown to clients) computes the prompt.
+SCORING_INDEX = -1
 
 
 class RequestRejected(ValueError):
@@ -20,14 +24,20 @@ class RequestRejected(ValueError):
 
 @dataclass
 class SampleState:
-    """One of a request's n samples once its prompt is prefilled."""
+    """One of a request's n samples: its scheduled sequence plus what its events need."""
 
-    index: int
-    cache: SequenceKVCache
+    seq: Sequence
     generator: torch.Generator | None
-    output_token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     sent_first_event: bool = False
+
+    @property
+    def index(self) -> int:
+        return self.seq.index
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids
 
 
 @dataclass
@@ -38,21 +48,22 @@ class RequestState:
     priority: int
     arrival: int
     max_tokens: int  # max_tokens capped by the room left in the context window
+    live_indices: set[int] = field(default_factory=set)  # sample indices not yet finished or aborted
     samples: dict[int, SampleState] = field(default_factory=dict)
-    dropped_indices: set[int] = field(default_factory=set)  # aborted before the prefill
-    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
-
-    @property
-    def prefilled(self) -> bool:
-        return bool(self.samples)
+    # prompt logprobs scored so far, one entry per prompt position (the first is None); complete
+    # when it has one entry per prompt token
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    num_cached_tokens: int | None = None  # prefix-cache hit of the first sample to be scheduled
+    prompt_counted: bool = False  # its prompt tokens are in the engine's totals
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
-    def live_indices(self) -> list[int]:
-        return [i for i in range(self.params.n) if i not in self.dropped_indices]
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs were asked for and are not complete yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
 
 def validate(command: Generate, vocab_size: int, max_model_len: int, max_num_seqs: int) -> int:

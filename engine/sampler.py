@@ -3,7 +3,7 @@
 One row of logits per sequence. Processing order follows vLLM: allowed tokens, logit bias, bad
 words, min_tokens (stop and EOS ids masked), penalties (repetition over prompt and output,
 frequency and presence over output), then greedy argmax for temperature 0, otherwise
-temperature, min_p, top_k, top_p and a draw.
+temperature, min_p, top_k, top_p and a draw (`kernels.sample`).
 
 Logprobs are vLLM's default "raw logprobs": log_softmax of the model's logits *before* any of
 the processing above, so they do not depend on temperature, penalties or bias.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import kernels
 from protocol.engine_api import SamplingParams, TokenLogprobs
 
 _GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as in vLLM
@@ -77,37 +78,16 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 def choose(
     logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Greedy rows take the argmax; the others are tempered, truncated and drawn."""
-    tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, row in enumerate(rows) if not row.greedy]
-    if not random_rows:
-        return tokens
-    index = torch.tensor(random_rows, device=logits.device)
-    sub = logits[index]
-    params = [rows[i].params for i in random_rows]
-    sub.div_(torch.tensor([p.temperature for p in params], device=logits.device)[:, None])
-    apply_min_p(sub, [p.min_p for p in params])
-    apply_top_k_top_p(sub, [p.top_k for p in params], [p.top_p for p in params])
-    probs = torch.softmax(sub, dim=-1)
-    noise = exponential_noise(probs, [rows[i].generator for i in random_rows], generator)
-    tokens[index] = (probs / noise).argmax(dim=-1)
-    return tokens
-
-
-def exponential_noise(
-    probs: torch.Tensor, generators: Sequence[torch.Generator | None], shared: torch.Generator | None
-) -> torch.Tensor:
-    """Exp(1) noise per row: from the row's own generator when it has one, else the shared one."""
-    noise = torch.empty_like(probs)
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-            generator=shared
-        )
-    for i, g in enumerate(generators):
-        if g is not None:
-            noise[i].exponential_(generator=g)
-    return noise.clamp_(min=1e-20)  # a zero draw would make p / noise infinite
+    """Greedy rows take the argmax; the others are tempered, truncated (min_p, top_k, top_p) and drawn
+    by `kernels.sample` (triton on CUDA). A row without its own generator draws from `generator`."""
+    device = logits.device
+    params = [row.params for row in rows]
+    temperature = torch.tensor([0.0 if row.greedy else row.params.temperature for row in rows], device=device)
+    top_k = torch.tensor([p.top_k for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    generators = [row.generator or generator for row in rows]
+    return kernels.sample(logits, temperature, top_k, top_p, min_p, generators)
 
 
 # ---- individual processors (each modifies `logits` in place) ----
@@ -187,32 +167,6 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
             row.sub_(p.frequency_penalty * counts)
         if p.presence_penalty:
             row.sub_(p.presence_penalty * (counts > 0).to(logits.dtype))
-
-
-def apply_min_p(logits: torch.Tensor, min_ps: Sequence[float]) -> None:
-    """Drop tokens whose probability is below min_p times the most likely token's."""
-    if not any(p > 0 for p in min_ps):
-        return
-    probs = torch.softmax(logits, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, device=logits.device)[:, None]
-    logits.masked_fill_(probs < threshold, float("-inf"))
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_ks: Sequence[int], top_ps: Sequence[float]) -> None:
-    """Keep the k most likely tokens, then the smallest set whose probability reaches top_p."""
-    vocab = logits.shape[1]
-    ks = [k if 0 < k < vocab else vocab for k in top_ks]
-    if all(k == vocab for k in ks) and all(p >= 1.0 for p in top_ps):
-        return
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device)[None, :]
-    remove = ranks >= torch.tensor(ks, device=logits.device)[:, None]
-    sorted_logits.masked_fill_(remove, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability mass of the better tokens
-    remove |= before > torch.tensor(top_ps, dtype=probs.dtype, device=logits.device)[:, None]
-    remove[:, 0] = False  # always keep the best token
-    logits.scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
 
 
 # ---- logprobs ----

@@ -5,10 +5,14 @@ computed tokens, and each step gives it a share of a token budget to close the g
 tokens. A decoding sequence needs one token; a new prompt takes as many as the budget allows, so a
 long prompt is prefilled in chunks while other sequences keep decoding.
 
-Order: running sequences first (they hold KV blocks), then waiting ones by (priority, arrival).
-When the cache runs out of blocks, the running sequence that would be served last is preempted:
-its blocks are freed and it goes back to the waiting queue to be recomputed later (its sampled
-tokens are kept, so its output is unchanged).
+Order: running sequences first (they hold KV blocks; decodes before unfinished prefills), then
+waiting ones by (priority, arrival). When the cache runs out of blocks, the running sequence that
+would be served last is preempted: its blocks are freed and it goes back to the waiting queue to be
+recomputed later (its sampled tokens are kept, so its output is unchanged).
+
+Blocks are published to the prefix cache when they are allocated, so the n samples of a request
+admitted in one step compute their shared prompt once (the first sample's chunk fills the blocks,
+the others attach to them).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Sequence:
     status: Status = Status.WAITING
     first_scheduled: bool = False
     num_preemptions: int = 0
+    read_prefix_cache: bool = True  # False while every prompt position's output is needed (prompt logprobs)
 
     @property
     def seq_id(self) -> str:
@@ -62,6 +67,15 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens at positions [start, stop) without copying the whole sequence (a decode reads one)."""
+        prompt = len(self.prompt_token_ids)
+        if start >= prompt:
+            return self.output_token_ids[start - prompt : stop - prompt]
+        if stop <= prompt:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt]
 
 
 @dataclass
@@ -93,6 +107,8 @@ class Scheduler:
         max_num_batched_tokens: int = 512,
         long_prefill_token_threshold: int = 0,
     ) -> None:
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -101,6 +117,10 @@ class Scheduler:
         self._waiting: list[tuple[int, int, int, Sequence]] = []
         self._counter = itertools.count()
         self.num_preemptions = 0
+        # Prefix cache statistics in tokens, as vLLM reports them: counted once per sequence, when
+        # it is first scheduled (not when it waits for blocks, nor when it comes back from preemption).
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ---- queue management ----
 
@@ -138,21 +158,33 @@ class Scheduler:
 
     # ---- the step ----
 
+    def _chunk(self, missing: int, budget: int) -> int:
+        want = min(missing, budget)
+        if self.long_prefill_token_threshold:
+            want = min(want, self.long_prefill_token_threshold)
+        return want
+
+    def _publish(self, seq: Sequence, num_tokens: int) -> None:
+        """Publish the blocks this chunk fills, so sequences scheduled after it can share them now."""
+        if self.kv.has_uncommitted(seq.seq_id, num_tokens):
+            self.kv.commit(seq.seq_id, seq.all_token_ids, num_tokens)
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
         scheduled: set[int] = set()
 
-        # 1. Running sequences, in arrival order, each asking for what it is missing.
-        for seq in list(self.running):
+        # 1. Running sequences, decodes first (one token each, so a long prefill chunk cannot starve
+        #    them), then unfinished prefills; each in arrival order, asking for what it is missing.
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decoding + prefilling:
             if budget <= 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this step to make room for another
-            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if self.long_prefill_token_threshold:
-                want = min(want, self.long_prefill_token_threshold)
+            want = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
             if want <= 0:
                 continue
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + want):
@@ -166,6 +198,7 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
+            self._publish(seq, seq.num_computed_tokens + want)
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, want))
             scheduled.add(id(seq))
             budget -= want
@@ -178,10 +211,8 @@ class Scheduler:
                     heapq.heappop(self._waiting)
                     continue
                 tokens = seq.all_token_ids
-                computed = self.kv.start(seq.seq_id, tokens, seq.salt)
-                want = min(seq.num_tokens - computed, budget)
-                if self.long_prefill_token_threshold:
-                    want = min(want, self.long_prefill_token_threshold)
+                computed = self.kv.start(seq.seq_id, tokens, seq.salt, seq.read_prefix_cache)
+                want = self._chunk(seq.num_tokens - computed, budget)
                 if not self.kv.allocate(seq.seq_id, computed + want):
                     self.kv.free(seq.seq_id)
                     break
@@ -189,17 +220,20 @@ class Scheduler:
                 if not seq.first_scheduled:
                     seq.first_scheduled = True
                     seq.num_cached_tokens = computed
+                    self.prefix_cache_queries += seq.num_tokens
+                    self.prefix_cache_hits += computed
                 seq.num_computed_tokens = computed
                 seq.status = Status.RUNNING
                 self.running.append(seq)
+                self._publish(seq, computed + want)
                 chunks.append(ScheduledChunk(seq, computed, want))
                 budget -= want
 
         return SchedulerOutput(chunks, preempted)
 
     def advance(self, chunks: Seq[ScheduledChunk]) -> None:
-        """Record that the scheduled tokens were computed, and publish the blocks they filled."""
+        """Record that the scheduled tokens were computed (their blocks were published when scheduled)."""
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.kv.commit(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
+            self._publish(seq, seq.num_computed_tokens)

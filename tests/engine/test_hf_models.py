@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.attention import AttentionMetadata, SequenceKVCache
 from engine.loader import LoadedModel, load_model
 from engine.model_files import resolve_model
+from tests.engine.paged import PagedRunner
 from tests.engine.tiny_models import build_model
 
 ATOL = 1e-4
@@ -33,25 +33,10 @@ def hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
-def new_cache(loaded: LoadedModel) -> SequenceKVCache:
-    cfg, dtype = loaded.config, loaded.model.lm_head.weight.dtype
-    return SequenceKVCache(
-        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, dtype, torch.device("cpu")
-    )
-
-
 def our_logits(loaded: LoadedModel, chunks: list[list[int]]) -> torch.Tensor:
-    """Logits for every token, feeding the sequence in `chunks` (a prefill, then more) through one cache."""
-    cache, start, out = new_cache(loaded), 0, []
-    with torch.inference_mode():
-        for chunk in chunks:
-            meta = AttentionMetadata([len(chunk)], [start], [cache])
-            positions = torch.arange(start, start + len(chunk))
-            hidden = loaded.model(torch.tensor(chunk), positions, meta)
-            meta.commit()
-            out.append(loaded.model.compute_logits(hidden))
-            start += len(chunk)
-    return torch.cat(out)
+    """Logits for every token, feeding the sequence in `chunks` (a prefill, then more) through a paged cache."""
+    runner = PagedRunner(loaded.model, max_len=256, max_seqs=1)
+    return torch.cat([runner.logits([("seq", chunk)]) for chunk in chunks])
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen2"])
@@ -79,11 +64,7 @@ def test_sequences_in_one_flat_batch_do_not_see_each_other(tiny_llama):
     loaded = load(tiny_llama)
     a = loaded.tokenizer.encode(TEXT)
     b = loaded.tokenizer.encode("Hello world! 0123456789")
-    caches = [new_cache(loaded), new_cache(loaded)]
-    meta = AttentionMetadata([len(a), len(b)], [0, 0], caches)
-    positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
-    with torch.inference_mode():
-        logits = loaded.model.compute_logits(loaded.model(torch.tensor(a + b), positions, meta))
+    logits = PagedRunner(loaded.model, max_len=256, max_seqs=2).logits([("a", a), ("b", b)])
     torch.testing.assert_close(logits[: len(a)], hf_logits(tiny_llama, a), atol=ATOL, rtol=0)
     torch.testing.assert_close(logits[len(a) :], hf_logits(tiny_llama, b), atol=ATOL, rtol=0)
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.attention import AttentionMetadata, SequenceKVCache
 from engine.gguf_file import GGUFModel, hf_name, unpermute_rotary
 from engine.loader import build_model, load_model, resolve_dtype
 from engine.model_config import ModelConfig, UnsupportedModelError
 from engine.model_files import DEFAULT_MODEL, ModelNotFoundError, resolve_model
 from engine.tokenizer import HFTokenizer
+from tests.engine.paged import prefill_logits
 from tests.engine.tiny_models import CHATML, write_json
 from tests.engine.tiny_models import build_model as build_tiny
 
@@ -241,14 +241,7 @@ def write_gguf_like_llama_cpp(folder: Path, path: Path) -> None:
 
 
 def logits_of(model, ids: list[int]) -> torch.Tensor:
-    cfg = model.config
-    cache = SequenceKVCache(
-        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, torch.float32, "cpu"
-    )
-    with torch.inference_mode():
-        return model.compute_logits(
-            model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata([len(ids)], [0], [cache]))
-        )
+    return prefill_logits(model, ids)
 
 
 def test_gguf_written_like_llama_cpp_gives_the_hf_folder_logits(tmp_path, tiny_llama):

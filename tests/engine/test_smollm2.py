@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.attention import AttentionMetadata, SequenceKVCache
 from engine.engine import Engine, EngineConfig
 from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.offline import LLM
 from protocol.engine_api import Generate, SamplingParams, Tokens
+from tests.engine.paged import prefill_logits
 
 LOGITS_ATOL = 2e-3
 PROMPTS = [
@@ -86,16 +86,8 @@ def test_greedy_tokens_match_transformers(engine, hf_tokenizer, hf_model):
 
 def test_prompt_logits_match_transformers(engine, hf_tokenizer, hf_model):
     ids = chat_ids(hf_tokenizer, PROMPTS[1])
-    loaded = engine.loaded
-    cfg = loaded.config
-    cache = SequenceKVCache(
-        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 512, torch.float32, torch.device("cpu")
-    )
+    ours = prefill_logits(engine.loaded.model, ids)
     with torch.inference_mode():
-        hidden = loaded.model(
-            torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata([len(ids)], [0], [cache])
-        )
-        ours = loaded.model.compute_logits(hidden)
         theirs = hf_model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(ours, theirs, atol=LOGITS_ATOL, rtol=0)
 
