@@ -66,6 +66,8 @@ def _attend_decodes(
     keys = _gather_blocks(key_cache, blocks)
     values = _gather_blocks(value_cache, blocks)
     visible = torch.arange(keys.shape[1], device=query.device) < seq_lens[:, None].to(query.device)
+    if query.dtype != torch.float32:
+        return _attend_decodes_by_matmul(query, keys, values, visible, scale)
     out = F.scaled_dot_product_attention(
         query.unsqueeze(2),
         keys.transpose(1, 2),
@@ -75,6 +77,23 @@ def _attend_decodes(
         enable_gqa=True,
     )
     return out.squeeze(2)
+
+
+def _attend_decodes_by_matmul(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Decode attention as two batched matmuls with the softmax in float32.
+
+    Used for 16-bit dtypes: torch's CPU SDPA with a mask and GQA takes a slow path there (about 7x
+    slower than this for 32 sequences of 256 tokens in bfloat16); in float32 SDPA is the faster one.
+    """
+    seqs, num_heads, head_dim = query.shape
+    kv_heads = keys.shape[2]
+    grouped = query.view(seqs, kv_heads, num_heads // kv_heads, head_dim)
+    scores = torch.matmul(grouped, keys.permute(0, 2, 3, 1)).float().mul_(scale)  # [S, Hkv, G, L]
+    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(query.dtype)
+    return torch.matmul(weights, values.permute(0, 2, 1, 3)).reshape(seqs, num_heads, head_dim)
 
 
 def paged_attention(

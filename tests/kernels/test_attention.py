@@ -34,8 +34,9 @@ def test_torch_path_handles_block_sizes_other_than_16():
     torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
 
 
-def test_torch_path_in_bfloat16_stays_close_to_the_definition():
-    batch = make_paged_batch(*MIXED, 9, 3, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("batch_name", ["mixed", "decode"])
+def test_torch_path_in_bfloat16_stays_close_to_the_definition(batch_name):
+    batch = make_paged_batch(*BATCHES[batch_name], 9, 3, 64, dtype=torch.bfloat16)
     out = torch_attention.paged_attention(*batch.attention_args())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), naive_attention(batch), atol=2e-2, rtol=2e-2)
