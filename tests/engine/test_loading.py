@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.gguf_file import GGUFModel, hf_name, unpermute_rotary
-from engine.loader import build_model, load_model, resolve_dtype
+from engine.loader import build_model, cpu_has_native_bf16, load_model, resolve_dtype
 from engine.model_config import ModelConfig, UnsupportedModelError
 from engine.model_files import DEFAULT_MODEL, ModelNotFoundError, resolve_model
 from engine.tokenizer import HFTokenizer
@@ -97,8 +97,20 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
         load_model(resolve_model(str(folder)), progress=False)
 
 
-def test_dtype_auto_is_float32_on_cpu():
-    assert resolve_dtype("auto", torch.device("cpu"), "bfloat16") == torch.float32
+def test_dtype_auto_on_cpu_is_bfloat16_only_with_native_bf16(tmp_path, monkeypatch):
+    from engine import loader
+
+    detect = cpu_has_native_bf16  # imported at collection, before conftest pins `auto` to float32
+    native = tmp_path / "native"
+    native.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor : 0\nflags : fpu avx2 avx512f\n")
+    assert detect(str(native)) and not detect(str(plain))
+    assert not detect(str(tmp_path / "missing"))
+    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda has=has_bf16: has)
+        assert resolve_dtype("auto", torch.device("cpu"), "bfloat16") == expected
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3", torch.device("cpu"))

@@ -27,7 +27,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(EngineConfig(model=DEFAULT_MODEL, progress=False))
+    return Engine(EngineConfig(model=DEFAULT_MODEL, dtype="float32", progress=False))
 
 
 @pytest.fixture(scope="module")

@@ -65,14 +65,14 @@ def loaded() -> LoadedModel:
     # two OpenMP threads wait on each other at every matmul (steps measured up to 10x slower).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_model(resolve_model(DEFAULT_MODEL), progress=False)
+    yield load_model(resolve_model(DEFAULT_MODEL), dtype="float32", progress=False)
     torch.set_num_threads(threads)
 
 
 def new_engine(loaded: LoadedModel, **config) -> Engine:
     config.setdefault("max_model_len", 1024)
     config.setdefault("kv_cache_memory", "128MiB")
-    return Engine(EngineConfig(model=DEFAULT_MODEL, progress=False, **config), loaded=loaded)
+    return Engine(EngineConfig(model=DEFAULT_MODEL, dtype="float32", progress=False, **config), loaded=loaded)
 
 
 @pytest.fixture(scope="module")
