@@ -30,3 +30,13 @@ def hf_location(model_path: str) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         return str(path.parent), path.name
     return str(path), None
+
+
+def concrete_dtype(dtype: str) -> str:
+    """The torch dtype name `--dtype` means on this CPU (`auto` as the engine resolves it), so the HF
+    baseline always runs in the same dtype as our engine."""
+    import torch
+
+    from engine.loader import resolve_dtype
+
+    return str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")

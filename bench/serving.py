@@ -30,7 +30,7 @@ import msgspec
 import torch
 
 from bench.hf_baseline import HFBaseline, HFTokenizer
-from bench.model_files import DEFAULT_MODEL_NAME, resolve_model
+from bench.model_files import DEFAULT_MODEL_NAME, concrete_dtype, resolve_model
 from bench.prompts import (
     BenchPrompt,
     Encode,
@@ -76,7 +76,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--model", default=None, help=f"name, GGUF file or HF folder (default {DEFAULT_MODEL_NAME})"
     )
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (as the server), float32, bfloat16; both sides use it"
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight at most (C)")
     parser.add_argument("--num-prompts", type=int, default=None, help="requests per run (default: C)")
     parser.add_argument(
@@ -103,7 +105,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     parser.add_argument("--results", default=str(RESULTS_PATH), help="file --record appends to")
     parser.add_argument("--note", default="", help="recorded with the results (e.g. 'machine busy')")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.dtype = concrete_dtype(args.dtype)
+    return args
 
 
 class PromptPlan(msgspec.Struct):

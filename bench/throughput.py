@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +24,7 @@ import msgspec
 import torch
 
 from bench.hf_baseline import HFBaseline, HFTokenizer
-from bench.model_files import resolve_model
+from bench.model_files import concrete_dtype, resolve_model
 from bench.prompts import BenchPrompt, make_prompts, parse_range, warmup_prompt
 from bench.report import (
     RESULTS_PATH,
@@ -76,7 +78,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)"
     )
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (as the server), float32, bfloat16; both sides use it"
+    )
     parser.add_argument("--batch", type=_int_list, default=[1, 32], help="comma-separated batch sizes")
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts per batch size (default: B)")
     parser.add_argument(
@@ -95,6 +99,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--results", default=str(RESULTS_PATH), help="file --record appends to")
     parser.add_argument("--note", default="", help="recorded with the results (e.g. 'machine busy')")
     args = parser.parse_args(argv)
+    args.dtype = concrete_dtype(args.dtype)
     args.backends = [name for name in args.backends.split(",") if name]
     unknown = set(args.backends) - {HF, OURS}
     if unknown:
@@ -128,48 +133,59 @@ class Backend(Protocol):
     ) -> list[RequestTiming]: ...
 
 
-def _load_backends(args: argparse.Namespace, model: str, tokenizer: HFTokenizer) -> dict[str, Backend]:
-    backends: dict[str, Backend] = {}
-    if HF in args.backends:
-        backends[HF] = HFBaseline(model, tokenizer, args.dtype)
-    if OURS in args.backends:
-        from bench.engine_runner import EngineRunner  # deferred: the HF-only mode must not need the engine
+def _load_backend(name: str, args: argparse.Namespace, model: str, tokenizer: HFTokenizer) -> Backend:
+    if name == HF:
+        return HFBaseline(model, tokenizer, args.dtype)
+    from bench.engine_runner import EngineRunner  # deferred: the HF-only mode must not need the engine
 
-        options = dict(args.engine_option)
-        options.setdefault("max_num_seqs", args.max_num_seqs or max(args.batch))
-        options.setdefault("progress", False)
-        # The thread count is process-wide: pin the engine to the one HF runs with, so it cannot
-        # change the baseline's setting (or its own) behind the comparison's back.
-        options.setdefault("num_threads", torch.get_num_threads())
-        backends[OURS] = EngineRunner(model, args.dtype, **options)
-    return backends
+    options = dict(args.engine_option)
+    options.setdefault("max_num_seqs", args.max_num_seqs or max(args.batch))
+    options.setdefault("progress", False)
+    # The thread count is process-wide: pin the engine to the one HF runs with, so it cannot
+    # change the baseline's setting (or its own) behind the comparison's back.
+    options.setdefault("num_threads", torch.get_num_threads())
+    return EngineRunner(model, args.dtype, **options)
+
+
+def _run_backend(
+    name: str, args: argparse.Namespace, model: str, prompt_sets: dict[int, list[BenchPrompt]]
+) -> dict[int, Summary]:
+    """One backend's whole phase (load, warm up, every batch size), in a process of its own.
+
+    Why a process: each thread that runs torch on the CPU keeps its own OpenMP team, and an idle
+    team left by the other backend makes libgomp stop spinning for the active one; on 2 cores that
+    slowed our batch-1 decode from 35 to 47 ms per token."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = HFTokenizer(model)
+    backend = _load_backend(name, args, model, tokenizer)
+    try:
+        backend.warmup(warmup_prompt(tokenizer.encode, args.input_len[1]).token_ids)
+        summaries = {}
+        for batch, prompts in prompt_sets.items():
+            ids, lens = [p.token_ids for p in prompts], [p.output_len for p in prompts]
+            print(f"[{name}] batch {batch}: {len(prompts)} prompts", file=sys.stderr, flush=True)
+            summaries[batch] = summarize(name, backend.run(ids, lens, batch))
+        return summaries
+    finally:
+        backend.close()
 
 
 def run(args: argparse.Namespace) -> list[BatchResult]:
-    """Each batch size runs on HF and then on ours, back to back: on a busy machine, measurements
-    taken minutes apart would compare the load at two moments more than the two backends."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """HF's phase, then ours, each in a fresh process, on the same prompts.
+
+    On a busy machine the two phases see different loads: compare only runs made on a quiet one."""
     model = resolve_model(args.model)
-    tokenizer = HFTokenizer(model)
-    prompt_sets = _prompt_sets(args, tokenizer)
-    backends = _load_backends(args, model, tokenizer)
-    try:
-        warmup = warmup_prompt(tokenizer.encode, args.input_len[1]).token_ids
-        for backend in backends.values():
-            backend.warmup(warmup)
-        results = []
-        for batch, prompts in prompt_sets.items():
-            ids, lens = [p.token_ids for p in prompts], [p.output_len for p in prompts]
-            summaries = {}
-            for name, backend in backends.items():
-                print(f"[{name}] batch {batch}: {len(prompts)} prompts", file=sys.stderr, flush=True)
-                summaries[name] = summarize(name, backend.run(ids, lens, batch))
-            results.append(BatchResult(batch, summaries))
-    finally:
-        for backend in backends.values():
-            backend.close()
-    return results
+    prompt_sets = _prompt_sets(args, HFTokenizer(model))
+    by_backend = {}
+    for name in (HF, OURS):
+        if name in args.backends:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                by_backend[name] = pool.submit(_run_backend, name, args, model, prompt_sets).result()
+    return [
+        BatchResult(batch, {name: summaries[batch] for name, summaries in by_backend.items()})
+        for batch in prompt_sets
+    ]
 
 
 def render(args: argparse.Namespace, results: list[BatchResult]) -> str:
