@@ -197,6 +197,21 @@ class _Exchange:
     async def _too_large(self, cap: int) -> None:
         error = ProtocolError(f"Request body too large: the limit is {cap} bytes", 413)
         await self._respond_error(error)
+        await self._discard_body()
+
+    async def _discard_body(self) -> None:
+        """Read (and drop) what the client is still sending, up to a bound.
+
+        Why: closing a connection with unread request bytes makes the kernel send a reset, and a
+        client still writing its body then loses the 413 it was already sent."""
+        left = _DISCARD_LIMIT
+        while left > 0:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                return
+            left -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _serve(self, call: CallLike) -> None:
         async with anyio.create_task_group() as tasks:
@@ -311,6 +326,9 @@ def _target(scope: Scope) -> str:
     query = scope.get("query_string", b"")
     path = scope["path"]
     return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+_DISCARD_LIMIT = 64 << 20  # bytes of an oversized body read and dropped after its 413
 
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
