@@ -1,8 +1,8 @@
 """The runtime-side view of an engine, as the ASGI shell uses it.
 
 Implemented by `runtime_asyncio.bridge` and `runtime_trio.bridge` around the engine thread (one
-loop wake-up per engine step), and by the scripted engines of `tests/runtime/fakes.py` and `fuzz/engine_driver.py`. Sinks are called on
-the event loop's thread, never on the engine thread.
+loop wake-up per engine step), and by the scripted engines of `tests/runtime/fakes.py` and
+`fuzz/engine_driver.py`. Sinks are called on the event loop's thread, never on the engine thread.
 """
 
 from __future__ import annotations

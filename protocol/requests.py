@@ -159,7 +159,29 @@ def _default_tool_choice(request: ChatCompletionRequest | TokenizeChatRequest) -
 # so each struct reads as the full field list of its endpoint. Keep the groups in step.
 
 
-class ChatCompletionRequest(_Request, kw_only=True):
+class _GenerationRequest(_Request, kw_only=True):
+    """vLLM extra params that chat and completions share, and the legacy `guided_*` aliases."""
+
+    structured_outputs: StructuredOutputsParams | None = None
+    priority: int = 0
+    request_id: str | None = None  # None: the core injects one
+    logits_processors: list[str | LogitsProcessorConstructor] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: JsonObject | None = None
+    vllm_xargs: JsonObject | None = None
+    # legacy guided decoding (<= v0.10), aliases of structured_outputs
+    guided_json: str | JsonObject | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest, kw_only=True):
     """POST /v1/chat/completions."""
 
     messages: list[JsonObject]
@@ -213,30 +235,13 @@ class ChatCompletionRequest(_Request, kw_only=True):
     chat_template: str | None = None
     chat_template_kwargs: JsonObject | None = None
     mm_processor_kwargs: JsonObject | None = None
-    structured_outputs: StructuredOutputsParams | None = None
-    priority: int = 0
-    request_id: str | None = None  # None: the core injects one
-    logits_processors: list[str | LogitsProcessorConstructor] | None = None
-    return_tokens_as_token_ids: bool | None = None
-    return_token_ids: bool | None = None
-    cache_salt: str | None = None
-    kv_transfer_params: JsonObject | None = None
-    vllm_xargs: JsonObject | None = None
-    # legacy guided decoding (<= v0.10), aliases of structured_outputs
-    guided_json: str | JsonObject | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None
-    guided_whitespace_pattern: str | None = None
-    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         _check_messages(self.messages)
         _default_tool_choice(self)
 
 
-class CompletionRequest(_Request, kw_only=True):
+class CompletionRequest(_GenerationRequest, kw_only=True):
     """POST /v1/completions."""
 
     model: str | None = None
@@ -277,23 +282,6 @@ class CompletionRequest(_Request, kw_only=True):
     # vLLM extra params
     add_special_tokens: bool = True
     response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputsParams | None = None
-    priority: int = 0
-    request_id: str | None = None
-    logits_processors: list[str | LogitsProcessorConstructor] | None = None
-    return_tokens_as_token_ids: bool | None = None
-    return_token_ids: bool | None = None
-    cache_salt: str | None = None
-    kv_transfer_params: JsonObject | None = None
-    vllm_xargs: JsonObject | None = None
-    # legacy guided decoding (<= v0.10), aliases of structured_outputs
-    guided_json: str | JsonObject | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None
-    guided_whitespace_pattern: str | None = None
-    structural_tag: str | None = None
 
     def __post_init__(self) -> None:
         _check_prompt(self.prompt)
