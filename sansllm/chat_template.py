@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-_JINJA_CHARS = "{}\n"
+from protocol.chat_template import looks_like_file_path
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -17,7 +17,7 @@ def load_chat_template(value: str | None) -> str | None:
         with open(value, encoding="utf-8") as file:
             return file.read()
     except (OSError, ValueError) as exc:
-        if not any(char in value for char in _JINJA_CHARS):
+        if looks_like_file_path(value):
             raise ValueError(
                 f"The supplied chat template ({value}) looks like a file path, but it failed to be opened. "
                 f"Reason: {exc}"
