@@ -175,7 +175,7 @@ class _Exchange:
         cap = self.shell.max_body_bytes
         declared = _content_length(self.scope.get("headers", ()))
         if declared is not None and declared > cap:
-            await self._too_large(cap)
+            await self._too_large(cap, drain=declared <= _DISCARD_LIMIT)
             return None
         chunks: list[bytes] = []
         size = 0
@@ -194,24 +194,31 @@ class _Exchange:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _too_large(self, cap: int) -> None:
-        error = ProtocolError(f"Request body too large: the limit is {cap} bytes", 413)
-        await self._respond_error(error)
-        await self._discard_body()
+    async def _too_large(self, cap: int, *, drain: bool = True) -> None:
+        """Answer 413 once the rest of the body is read, so the connection can serve the next request.
 
-    async def _discard_body(self) -> None:
-        """Read (and drop) what the client is still sending, up to a bound.
+        Why read first: an HTTP/1.1 server closes a connection whose request body was not read to its
+        end when the response completes; a 413 sent before that looks keep-alive to the client, which
+        may then send its next request into a closing socket. A body past the drain bound gets the
+        413 with `Connection: close` instead."""
+        drained = drain and await self._discard_body()
+        error = ProtocolError(f"Request body too large: the limit is {cap} bytes", 413)
+        await self._respond_error(error, close=not drained)
+
+    async def _discard_body(self) -> bool:
+        """Read (and drop) what the client is still sending, up to a bound; True when it all arrived.
 
         Why: closing a connection with unread request bytes makes the kernel send a reset, and a
-        client still writing its body then loses the 413 it was already sent."""
+        client still writing its body then loses the 413."""
         left = _DISCARD_LIMIT
         while left > 0:
             message = await self.receive()
             if message["type"] != "http.request":
-                return
+                return False
             left -= len(message.get("body", b""))
             if not message.get("more_body", False):
-                return
+                return True
+        return False
 
     async def _serve(self, call: CallLike) -> None:
         async with anyio.create_task_group() as tasks:
@@ -284,10 +291,11 @@ class _Exchange:
         except Exception:
             logger.debug("could not report a failure to the client", exc_info=True)
 
-    async def _respond_error(self, error: ProtocolError) -> None:
-        await self.send(
-            {"type": "http.response.start", "status": error.status, "headers": list(_JSON_HEADERS)}
-        )
+    async def _respond_error(self, error: ProtocolError, *, close: bool = False) -> None:
+        headers = list(_JSON_HEADERS)
+        if close and self.scope.get("http_version", "1.1").startswith("1"):
+            headers.append((b"connection", b"close"))  # HTTP/2 forbids the header; it resets instead
+        await self.send({"type": "http.response.start", "status": error.status, "headers": headers})
         self.response_started = True
         await self.send({"type": "http.response.body", "body": error.to_json(), "more_body": False})
         self.response_ended = True

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
+import h11
 import httpx
 
 from tests.runtime.fakes import EchoApp, ScriptedEngine
@@ -159,6 +161,42 @@ def test_body_over_the_limit_is_413_openai_shaped(runtime):
         assert error["type"] == "BadRequestError"
         assert "1000 bytes" in error["message"]
     assert within.status_code == 200
+
+
+def _exchange(sock: socket.socket, client: h11.Connection, headers: list, parts: list[bytes]):
+    """Send one POST /generate through an h11 client connection and read its whole response."""
+    request = [h11.Request(method="POST", target="/generate", headers=[("Host", "x"), *headers])]
+    for event in [*request, *(h11.Data(data=part) for part in parts), h11.EndOfMessage()]:
+        sock.sendall(client.send(event))
+    response, body = None, b""
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            client.start_next_cycle()  # raises when the server said it will close
+            return response, body
+        else:
+            raise AssertionError(f"the server closed the connection mid-response: {event!r}")
+
+
+def test_connection_serves_the_next_request_after_a_413(runtime):
+    """A 413 that reads the rest of the body keeps the HTTP/1.1 connection usable (no race with close)."""
+    client = h11.Connection(h11.CLIENT)
+    prompt = json.dumps({"prompt": "hi"}).encode()
+    with (
+        serve_echo(runtime, shell_options={"max_body_bytes": 1000}) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
+    ):
+        chunked, _ = _exchange(sock, client, [("Transfer-Encoding", "chunked")], [b"x" * 600, b"x" * 600])
+        declared, _ = _exchange(sock, client, [("Content-Length", "2000")], [b"x" * 2000])
+        within, answer = _exchange(sock, client, [("Content-Length", str(len(prompt)))], [prompt])
+    assert [chunked.status_code, declared.status_code, within.status_code] == [413, 413, 200]
+    assert json.loads(answer) == {"text": REPLY, "finish_reason": "stop"}
 
 
 def test_core_failure_before_the_response_is_an_openai_500(runtime):
