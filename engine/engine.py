@@ -89,6 +89,8 @@ class Engine:
             kernels.set_batch_invariant(True)
         source = loaded.source if loaded else resolve_model(config.model)
         loaded = loaded or load_model(source, config.dtype, config.device, config.progress)
+        if not config.batch_invariant:
+            loaded.model.pack_weights()
         self.loaded = loaded
         self.tokenizer: HFTokenizer = loaded.tokenizer
         self.model_name = config.served_model_name or source.name

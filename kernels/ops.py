@@ -52,13 +52,36 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return activation.silu_and_mul(x)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weight.T + bias`; batch-invariant mode swaps in a fixed-tile matmul."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x @ weight.T + bias`; batch-invariant mode swaps in a fixed-tile matmul.
+
+    `packed`, from `pack_linear_weight(weight)`, is the CPU's faster layout of the same weight; the
+    batch-invariant paths need `weight` itself.
+    """
     if is_batch_invariant():
+        if weight.numel() == 0 and packed is not None:
+            raise RuntimeError(
+                "this model's weights were packed for the default mode; batch-invariant mode needs "
+                "them unpacked (turn it on before the model is loaded)"
+            )
         if use_triton(x):
             return _triton("linear").linear(x, weight, bias)
         return torch_linear.linear_batch_invariant(x, weight, bias)
+    if packed is not None:
+        return torch_linear.linear_packed(x, packed, bias)
     return torch_linear.linear(x, weight, bias)
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A faster layout of a `linear` weight for this device, or None where plain `weight` is best."""
+    if use_triton(weight) or is_batch_invariant():
+        return None
+    return torch_linear.pack_weight(weight)
 
 
 def reshape_and_cache(

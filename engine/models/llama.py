@@ -36,9 +36,18 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed: torch.Tensor | None = None  # the weight in the device's faster layout, once packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias, self.packed)
+
+    def pack(self, *, keep_weight: bool) -> None:
+        """Switch to the packed layout where the device has one; drop the plain weight unless it is shared."""
+        if self.packed is not None:
+            return
+        self.packed = ops.pack_linear_weight(self.weight)
+        if self.packed is not None and not keep_weight:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -159,6 +168,17 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, self.rope_cache, meta)
         x, _ = self.model.norm(x, residual)
         return x
+
+    def pack_weights(self) -> None:
+        """Give every projection the device's faster weight layout (`kernels.pack_linear_weight`).
+
+        For serving, after loading: the plain copies are freed (the tied lm_head keeps the embedding's),
+        so the packed model cannot load weights or switch to batch-invariant mode afterwards.
+        """
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack(keep_weight=module is self.lm_head and tied)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

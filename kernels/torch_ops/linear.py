@@ -11,9 +11,38 @@ import torch.nn.functional as F
 BATCH_INVARIANT_TILE_ROWS = 8
 
 
+# The row count oneDNN is told to expect when it picks a packed weight layout; measured on a 2-core
+# AVX512-BF16 CPU, the hint made no difference between 1 and 512 rows.
+_PACK_ROWS_HINT = 32
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., in_features], weight: [out_features, in_features] -> [..., out_features]."""
     return F.linear(x, weight, bias)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` reordered once into oneDNN's blocked layout for `linear_packed`; None where that path is absent.
+
+    Why: `F.linear` on 16-bit CPU weights makes oneDNN reorder the whole weight on every call. Packing
+    once measured 27% less time for the 121 projections of a SmolLM2-135M decode step at 32 rows
+    (40.3 -> 29.4 ms) and at 1 row (20.1 -> 14.7 ms), bfloat16 on 2 cores. float32 goes through MKL's
+    sgemm, which gained nothing from packing, so it is left alone.
+    """
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    supported = {
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+    }
+    if weight.dtype not in supported or not supported[weight.dtype]():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_ROWS_HINT)
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` over a weight from `pack_weight` (same result as `linear` on the unpacked weight)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def linear_batch_invariant(

@@ -126,3 +126,15 @@ def test_bfloat16_runs_close_to_float32(tiny_llama):
     logits = our_logits(loaded, [ids])
     assert logits.dtype == torch.float32
     assert (logits - hf_logits(tiny_llama, ids)).abs().max() < 0.5
+
+
+def test_packed_weights_give_the_same_logits(tiny_llama):
+    """Serving packs the projections into the CPU's faster layout and frees the plain copies."""
+    loaded = load_model(resolve_model(str(tiny_llama)), dtype="bfloat16", progress=False)
+    ids = loaded.tokenizer.encode(TEXT)
+    plain = our_logits(loaded, [ids[:20], ids[20:]])
+    loaded.model.pack_weights()
+    projection = loaded.model.model.layers[0].mlp.down_proj
+    if projection.packed is not None:  # a CPU with oneDNN bfloat16 support
+        assert projection.weight.numel() == 0
+    assert torch.equal(our_logits(loaded, [ids[:20], ids[20:]]), plain)
