@@ -91,6 +91,7 @@ class Engine:
         loaded = loaded or load_model(source, config.dtype, config.device, config.progress)
         if not config.batch_invariant:
             loaded.model.pack_weights()
+        kernels.prepare(loaded.model.lm_head.weight.device)
         self.loaded = loaded
         self.tokenizer: HFTokenizer = loaded.tokenizer
         self.model_name = config.served_model_name or source.name

@@ -1,5 +1,5 @@
-"""Custom kernels for sansllm: triton on CUDA, a torch path (the reference, and the CPU production path)
-elsewhere.
+"""Custom kernels for sansllm: triton on CUDA; on the CPU, C++ kernels (`kernels.cpu_ops`) where torch ops
+cannot be made fast, and the torch path (the reference for both) for the rest.
 
 Every public function here dispatches (see `kernels.dispatch`): `kernels.torch_ops.<module>` holds the
 torch implementations and `kernels.triton_ops.<module>` the triton ones, each with the same signature.
@@ -16,6 +16,7 @@ from kernels.ops import (
     linear,
     pack_linear_weight,
     paged_attention,
+    prepare,
     reshape_and_cache,
     rms_norm,
     rotary_embedding,
@@ -35,6 +36,7 @@ __all__ = [
     "linear",
     "pack_linear_weight",
     "paged_attention",
+    "prepare",
     "reshape_and_cache",
     "rms_norm",
     "rope_type",

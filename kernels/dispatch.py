@@ -1,7 +1,8 @@
-"""Which implementation a kernel call runs: triton on CUDA tensors, the torch path elsewhere.
+"""Which implementation a kernel call runs: triton on CUDA tensors; on the CPU, the C++ kernels of
+`kernels.cpu_ops` where one exists and builds, else the torch path.
 
 The choice is process-wide and can be forced, so tests can run the triton kernels on CPU tensors under
-`TRITON_INTERPRET=1` through the same public functions the model calls.
+`TRITON_INTERPRET=1` (or only the torch references) through the same public functions the model calls.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "torch", "triton"]
-_BACKENDS = ("auto", "torch", "triton")
+Backend = Literal["auto", "torch", "triton", "cpp"]
+_BACKENDS = ("auto", "torch", "triton", "cpp")
 
 _backend: Backend = "auto"
 
@@ -30,7 +31,10 @@ _backend = _initial_backend()
 
 
 def set_backend(backend: Backend) -> None:
-    """Force every kernel onto one implementation ("torch" or "triton"), or back to "auto"."""
+    """Force every kernel onto one implementation ("torch", "triton" or "cpp"), or back to "auto".
+
+    "cpp" uses the C++ CPU kernel where there is one and the torch path for the rest, as "auto" does
+    on the CPU."""
     global _backend
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -57,3 +61,10 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if _backend == "auto":
         return tensor.is_cuda
     return _backend == "triton"
+
+
+def use_cpp(tensor: torch.Tensor) -> bool:
+    """True when a call on `tensor` may run a C++ CPU kernel (the caller checks that it built)."""
+    if _backend == "auto":
+        return tensor.device.type == "cpu"
+    return _backend == "cpp"

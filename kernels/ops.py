@@ -9,7 +9,9 @@ from types import ModuleType
 
 import torch
 
-from kernels.dispatch import use_triton
+from kernels import cpu_ops
+from kernels.cpu_ops import attention as cpu_attention
+from kernels.dispatch import use_cpp, use_triton
 from kernels.mode import is_batch_invariant
 from kernels.torch_ops import activation, attention, cache, norm, penalties, rotary, sampling
 from kernels.torch_ops import linear as torch_linear
@@ -77,6 +79,13 @@ def linear(
     return torch_linear.linear(x, weight, bias)
 
 
+def prepare(device: torch.device | str) -> None:
+    """Build whatever kernels `device` will use now (the C++ CPU kernels compile on first use), so the
+    first request does not wait for a compiler."""
+    if torch.device(device).type == "cpu" and use_cpp(torch.empty(0)):
+        cpu_ops.load()
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """A faster layout of a `linear` weight for this device, or None where plain `weight` is best."""
     if use_triton(weight) or is_batch_invariant():
@@ -115,6 +124,8 @@ def paged_attention(
         return _triton("attention").paged_attention(*args, batch_invariant=is_batch_invariant())
     if is_batch_invariant():
         return attention.paged_attention_batch_invariant(*args)
+    if use_cpp(query) and (built := cpu_ops.load()) is not None:
+        return cpu_attention.paged_attention(built, *args)
     return attention.paged_attention(*args)
 
 

@@ -6,8 +6,15 @@ and sees every cached position up to its own. The new tokens' keys and values ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+# (query [S, H, D], key_cache, value_cache, block_tables [S, n], seq_lens [S], scale, max_seq_len) -> [S, H, D]
+DecodeAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor
+]
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -106,6 +113,7 @@ def paged_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    decode: DecodeAttention | None = None,
 ) -> torch.Tensor:
     """Attention for a ragged batch of sequences; returns [num_tokens, num_heads, head_dim].
 
@@ -114,10 +122,12 @@ def paged_attention(
     new tokens); query_start_loc: [num_seqs + 1] int32 (the new tokens of sequence i are
     query[query_start_loc[i]:query_start_loc[i+1]]).
     Decode-only batches run as one batched op; sequences with several new tokens run one SDPA each, and
-    single-token sequences in a mixed batch are still batched together.
+    single-token sequences in a mixed batch are still batched together, by `decode` (default: the torch
+    one here; `kernels.cpu_ops` passes its C++ kernel).
     """
+    decode = decode or _attend_decodes
     if max_query_len == 1 and query.shape[0] == seq_lens.shape[0]:
-        return _attend_decodes(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+        return decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
@@ -134,7 +144,7 @@ def paged_attention(
         seq_index = torch.tensor(decode_seqs, device=query.device)
         token_index = query_start_loc[:-1].to(query.device)[seq_index].long()
         decode_lens = seq_lens.to(query.device)[seq_index]
-        out[token_index] = _attend_decodes(
+        out[token_index] = decode(
             query[token_index],
             key_cache,
             value_cache,

@@ -1,0 +1,73 @@
+"""C++ kernels for the CPU, compiled on first use with torch's extension builder.
+
+Why C++ here when the rest of `kernels` is triton and torch: on the CPU, triton does not run (outside
+its interpreter) and some kernels cannot be made fast from torch ops (see each source's header). The
+sources are built once per machine into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
+`~/.cache/torch_extensions`) with `-O3 -march=native`, which is right because they are built where they
+run, and with `-ffast-math` so that exp vectorises (the kernels keep to finite values). Where there is
+no compiler, or the build fails, `load()` says why once and returns None, and the
+callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).with_name("paged_attention.cpp")]
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ops": the loaded op namespace, or "error": why there is none
+
+
+def _disabled() -> bool:
+    return os.environ.get("SANSLLM_CPU_KERNELS", "1").strip().lower() in {"0", "false", "no", "off"}
+
+
+def load() -> Any | None:
+    """`torch.ops.sansllm_cpu` once the kernels are built (building them on the first call); else None."""
+    if "ops" in _state:
+        return _state["ops"]
+    if "error" in _state or _disabled():
+        return None
+    with _lock:
+        if "ops" not in _state and "error" not in _state:
+            try:
+                _build()
+                _state["ops"] = torch.ops.sansllm_cpu
+            except Exception as error:  # no compiler, no ninja, a failed build: keep the torch path
+                _state["error"] = f"{type(error).__name__}: {error}"
+                logger.warning("CPU kernels unavailable, using the torch path: %s", _state["error"])
+    return _state.get("ops")
+
+
+def unavailable_reason() -> str | None:
+    """Why `load()` gave None (after it was called), for logs and tests."""
+    if _disabled():
+        return "disabled by SANSLLM_CPU_KERNELS"
+    return _state.get("error")
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    try:  # the ninja that pip installed with us, even when the venv's bin is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    cpp_extension.load(
+        name="sansllm_cpu_kernels",
+        sources=[str(source) for source in _SOURCES],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )

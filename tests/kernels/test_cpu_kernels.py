@@ -1,0 +1,99 @@
+"""The C++ CPU kernels (`kernels.cpu_ops`): they build here, and match the definition like the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels import cpu_ops
+from kernels.torch_ops import attention as torch_attention
+from tests.kernels.paged import make_paged_batch, naive_attention
+
+HEADS = [(9, 3, 64), (4, 4, 32), (8, 1, 16)]  # SmolLM2's 9/3 GQA with head_dim 64, MHA, MQA
+
+
+@pytest.fixture(scope="module")
+def ops():
+    built = cpu_ops.load()
+    assert built is not None, f"the C++ CPU kernels did not build: {cpu_ops.unavailable_reason()}"
+    return built
+
+
+def decode_batch(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, **options):
+    # lengths 1 .. 70 around block edges, so last blocks are partly filled; NaN in every row no sequence owns
+    seq_lens = [1 + (17 * i) % 70 for i in range(num_seqs)]
+    options.setdefault("unused_fill", float("nan"))
+    return make_paged_batch([1] * num_seqs, seq_lens, num_heads, num_kv_heads, head_dim, **options)
+
+
+def decode(ops, batch):
+    return ops.paged_decode_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens, batch.scale
+    )
+
+
+# 1-3 sequences: one task per (sequence, kv head); 40: one task per sequence with all its kv heads
+@pytest.mark.parametrize("num_seqs", [1, 3, 40])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), HEADS)
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_decode_kernel_matches_the_definition(ops, num_seqs, num_heads, num_kv_heads, head_dim, block_size):
+    batch = decode_batch(num_seqs, num_heads, num_kv_heads, head_dim, block_size=block_size)
+    out = decode(ops, batch)
+    assert not out.isnan().any(), "read a cache row past a sequence's end"
+    torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_kernel_in_16_bit_stays_close_to_the_definition(ops, dtype):
+    batch = decode_batch(40, 9, 3, 64, dtype=dtype)
+    out = decode(ops, batch)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), naive_attention(batch), atol=2e-2, rtol=2e-2)
+
+
+def test_decode_kernel_refuses_mismatched_inputs(ops):
+    batch = decode_batch(3, 9, 3, 64)
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.paged_decode_attention(
+            batch.query, batch.key_cache, batch.value_cache, batch.block_tables.long(), batch.seq_lens, 1.0
+        )
+    with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
+        ops.paged_decode_attention(
+            batch.query[:, :8].contiguous(), batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens, 1.0
+        )
+
+
+def test_cpu_dispatch_uses_the_kernel_for_decode_rows_of_mixed_batches(ops):
+    # decode rows read NaN-free results only if the C++ kernel (which never reads past the end) took them
+    batch = make_paged_batch([1, 9, 1, 3], [33, 9, 2, 20], 9, 3, 64, unused_fill=float("nan"))
+    with kernels.use_backend("cpp"):
+        out = kernels.paged_attention(*batch.attention_args())
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
+    with kernels.use_backend("torch"):
+        reference = torch_attention.paged_attention(
+            *batch.attention_args(batch.key_cache.nan_to_num(0.0), batch.value_cache.nan_to_num(0.0))
+        )
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sequences=st.lists(
+        st.tuples(st.integers(1, 40), st.integers(0, 40)),  # (new tokens, cached context)
+        min_size=1,
+        max_size=8,
+    ),
+    group=st.sampled_from([1, 3]),
+    block_size=st.sampled_from([4, 16]),
+)
+def test_cpu_path_matches_the_definition_on_any_ragged_batch(ops, sequences, group, block_size):
+    q_lens = [q_len for q_len, _ in sequences]
+    seq_lens = [q_len + context for q_len, context in sequences]
+    batch = make_paged_batch(q_lens, seq_lens, 2 * group, 2, 8, block_size=block_size)
+    with kernels.use_backend("cpp"):
+        out = kernels.paged_attention(*batch.attention_args())
+    torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
