@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -22,6 +23,13 @@ def _triton(module: str) -> ModuleType:
     return importlib.import_module(f"kernels.triton_ops.{module}")
 
 
+def _cpp(tensor: torch.Tensor) -> Any | None:
+    """The built C++ CPU kernels when they should take a call on `tensor` (default mode on the CPU)."""
+    if is_batch_invariant() or not use_cpp(tensor):
+        return None
+    return cpu_ops.load()
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +38,9 @@ def rms_norm(
         return _triton("norm").rms_norm(x, weight, eps, residual)
     if is_batch_invariant():
         return norm.rms_norm_batch_invariant(x, weight, eps, residual)
+    if (built := _cpp(x)) is not None and x.dim() == 2 and weight.dtype == x.dtype:
+        out, hidden = built.rms_norm(x, residual, weight, eps)
+        return out if residual is None else (out, hidden)
     return norm.rms_norm(x, weight, eps, residual)
 
 
@@ -44,6 +55,13 @@ def rotary_embedding(
     """`(q, k)` [num_tokens, heads*head_dim] rotated by `positions`; cache from `kernels.compute_cos_sin_cache`."""
     if use_triton(q):
         return _triton("rotary").rotary_embedding(positions, q, k, cos_sin_cache, head_dim, is_neox)
+    if (
+        (built := _cpp(q)) is not None
+        and q.dim() == 2
+        and cos_sin_cache.dtype == torch.float32
+        and positions.dtype == torch.int64
+    ):
+        return built.rotary_embedding(positions.reshape(-1), q, k, cos_sin_cache, head_dim, is_neox)
     return rotary.rotary_embedding(positions, q, k, cos_sin_cache, head_dim, is_neox)
 
 
@@ -51,6 +69,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[..., 2*d] -> [..., d]: silu(gate) * up."""
     if use_triton(x):
         return _triton("activation").silu_and_mul(x)
+    if (built := _cpp(x)) is not None and x.dim() == 2:
+        return built.silu_and_mul(x)
     return activation.silu_and_mul(x)
 
 
@@ -103,6 +123,11 @@ def reshape_and_cache(
     """Write key/value [num_tokens, num_kv_heads, head_dim] at flat `slot_mapping` slots (-1: skip)."""
     if use_triton(key_cache):
         _triton("cache").reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    elif (built := _cpp(key_cache)) is not None and key.dtype == value.dtype == key_cache.dtype:
+        rows = key.shape[0]
+        built.reshape_and_cache(
+            key.reshape(rows, -1), value.reshape(rows, -1), key_cache, value_cache, slot_mapping.reshape(-1)
+        )
     else:
         cache.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
@@ -124,7 +149,7 @@ def paged_attention(
         return _triton("attention").paged_attention(*args, batch_invariant=is_batch_invariant())
     if is_batch_invariant():
         return attention.paged_attention_batch_invariant(*args)
-    if use_cpp(query) and (built := cpu_ops.load()) is not None:
+    if (built := _cpp(query)) is not None:
         return cpu_attention.paged_attention(built, *args)
     return attention.paged_attention(*args)
 

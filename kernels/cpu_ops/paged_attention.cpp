@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,27 +25,8 @@
 
 namespace {
 
-template <typename T>
-inline void load_row(const T* src, float* dst, int64_t n) {  // float16, float64
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-inline void load_row(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
-
-inline void load_row(const at::BFloat16* src, float* dst, int64_t n) {
-  // bfloat16 is the top half of a float32: widening is a shift, which vectorises.
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(bits[i]) << 16;
-}
-
-template <typename T>
-inline void store_row(const float* src, float scale, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * scale);
-}
+using sansllm_cpu::load_row;
+using sansllm_cpu::store_row;
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.f;
@@ -163,7 +146,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
 
 }  // namespace
 
-TORCH_LIBRARY(sansllm_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(sansllm_cpu, m) {
   m.def(
       "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor seq_lens, float scale) -> Tensor");

@@ -97,3 +97,89 @@ def test_cpu_path_matches_the_definition_on_any_ragged_batch(ops, sequences, gro
     with kernels.use_backend("cpp"):
         out = kernels.paged_attention(*batch.attention_args())
     torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
+
+
+# ---- the per-layer ops: the C++ kernel against its torch reference, through the public dispatch ----
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _both(fn):
+    """fn() under the C++ CPU kernels and under the torch references."""
+    with kernels.use_backend("cpp"):
+        fast = fn()
+    with kernels.use_backend("torch"):
+        reference = fn()
+    return fast, reference
+
+
+def _exact_in_16_bit(dtype: torch.dtype) -> dict:
+    # bfloat16 results round identically (the kernels keep torch's rounding steps); float32 differs
+    # only by summation order and fused multiply-adds
+    return {"atol": 0, "rtol": 0} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 300])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_torch_path(ops, dtype, rows, with_residual):
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=generator).to(dtype)
+    residual = torch.randn(rows, 576, generator=generator).to(dtype) if with_residual else None
+    weight = torch.randn(576, generator=generator).to(dtype)
+    fast, reference = _both(lambda: kernels.rms_norm(x, weight, 1e-5, residual))
+    if with_residual:
+        torch.testing.assert_close(fast[0], reference[0], **_exact_in_16_bit(dtype))
+        assert torch.equal(fast[1], reference[1])  # the new residual: x + residual in x's dtype
+    else:
+        torch.testing.assert_close(fast, reference, **_exact_in_16_bit(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rot_dim", [64, 32])  # whole heads, and partial rotary (the rest passes through)
+def test_rotary_embedding_on_slices_of_one_qkv_matmul(ops, dtype, is_neox, rot_dim):
+    generator = torch.Generator().manual_seed(rot_dim)
+    qkv = torch.randn(7, 9 * 64 + 2 * 3 * 64, generator=generator).to(dtype)
+    q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)  # row-strided views
+    positions = torch.tensor([0, 1, 2, 30, 31, 500, 4000])
+    table = kernels.compute_cos_sin_cache(rot_dim, 4096 + 1, 10000.0)
+    fast, reference = _both(lambda: kernels.rotary_embedding(positions, q, k, table, 64, is_neox))
+    for got, expected in zip(fast, reference, strict=True):
+        torch.testing.assert_close(got, expected, **_exact_in_16_bit(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 33])
+def test_silu_and_mul_matches_the_torch_path(ops, dtype, rows):
+    x = torch.randn(rows, 2 * 1536, generator=torch.Generator().manual_seed(rows)).to(dtype) * 4
+    fast, reference = _both(lambda: kernels.silu_and_mul(x))
+    # exp comes from different vector math libraries: silu may land one bfloat16 step apart, which the product rounds again
+    tolerance = {"atol": 0, "rtol": 2**-6} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(fast, reference, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cache_write_skips_padding_slots_and_takes_strided_rows(ops, dtype):
+    generator = torch.Generator().manual_seed(0)
+    kv = torch.randn(5, 2 * 2 * 8, generator=generator).to(dtype)
+    key, value = (half.view(5, 2, 8) for half in kv.split([16, 16], dim=-1))  # row-strided views
+    slots = torch.tensor([3, -1, 0, 17, 9], dtype=torch.int32)
+
+    def write():
+        caches = kernels.allocate_kv_cache(5, 4, 2, 8, dtype)
+        kernels.reshape_and_cache(key, value, *caches, slots)
+        return caches
+
+    fast, reference = _both(write)
+    for got, expected in zip(fast, reference, strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(fast[0].view(-1, 2, 8)[17], key[3])
+    assert not fast[0].view(-1, 2, 8)[[1, 2, 4]].any()  # slots nobody wrote stay zero
+
+
+def test_cache_write_refuses_a_slot_outside_the_cache(ops):
+    key = torch.randn(1, 2, 8)
+    caches = kernels.allocate_kv_cache(2, 4, 2, 8)
+    with kernels.use_backend("cpp"), pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.reshape_and_cache(key, key, *caches, torch.tensor([8], dtype=torch.int32))
