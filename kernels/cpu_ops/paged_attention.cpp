@@ -19,6 +19,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -34,6 +38,44 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
+
+// q . k for bfloat16 rows straight from memory, `n` a multiple of 32, where the CPU has AVX512-BF16 (built
+// with -march=native, so the build machine decides): one instruction multiplies 32 pairs and accumulates
+// in float32, with no widening of the cached row first.
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16Dot = true;
+inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t n) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 32)
+    sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+  return _mm512_reduce_add_ps(sum);
+}
+
+// acc[0:HD] = sum over t of weights[t] * row_t, the rows being bfloat16 at `base + offsets[t]`; the HD/16
+// float32 accumulators stay in registers for the whole walk over the sequence.
+template <int HD>
+inline void weighted_sum_bf16(const float* weights, const at::BFloat16* base, const int64_t* offsets, int64_t len,
+                              float* acc) {
+  static_assert(HD % 32 == 0 && HD <= 256, "HD must be a multiple of 32, at most 256");
+  __m512 sums[HD / 16];
+  for (int i = 0; i < HD / 16; ++i) sums[i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const __m512 w = _mm512_set1_ps(weights[t]);
+    const at::BFloat16* row = base + offsets[t];
+    for (int i = 0; i < HD / 16; ++i) {
+      const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * i));
+      const __m512 widened = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+      sums[i] = _mm512_fmadd_ps(w, widened, sums[i]);
+    }
+  }
+  for (int i = 0; i < HD / 16; ++i) _mm512_storeu_ps(acc + 16 * i, sums[i]);
+}
+#else
+constexpr bool kHasBf16Dot = false;
+inline float dot_bf16(const at::BFloat16*, const at::BFloat16*, int64_t) { return 0.f; }
+template <int HD>
+inline void weighted_sum_bf16(const float*, const at::BFloat16*, const int64_t*, int64_t, float*) {}
+#endif
 
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {
 #pragma omp simd
@@ -75,6 +117,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
   at::parallel_for(0, num_seqs * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = heads_per_task * group;  // query heads of one task
     std::vector<float> qf(rows * head_dim), row(token_stride), acc(rows * head_dim), scores, inv_sums(rows);
+    std::vector<int64_t> offsets;  // element offset of each position's row in the cache
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / tasks_per_seq, first_kv = (task % tasks_per_seq) * heads_per_task;
       const int64_t len = lens[seq];
@@ -91,10 +134,20 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
       const int64_t width = heads_per_task * head_dim;  // the slice of a cached row this task reads
       const int64_t offset = first_kv * head_dim;
       scores.resize(rows * len);
+      const T* q_rows = q + (seq * num_heads + first_head) * head_dim;
       for (int64_t t = 0; t < len; ++t) {
         if (t % block_size == 0) prefetch_block(keys, table, t / block_size + 1, len, block_size, token_stride);
         const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
-        load_row(keys + slot * token_stride + offset, row.data(), width);
+        const T* key_row = keys + slot * token_stride + offset;
+        if constexpr (std::is_same_v<T, at::BFloat16> && kHasBf16Dot) {
+          if (head_dim % 32 == 0) {
+            for (int64_t r = 0; r < rows; ++r)
+              scores[r * len + t] =
+                  dot_bf16(q_rows + r * head_dim, key_row + (r / group) * head_dim, head_dim) * softmax_scale;
+            continue;
+          }
+        }
+        load_row(key_row, row.data(), width);
         for (int64_t r = 0; r < rows; ++r)
           scores[r * len + t] = dot(qf.data() + r * head_dim, row.data() + (r / group) * head_dim, head_dim);
       }
@@ -109,6 +162,22 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
           total += s[t];
         }
         inv_sums[r] = 1.f / total;
+      }
+      if constexpr (std::is_same_v<T, at::BFloat16> && kHasBf16Dot) {
+        if (head_dim == 64 || head_dim == 128) {
+          offsets.resize(len);
+          for (int64_t t = 0; t < len; ++t)
+            offsets[t] = (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * token_stride;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* base = values + offset + (r / group) * head_dim;
+            float* sums = acc.data() + r * head_dim;
+                        if (head_dim == 64) weighted_sum_bf16<64>(scores.data() + r * len, base, offsets.data(), len, sums);
+            else weighted_sum_bf16<128>(scores.data() + r * len, base, offsets.data(), len, sums);
+          }
+          for (int64_t r = 0; r < rows; ++r)
+            store_row(acc.data() + r * head_dim, inv_sums[r], out_rows + r * head_dim, head_dim);
+          continue;
+        }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
