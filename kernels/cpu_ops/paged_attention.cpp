@@ -59,7 +59,12 @@ inline void weighted_sum_bf16(const float* weights, const at::BFloat16* base, co
   static_assert(HD % 32 == 0 && HD <= 256, "HD must be a multiple of 32, at most 256");
   __m512 sums[HD / 16];
   for (int i = 0; i < HD / 16; ++i) sums[i] = _mm512_setzero_ps();
+  constexpr int64_t kAhead = 8;  // rows are scattered over blocks: ask for the one 8 positions on
   for (int64_t t = 0; t < len; ++t) {
+    if (t + kAhead < len) {
+      const char* next = reinterpret_cast<const char*>(base + offsets[t + kAhead]);
+      for (int line = 0; line < HD * 2; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+    }
     const __m512 w = _mm512_set1_ps(weights[t]);
     const at::BFloat16* row = base + offsets[t];
     for (int i = 0; i < HD / 16; ++i) {
