@@ -131,3 +131,12 @@ def test_serving_benchmark_shared_prefix_is_served_from_the_cache(serving_run) -
     assert result.get(serving.OURS_COLD).cached_tokens == 0  # salted copies share nothing
     # After one request warmed it, every request finds the 100-token prefix (whole KV blocks of it).
     assert result.warm_cached_tokens and min(result.warm_cached_tokens) > 0
+
+
+def test_decode_step_tool_times_and_profiles_a_tiny_model(tiny_model: str, capsys) -> None:
+    from bench import decode_step
+
+    decode_step.main(["--model", tiny_model, "--seqs", "3", "--prompt-len", "20", "--steps", "2", "--profile"])
+    out = capsys.readouterr().out
+    assert "decode step, 3 sequences, torch." in out
+    assert "Self CPU time total" in out

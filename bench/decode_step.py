@@ -1,0 +1,64 @@
+"""Time (and optionally profile) steady-state decode steps of N sequences on the engine's own thread.
+
+    python -m bench.decode_step --seqs 32 --prompt-len 128 [--dtype float32] [--profile]
+
+The per-step view behind bench/RESULTS.md's "where the time goes": it runs N greedy requests past
+their prefill, then times `--steps` decode steps through `Engine.step_sync` and, with `--profile`,
+prints torch.profiler's table for 10 more. No baseline here: the end-to-end ratios against HF come
+from `bench.throughput`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from engine.engine import Engine, EngineConfig
+from protocol.engine_api import Generate, SamplingParams, Tokens
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.decode_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+
+    options = {"model": args.model} if args.model else {}
+    engine = Engine(EngineConfig(progress=False, dtype=args.dtype, **options))
+    vocab = engine.vocab_size
+    params = SamplingParams(max_tokens=args.steps + 200, ignore_eos=True, temperature=0.0)
+    requests = [
+        Generate(f"r{i}", tuple((i * 7 + j) % (vocab - 100) + 100 for j in range(args.prompt_len)), params)
+        for i in range(args.seqs)
+    ]
+    started: set[str] = set()  # requests past their prefill (they have produced a token)
+    events = engine.step_sync(requests)
+    while True:
+        started.update(event.request_id for event in events if isinstance(event, Tokens))
+        if len(started) == args.seqs:
+            break
+        events = engine.step_sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step_sync()
+    step_ms = (time.perf_counter() - start) / args.steps * 1e3
+    print(f"decode step, {args.seqs} sequences, {engine.loaded.model.lm_head.weight.dtype}: {step_ms:.1f} ms")
+    if args.profile:
+        from torch.profiler import profile
+
+        def run():
+            with profile() as prof:
+                for _ in range(10):
+                    engine.core.step()
+            return prof
+
+        print(engine._worker.call(run).key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
