@@ -32,9 +32,11 @@ def _disabled() -> bool:
 
 def load() -> Any | None:
     """`torch.ops.sansllm_cpu` once the kernels are built (building them on the first call); else None."""
+    if _disabled():
+        return None
     if "ops" in _state:
         return _state["ops"]
-    if "error" in _state or _disabled():
+    if "error" in _state:
         return None
     with _lock:
         if "ops" not in _state and "error" not in _state:

@@ -67,7 +67,12 @@ def test_decode_kernel_refuses_mismatched_inputs(ops):
         )
     with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
         ops.paged_decode_attention(
-            batch.query[:, :8].contiguous(), batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens, 1.0
+            batch.query[:, :8].contiguous(),
+            batch.key_cache,
+            batch.value_cache,
+            batch.block_tables,
+            batch.seq_lens,
+            1.0,
         )
 
 
@@ -188,3 +193,36 @@ def test_cache_write_refuses_a_slot_outside_the_cache(ops):
     caches = kernels.allocate_kv_cache(2, 4, 2, 8)
     with kernels.use_backend("cpp"), pytest.raises(RuntimeError, match="outside the cache"):
         kernels.reshape_and_cache(key, key, *caches, torch.tensor([8], dtype=torch.int32))
+
+
+# ---- without the C++ kernels: switched off, or no compiler ----
+
+
+def test_switched_off_kernels_leave_the_torch_path(monkeypatch):
+    batch = make_paged_batch([1, 1, 3], [5, 40, 3], 9, 3, 64)
+    monkeypatch.setenv("SANSLLM_CPU_KERNELS", "0")
+    assert cpu_ops.load() is None
+    assert cpu_ops.unavailable_reason() == "disabled by SANSLLM_CPU_KERNELS"
+    out = kernels.paged_attention(*batch.attention_args())
+    torch.testing.assert_close(out.double(), naive_attention(batch), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_build_is_reported_once_and_falls_back(monkeypatch, caplog):
+    calls = []
+
+    def no_compiler() -> None:
+        calls.append(1)
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_ops, "_state", {})
+    monkeypatch.setattr(cpu_ops, "_build", no_compiler)
+    with caplog.at_level("WARNING", logger="kernels.cpu_ops"):
+        assert cpu_ops.load() is None
+        assert cpu_ops.load() is None
+    assert calls == [1]
+    assert "no C++ compiler found" in cpu_ops.unavailable_reason()
+    assert any("using the torch path" in record.getMessage() for record in caplog.records)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(
+        kernels.rms_norm(x, torch.ones(32), 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    )
