@@ -88,6 +88,18 @@ def apply_sampling_masks(
     return _apply_top_k_top_p(scaled, top_k, top_p)
 
 
+def argmax_rows(values: torch.Tensor) -> torch.Tensor:
+    """`values.argmax(dim=-1)` for [B, V], the first maximum of each row, as torch defines it.
+
+    Why numpy on the CPU: torch's CPU argmax measured ~10x slower than numpy's on [32, 49152]
+    float32 (1.24 vs 0.11 ms), and greedy decoding takes one per step. Same tie rule: numpy also
+    returns the first maximal index.
+    """
+    if values.device.type == "cpu" and values.dtype == torch.float32 and values.dim() == 2 and values.shape[1]:
+        return torch.from_numpy(values.detach().contiguous().numpy().argmax(axis=-1))
+    return values.argmax(dim=-1)
+
+
 def draw(masked_logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row from softmax(masked_logits), by the exponential race `argmax(p / E)`, E ~ Exp(1).
 
@@ -107,7 +119,7 @@ def draw(masked_logits: torch.Tensor, generators: Sequence[torch.Generator | Non
             if generator is not None:
                 noise[row].uniform_(generator=generator)
     # U in [0, 1) makes E in (0, inf]: never 0, so a masked token's 0 / E stays 0 and is never picked.
-    return probs.div_(noise.log_().neg_()).argmax(dim=-1)
+    return argmax_rows(probs.div_(noise.log_().neg_()))
 
 
 def sample_with(
@@ -121,7 +133,7 @@ def sample_with(
 ) -> torch.Tensor:
     """`sample` with the masking step supplied, so the triton masking kernel shares the draw."""
     greedy_rows = temperature < GREEDY_TEMPERATURE
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy_tokens = argmax_rows(logits)
     if bool(greedy_rows.all()):
         return greedy_tokens
     masked = mask_fn(logits, temperature, top_k, top_p, min_p)

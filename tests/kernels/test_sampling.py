@@ -177,3 +177,16 @@ def test_triton_sample_draws_the_same_tokens_as_the_torch_path():
             triton_sampling.sample(logits, *params, generators()).tolist()
             == torch_sampling.sample(logits, *params, generators()).tolist()
         )
+
+
+def test_row_argmax_is_torchs_argmax_with_first_maximum_on_ties():
+    from kernels.torch_ops.sampling import argmax_rows
+
+    values = torch.randn(32, 49152, generator=torch.Generator().manual_seed(0))
+    values[3, [7, 70, 700]] = 100.0  # a three-way tie: the first index wins
+    values[5, 9] = float("nan")  # NaN counts as the maximum, as in torch
+    got = argmax_rows(values)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, values.argmax(dim=-1))
+    assert got[3] == 7 and got[5] == 9
+    assert torch.equal(argmax_rows(values[:, ::2]), values[:, ::2].argmax(dim=-1))  # strided rows
