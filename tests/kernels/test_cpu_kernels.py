@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -200,7 +204,7 @@ def test_cache_write_refuses_a_slot_outside_the_cache(ops):
 
 def test_switched_off_kernels_leave_the_torch_path(monkeypatch):
     batch = make_paged_batch([1, 1, 3], [5, 40, 3], 9, 3, 64)
-    monkeypatch.setenv("SANSLLM_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_ops, "_enabled", False)  # what SANSLLM_CPU_KERNELS=0 sets at import
     assert cpu_ops.load() is None
     assert cpu_ops.unavailable_reason() == "disabled by SANSLLM_CPU_KERNELS"
     out = kernels.paged_attention(*batch.attention_args())
@@ -226,3 +230,10 @@ def test_a_failed_build_is_reported_once_and_falls_back(monkeypatch, caplog):
     torch.testing.assert_close(
         kernels.rms_norm(x, torch.ones(32), 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     )
+
+
+def test_the_environment_switch_is_read_at_import():
+    script = "from kernels import cpu_ops; print(cpu_ops.load() is None, cpu_ops.unavailable_reason())"
+    env = {**os.environ, "SANSLLM_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True disabled by SANSLLM_CPU_KERNELS"
