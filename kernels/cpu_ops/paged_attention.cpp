@@ -51,35 +51,42 @@ inline float dot_bf16(const at::BFloat16* a, const at::BFloat16* b, int64_t n) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// acc[0:HD] = sum over t of weights[t] * row_t, the rows being bfloat16 at `base + offsets[t]`; the HD/16
-// float32 accumulators stay in registers for the whole walk over the sequence.
-template <int HD>
-inline void weighted_sum_bf16(const float* weights, const at::BFloat16* base, const int64_t* offsets, int64_t len,
-                              float* acc) {
-  static_assert(HD % 32 == 0 && HD <= 256, "HD must be a multiple of 32, at most 256");
+#else
+constexpr bool kHasBf16Dot = false;
+inline float dot_bf16(const at::BFloat16*, const at::BFloat16*, int64_t) { return 0.f; }
+#endif
+
+// acc[0:HD] = sum over t of weights[t] * row_t, the rows (bfloat16 or float32) at `base + offsets[t]`,
+// with AVX-512: the HD/16 float32 accumulators stay in registers for the whole walk over the sequence.
+#if defined(__AVX512F__)
+constexpr bool kHasAvx512 = true;
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+template <typename T, int HD>
+inline void weighted_sum(const float* weights, const T* base, const int64_t* offsets, int64_t len, float* acc) {
+  static_assert(HD % 16 == 0 && HD <= 256, "HD must be a multiple of 16, at most 256");
   __m512 sums[HD / 16];
   for (int i = 0; i < HD / 16; ++i) sums[i] = _mm512_setzero_ps();
   constexpr int64_t kAhead = 8;  // rows are scattered over blocks: ask for the one 8 positions on
   for (int64_t t = 0; t < len; ++t) {
     if (t + kAhead < len) {
       const char* next = reinterpret_cast<const char*>(base + offsets[t + kAhead]);
-      for (int line = 0; line < HD * 2; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+      for (int64_t line = 0; line < HD * static_cast<int64_t>(sizeof(T)); line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
     }
     const __m512 w = _mm512_set1_ps(weights[t]);
-    const at::BFloat16* row = base + offsets[t];
-    for (int i = 0; i < HD / 16; ++i) {
-      const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * i));
-      const __m512 widened = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-      sums[i] = _mm512_fmadd_ps(w, widened, sums[i]);
-    }
+    const T* row = base + offsets[t];
+    for (int i = 0; i < HD / 16; ++i) sums[i] = _mm512_fmadd_ps(w, load16(row + 16 * i), sums[i]);
   }
   for (int i = 0; i < HD / 16; ++i) _mm512_storeu_ps(acc + 16 * i, sums[i]);
 }
 #else
-constexpr bool kHasBf16Dot = false;
-inline float dot_bf16(const at::BFloat16*, const at::BFloat16*, int64_t) { return 0.f; }
-template <int HD>
-inline void weighted_sum_bf16(const float*, const at::BFloat16*, const int64_t*, int64_t, float*) {}
+constexpr bool kHasAvx512 = false;
+template <typename T, int HD>
+inline void weighted_sum(const float*, const T*, const int64_t*, int64_t, float*) {}
 #endif
 
 inline void axpy(float alpha, const float* x, float* y, int64_t n) {
@@ -152,9 +159,14 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
             continue;
           }
         }
-        load_row(key_row, row.data(), width);
+        const float* key_floats = row.data();
+        if constexpr (std::is_same_v<T, float>) {
+          key_floats = key_row;  // already float32: no copy
+        } else {
+          load_row(key_row, row.data(), width);
+        }
         for (int64_t r = 0; r < rows; ++r)
-          scores[r * len + t] = dot(qf.data() + r * head_dim, row.data() + (r / group) * head_dim, head_dim);
+          scores[r * len + t] = dot(qf.data() + r * head_dim, key_floats + (r / group) * head_dim, head_dim);
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* s = scores.data() + r * len;
@@ -168,7 +180,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
         }
         inv_sums[r] = 1.f / total;
       }
-      if constexpr (std::is_same_v<T, at::BFloat16> && kHasBf16Dot) {
+      if constexpr ((std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) && kHasAvx512) {
         if (head_dim == 64 || head_dim == 128) {
           offsets.resize(len);
           for (int64_t t = 0; t < len; ++t)
@@ -176,8 +188,8 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
           for (int64_t r = 0; r < rows; ++r) {
             const T* base = values + offset + (r / group) * head_dim;
             float* sums = acc.data() + r * head_dim;
-                        if (head_dim == 64) weighted_sum_bf16<64>(scores.data() + r * len, base, offsets.data(), len, sums);
-            else weighted_sum_bf16<128>(scores.data() + r * len, base, offsets.data(), len, sums);
+                        if (head_dim == 64) weighted_sum<T, 64>(scores.data() + r * len, base, offsets.data(), len, sums);
+            else weighted_sum<T, 128>(scores.data() + r * len, base, offsets.data(), len, sums);
           }
           for (int64_t r = 0; r < rows; ++r)
             store_row(acc.data() + r * head_dim, inv_sums[r], out_rows + r * head_dim, head_dim);

@@ -51,7 +51,7 @@ def test_decode_kernel_matches_the_definition(ops, num_seqs, num_heads, num_kv_h
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-# head_dim 64 and 128 take the AVX512-BF16 path in bfloat16 where the CPU has it, 32 the portable one
+# head_dim 64 and 128 take the AVX-512 paths where the CPU has them, 32 the portable one
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(9, 3, 64), (4, 2, 128), (4, 4, 32)])
 @pytest.mark.parametrize("num_seqs", [2, 40])
 def test_decode_kernel_in_16_bit_stays_close_to_the_definition(
