@@ -24,8 +24,13 @@ def _triton(module: str) -> ModuleType:
 
 
 def _cpp(tensor: torch.Tensor) -> Any | None:
-    """The built C++ CPU kernels when they should take a call on `tensor` (default mode on the CPU)."""
-    if is_batch_invariant() or not use_cpp(tensor):
+    """The built C++ CPU kernels when they should take a call on `tensor`, in either mode.
+
+    Batch-invariant mode may use them: each computes a row (a token's norm, rotation, activation, a
+    decode row's attention) by itself in a fixed order, so a row's result never depends on the batch
+    (`tests/kernels/test_batch_invariance.py` checks it bitwise on both paths).
+    """
+    if not use_cpp(tensor):
         return None
     return cpu_ops.load()
 
@@ -36,11 +41,11 @@ def rms_norm(
     """RMSNorm over the last dim; with `residual`, returns `(rmsnorm(x + residual), x + residual)`."""
     if use_triton(x):
         return _triton("norm").rms_norm(x, weight, eps, residual)
-    if is_batch_invariant():
-        return norm.rms_norm_batch_invariant(x, weight, eps, residual)
     if (built := _cpp(x)) is not None and x.dim() == 2 and weight.dtype == x.dtype:
         out, hidden = built.rms_norm(x, residual, weight, eps)
         return out if residual is None else (out, hidden)
+    if is_batch_invariant():
+        return norm.rms_norm_batch_invariant(x, weight, eps, residual)
     return norm.rms_norm(x, weight, eps, residual)
 
 
@@ -147,9 +152,11 @@ def paged_attention(
     args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len)
     if use_triton(query):
         return _triton("attention").paged_attention(*args, batch_invariant=is_batch_invariant())
+    built = _cpp(query)
     if is_batch_invariant():
-        return attention.paged_attention_batch_invariant(*args)
-    if (built := _cpp(query)) is not None:
+        decode = None if built is None else cpu_attention.decode_rows(built)
+        return attention.paged_attention_batch_invariant(*args, decode=decode)
+    if built is not None:
         return cpu_attention.paged_attention(built, *args)
     return attention.paged_attention(*args)
 

@@ -10,8 +10,11 @@ import torch
 from kernels.torch_ops import attention as torch_attention
 
 
-def paged_attention(ops: Any, *args: Any) -> torch.Tensor:
-    """`kernels.torch_ops.attention.paged_attention(*args)` with its decode rows done by `ops` (the built kernels)."""
+def decode_rows(ops: Any) -> torch_attention.DecodeAttention:
+    """The C++ decode kernel of `ops` (the built kernels) in the torch path's decode signature.
+
+    Each (sequence, kv head) is computed alone in a fixed order, so a row's result does not depend on
+    the other rows: batch-invariant mode uses it too."""
 
     def decode(
         query: torch.Tensor,
@@ -31,4 +34,9 @@ def paged_attention(ops: Any, *args: Any) -> torch.Tensor:
             scale,
         )
 
-    return torch_attention.paged_attention(*args, decode=decode)
+    return decode
+
+
+def paged_attention(ops: Any, *args: Any) -> torch.Tensor:
+    """`kernels.torch_ops.attention.paged_attention(*args)` with its decode rows done by `ops`."""
+    return torch_attention.paged_attention(*args, decode=decode_rows(ops))

@@ -168,14 +168,32 @@ def paged_attention_batch_invariant(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    decode: DecodeAttention | None = None,
 ) -> torch.Tensor:
     """`paged_attention` computed one sequence at a time over exactly its own keys: no padding to the batch's
-    longest sequence, so a sequence's result does not depend on the other sequences."""
+    longest sequence, so a sequence's result does not depend on the other sequences.
+
+    `decode`, if given, must itself compute each row alone (the C++ CPU kernel does); it then takes
+    every single-token sequence in one call."""
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
-    for seq, seq_len in enumerate(seq_lens.tolist()):
+    lengths = seq_lens.tolist()
+    single = [seq for seq in range(len(lengths)) if starts[seq + 1] - starts[seq] == 1] if decode else []
+    if single:
+        seq_index = torch.tensor(single, device=query.device)
+        token_index = query_start_loc[:-1].to(query.device)[seq_index].long()
+        out[token_index] = decode(
+            query[token_index],
+            key_cache,
+            value_cache,
+            block_tables[seq_index],
+            seq_lens.to(query.device)[seq_index],
+            scale,
+            max(lengths[seq] for seq in single),
+        )
+    for seq, seq_len in enumerate(lengths):
         start, end = starts[seq], starts[seq + 1]
-        if end > start:
+        if end - start > 1 or (end - start == 1 and not decode):
             # A private copy of the query rows: the same memory alignment whatever the row's batch offset.
             out[start:end] = _attend_one_sequence(
                 query[start:end].clone(), key_cache, value_cache, block_tables[seq], seq_len, scale

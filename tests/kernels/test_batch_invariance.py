@@ -14,9 +14,10 @@ from tests.kernels.tolerances import tolerance
 BATCH_SIZES_AND_POSITIONS = [(1, 0), (2, 1), (3, 0), (7, 5), (8, 7), (9, 8), (16, 3), (33, 20), (64, 63)]
 
 
-@pytest.fixture
-def invariant():
-    with kernels.batch_invariant():
+@pytest.fixture(params=["torch", "cpp"])
+def invariant(request):
+    """Batch-invariant mode on the torch path and on the C++ CPU kernels (which the mode uses when built)."""
+    with kernels.use_backend(request.param), kernels.batch_invariant():
         yield
 
 
