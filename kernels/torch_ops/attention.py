@@ -142,20 +142,48 @@ def paged_attention(
             out[start:end] = _attend_one_sequence(
                 query[start:end], key_cache, value_cache, block_tables[seq], seq_len, scale
             )
-    if decode_seqs:
-        seq_index = torch.tensor(decode_seqs, device=query.device)
-        token_index = query_start_loc[:-1].to(query.device)[seq_index].long()
-        decode_lens = seq_lens.to(query.device)[seq_index]
-        out[token_index] = decode(
-            query[token_index],
-            key_cache,
-            value_cache,
-            block_tables[seq_index],
-            decode_lens,
-            scale,
-            max(lengths[seq] for seq in decode_seqs),
-        )
+    _decode_rows_of(
+        decode_seqs,
+        decode,
+        out,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+    )
     return out
+
+
+def _decode_rows_of(
+    seqs: list[int],
+    decode: DecodeAttention,
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> None:
+    """Fill `out` for the single-token sequences `seqs` of a mixed batch with one `decode` call."""
+    if not seqs:
+        return
+    seq_index = torch.tensor(seqs, device=query.device)
+    token_index = query_start_loc[:-1].to(query.device)[seq_index].long()
+    decode_lens = seq_lens.to(query.device)[seq_index]
+    out[token_index] = decode(
+        query[token_index],
+        key_cache,
+        value_cache,
+        block_tables[seq_index],
+        decode_lens,
+        scale,
+        int(decode_lens.max()),
+    )
 
 
 def paged_attention_batch_invariant(
@@ -178,18 +206,10 @@ def paged_attention_batch_invariant(
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
-    single = [seq for seq in range(len(lengths)) if starts[seq + 1] - starts[seq] == 1] if decode else []
-    if single:
-        seq_index = torch.tensor(single, device=query.device)
-        token_index = query_start_loc[:-1].to(query.device)[seq_index].long()
-        out[token_index] = decode(
-            query[token_index],
-            key_cache,
-            value_cache,
-            block_tables[seq_index],
-            seq_lens.to(query.device)[seq_index],
-            scale,
-            max(lengths[seq] for seq in single),
+    if decode:
+        single = [seq for seq in range(len(lengths)) if starts[seq + 1] - starts[seq] == 1]
+        _decode_rows_of(
+            single, decode, out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale
         )
     for seq, seq_len in enumerate(lengths):
         start, end = starts[seq], starts[seq + 1]
