@@ -1,5 +1,6 @@
-"""The kernels the engine calls: each picks the triton kernel on CUDA tensors and the torch path elsewhere,
-and the batch-invariant variant when that mode is on (see `kernels.mode`)."""
+"""The kernels the engine calls: each picks the triton kernel on CUDA tensors; on the CPU the C++ kernel
+where there is one and it built (`kernels.cpu_ops`), else the torch path; and the batch-invariant
+variant when that mode is on (see `kernels.mode`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from kernels import cpu_ops
 from kernels.cpu_ops import attention as cpu_attention
-from kernels.dispatch import use_cpp, use_triton
+from kernels.dispatch import get_backend, use_cpp, use_triton
 from kernels.mode import is_batch_invariant
 from kernels.torch_ops import activation, attention, cache, norm, penalties, rotary, sampling
 from kernels.torch_ops import linear as torch_linear
@@ -107,7 +108,7 @@ def linear(
 def prepare(device: torch.device | str) -> None:
     """Build whatever kernels `device` will use now (the C++ CPU kernels compile on first use), so the
     first request does not wait for a compiler."""
-    if torch.device(device).type == "cpu" and use_cpp(torch.empty(0)):
+    if torch.device(device).type == "cpu" and get_backend() in ("auto", "cpp"):
         cpu_ops.load()
 
 

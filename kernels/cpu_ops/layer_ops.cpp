@@ -37,7 +37,7 @@ void rms_norm_rows(const at::Tensor& x, const c10::optional<at::Tensor>& residua
   const T* rs = residual ? residual->data_ptr<T>() : nullptr;
   const T* ws = weight.data_ptr<T>();
   T* os = out.data_ptr<T>();
-  T* hs = hidden.data_ptr<T>();
+  T* hs = residual ? hidden.data_ptr<T>() : nullptr;  // without a residual the rows are x itself
   const int64_t x_stride = x.stride(0), r_stride = residual ? residual->stride(0) : 0;
   at::parallel_for(0, rows, grain_for(width), [&](int64_t begin, int64_t end) {
     std::vector<float> h(width), w(width), other(width), normed(width);
@@ -56,7 +56,7 @@ void rms_norm_rows(const at::Tensor& x, const c10::optional<at::Tensor>& residua
 #pragma omp simd
       for (int64_t i = 0; i < width; ++i) normed[i] = round_to<T>(h[i] * inv_rms) * w[i];
       sansllm_cpu::store_row(normed.data(), 1.f, os + r * width, width);
-      sansllm_cpu::store_row(h.data(), 1.f, hs + r * width, width);
+      if (hs) sansllm_cpu::store_row(h.data(), 1.f, hs + r * width, width);
     }
   });
 }
@@ -74,12 +74,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::opti
   at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
   at::Tensor hidden = residual ? at::empty_like(out) : out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
-    if (residual) {
-      rms_norm_rows<scalar_t>(x, residual, weight, eps, out, hidden);
-    } else {
-      at::Tensor scratch = at::empty_like(out);  // the rows as they are, when no residual is added
-      rms_norm_rows<scalar_t>(x, residual, weight, eps, out, scratch);
-    }
+    rms_norm_rows<scalar_t>(x, residual, weight, eps, out, hidden);
   });
   return {out, residual ? hidden : x};
 }
