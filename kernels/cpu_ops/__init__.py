@@ -2,8 +2,8 @@
 
 Why C++ here when the rest of `kernels` is triton and torch: on the CPU, triton does not run (outside
 its interpreter) and some kernels cannot be made fast from torch ops (see each source's header). The
-sources are built once per machine into torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default
-`~/.cache/torch_extensions`) with `-O3 -march=native`, which is right because they are built where they
+sources are built once per machine into torch's extension cache (`build_directory()`: under
+`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`) with `-O3 -march=native`, which is right because they are built where they
 run, and with `-ffast-math` so that exp vectorises (the kernels keep to finite values). Where there is
 no compiler, or the build fails, `load()` says why once and returns None, and the
 callers keep their torch path.
@@ -11,9 +11,12 @@ callers keep their torch path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,15 @@ def unavailable_reason() -> str | None:
     return _state.get("error")
 
 
+def build_directory() -> Path:
+    """Where the kernels are built and cached: under torch's extension cache, per Python and torch."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_extensions"
+    )
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    return Path(root) / version / "sansllm_cpu_kernels"
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 
@@ -65,11 +77,35 @@ def _build() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    cpp_extension.load(
-        name="sansllm_cpu_kernels",
-        sources=[str(source) for source in _SOURCES],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=False,
-    )
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory / "sansllm.lock"):
+        # torch's own lock file is a plain file: a process killed while building (a server stopped
+        # during its first start) leaves it behind, and every later build would wait on it forever.
+        # Under our lock, which the OS releases when its holder dies, any such file is stale.
+        (directory / "lock").unlink(missing_ok=True)
+        cpp_extension.load(
+            name="sansllm_cpu_kernels",
+            sources=[str(source) for source in _SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an OS file lock on `path` (released if this process dies); no lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: fall back to torch's own lock alone
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

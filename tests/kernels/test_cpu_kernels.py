@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +239,20 @@ def test_the_environment_switch_is_read_at_import():
     env = {**os.environ, "SANSLLM_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True disabled by SANSLLM_CPU_KERNELS"
+
+
+def test_a_build_killed_halfway_does_not_hang_later_starts(ops, tmp_path):
+    """torch's build lock is a plain file that a killed build leaves behind; a later start must not wait
+    on it forever (it would, in torch's own loader, with no timeout)."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    script = "from kernels import cpu_ops; print(cpu_ops.build_directory())"
+    target = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    directory = Path(target.stdout.strip())
+    shutil.copytree(cpu_ops.build_directory(), directory)  # this machine's build, so nothing recompiles
+    (directory / "lock").write_text("")  # what a build killed halfway leaves
+    script = "from kernels import cpu_ops; print(cpu_ops.load() is not None, cpu_ops.unavailable_reason())"
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=300
+    )
+    assert loaded.stdout.strip() == "True None"
+    assert not (directory / "lock").exists()
