@@ -134,6 +134,9 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding(const at::Tensor& positions,
   TORCH_CHECK(cos_sin_cache.size(1) <= head_dim && cos_sin_cache.size(1) % 2 == 0, "rotary dims must fit a head");
   TORCH_CHECK(q.size(1) % head_dim == 0 && k.size(1) % head_dim == 0, "rows must hold whole heads");
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), "q and k must share a dtype");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < positions.size(0); ++r)
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < cos_sin_cache.size(0), "position ", pos[r], " is outside the rotary table");
   at::Tensor q_out = at::empty({q.size(0), q.size(1)}, q.options());
   at::Tensor k_out = at::empty({k.size(0), k.size(1)}, k.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {

@@ -256,3 +256,10 @@ def test_a_build_killed_halfway_does_not_hang_later_starts(ops, tmp_path):
     )
     assert loaded.stdout.strip() == "True None"
     assert not (directory / "lock").exists()
+
+
+def test_rotary_refuses_a_position_past_its_table(ops):
+    q, k = torch.randn(2, 64), torch.randn(2, 64)
+    table = kernels.compute_cos_sin_cache(64, 16, 10000.0)
+    with kernels.use_backend("cpp"), pytest.raises(RuntimeError, match="outside the rotary table"):
+        kernels.rotary_embedding(torch.tensor([3, 16]), q, k, table, 64)
