@@ -20,7 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)  // also covers AVX512-BF16, which implies it
 #include <immintrin.h>
 #endif
 #include <cstdint>

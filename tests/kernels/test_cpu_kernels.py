@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -246,7 +248,9 @@ def test_a_build_killed_halfway_does_not_hang_later_starts(ops, tmp_path):
     on it forever (it would, in torch's own loader, with no timeout)."""
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     script = "from kernels import cpu_ops; print(cpu_ops.build_directory())"
-    target = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    target = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
     directory = Path(target.stdout.strip())
     shutil.copytree(cpu_ops.build_directory(), directory)  # this machine's build, so nothing recompiles
     (directory / "lock").write_text("")  # what a build killed halfway leaves
@@ -263,3 +267,25 @@ def test_rotary_refuses_a_position_past_its_table(ops):
     table = kernels.compute_cos_sin_cache(64, 16, 10000.0)
     with kernels.use_backend("cpp"), pytest.raises(RuntimeError, match="outside the rotary table"):
         kernels.rotary_embedding(torch.tensor([3, 16]), q, k, table, 64)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the -march values below name x86-64 CPUs")
+@pytest.mark.parametrize("march", ["x86-64", "skylake-avx512"])  # no AVX-512 at all; AVX-512 without BF16
+def test_sources_compile_for_cpus_without_this_ones_instructions(march):
+    """The build uses -march=native, so this machine only ever compiles its own fast paths; the
+    portable ones (older x86 CPUs) must compile too."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{path}" for path in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]]
+    for source in cpu_ops._SOURCES:
+        command = [
+            "g++",
+            "-std=c++17",
+            "-fsyntax-only",
+            f"-march={march}",
+            "-fopenmp",
+            "-ffast-math",
+            *includes,
+        ]
+        result = subprocess.run([*command, str(source)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
