@@ -62,7 +62,7 @@ class EngineConfig:
 class Engine:
     """Loads the model, then serves `Generate` / `Abort` commands on its own thread."""
 
-    task: Literal["generate"] = "generate"
+    tasks: frozenset[str] = frozenset({"generate"})
 
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
         self.config = config = config or EngineConfig()

@@ -364,7 +364,7 @@ class FakeEngine:
     def _pooled(self, encode: Encode, rng: random.Random) -> Pooled:
         size = encode.params.dimensions or 4
         return Pooled(
-            encode.request_id, tuple(rng.uniform(-1, 1) for _ in range(size)), len(encode.inputs[0])
+            encode.request_id, tuple(rng.uniform(-1, 1) for _ in range(size)), len(encode.prompt_token_ids)
         )
 
     def _tokens(self, sample: _Sample, script: EngineScript, transcript: Transcript) -> Tokens:

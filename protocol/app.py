@@ -241,7 +241,7 @@ class App:
 
     def _generative_model(self, requested: str | None, api: str) -> ServedModel:
         model = resolve_model(requested, self.models)
-        if model.task != "generate":
+        if not model.supports("generate"):
             raise ProtocolError(f"The model does not support {api} API", status=400, param="model")
         return model
 

@@ -54,27 +54,52 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, frozen=True):
     structured: StructuredOutput | None = None
 
 
+PoolingTask = Literal["embed", "classify", "score", "token_embed", "token_classify"]
+
+
 class PoolingParams(msgspec.Struct, omit_defaults=True, frozen=True):
-    task: Literal["embed", "classify", "score", "token_embed", "token_classify"] = "embed"
-    normalize: bool | None = None
+    """What to pool from a prompt's hidden states. Validated by the protocol core already.
+
+    - `embed`: one vector per prompt (the model's pooling: mean, cls or last), L2-normalised unless
+      `normalize` is False, truncated to `dimensions` first (Matryoshka models only);
+    - `classify` / `score`: the classification head's outputs for the prompt (a sentence pair for
+      cross-encoders), through its activation (softmax, or sigmoid for one label) unless
+      `use_activation` is False;
+    - `token_embed` / `token_classify`: the same per token, one row per prompt token.
+    """
+
+    task: PoolingTask = "embed"
+    normalize: bool | None = None  # None: the model's default (True for embedding models)
     dimensions: int | None = None
-    use_activation: bool | None = None
+    use_activation: bool | None = None  # None: the model's default (True)
 
 
 # ---- commands (runtime -> engine) ----
 
 
 class Generate(msgspec.Struct, tag=True, frozen=True):
+    """Generate from a prompt. Requests with different `cache_salt` never share prefix-cache blocks."""
+
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     priority: int = 0
+    cache_salt: str | None = None
 
 
 class Encode(msgspec.Struct, tag=True, frozen=True):
+    """Pool one prompt's hidden states (prefill only, nothing is sampled); answered by one `Pooled`.
+
+    A sentence pair for a cross-encoder arrives already joined by the tokenizer, with its segment
+    ids in `token_type_ids` (None: all zeros).
+    """
+
     request_id: str
-    inputs: tuple[tuple[int, ...], ...]  # one or two token sequences (a pair for cross-encoders)
+    prompt_token_ids: tuple[int, ...]
     params: PoolingParams
+    token_type_ids: tuple[int, ...] | None = None
+    priority: int = 0
+    cache_salt: str | None = None
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):
@@ -119,6 +144,8 @@ class Tokens(msgspec.Struct, tag=True, frozen=True):
 
 
 class Pooled(msgspec.Struct, tag=True, frozen=True):
+    """The answer to an `Encode`: a vector (embed, classify, score) or one row per token (token_*)."""
+
     request_id: str
     data: tuple[float, ...] | tuple[tuple[float, ...], ...]
     num_prompt_tokens: int

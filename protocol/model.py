@@ -8,7 +8,24 @@ import msgspec
 
 from protocol.tokenizer import Tokenizer
 
-Task = Literal["generate", "embed", "score"]
+# What a model can be asked to do. A generative model serves `generate`; a pooling model serves
+# some of the pooling tasks (vLLM's names): `embed` (one vector per input: /v1/embeddings,
+# /pooling, and /score and /rerank by cosine similarity), `classify` (a classification head:
+# /classify, /pooling), `score` (a cross-encoder's head on a sentence pair: /score, /rerank),
+# `token_embed` and `token_classify` (per-token outputs through /pooling).
+Task = Literal["generate", "embed", "classify", "score", "token_embed", "token_classify"]
+
+
+class PoolingInfo(msgspec.Struct, kw_only=True, frozen=True):
+    """What the API needs to know about a pooling model's outputs."""
+
+    hidden_size: int  # the length of an embedding
+    # Matryoshka models may be truncated to fewer `dimensions`: the sizes allowed (None: any size
+    # up to hidden_size); models that are not Matryoshka refuse `dimensions`.
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] | None = None
+    num_labels: int = 0  # classification head outputs (0: no head)
+    id2label: dict[int, str] = msgspec.field(default_factory=dict)
 
 
 class ServedModel(msgspec.Struct, kw_only=True):
@@ -23,10 +40,14 @@ class ServedModel(msgspec.Struct, kw_only=True):
     root: str
     tokenizer: Tokenizer
     max_model_len: int
-    task: Task = "generate"
+    tasks: frozenset[str] = frozenset({"generate"})
+    pooling: PoolingInfo | None = None
     generation_defaults: dict[str, Any] = msgspec.field(default_factory=dict)
     created: int = 0
 
     @property
     def name(self) -> str:
         return self.names[0]
+
+    def supports(self, task: Task) -> bool:
+        return task in self.tasks

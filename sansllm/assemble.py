@@ -73,7 +73,7 @@ def served_model(args: argparse.Namespace, engine: Any, *, created: int) -> Serv
         root=engine.root,
         tokenizer=engine.tokenizer,
         max_model_len=engine.max_model_len,
-        task=engine.task,
+        tasks=frozenset(engine.tasks),
         generation_defaults=dict(engine.generation_defaults),
         created=created,
     )

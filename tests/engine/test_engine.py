@@ -319,7 +319,7 @@ def test_bad_prompts_and_duplicate_ids_fail_with_400(engine):
     events = engine.step_sync([gen("c", max_tokens=3), gen("c", max_tokens=3)])
     assert Failed("c", 400, "request id 'c' is already running") in events
     engine.generate_sync([])
-    (failed,) = engine.generate_sync([Encode("e", ((1, 2),), PoolingParams())])
+    (failed,) = engine.generate_sync([Encode("e", (1, 2), PoolingParams())])
     assert failed.status == 400
 
 
@@ -338,7 +338,7 @@ def test_waiting_requests_respect_max_num_seqs_and_priority(tiny_llama):
 def test_engine_exposes_what_the_server_needs(engine, tiny_llama):
     assert engine.model_name == "tiny-llama"
     assert engine.root == str(tiny_llama.resolve())
-    assert engine.task == "generate"
+    assert engine.tasks == {"generate"}
     assert engine.max_model_len == 256
     assert engine.vocab_size == engine.tokenizer.vocab_size
     assert engine.generation_defaults == {}

@@ -116,7 +116,7 @@ def test_any_served_name_is_accepted():
 
 def test_non_generative_model_refuses_chat():
     model = tiny_served_model()
-    model.task = "embed"
+    model.tasks = frozenset({"embed"})
     status, error = error_of(respond(make_app([model]), "POST", "/v1/chat/completions", CHAT))
     assert status == 400 and error["message"] == "The model does not support Chat Completions API"
 

@@ -490,7 +490,7 @@ def test_chatml_template_renders_with_jinja():
 
 def test_tiny_served_model():
     model = tiny_served_model(max_model_len=64)
-    assert model.name == "tiny-byte-model" and model.max_model_len == 64 and model.task == "generate"
+    assert model.name == "tiny-byte-model" and model.max_model_len == 64 and model.tasks == {"generate"}
     assert isinstance(model.tokenizer, ByteTokenizer)
     assert msgspec.structs.asdict(model)["generation_defaults"] == {}
 
