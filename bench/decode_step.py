@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from engine.engine import Engine, EngineConfig
+from engine import Engine, EngineConfig
 from protocol.engine_api import Generate, SamplingParams, Tokens
 
 

@@ -63,7 +63,7 @@ class EngineRunner:
     """Owns one started engine; `run` may be called repeatedly (warm-up, then each batch size)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", **options: Any) -> None:
-        from engine.engine import Engine, EngineConfig  # deferred: importing it loads torch models code
+        from engine import Engine, EngineConfig  # deferred: importing it loads torch models code
 
         self.engine = Engine(
             build_engine_config(EngineConfig, {"model": model_path, "dtype": dtype, **options})

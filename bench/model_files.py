@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.model_files import DEFAULT_MODEL as DEFAULT_MODEL_NAME
-from engine.model_files import resolve_model as resolve_source
+from engine import DEFAULT_MODEL as DEFAULT_MODEL_NAME
+from engine import resolve_model as resolve_source
 
 __all__ = ["DEFAULT_MODEL_NAME", "concrete_dtype", "hf_location", "resolve_model"]
 
@@ -28,6 +28,6 @@ def concrete_dtype(dtype: str) -> str:
     baseline always runs in the same dtype as our engine."""
     import torch
 
-    from engine.loader import resolve_dtype
+    from engine import resolve_dtype
 
     return str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")

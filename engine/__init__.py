@@ -1,0 +1,42 @@
+"""The engine: continuous batching over a paged KV cache, our own model code, one torch thread.
+
+This is the surface the runtimes, `sansllm/`, `bench/` and `examples/` use; everything else in
+the package is private to it (tests of the engine itself may reach further). Pinned by
+`tests/engine/test_exports.py`.
+
+- `Engine(EngineConfig(model=...))`: one model, served on its own thread; `load_engines(configs)`
+  loads several that share one thread. An engine takes the commands of `protocol.engine_api`
+  (`submit`) and hands back each step's events (`start(on_events)`).
+- `LLM`: offline generation without a server.
+- `resolve_model`: a model name or path to the files the engine loads.
+"""
+
+from engine.engine import Engine, EngineConfig, EngineThread, load_engines, parse_memory
+from engine.loader import LoadedModel, PoolingFacts, load_model, resolve_dtype
+from engine.model_files import (
+    DEFAULT_EMBEDDING_MODEL,
+    DEFAULT_MODEL,
+    ModelNotFoundError,
+    ModelSource,
+    resolve_model,
+)
+from engine.offline import LLM, GenerationFailed
+
+__all__ = [
+    "DEFAULT_EMBEDDING_MODEL",
+    "DEFAULT_MODEL",
+    "LLM",
+    "Engine",
+    "EngineConfig",
+    "EngineThread",
+    "GenerationFailed",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "ModelSource",
+    "PoolingFacts",
+    "load_engines",
+    "load_model",
+    "parse_memory",
+    "resolve_dtype",
+    "resolve_model",
+]

@@ -1,10 +1,15 @@
-"""The engine's step logic, free of threads: admit commands, run one model step, emit events.
+"""The step logic of a decoder model, free of threads: admit commands, run one model step, emit events.
 
 Each request becomes one scheduled `Sequence` per sample (engine/scheduler.py); a step runs one
 forward pass over the chunks the scheduler picked (prefill chunks and decodes mixed, within the
-token budget) against the paged KV cache (engine/attention.py), then samples a token for every
+token budget) through the model runner (engine/model_runner.py), then samples a token for every
 chunk that reached the end of its sequence. The n samples of a request share their prompt's
 blocks through the prefix cache, as vLLM v1 does.
+
+Prefill-only work rides the same path: a sequence marked `prefill_only` is scheduled and chunked
+like any prompt, and when its last chunk is computed it is answered instead of sampled: an `Encode`
+of a decoder embedding model gets its last token's hidden state pooled, a `Generate` with
+`max_tokens=0` gets its prompt logprobs.
 """
 
 from __future__ import annotations
@@ -15,14 +20,22 @@ from collections.abc import Iterable, Sequence
 import msgspec
 import torch
 
-from engine.attention import PagedKVCache, SequenceSpan, build_step
+from engine.attention import SequenceSpan
 from engine.kv_cache import KVCacheManager
+from engine.model_runner import DecoderRunner
 from engine.models.llama import LlamaForCausalLM
-from engine.requests import SCORING_INDEX, RequestRejected, RequestState, SampleState, finish_check, validate
+from engine.requests import (
+    RequestRejected,
+    RequestState,
+    SampleState,
+    check_pooling,
+    finish_check,
+    validate,
+)
 from engine.sampler import Sampler, SamplingRow, prompt_logprobs
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.scheduler import Sequence as ScheduledSequence
-from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Tokens
+from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled, Tokens
 
 _PROMPT_LOGPROBS_CHUNK = 256  # prompt rows turned into logits at a time
 
@@ -59,24 +72,26 @@ class EngineCore:
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        tasks: frozenset[str] = frozenset({"generate"}),
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
                 f"max_model_len={max_model_len} does not fit in a KV cache of {num_kv_blocks} blocks "
                 f"of {block_size} tokens; give the cache more memory or lower max_model_len"
             )
-        self.model = model
+        self.runner = DecoderRunner(model, num_kv_blocks, block_size)
         self.config = model.config
+        self.tasks = tasks
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.kv_cache = PagedKVCache(self.config, num_kv_blocks, block_size, self.dtype, self.device)
+        self.device, self.dtype = self.runner.device, self.runner.dtype
+        self.kv_cache = self.runner.kv_cache
         self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))
         self.requests: dict[str, RequestState] = {}
+        self.encodes: dict[str, tuple[Encode, ScheduledSequence]] = {}  # pooling requests in flight
         self._arrivals = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -86,7 +101,7 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self.encodes)
 
     def stats(self) -> EngineStats:
         """The numbers as of the end of the last `add` or `step` (safe to read from another thread)."""
@@ -116,15 +131,46 @@ class EngineCore:
             elif isinstance(command, Abort):
                 self._abort(command)
             elif isinstance(command, Encode):
-                events.append(
-                    Failed(command.request_id, 400, "this model generates text; it does not serve embeddings")
-                )
+                events.extend(self._add_encode(command))
         self._refresh_stats()
         return events
 
+    def _running(self, request_id: str) -> list[Event]:
+        if request_id in self.requests or request_id in self.encodes:
+            return [Failed(request_id, 400, f"request id {request_id!r} is already running")]
+        return []
+
+    def _add_encode(self, command: Encode) -> list[Event]:
+        """A decoder embedding model: one prefill-only sequence, pooled from its last token."""
+        if "generate" in self.tasks:
+            return [Failed(command.request_id, 400, "this model generates text; it does not serve embeddings")]
+        if refused := self._running(command.request_id):
+            return refused
+        try:
+            check_pooling(
+                command, self.tasks, self.config.vocab_size, self.max_model_len, self.config.hidden_size
+            )
+        except RequestRejected as error:
+            return [Failed(command.request_id, error.status, str(error))]
+        seq = ScheduledSequence(
+            command.request_id,
+            0,
+            list(command.prompt_token_ids),
+            None,
+            command.priority,
+            arrival=next(self._arrivals),
+            salt=command.cache_salt,
+            prefill_only=True,
+        )
+        self.encodes[command.request_id] = (command, seq)
+        self.scheduler.add(seq)
+        return []
+
     def _add_generate(self, command: Generate) -> list[Event]:
-        if command.request_id in self.requests:
-            return [Failed(command.request_id, 400, f"request id {command.request_id!r} is already running")]
+        if "generate" not in self.tasks:
+            return [Failed(command.request_id, 400, "this model does not generate text")]
+        if refused := self._running(command.request_id):
+            return refused
         try:
             max_tokens = validate(command, self.config.vocab_size, self.max_model_len, self.max_num_seqs)
         except RequestRejected as error:
@@ -145,8 +191,8 @@ class EngineCore:
             self._count_prompt(request)
             return self._finish_without_tokens(request)  # nothing to compute
         self.requests[request.request_id] = request
-        # max_tokens=0: one hidden sequence scores the prompt; otherwise one sequence per sample.
-        indices = range(params.n) if max_tokens > 0 else [SCORING_INDEX]
+        # max_tokens=0: one prefill-only sequence scores the prompt; otherwise one sequence per sample.
+        indices = range(params.n) if max_tokens > 0 else [0]
         prompt = list(request.prompt_token_ids)
         for index in indices:
             seq = ScheduledSequence(
@@ -156,7 +202,9 @@ class EngineCore:
                 params,
                 command.priority,
                 arrival=request.arrival,
+                salt=command.cache_salt,
                 read_prefix_cache=not request.scoring_prompt,
+                prefill_only=max_tokens == 0,
             )
             request.samples[index] = SampleState(seq, self._generator(request, index))
             self.scheduler.add(seq)
@@ -164,6 +212,10 @@ class EngineCore:
 
     def _abort(self, command: Abort) -> None:
         """Drop a request or one sample, silently (the protocol side already knows); blocks free at once."""
+        encode = self.encodes.pop(command.request_id, None)
+        if encode is not None:
+            self.scheduler.finish(encode[1])
+            return
         request = self.requests.get(command.request_id)
         if request is None:
             return
@@ -185,9 +237,12 @@ class EngineCore:
 
     def fail_all(self, status: int, message: str) -> list[Event]:
         """Fail every live request (the engine is going away)."""
-        events: list[Event] = [Failed(rid, status, message) for rid in self.requests]
+        events: list[Event] = [Failed(rid, status, message) for rid in [*self.requests, *self.encodes]]
         for request in list(self.requests.values()):
             self._drop(request)
+        for _, seq in self.encodes.values():
+            self.scheduler.finish(seq)
+        self.encodes.clear()
         self._refresh_stats()
         return events
 
@@ -209,14 +264,19 @@ class EngineCore:
             )
             for c in chunks
         ]
-        inputs = build_step(self.kv_cache, spans)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        step = self.runner.forward(spans)
+        hidden = step.hidden
         self.scheduler.advance(chunks)
-        ends = inputs.meta.query_ends
 
         events: list[Event] = []
         sampling: list[tuple[int, RequestState, SampleState]] = []  # (hidden row, owner)
-        for chunk, end in zip(chunks, ends, strict=True):
+        pooling: list[tuple[int, Encode]] = []  # (row of the last prompt token, request)
+        for chunk, end in zip(chunks, step.ends, strict=True):
+            encode = self.encodes.get(chunk.seq.request_id)
+            if encode is not None:
+                if chunk.samples:  # the whole prompt is computed
+                    pooling.append((end - 1, encode[0]))
+                continue
             request = self.requests[chunk.seq.request_id]
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = chunk.seq.num_cached_tokens
@@ -224,22 +284,33 @@ class EngineCore:
                 self._score_prompt(request, chunk, hidden[end - chunk.num_tokens : end])
             if not chunk.samples:
                 continue
-            if chunk.seq.index == SCORING_INDEX:  # max_tokens=0: the prompt is all there is
+            if chunk.seq.prefill_only:  # max_tokens=0: the prompt is all there is
                 self._count_prompt(request)
                 self._drop(request)
                 events.extend(self._finish_without_tokens(request))
             else:
                 sampling.append((end - 1, request, request.samples[chunk.seq.index]))
+        if pooling:
+            events.extend(self._pool(hidden, pooling))
         if sampling:
             events.extend(self._sample(hidden, sampling))
+        return events
+
+    def _pool(self, hidden: torch.Tensor, pooling: list[tuple[int, Encode]]) -> list[Event]:
+        vectors = self.runner.embed_last(hidden, [row for row, _ in pooling], [e.params for _, e in pooling])
+        events: list[Event] = []
+        for (_, encode), vector in zip(pooling, vectors, strict=True):
+            _, seq = self.encodes.pop(encode.request_id)
+            self.scheduler.finish(seq)
+            self._prompt_tokens_total += len(encode.prompt_token_ids)
+            events.append(Pooled(encode.request_id, tuple(vector.tolist()), len(encode.prompt_token_ids)))
         return events
 
     def _sample(
         self, hidden: torch.Tensor, sampling: list[tuple[int, RequestState, SampleState]]
     ) -> list[Event]:
         """Logits only for the rows that sample; one token each."""
-        rows = torch.tensor([row for row, _, _ in sampling], device=hidden.device)
-        logits = self.model.compute_logits(hidden[rows])
+        logits = self.runner.logits(hidden, [row for row, _, _ in sampling])
         result = self.sampler(logits, [self._row(request, sample) for _, request, sample in sampling])
         return [
             self._advance(request, sample, token, logprob, top)
@@ -308,7 +379,7 @@ class EngineCore:
         k = request.params.prompt_logprobs or 0
         for start in range(first, last, _PROMPT_LOGPROBS_CHUNK):
             stop = min(start + _PROMPT_LOGPROBS_CHUNK, last)
-            logits = self.model.compute_logits(hidden[start - chunk.start : stop - chunk.start])
+            logits = self.runner.logits(hidden[start - chunk.start : stop - chunk.start])
             entries.extend(prompt_logprobs(logits, prompt[start + 1 : stop + 1], k))
         if not request.scoring_prompt:  # complete: the samples may now share cached blocks
             for sample in request.samples.values():
@@ -330,7 +401,7 @@ class EngineCore:
 
     def _generator(self, request: RequestState, index: int) -> torch.Generator | None:
         """Sample `index` of a seeded request draws from seed + index (as vLLM's n>1 children do)."""
-        if request.params.seed is None or index < 0:
+        if request.params.seed is None:
             return None
         return torch.Generator(self.device).manual_seed(request.params.seed + index)
 

@@ -1,9 +1,10 @@
-"""The engine thread: drains an inbox of commands, steps the model, hands each step's events to a callback.
+"""The engine thread: drains an inbox of commands, steps the models, hands each step's events to callbacks.
 
-The runtime bridges (asyncio, trio) give `start` a callback that wakes their loop; everything
+One `Engine` per served model; several may share one `EngineThread` (`load_engines`). The runtime
+bridges (asyncio, trio) give each engine's `start` a callback that wakes their loop; everything
 crosses the thread boundary as the msgspec structs of `protocol.engine_api`. If the loop dies,
-every pending request gets `Failed(..., 500, ...)`, `healthy` turns False, and later submits
-fail at once.
+every pending request of every model on it gets `Failed(..., 500, ...)`, `healthy` turns False,
+and later submits fail at once.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,8 +23,11 @@ import torch
 import kernels
 from engine.attention import PagedKVCache
 from engine.core import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineCore, EngineStats
-from engine.loader import LoadedModel, load_model, resolve_device
+from engine.encoder_core import EncoderCore
+from engine.loader import LoadedModel, PoolingFacts, load_model, resolve_device
 from engine.model_files import DEFAULT_MODEL, resolve_model
+from engine.model_runner import EncoderRunner
+from engine.registry import Convert
 from engine.tokenizer import HFTokenizer
 from protocol.engine_api import Command, Encode, Event, Failed, Generate
 
@@ -41,10 +45,13 @@ class EngineConfig:
     served_model_name: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    # "embed": serve a decoder model (or a classifier's backbone) as an embedding model (vLLM's --convert)
+    convert: Convert = "auto"
     max_model_len: int | None = None  # default: the model's context length
     seed: int = 0
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # tokens per step (chunked prefill)
+    # tokens per step (chunked prefill); None: 512 for decoders (see engine.core), 2048 for encoders
+    max_num_batched_tokens: int | None = None
     # KV cache size in bytes (an int, or a string such as "1GiB" or "512M"); default 1 GiB, never more
     # blocks than max_num_seqs sequences of max_model_len tokens can use
     kv_cache_memory: int | str | None = None
@@ -59,45 +66,165 @@ class EngineConfig:
     batch_invariant: bool = False
 
 
-class Engine:
-    """Loads the model, then serves `Generate` / `Abort` commands on its own thread."""
+# Tokens per encoder step. An encoder input runs whole, so the budget only bounds how many inputs
+# share a forward pass (and how long a step of a model sharing the thread waits).
+DEFAULT_ENCODER_BATCHED_TOKENS = 2048
 
-    tasks: frozenset[str] = frozenset({"generate"})
 
-    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None):
-        self.config = config = config or EngineConfig()
-        # All torch work (loading, the KV cache, every step) runs on this one thread. Why: each
-        # thread that runs torch ops on the CPU gets its own OpenMP team, and with two teams on a
-        # small machine libgomp stops spinning between parallel regions; decode steps then took
-        # ~45% longer (measured: 127 vs 87 ms for 32 sequences on 2 cores).
-        self._worker = _TorchThread("sansllm-engine")
+class EngineThread:
+    """The one torch thread that serves the engines of one or several models.
+
+    Why one thread for every model: each thread that runs torch ops on the CPU gets its own OpenMP
+    team, and with two teams on a small machine libgomp stops spinning between parallel regions;
+    decode steps then took ~45% longer (measured: 127 vs 87 ms for 32 sequences on 2 cores). So
+    every model's engine posts its commands to this thread's inbox, and each turn of the loop
+    steps every model that has work, one step each (round robin, so a busy model cannot starve
+    another), and hands each model's events to that model's callback.
+    """
+
+    def __init__(self, name: str = "sansllm-engine") -> None:
+        self.worker = _TorchThread(name)
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.lock = threading.Lock()  # orders submits against the thread's death
+        self.engines: list[Engine] = []
+        self.started = False
+        self.alive = True  # False once the loop has died
+        self.refusal = (503, "the engine is shut down")  # how submits are failed once not alive
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.worker.post(self._loop)
+
+    def _loop(self) -> None:
+        active = [engine for engine in self.engines if engine._alive]
+        undelivered: dict[Engine, list[Event]] = {}
         try:
-            self._worker.call(lambda: self._build(config, loaded))
+            while active:
+                items = self._drain(block=not any(engine.core.has_work for engine in active))
+                commands: dict[Engine, list[Command]] = {}
+                for engine, item in items:
+                    if item is _STOP:
+                        commands.pop(engine, None)
+                        if engine in active:
+                            active.remove(engine)
+                            undelivered[engine] = engine.core.fail_all(503, "the engine is shutting down")
+                    elif engine in active:
+                        commands.setdefault(engine, []).append(item)
+                    else:
+                        undelivered.setdefault(engine, []).extend(_fail([item], *engine._refusal))
+                for engine, batch in commands.items():
+                    undelivered.setdefault(engine, []).extend(engine.core.add(batch))
+                for engine in active:
+                    if engine.core.has_work:
+                        undelivered.setdefault(engine, []).extend(engine.core.step())
+                for engine in list(undelivered):
+                    events = undelivered.pop(engine)
+                    if events and engine._on_events is not None:
+                        engine._on_events(events)
+        except BaseException as error:  # noqa: BLE001 - any death must fail the pending requests
+            logger.exception("engine thread died")
+            self._die(f"engine error: {type(error).__name__}: {error}", undelivered)
+
+    def _drain(self, block: bool) -> list[tuple[Engine, Any]]:
+        items: list[tuple[Engine, Any]] = []
+        try:
+            items.append(self.inbox.get() if block else self.inbox.get_nowait())
+            while True:
+                items.append(self.inbox.get_nowait())
+        except queue.Empty:
+            return items
+
+    def _die(self, message: str, undelivered: dict[Engine, list[Event]]) -> None:
+        """Fail everything still pending; events the dying step had already made go out first."""
+        with self.lock:
+            self.alive = False
+            self.refusal = (500, message)
+            leftovers = self._drain(block=False)
+        for engine in self.engines:
+            engine._alive = False
+            engine._refusal = (500, message)
+            pending = [item for owner, item in leftovers if owner is engine and item is not _STOP]
+            events = undelivered.get(engine, []) + engine.core.fail_all(500, message) + _fail(pending, 500, message)
+            if events and engine._on_events is not None:
+                try:
+                    engine._on_events(events)
+                except Exception:  # noqa: BLE001 - nothing more we can do for them
+                    logger.exception("could not deliver the engine's failure events")
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread once no engine on it is alive."""
+        if not any(engine._alive for engine in self.engines):
+            self.worker.stop(timeout)
+
+
+def load_engines(configs: Sequence[EngineConfig]) -> list[Engine]:
+    """Load several models that share one engine thread (see `EngineThread` for why)."""
+    thread = EngineThread()
+    engines: list[Engine] = []
+    try:
+        for config in configs:
+            engines.append(Engine(config, thread=thread))
+    except BaseException:
+        for engine in engines:
+            engine.shutdown()
+        thread.worker.stop()
+        raise
+    return engines
+
+
+class Engine:
+    """One model's engine: loads the model, then serves its commands on an `EngineThread`.
+
+    Given no thread, it makes its own (one model per thread, as tests and offline use want).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        loaded: LoadedModel | None = None,
+        *,
+        thread: EngineThread | None = None,
+    ):
+        self.config = config = config or EngineConfig()
+        self._thread = thread or EngineThread()
+        try:
+            self._thread.worker.call(lambda: self._build(config, loaded))
         except BaseException:
-            self._worker.stop()
+            if thread is None:
+                self._thread.worker.stop()
             raise
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # orders submits against the thread's death
         self._started = False
         self._on_events: EventCallback | None = None
-        self._alive = True  # False once the loop has died or shut down
+        self._alive = True  # False once this engine (or its thread) has shut down or died
         self._refusal = (503, "the engine is shut down")  # how submits are failed once not alive
+        self._thread.engines.append(self)
 
     def _build(self, config: EngineConfig, loaded: LoadedModel | None) -> None:
         _set_threads(config)
         if config.batch_invariant:
             kernels.set_batch_invariant(True)
         source = loaded.source if loaded else resolve_model(config.model)
-        loaded = loaded or load_model(source, config.dtype, config.device, config.progress)
+        if loaded is None:
+            logger.info("loading %s from %s", source.name, source.path)
+        loaded = loaded or load_model(source, config.dtype, config.device, config.progress, config.convert)
         if not config.batch_invariant:
             loaded.model.pack_weights()
-        kernels.prepare(loaded.model.lm_head.weight.device)
+        kernels.prepare(next(loaded.model.parameters()).device)
         self.loaded = loaded
         self.tokenizer: HFTokenizer = loaded.tokenizer
         self.model_name = config.served_model_name or source.name
         self.root = str(source.path)
         self.vocab_size = loaded.config.vocab_size
         self.generation_defaults: dict[str, Any] = dict(loaded.generation_defaults)
+        self.tasks: frozenset[str] = loaded.spec.tasks
+        self.pooling: PoolingFacts | None = loaded.pooling
+        if loaded.spec.kind == "encoder":
+            self._build_encoder(config, loaded)
+        else:
+            self._build_decoder(config, loaded)
+
+    def _build_decoder(self, config: EngineConfig, loaded: LoadedModel) -> None:
         max_model_len = _max_model_len(config.max_model_len, loaded)
         num_kv_blocks = _num_kv_blocks(config, loaded, max_model_len)
         self.max_model_len = _fit_in_cache(max_model_len, num_kv_blocks * config.block_size, config)
@@ -108,102 +235,71 @@ class Engine:
             num_kv_blocks=num_kv_blocks,
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
             enable_prefix_caching=config.enable_prefix_caching,
             seed=config.seed,
+            tasks=self.tasks,
+        )
+
+    def _build_encoder(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        limit = loaded.max_model_len or loaded.config.max_model_len
+        if config.max_model_len is not None and config.max_model_len > loaded.config.max_model_len:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's limit of "
+                f"{loaded.config.max_model_len} tokens"
+            )
+        self.max_model_len = config.max_model_len or limit
+        pooling = loaded.pooling
+        assert pooling is not None
+        self.core = EncoderCore(
+            EncoderRunner(loaded.model, pooling.method, pooling.normalize, loaded.config.problem_type),
+            tasks=self.tasks,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens or DEFAULT_ENCODER_BATCHED_TOKENS,
+            hidden_size=pooling.hidden_size,
+            num_type_ids=max(1, loaded.config.type_vocab_size),
         )
 
     # ---- the thread ----
 
     @property
     def healthy(self) -> bool:
-        return self._alive
+        return self._alive and self._thread.alive
 
     def stats(self) -> EngineStats:
         """Scheduler and KV cache numbers for metrics, as of the last step (any thread may call it)."""
         return self.core.stats()
 
     def start(self, on_events: EventCallback) -> None:
-        """Start the engine thread; `on_events` is called on it once per step with that step's events."""
+        """Start serving; `on_events` is called on the engine thread once per step with this model's events."""
         if self._started:
             raise RuntimeError("engine already started")
         self._started = True
         self._on_events = on_events
-        self._worker.post(self._loop)
+        self._thread.start()
 
     def submit(self, commands: Iterable[Command]) -> None:
         """Enqueue commands (thread-safe, returns at once). A dead engine fails them right away."""
         commands = list(commands)
-        with self._lock:
-            if self._alive:
+        with self._thread.lock:
+            if self._alive and self._thread.alive:
                 for command in commands:
-                    self._inbox.put(command)
+                    self._thread.inbox.put((self, command))
                 return
-        failures = _fail(commands, *self._refusal)
+        refusal = self._refusal if not self._alive else self._thread.refusal
+        failures = _fail(commands, *refusal)
         if failures and self._on_events is not None:
             self._on_events(failures)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Stop the thread; requests still running get `Failed(503)`."""
-        with self._lock:
+        """Stop serving; requests still running get `Failed(503)`. The thread stops with its last engine."""
+        with self._thread.lock:
             was_alive, self._alive = self._alive, False
-        if was_alive and self._started:
-            self._inbox.put(_STOP)
-        self._worker.stop(timeout)
-
-    def _loop(self) -> None:
-        undelivered: list[Event] = []  # this step's events, until handed over
-        try:
-            while True:
-                commands, stop = self._drain(block=not self.core.has_work)
-                undelivered = self.core.add(commands)
-                if stop:
-                    undelivered += self.core.fail_all(503, "the engine is shutting down")
-                    undelivered += _fail(self._leftovers(), 503, "the engine is shutting down")
-                elif self.core.has_work:
-                    undelivered += self.core.step()
-                if undelivered:
-                    events, undelivered = undelivered, []
-                    self._on_events(events)
-                if stop:
-                    return
-        except BaseException as error:  # noqa: BLE001 - any death must fail the pending requests
-            logger.exception("engine thread died")
-            self._die(f"engine error: {type(error).__name__}: {error}", undelivered)
-
-    def _drain(self, block: bool) -> tuple[list[Command], bool]:
-        commands: list[Command] = []
-        try:
-            item = self._inbox.get() if block else self._inbox.get_nowait()
-            while True:
-                if item is _STOP:
-                    return commands, True
-                commands.append(item)
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            return commands, False
-
-    def _leftovers(self) -> list[Command]:
-        items = []
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return [i for i in items if i is not _STOP]
-            items.append(item)
-
-    def _die(self, message: str, undelivered: list[Event]) -> None:
-        """Fail everything still pending; events the dying step had already made go out first."""
-        with self._lock:
-            self._alive = False
-            self._refusal = (500, message)
-            pending = self._leftovers()
-        events = undelivered + self.core.fail_all(500, message) + _fail(pending, 500, message)
-        if events and self._on_events is not None:
-            try:
-                self._on_events(events)
-            except Exception:  # noqa: BLE001 - nothing more we can do for them
-                logger.exception("could not deliver the engine's failure events")
+        if was_alive and self._thread.started and self._thread.alive:
+            self._thread.inbox.put((self, _STOP))
+        self._thread.close(timeout)
 
     # ---- offline use ----
 
@@ -212,9 +308,9 @@ class Engine:
 
         Not for use while the engine thread is running.
         """
-        if self._started:
+        if self._thread.started:
             raise RuntimeError("generate_sync cannot run while the engine thread is started")
-        return self._worker.call(lambda: self._run_to_completion(list(commands)))
+        return self._thread.worker.call(lambda: self._run_to_completion(list(commands)))
 
     def _run_to_completion(self, commands: list[Command]) -> list[Event]:
         events = self.core.add(commands)
@@ -224,9 +320,9 @@ class Engine:
 
     def step_sync(self, commands: Iterable[Command] = ()) -> list[Event]:
         """Take commands and run a single step (on the engine's thread); returns that step's events."""
-        if self._started:
+        if self._thread.started:
             raise RuntimeError("step_sync cannot run while the engine thread is started")
-        return self._worker.call(lambda: self._one_step(list(commands)))
+        return self._thread.worker.call(lambda: self._one_step(list(commands)))
 
     def _one_step(self, commands: list[Command]) -> list[Event]:
         events = self.core.add(commands)

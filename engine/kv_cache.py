@@ -4,8 +4,9 @@ Only the accounting lives here (which block holds which tokens); the tensors the
 the model runner, laid out as `[num_blocks, block_size, num_kv_heads, head_dim]` per layer (see
 `kernels.attention`). The design follows vLLM v1's KV cache manager:
 
-- a full block is identified by a chained hash of (parent block hash, its token ids, salt), so a
-  shared prefix maps to the same physical blocks for every sequence that has it;
+- a full block is identified by a chained SHA-256 of (parent block hash, its token ids, salt), so a
+  shared prefix maps to the same physical blocks for every sequence that has it, and requests with
+  different `cache_salt`s never share a block;
 - blocks whose reference count drops to zero go to the tail of an LRU free queue but keep their
   hash, so they can still be hit until they are reused for something else (evicted);
 - a sequence's blocks are freed tail-first, so the end of a prompt is evicted before its start.
@@ -13,10 +14,12 @@ the model runner, laid out as `[num_blocks, block_size, num_kv_heads, head_dim]`
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-BlockHash = int
+BlockHash = bytes
 
 
 class Block:
@@ -29,8 +32,19 @@ class Block:
 
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int], salt: str | None = None) -> BlockHash:
-    """Chained hash of one full block; equal prefixes give equal chains."""
-    return hash((parent, tuple(token_ids), salt))
+    """Chained SHA-256 of one full block; equal prefixes (with equal salts) give equal chains.
+
+    Why a cryptographic hash: a hit is trusted without comparing token ids, so a collision would
+    hand one request another's keys and values, wrong output and a leak across tenants. Python's
+    `hash()` of a tuple is 64 bits and easy to collide on purpose (it is not keyed for ints);
+    SHA-256 makes a collision infeasible, at about a microsecond per 16-token block. The salt
+    (a request's `cache_salt`) enters the first block and, through the chain, every later one.
+    """
+    digest = hashlib.sha256(parent or b"root")
+    if parent is None and salt is not None:
+        digest.update(b"salt\x00" + salt.encode("utf-8", "surrogatepass") + b"\x00")
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
 
 
 class BlockPool:

@@ -1,4 +1,8 @@
-"""Load a model, its tokenizer and its generation defaults from a `ModelSource`."""
+"""Load a model, its tokenizer and its generation defaults from a `ModelSource`.
+
+The registry (`engine.registry`) says which implementation an architecture runs on and what it
+serves; decoders load here from GGUF files or HF folders, encoders from HF folders.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from engine.gguf_file import GGUFModel
 from engine.model_config import ModelConfig
 from engine.model_files import ModelSource
 from engine.models.llama import LlamaForCausalLM
+from engine.registry import Convert, ModelSpec, encoder_architecture, model_spec
 from engine.tokenizer import HFTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,13 +37,33 @@ _GENERATION_DEFAULTS = {
 }
 
 
+@dataclass(frozen=True)
+class PoolingFacts:
+    """What the API needs to know about a pooling model's outputs (`protocol.model.PoolingInfo`)."""
+
+    hidden_size: int
+    method: str = "last"  # how an embedding is pooled: mean, cls or last
+    normalize: bool = True  # embeddings are L2-normalised unless a request says otherwise
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] | None = None
+    num_labels: int = 0
+    id2label: dict[int, str] = field(default_factory=dict)
+
+
 @dataclass
 class LoadedModel:
     source: ModelSource
-    config: ModelConfig
-    model: LlamaForCausalLM
+    config: Any  # ModelConfig for decoders, engine.models.bert.EncoderConfig for encoders
+    model: torch.nn.Module
     tokenizer: HFTokenizer
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    spec: ModelSpec | None = None  # None: a decoder that generates (models built by hand in tests)
+    pooling: PoolingFacts | None = None
+    max_model_len: int | None = None  # a limit below the model's own (sentence-transformers' max_seq_length)
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = model_spec(self.config.architecture)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -57,9 +82,14 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, device: torch.device, config_dtype: str | None = None) -> torch.dtype:
+def resolve_dtype(
+    dtype: str, device: torch.device, config_dtype: str | None = None, *, pooling: bool = False
+) -> torch.dtype:
     """`auto`: on a CPU, bfloat16 where the CPU has native bf16 instructions, else float32; on an
-    accelerator the checkpoint's half type, else bfloat16.
+    accelerator the checkpoint's half type, else bfloat16. Pooling models (embeddings, scores)
+    get float32 on a CPU: their outputs are compared by cosine distance and ranked, where bfloat16's
+    rounding (about 1e-3 relative) moves near ties; the encoders we serve are small, so float32
+    costs little.
 
     Why bfloat16 on such CPUs: decode is bound by reading the weights, and bf16 halves that. Measured
     on a 2-core AVX512-BF16 EPYC: the SmolLM2 matmuls of one decode step take 54 ms instead of 143 ms
@@ -71,40 +101,92 @@ def resolve_dtype(dtype: str, device: torch.device, config_dtype: str | None = N
             raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
         return DTYPES[dtype]
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() and not pooling else torch.float32
     if config_dtype in ("bfloat16", "float16"):
         return DTYPES[config_dtype]
     return torch.bfloat16
 
 
 def load_model(
-    source: ModelSource, dtype: str = "auto", device: str = "auto", progress: bool = True
+    source: ModelSource,
+    dtype: str = "auto",
+    device: str = "auto",
+    progress: bool = True,
+    convert: Convert = "auto",
 ) -> LoadedModel:
     """Read config, weights (dequantizing GGUF) and tokenizer; the model comes back in eval mode."""
     dev = resolve_device(device)
     if source.kind == "gguf":
         gguf = GGUFModel(source.path)
         config = gguf.config
-        torch_dtype = resolve_dtype(dtype, dev)
+        torch_dtype = resolve_dtype(dtype, dev, pooling=convert == "embed")
         model = build_model(
             config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress)
         )
         tokenizer = HFTokenizer.from_gguf(source.path, config.vocab_size, config.eos_token_ids)
         defaults = generation_defaults(source.folder / "generation_config.json")
-        return LoadedModel(source, config, model, tokenizer, defaults)
+        return _decoder(source, config, model, tokenizer, defaults, convert)
 
     raw = _read_json(source.path / "config.json")
+    if encoder_architecture(raw) is not None:
+        return _load_encoder(source, raw, dtype, dev, progress, convert)
     config = ModelConfig.from_hf(raw)
-    torch_dtype = resolve_dtype(dtype, dev, raw.get("torch_dtype") or raw.get("dtype"))
+    torch_dtype = resolve_dtype(
+        dtype, dev, raw.get("torch_dtype") or raw.get("dtype"), pooling=convert == "embed"
+    )
     model = build_model(
         config, torch_dtype, dev, None, safetensors_weights(source.path, torch_dtype, progress)
     )
     generation = _read_json(source.path / "generation_config.json")
     eos = set(config.eos_token_ids) | set(_ids(generation.get("eos_token_id")))
     tokenizer = HFTokenizer.from_folder(source.path, config.vocab_size, eos)
-    return LoadedModel(
-        source, config, model, tokenizer, generation_defaults(source.path / "generation_config.json")
+    defaults = generation_defaults(source.path / "generation_config.json")
+    return _decoder(source, config, model, tokenizer, defaults, convert)
+
+
+def _decoder(
+    source: ModelSource,
+    config: ModelConfig,
+    model: LlamaForCausalLM,
+    tokenizer: HFTokenizer,
+    defaults: dict[str, Any],
+    convert: Convert,
+) -> LoadedModel:
+    spec = model_spec(config.architecture, convert)
+    pooling = None if spec.generates else PoolingFacts(config.hidden_size, "last", True)
+    return LoadedModel(source, config, model, tokenizer, defaults, spec, pooling)
+
+
+def _load_encoder(
+    source: ModelSource,
+    raw: dict[str, Any],
+    dtype: str,
+    device: torch.device,
+    progress: bool,
+    convert: Convert,
+) -> LoadedModel:
+    """A BERT-family encoder from an HF folder, with sentence-transformers' pooling settings."""
+    from engine.models.bert import EncoderConfig, build_encoder
+    from engine.pooling import read_pooling_config
+
+    config = EncoderConfig.from_hf(raw)
+    spec = model_spec(config.architecture, convert, config.num_labels)
+    torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype") or raw.get("dtype"), pooling=True)
+    model = build_encoder(config, torch_dtype, device, safetensors_weights(source.path, torch_dtype, progress))
+    pooling_config = read_pooling_config(source.path)
+    pooling = PoolingFacts(
+        hidden_size=config.hidden_size,
+        method=pooling_config.method,
+        normalize=pooling_config.normalize,
+        is_matryoshka=config.is_matryoshka,
+        matryoshka_dimensions=config.matryoshka_dimensions,
+        num_labels=config.num_labels if "classify" in spec.tasks else 0,
+        id2label=dict(config.id2label) if "classify" in spec.tasks else {},
     )
+    tokenizer = HFTokenizer.from_folder(source.path, config.vocab_size)
+    seq_len = _read_json(source.path / "sentence_bert_config.json").get("max_seq_length")
+    max_len = min(config.max_model_len, int(seq_len)) if seq_len else None
+    return LoadedModel(source, config, model, tokenizer, {}, spec, pooling, max_len)
 
 
 def build_model(

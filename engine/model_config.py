@@ -20,7 +20,9 @@ class UnsupportedModelError(ValueError):
 
 
 def unsupported(what: str) -> UnsupportedModelError:
-    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    from engine.registry import all_architectures  # the registry builds on this module
+
+    supported = ", ".join(all_architectures())
     return UnsupportedModelError(
         f"{what} is not supported; supported architectures: {supported} (SmolLM models are Llama)"
     )

@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.scheduler import Sequence
-from protocol.engine_api import FinishReason, Generate, SamplingParams, TokenLogprobs
-
-# A request with max_tokens=0 samples nothing; if it asks for prompt logprobs, one sequence under
-# this index (never shown to clients) computes the prompt.
-SCORING_INDEX = -1
+from protocol.engine_api import Encode, FinishReason, Generate, SamplingParams, TokenLogprobs
 
 
 class RequestRejected(ValueError):
@@ -103,6 +99,28 @@ def validate(command: Generate, vocab_size: int, max_model_len: int, max_num_seq
             raise RequestRejected("bad_words_token_ids holds an empty sequence")
         _check_ids("bad_words_token_ids", word, vocab_size)
     return min(p.max_tokens, room)
+
+
+def check_pooling(
+    command: Encode, tasks: frozenset[str], vocab_size: int, max_model_len: int, hidden_size: int
+) -> None:
+    """Refuse an `Encode` the model cannot serve (the protocol core checked the API-level rules)."""
+    p, prompt = command.params, command.prompt_token_ids
+    if p.task not in tasks:
+        served = ", ".join(sorted(tasks)) or "nothing"
+        raise RequestRejected(f"this model does not serve the {p.task!r} task; it serves {served}")
+    if not prompt:
+        raise RequestRejected("the input is empty")
+    if len(prompt) > max_model_len:
+        raise RequestRejected(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{len(prompt)} tokens in the input. Please reduce the length of the input."
+        )
+    _check_ids("prompt", prompt, vocab_size)
+    if command.token_type_ids is not None and len(command.token_type_ids) != len(prompt):
+        raise RequestRejected("token_type_ids must have one entry per prompt token")
+    if p.dimensions is not None and not 1 <= p.dimensions <= hidden_size:
+        raise RequestRejected(f"dimensions must lie in [1, {hidden_size}], got {p.dimensions}")
 
 
 def _check_ids(what: str, ids, vocab_size: int) -> None:

@@ -40,7 +40,7 @@ class Sequence:
     request_id: str
     index: int
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None: prefill-only work that samples nothing (pooling)
     priority: int = 0
     arrival: int | None = None
     salt: str | None = None
@@ -51,6 +51,7 @@ class Sequence:
     first_scheduled: bool = False
     num_preemptions: int = 0
     read_prefix_cache: bool = True  # False while every prompt position's output is needed (prompt logprobs)
+    prefill_only: bool = False  # answered once its prompt is computed (pooling, prompt scoring), never sampled
 
     @property
     def seq_id(self) -> str:

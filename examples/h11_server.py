@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
 
-    from engine.engine import Engine, EngineConfig
+    from engine import Engine, EngineConfig
 
     listener = socket.create_server((args.host, args.port))
     engine = Engine(EngineConfig(model=args.model))

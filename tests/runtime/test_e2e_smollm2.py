@@ -32,15 +32,14 @@ FLAGS = ["--max-model-len", "2k"]
 
 @pytest.fixture(scope="module")
 def loaded_model():
-    from engine.loader import load_model
-    from engine.model_files import resolve_model
+    from engine import load_model, resolve_model
 
     return load_model(resolve_model(DEFAULT_MODEL), "auto", "auto", False)
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def server(request, loaded_model):
-    from engine.engine import Engine, EngineConfig
+    from engine import Engine, EngineConfig
 
     args = parse_serve_args([*FLAGS], environ={})
     config = engine_config_from_args(args, EngineConfig)
@@ -82,7 +81,7 @@ def tls_server(request, loaded_model, tmp_path_factory):
     """The real model over TLS, offering h2 by ALPN (one runtime is enough: the others test HTTP/2 broadly)."""
     import trustme
 
-    from engine.engine import Engine, EngineConfig
+    from engine import Engine, EngineConfig
 
     ca = trustme.CA()
     pem = tmp_path_factory.mktemp("tls") / "server.pem"

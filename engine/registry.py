@@ -1,0 +1,83 @@
+"""The model registry: which HF architecture runs on which of our implementations, and what it serves.
+
+Two kinds of model run in the engine:
+
+- **decoders** (Llama, Mistral, Qwen2, SmolLM; GGUF files are decoders) run causally over the
+  paged KV cache, scheduled in chunks beside other sequences. They generate text; converted with
+  `convert="embed"` (vLLM's `--convert embed`) they serve embeddings instead, pooled from the last
+  prompt token's hidden state (vLLM's default for decoder embedding models);
+- **encoders** (BERT, RoBERTa, XLM-R) attend both ways over a whole input, so they never chunk and
+  keep no KV cache. The base models serve embeddings; `*ForSequenceClassification` models serve
+  `classify`, and with a single output (a cross-encoder) also `score` for /score and /rerank.
+
+Tasks use vLLM's names (see `protocol.model.Task`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from engine.model_config import SUPPORTED_ARCHITECTURES as DECODER_ARCHITECTURES
+from engine.model_config import UnsupportedModelError
+
+ModelKind = Literal["decoder", "encoder"]
+Convert = Literal["auto", "embed"]
+
+ENCODER_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel")
+CLASSIFIER_ARCHITECTURES = (
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+)
+# model_type -> architecture, for configs without an `architectures` entry we know
+_ENCODER_MODEL_TYPES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the engine runs one model: its architecture, kind and the tasks it serves."""
+
+    architecture: str
+    kind: ModelKind
+    tasks: frozenset[str]
+
+    @property
+    def generates(self) -> bool:
+        return "generate" in self.tasks
+
+
+def all_architectures() -> tuple[str, ...]:
+    return (*DECODER_ARCHITECTURES, *ENCODER_ARCHITECTURES, *CLASSIFIER_ARCHITECTURES)
+
+
+def encoder_architecture(config: dict[str, Any]) -> str | None:
+    """The encoder architecture an HF config.json describes, or None when it is not an encoder."""
+    for name in config.get("architectures") or ():
+        if name in ENCODER_ARCHITECTURES or name in CLASSIFIER_ARCHITECTURES:
+            return name
+    if not any(name in DECODER_ARCHITECTURES for name in config.get("architectures") or ()):
+        return _ENCODER_MODEL_TYPES.get(config.get("model_type", ""))
+    return None
+
+
+def model_spec(architecture: str, convert: Convert = "auto", num_labels: int = 0) -> ModelSpec:
+    """What `architecture` serves, given the `convert` option."""
+    if convert not in ("auto", "embed"):
+        raise ValueError(f"unknown convert option {convert!r}; choose auto or embed")
+    if architecture in DECODER_ARCHITECTURES:
+        if convert == "embed":
+            return ModelSpec(architecture, "decoder", frozenset({"embed"}))
+        return ModelSpec(architecture, "decoder", frozenset({"generate"}))
+    if architecture in ENCODER_ARCHITECTURES:
+        return ModelSpec(architecture, "encoder", frozenset({"embed", "token_embed"}))
+    if architecture in CLASSIFIER_ARCHITECTURES:
+        if convert == "embed":
+            return ModelSpec(architecture, "encoder", frozenset({"embed", "token_embed"}))
+        tasks = {"classify"} | ({"score"} if num_labels == 1 else set())
+        return ModelSpec(architecture, "encoder", frozenset(tasks))
+    supported = ", ".join(all_architectures())
+    raise UnsupportedModelError(
+        f"architecture {architecture} is not supported; supported architectures: {supported} "
+        "(SmolLM models are Llama)"
+    )
