@@ -65,7 +65,11 @@ def build_chat_call(
     )
     response_id = f"chatcmpl-{base_id}"
     generate = Generate(
-        request_id=f"{response_id}{engine_tag}", prompt_token_ids=prompt_ids, params=params, priority=request.priority
+        request_id=f"{response_id}{engine_tag}",
+        prompt_token_ids=prompt_ids,
+        params=params,
+        priority=request.priority,
+        cache_salt=request.cache_salt,
     )
     return ChatCall(
         request,

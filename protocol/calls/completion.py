@@ -87,6 +87,7 @@ def build_completion_call(
                 prompt_token_ids=prompt.token_ids,
                 params=params,
                 priority=request.priority,
+                cache_salt=request.cache_salt,
             )
         )
     return CompletionCall(

@@ -562,3 +562,8 @@ def test_request_id_from_header_then_body_then_factory():
     assert from_body.call.response_id == "chatcmpl-body"
     assert from_body.generate.request_id.startswith("chatcmpl-body-")
     assert chat().generate.request_id == "chatcmpl-r1"
+
+
+def test_cache_salt_reaches_the_engine_request():
+    assert chat(cache_salt="tenant-7").generate.cache_salt == "tenant-7"
+    assert chat().generate.cache_salt is None

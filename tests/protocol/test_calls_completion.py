@@ -217,3 +217,9 @@ def test_request_errors():
     )
     missing = complete(prompt="a", model="nope")
     assert missing.status == 404 and missing.json()["error"]["message"] == "The model `nope` does not exist."
+
+
+def test_cache_salt_reaches_every_engine_request():
+    call = complete(prompt=["a", "b"], cache_salt="tenant-7")
+    assert [g.cache_salt for g in call.generates] == ["tenant-7", "tenant-7"]
+    assert complete(prompt="a").generate.cache_salt is None
