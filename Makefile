@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 setup: $(STAMP)
 
+# With no model named, `sansllm serve` serves both packaged models from one process:
+# SmolLM2-135M-Instruct (chat, completions) and all-MiniLM-L6-v2 (embeddings, score, rerank).
+# ARGS adds flags, or names the models instead: ARGS="--model SmolLM2-135M-Instruct".
 serve: $(STAMP)
 	$(BIN)/sansllm serve --host $(HOST) --port $(PORT) $(ARGS)
 

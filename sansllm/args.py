@@ -2,21 +2,34 @@
 
 Flags follow vLLM's `vllm serve` where they overlap. `--config file.yaml` holds a flat mapping of
 flag names to values; flags given on the command line win over the file whatever their order.
+
+One process serves several models: the positional MODEL, then each `--model SPEC` in order (none
+given: both packaged models). A SPEC is a name or path, or a JSON object with the model's own
+settings (`ModelSpec`). The flags that describe one model (`--served-model-name`, `--convert`,
+`--max-model-len`) apply to the first model, as in vLLM; the engine settings (`--dtype`, `--seed`,
+`--max-num-seqs`, ...) apply to every model; a spec's own keys win over both. After parsing,
+`args.models` holds every model with its effective settings and `args.model` the first one's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # the packaged generative model
+DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # the packaged embedding model
+DEFAULT_MODELS = (DEFAULT_MODEL, DEFAULT_EMBEDDING_MODEL)  # served when no model is named
+DTYPES = ("auto", "float32", "float", "float16", "half", "bfloat16")
+CONVERTS = ("auto", "embed")
 RUNTIMES = ("asyncio", "trio")
 API_KEY_ENV_VARS = ("SANSLLM_API_KEY", "VLLM_API_KEY")
 _NEGATABLE_FLAGS = frozenset({"http2"})  # booleans with a --no- form: `false` in a config file means --no-X
@@ -48,10 +61,155 @@ def human_readable_int(value: str) -> int:
     return int(exact)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: what to load, and the settings that are its own.
+
+    As parsed from a SPEC, None means "not given". In `args.models` (after `resolve_models`) every
+    field is the model's effective setting (None: the engine's default) and `served_model_name`
+    holds its names.
+    """
+
+    model: str  # a packaged model name, a .gguf file or an HF folder
+    served_model_name: tuple[str, ...] | None = None  # the first is reported; any is accepted
+    convert: str | None = None  # "embed": a decoder model served as an embedding model
+    dtype: str | None = None
+    max_model_len: int | None = None
+    seed: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory: int | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names the API knows the model by: its served names, else its spec's name or path."""
+        return self.served_model_name or (self.model,)
+
+
+SPEC_KEYS = tuple(field.name for field in fields(ModelSpec))
+_SIZE_KEYS = frozenset({"max_model_len", "max_num_batched_tokens", "kv_cache_memory"})
+_INT_KEYS = frozenset({"seed", "max_num_seqs"})
+_CHOICES = {"convert": CONVERTS, "dtype": DTYPES}
+_MODEL_DESTS = frozenset({"model_tag", "model_specs"})  # the command line's models replace the file's
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """A SPEC: a model name or path, or a JSON object `{"model": ..., <per-model keys>}`."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a model spec cannot be empty: give a name, a path or a JSON object")
+    if not text.lstrip().startswith("{"):
+        return ModelSpec(text)
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"invalid JSON in model spec {text}: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    return model_spec_from_mapping(mapping, text)  # JSON text starting with "{" is an object
+
+
+def model_spec_from_mapping(mapping: Mapping[Any, Any], shown: str) -> ModelSpec:
+    """Check a spec's mapping (keys with dashes or underscores); errors quote it as `shown`."""
+
+    def refuse(problem: str) -> argparse.ArgumentTypeError:
+        return argparse.ArgumentTypeError(f"model spec {shown}: {problem}")
+
+    values = {str(key).replace("-", "_"): value for key, value in mapping.items()}
+    unknown = [key for key in values if key not in SPEC_KEYS]
+    if unknown:
+        listed = ", ".join(repr(key) for key in unknown)
+        raise refuse(f"unknown key {listed}; a model spec takes {', '.join(SPEC_KEYS)}")
+    model = values.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise refuse('"model" (a model name or path) is required')
+    settings: dict[str, Any] = {"model": model}
+    for key, value in values.items():
+        if key == "model" or value is None:
+            continue
+        if key == "served_model_name":
+            names = [value] if isinstance(value, str) else value
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+                raise refuse('"served_model_name" must be a name or a non-empty list of names')
+            settings[key] = tuple(names)
+        elif key in _CHOICES:
+            if value not in _CHOICES[key]:
+                raise refuse(f'"{key}" must be one of {", ".join(_CHOICES[key])}, not {value!r}')
+            settings[key] = value
+        elif key in _SIZE_KEYS and isinstance(value, str):
+            try:
+                settings[key] = human_readable_int(value)
+            except argparse.ArgumentTypeError as exc:
+                raise refuse(f'"{key}": {exc}') from None
+        elif key in _SIZE_KEYS | _INT_KEYS:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise refuse(f'"{key}" must be an integer, not {value!r}')
+            settings[key] = value
+    return ModelSpec(**settings)
+
+
+def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
+    """Every model to serve, with its effective settings (see the module docstring for the rules).
+
+    Raises ValueError when two models would answer to the same name.
+    """
+    given = ([args.model_tag] if args.model_tag is not None else []) + list(args.model_specs or [])
+    specs = given or [ModelSpec(model) for model in DEFAULT_MODELS]
+    models = []
+    for index, spec in enumerate(specs):
+        first = index == 0
+        first_only = {
+            "served_model_name": tuple(args.served_model_name) if first and args.served_model_name else None,
+            "convert": args.convert if first else "auto",
+            "max_model_len": args.max_model_len if first else None,
+        }
+        every = {
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "kv_cache_memory": args.kv_cache_memory,
+        }
+        merged = {
+            key: getattr(spec, key) if getattr(spec, key) is not None else value
+            for key, value in (first_only | every).items()
+        }
+        resolved = replace(spec, **merged)
+        models.append(replace(resolved, served_model_name=resolved.names))
+    _check_unique_names(models)
+    return models
+
+
+def _check_unique_names(models: Sequence[ModelSpec]) -> None:
+    owners: dict[str, int] = {}
+    for index, spec in enumerate(models):
+        for name in spec.names:
+            other = owners.setdefault(name, index)
+            if other != index:
+                example = json.dumps({"model": spec.model, "served_model_name": f"{name}-{index + 1}"})
+                raise ValueError(
+                    f"two models answer to the name {name!r}: model {other + 1} ({models[other].model}) "
+                    f"and model {index + 1} ({spec.model}). Give each its own names, e.g. --model '{example}'"
+                )
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool = True) -> None:
     """Add the flags of `sansllm serve` to `parser` (without --runtime when the runtime is fixed)."""
     parser.add_argument(
-        "model", nargs="?", default=DEFAULT_MODEL, help="model name or path (default: %(default)s)"
+        "model_tag",
+        metavar="MODEL",
+        nargs="?",
+        type=parse_model_spec,
+        help="the first model to serve: a name or path, or a JSON spec as for --model",
+    )
+    parser.add_argument(
+        "--model",
+        dest="model_specs",
+        metavar="SPEC",
+        action="append",
+        type=parse_model_spec,
+        help="another model to serve (repeatable): a name or path, or a JSON object such as "
+        '\'{"model": "all-MiniLM-L6-v2", "served_model_name": ["embed"], "max_model_len": 512}\' '
+        f"with keys {', '.join(SPEC_KEYS)}. No model at all: serve {' and '.join(DEFAULT_MODELS)}",
     )
     parser.add_argument("--config", help="YAML file with a flat mapping of flag names to values")
     if runtime_flag:
@@ -80,7 +238,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument(
         "--api-key", nargs="+", help=f"required bearer keys for /v1 (default: ${API_KEY_ENV_VARS[0]})"
     )
-    api.add_argument("--served-model-name", nargs="+", help="names the API accepts (the first is reported)")
+    api.add_argument(
+        "--served-model-name",
+        nargs="+",
+        help="the first model's names in the API (the first is reported); default: its spec",
+    )
     api.add_argument("--chat-template", help="jinja2 chat template: a file path or the template itself")
     api.add_argument("--chat-template-content-format", choices=("auto", "string", "openai"), default="auto")
     api.add_argument("--trust-request-chat-template", action="store_true")
@@ -92,10 +254,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument("--enable-request-id-headers", action="store_true")
 
     eng = parser.add_argument_group("engine")
-    eng.add_argument("--max-model-len", type=human_readable_int, help="context length, e.g. 2048, 2k, 2K")
     eng.add_argument(
-        "--dtype", choices=("auto", "float32", "float", "float16", "half", "bfloat16"), default="auto"
+        "--max-model-len", type=human_readable_int, help="the first model's context length, e.g. 2048, 2k, 2K"
     )
+    eng.add_argument(
+        "--convert",
+        choices=CONVERTS,
+        default="auto",
+        help="embed: serve the first model (a decoder) as an embedding model, pooling its last token",
+    )
+    eng.add_argument("--dtype", choices=DTYPES, default="auto", help="every model's dtype")
     eng.add_argument("--seed", type=int)
     eng.add_argument("--max-num-seqs", type=int)
     eng.add_argument("--max-num-batched-tokens", type=human_readable_int)
@@ -141,6 +309,11 @@ def parse_serve_args(
         args.api_key = next(([environ[name]] for name in API_KEY_ENV_VARS if environ.get(name)), [])
     if args.ssl_keyfile and not args.ssl_certfile:
         parser.error("--ssl-keyfile needs --ssl-certfile")
+    try:
+        args.models = resolve_models(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.model = args.models[0].model
     return args
 
 
@@ -156,11 +329,15 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 
 def config_tokens(mapping: Mapping[str, Any]) -> list[str]:
-    """Turn a config mapping into command-line tokens (true -> --flag, list -> --flag a b)."""
+    """Turn a config mapping into command-line tokens (true -> --flag, list -> --flag a b).
+
+    `model` may be one model or a list; each a name or path, or a mapping of per-model settings.
+    """
     tokens: list[str] = []
     for key, value in mapping.items():
         if key == "model":
-            tokens.insert(0, str(value))
+            items = value if isinstance(value, list) else [] if value is None else [value]
+            tokens += [f"--model={_config_model_spec(item)}" for item in items]
         elif key == "config":
             raise ValueError("a config file cannot name another config file")
         elif isinstance(value, bool):
@@ -175,6 +352,14 @@ def config_tokens(mapping: Mapping[str, Any]) -> list[str]:
     return tokens
 
 
+def _config_model_spec(item: Any) -> str:
+    if isinstance(item, dict):
+        return json.dumps(item, default=str)
+    if isinstance(item, list):
+        raise ValueError("model: give a name, a path or a mapping of model settings, or a list of those")
+    return str(item)
+
+
 def _merge_config_file(
     parser: argparse.ArgumentParser, argv: list[str] | None, args: argparse.Namespace, *, runtime_flag: bool
 ) -> None:
@@ -185,6 +370,8 @@ def _merge_config_file(
         parser.error(f"--config: {exc}")
     from_file = parser.parse_args(tokens)
     given_on_command_line = _explicit_dests(argv, runtime_flag)
+    if given_on_command_line & _MODEL_DESTS:  # models named on the command line replace the file's
+        given_on_command_line |= _MODEL_DESTS
     for dest in _explicit_dests(tokens, runtime_flag) - given_on_command_line:
         setattr(args, dest, getattr(from_file, dest))
 
@@ -195,4 +382,6 @@ def _explicit_dests(argv: list[str] | None, runtime_flag: bool) -> set[str]:
     add_serve_arguments(quiet, runtime_flag=runtime_flag)
     for action in quiet._actions:  # argparse has no public way to suppress every default
         action.default = argparse.SUPPRESS
+        if action.type is parse_model_spec:  # argparse would convert an absent MODEL's default
+            action.type = None
     return set(vars(quiet.parse_args(argv)))

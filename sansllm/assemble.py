@@ -1,4 +1,7 @@
-"""Build the server from parsed `serve` flags: engine(s), served models, the core `App`, the ASGI shell.
+"""Build the server from parsed `serve` flags: engines, served models, the core `App`, the ASGI shell.
+
+Every model in `args.models` gets an engine (all of them on one engine thread when the engine
+package offers `load_engines`) and a `ServedModel`, in the same order.
 
 Runtime-neutral: the caller passes the bridge factory of its runtime (or one that picks the
 runtime at startup), so this module imports neither asyncio nor trio.
@@ -17,7 +20,8 @@ from typing import Any
 
 from protocol.app import App, AppConfig
 from protocol.asgi import AsgiApp
-from protocol.model import ServedModel
+from protocol.model import PoolingInfo, ServedModel
+from sansllm.args import DEFAULT_MODELS, ModelSpec
 from sansllm.chat_template import load_chat_template
 from sansllm.lifecycle import BridgeFactory, EngineLifecycle
 
@@ -26,17 +30,33 @@ logger = logging.getLogger(__name__)
 _DTYPE_ALIASES = {"float": "float32", "half": "float16"}
 
 
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded: the message says which spec failed and what to do."""
+
+
+def engine_configs_from_args(args: argparse.Namespace, config_cls: Callable[..., Any]) -> list[Any]:
+    """One engine config per served model, in `args.models` order."""
+    return [engine_config_for(spec, args, config_cls) for spec in args.models]
+
+
 def engine_config_from_args(args: argparse.Namespace, config_cls: Callable[..., Any]) -> Any:
-    """The engine's config from the flags; flags its config does not know (yet) are logged and dropped."""
+    """The first model's engine config."""
+    return engine_config_for(args.models[0], args, config_cls)
+
+
+def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Callable[..., Any]) -> Any:
+    """The engine's config for one model; settings its config does not know (yet) are logged and dropped."""
     wanted = {
-        "model": args.model,
-        "dtype": _DTYPE_ALIASES.get(args.dtype, args.dtype),
-        "max_model_len": args.max_model_len,
-        "seed": args.seed,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "kv_cache_memory": args.kv_cache_memory,
-        "batch_invariant": args.batch_invariant or None,
+        "model": spec.model,
+        "served_model_name": spec.names[0],
+        "convert": spec.convert if spec.convert != "auto" else None,
+        "dtype": _DTYPE_ALIASES.get(spec.dtype, spec.dtype),
+        "max_model_len": spec.max_model_len,
+        "seed": spec.seed,
+        "max_num_seqs": spec.max_num_seqs,
+        "max_num_batched_tokens": spec.max_num_batched_tokens,
+        "kv_cache_memory": spec.kv_cache_memory,
+        "batch_invariant": args.batch_invariant or None,  # process-wide
     }
     return _construct(config_cls, {key: value for key, value in wanted.items() if value is not None})
 
@@ -59,23 +79,89 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     )
 
 
-def load_engines(args: argparse.Namespace) -> list[Any]:
-    """Load the model named by the flags into an engine (slow: the weights are read here)."""
-    from engine.engine import Engine, EngineConfig  # torch is imported only when a model is served
+def load_engines(
+    args: argparse.Namespace,
+    *,
+    load: Callable[[Sequence[Any]], Sequence[Any]] | None = None,
+    config_cls: Callable[..., Any] | None = None,
+) -> list[Any]:
+    """Load every model named by the flags (slow: the weights are read here), in `args.models` order.
 
-    return [Engine(engine_config_from_args(args, EngineConfig))]
+    By default with the engine package's `load_engines`, which runs them all on one engine thread
+    (`load` and `config_cls` replace it and `EngineConfig` in tests). Raises `ModelLoadError`
+    naming the spec that failed.
+    """
+    if load is None or config_cls is None:
+        import engine  # torch is imported only when a model is served
+
+        load, config_cls = load or engine.load_engines, config_cls or engine.EngineConfig
+    configs = engine_configs_from_args(args, config_cls)
+    for index, spec in enumerate(args.models, 1):
+        logger.info(
+            "loading model %d of %d: %s (served as %s)",
+            index,
+            len(args.models),
+            spec.model,
+            _quoted(spec.names),
+        )
+    try:
+        engines = list(load(configs))
+    except Exception as exc:
+        raise ModelLoadError(_load_failure(args.models, exc)) from exc
+    if len(engines) != len(configs):
+        raise ModelLoadError(f"the engine loaded {len(engines)} models for {len(configs)} specs")
+    return engines
 
 
-def served_model(args: argparse.Namespace, engine: Any, *, created: int) -> ServedModel:
-    """How the API shows `engine`'s model: named by --served-model-name, else by the model flag."""
+def _load_failure(models: Sequence[ModelSpec], exc: Exception) -> str:
+    """Which spec failed (the one the error or its notes name, when just one) and what to do about it."""
+    said = "\n".join([str(exc), *getattr(exc, "__notes__", ())])
+    named = [(index, spec) for index, spec in enumerate(models, 1) if repr(spec.model) in said]
+    if not named:
+        named = [(index, spec) for index, spec in enumerate(models, 1) if spec.model in said]
+    if len(models) == 1:
+        named = [(1, models[0])]
+    if len(named) == 1:
+        index, spec = named[0]
+        which = f"model {index} of {len(models)}, {spec.model!r} (served as {_quoted(spec.names)})"
+        check = f"Check that {spec.model!r} names"
+    else:
+        which = "one of the models " + ", ".join(repr(spec.model) for spec in models)
+        check = "Check that each MODEL / --model spec names"
+    return (
+        f"could not load {which}: {type(exc).__name__}: {exc}\n"
+        f"{check} a packaged model ({', '.join(DEFAULT_MODELS)}), a .gguf file or an HF folder with "
+        "config.json, and that its settings suit the model (e.g. max_model_len within its context); "
+        "or leave that model out."
+    )
+
+
+def served_model(spec: ModelSpec, engine: Any, *, created: int) -> ServedModel:
+    """How the API shows `engine`'s model: named by its spec, with the tasks and pooling the engine reports."""
     return ServedModel(
-        names=list(args.served_model_name or [args.model]),
+        names=list(spec.names),
         root=engine.root,
         tokenizer=engine.tokenizer,
         max_model_len=engine.max_model_len,
-        tasks=frozenset(engine.tasks),
+        # the engine contract has both; test doubles may leave them out (a generative model)
+        tasks=frozenset(getattr(engine, "tasks", ("generate",))),
+        pooling=pooling_info(getattr(engine, "pooling", None)),
         generation_defaults=dict(engine.generation_defaults),
         created=created,
+    )
+
+
+def pooling_info(pooling: Any) -> PoolingInfo | None:
+    """The engine's pooling facts as the protocol core takes them (None: a generative model)."""
+    if pooling is None or isinstance(pooling, PoolingInfo):
+        return pooling
+    dimensions = pooling.matryoshka_dimensions
+    return PoolingInfo(
+        hidden_size=int(pooling.hidden_size),
+        is_matryoshka=bool(pooling.is_matryoshka),
+        matryoshka_dimensions=tuple(dimensions) if dimensions is not None else None,
+        num_labels=int(pooling.num_labels),
+        id2label={int(key): str(label) for key, label in dict(pooling.id2label or {}).items()},
     )
 
 
@@ -87,9 +173,24 @@ def build_asgi_app(
     clock: Callable[[], float] = time.time,
     new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
 ) -> AsgiApp:
-    """The whole application: core `App` over `engines`, which start behind bridges at lifespan startup."""
+    """The whole application: core `App` over `engines` (one per `args.models`, in order), which
+    start behind bridges at lifespan startup."""
+    if len(engines) != len(args.models):
+        raise ValueError(
+            f"{len(engines)} engine(s) for {len(args.models)} models ({', '.join(s.model for s in args.models)})"
+        )
     created = int(clock())
-    models = [served_model(args, engine, created=created) for engine in engines]
+    models = [
+        served_model(spec, engine, created=created) for spec, engine in zip(args.models, engines, strict=True)
+    ]
+    for spec, model in zip(args.models, models, strict=True):
+        logger.info(
+            "serving %s as %s: tasks %s, max_model_len %d",
+            spec.model,
+            _quoted(model.names),
+            ", ".join(sorted(model.tasks)) or "none",
+            model.max_model_len,
+        )
     app_config = app_config_from_args(args)
     app = App(app_config, models, clock=clock, new_id=new_id)
     by_name = {model.name: engine for model, engine in zip(models, engines, strict=True)}
@@ -111,6 +212,10 @@ def _construct(cls: Callable[..., Any], values: Mapping[str, Any]) -> Any:
             "%s has no %r: --%s is ignored", getattr(cls, "__name__", cls), key, key.replace("_", "-")
         )
     return cls(**{key: value for key, value in values.items() if key in accepted})
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(repr(name) for name in names)
 
 
 def _version() -> str:
