@@ -103,6 +103,17 @@ class HFTokenizer:
         id_to_token = self._backend.id_to_token
         return [id_to_token(i) or "" for i in token_ids]
 
+    def encode_pair(
+        self, text: str, text_pair: str, add_special_tokens: bool = True, *, max_length: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """A sentence pair joined as the model was trained (`[CLS] a [SEP] b [SEP]` for BERT), with
+        its token type ids (zeros when the tokenizer has none); `max_length` truncates longest first."""
+        truncation = {} if max_length is None else {"truncation": "longest_first", "max_length": max_length}
+        encoded = self.hf(text, text_pair, add_special_tokens=add_special_tokens, **truncation)
+        ids = [int(i) for i in encoded["input_ids"]]
+        types = encoded.get("token_type_ids")
+        return ids, [int(t) for t in types] if types is not None else [0] * len(ids)
+
 
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     try:  # the conversion AutoTokenizer(gguf_file=...) runs, without its slow full-file config parse

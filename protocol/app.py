@@ -28,9 +28,22 @@ from protocol.calls.base import (
 from protocol.calls.chat import build_chat_call
 from protocol.calls.completion import build_completion_call
 from protocol.calls.info import detokenize_call, health_call, models_call, tokenize_call, version_call
+from protocol.calls.pooling import build_classification_call, build_embedding_call, build_pooling_call
 from protocol.calls.prompt import ChatRenderer
+from protocol.calls.score import build_rerank_call, build_score_call
 from protocol.errors import ProtocolError
 from protocol.model import ServedModel
+from protocol.pooling_requests import (
+    ClassificationChatRequest,
+    ClassificationCompletionRequest,
+    EmbeddingChatRequest,
+    EmbeddingCompletionRequest,
+    PoolingChatRequest,
+    PoolingCompletionRequest,
+    RerankRequest,
+    ScoreRequest,
+    decode_pooling_body,
+)
 from protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
-_AUTH_PREFIXES = ("/v1",)
+_AUTH_PREFIXES = ("/v1", "/v2")
 
 
 class AppConfig(msgspec.Struct, kw_only=True):
@@ -235,6 +248,78 @@ class App:
             engine_tag=self._engine_tag(base_id, request),
         )
 
+    def _embeddings(self, request: _Request) -> Call:
+        body = decode_pooling_body(request.body, EmbeddingCompletionRequest, EmbeddingChatRequest)
+        model = resolve_model(body.model, self.models)
+        base_id, headers = request.generation_id(body.request_id)
+        return build_embedding_call(
+            body,
+            model,
+            self._renderer,
+            self._settings,
+            base_id=base_id,
+            created=self._created(),
+            headers=headers,
+            engine_tag=self._engine_tag(base_id, request),
+        )
+
+    def _pooling(self, request: _Request) -> Call:
+        body = decode_pooling_body(request.body, PoolingCompletionRequest, PoolingChatRequest)
+        model = resolve_model(body.model, self.models)
+        base_id, headers = request.generation_id(body.request_id)
+        return build_pooling_call(
+            body,
+            model,
+            self._renderer,
+            self._settings,
+            base_id=base_id,
+            created=self._created(),
+            headers=headers,
+            engine_tag=self._engine_tag(base_id, request),
+        )
+
+    def _classify(self, request: _Request) -> Call:
+        body = decode_pooling_body(request.body, ClassificationCompletionRequest, ClassificationChatRequest)
+        model = resolve_model(body.model, self.models)
+        base_id, headers = request.generation_id(body.request_id)
+        return build_classification_call(
+            body,
+            model,
+            self._renderer,
+            self._settings,
+            base_id=base_id,
+            created=self._created(),
+            headers=headers,
+            engine_tag=self._engine_tag(base_id, request),
+        )
+
+    def _score(self, request: _Request) -> Call:
+        body = decode_request(request.body, ScoreRequest)
+        model = resolve_model(body.model, self.models)
+        base_id, headers = request.generation_id(None)
+        return build_score_call(
+            body,
+            model,
+            self._settings,
+            base_id=base_id,
+            created=self._created(),
+            headers=headers,
+            engine_tag=self._engine_tag(base_id, request),
+        )
+
+    def _rerank(self, request: _Request) -> Call:
+        body = decode_request(request.body, RerankRequest)
+        model = resolve_model(body.model, self.models)
+        base_id, headers = request.generation_id(None)
+        return build_rerank_call(
+            body,
+            model,
+            self._settings,
+            base_id=base_id,
+            headers=headers,
+            engine_tag=self._engine_tag(base_id, request),
+        )
+
     def _engine_tag(self, base_id: str, request: _Request) -> str:
         """A fresh suffix when the base id came from the client, who may reuse it concurrently."""
         return "" if base_id == request.base_id and b"x-request-id" not in request.headers else f"-{self.new_id()}"
@@ -274,5 +359,28 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/version": {"GET": App._version},
     "/tokenize": {"POST": App._tokenize},
     "/detokenize": {"POST": App._detokenize},
+    "/v1/embeddings": {"POST": App._embeddings},
+    "/pooling": {"POST": App._pooling},
+    "/classify": {"POST": App._classify},
+    "/score": {"POST": App._score},
+    "/v1/score": {"POST": App._score},
+    "/rerank": {"POST": App._rerank},
+    "/v1/rerank": {"POST": App._rerank},
+    "/v2/rerank": {"POST": App._rerank},
 }
-_JSON_POSTS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
+_JSON_POSTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/tokenize",
+        "/detokenize",
+        "/v1/embeddings",
+        "/pooling",
+        "/classify",
+        "/score",
+        "/v1/score",
+        "/rerank",
+        "/v1/rerank",
+        "/v2/rerank",
+    }
+)

@@ -6,9 +6,9 @@ exactly the case incremental detokenization must get right. It needs no files an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from protocol.model import ServedModel
+from protocol.model import PoolingInfo, ServedModel
 
 BOS_ID = 256
 EOS_ID = 257
@@ -110,6 +110,25 @@ class ByteTokenizer:
                 raise ValueError(f"Token id {token_id} is out of vocabulary")
         return tokens
 
+    def encode_pair(
+        self, text: str, text_pair: str, add_special_tokens: bool = True, *, max_length: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """`<s> a </s> b </s>` with token types `0 .. 0 1 .. 1` (the `</s>` after `a` is segment 0).
+
+        `max_length` trims the longer text first, from its end (HF's `longest_first`, right side).
+        """
+        first = self.encode(text, add_special_tokens=False)
+        second = self.encode(text_pair, add_special_tokens=False)
+        specials = 3 if add_special_tokens else 0
+        excess = 0 if max_length is None else len(first) + len(second) + specials - max_length
+        while excess > 0 and (first or second):
+            (first if len(first) > len(second) else second).pop()
+            excess -= 1
+        if not add_special_tokens:
+            return first + second, [0] * len(first) + [1] * len(second)
+        ids = [BOS_ID, *first, EOS_ID, *second, EOS_ID]
+        return ids, [0] * (len(first) + 2) + [1] * (len(second) + 1)
+
     @staticmethod
     def _special_at(text: str, position: int) -> str | None:
         for name in SPECIAL_TOKENS:
@@ -126,3 +145,36 @@ class ByteTokenizer:
 def tiny_served_model(max_model_len: int = 256, name: str = "tiny-byte-model") -> ServedModel:
     """A generative model as the API sees it, backed by `ByteTokenizer`."""
     return ServedModel(names=[name], root=name, tokenizer=ByteTokenizer(), max_model_len=max_model_len)
+
+
+def tiny_pooling_model(
+    tasks: Iterable[str] = ("embed",),
+    *,
+    max_model_len: int = 256,
+    name: str = "tiny-pooling-model",
+    hidden_size: int = 8,
+    is_matryoshka: bool = False,
+    matryoshka_dimensions: Sequence[int] | None = None,
+    id2label: dict[int, str] | None = None,
+) -> ServedModel:
+    """A pooling model as the API sees it (embedding, classifier or cross-encoder), on `ByteTokenizer`.
+
+    `tasks` are vLLM's pooling tasks: ("embed",) for an embedding model, ("classify", "score") for
+    a cross-encoder, ("classify",) for a classifier, and "token_embed"/"token_classify".
+    """
+    labels = dict(id2label or {})
+    pooling = PoolingInfo(
+        hidden_size=hidden_size,
+        is_matryoshka=is_matryoshka,
+        matryoshka_dimensions=tuple(matryoshka_dimensions) if matryoshka_dimensions is not None else None,
+        num_labels=len(labels),
+        id2label=labels,
+    )
+    return ServedModel(
+        names=[name],
+        root=name,
+        tokenizer=ByteTokenizer(chat_template=CHATML_TEMPLATE),
+        max_model_len=max_model_len,
+        tasks=frozenset(tasks),
+        pooling=pooling,
+    )

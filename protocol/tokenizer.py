@@ -39,3 +39,13 @@ class Tokenizer(Protocol):
 
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         """Raw vocabulary strings (e.g. 'Ġthe'), as HF's method of the same name."""
+
+    def encode_pair(
+        self, text: str, text_pair: str, add_special_tokens: bool = True, *, max_length: int | None = None
+    ) -> tuple[list[int], list[int]]:
+        """A sentence pair as a cross-encoder reads it: (input ids, token type ids), as HF's
+        `tokenizer(text, text_pair)` joins them (BERT: `[CLS] a [SEP] b [SEP]`, types 0..0 1..1;
+        all zeros when the tokenizer has no segment ids).
+
+        `max_length` (optional; callers pass it only to truncate) cuts the pair to that many ids,
+        longest sequence first, as HF's `truncation="longest_first"` does."""

@@ -11,6 +11,7 @@ import msgspec
 from protocol.chat_template import ChatTemplate, normalize_messages
 from protocol.errors import ProtocolError
 from protocol.model import ServedModel
+from protocol.pooling_requests import ChatStyleRequest
 from protocol.requests import ChatCompletionRequest, TokenizeChatRequest
 from protocol.tokenizer import Tokenizer
 from protocol.validation import check_prompt_token_ids, truncation_length
@@ -47,11 +48,15 @@ class ChatRenderer:
         self._clock = clock
         self._compiled: dict[str, ChatTemplate] = {}
 
-    def render(self, request: ChatCompletionRequest | TokenizeChatRequest, model: ServedModel) -> str:
+    def render(
+        self, request: ChatCompletionRequest | TokenizeChatRequest | ChatStyleRequest, model: ServedModel
+    ) -> str:
+        """The prompt text of a chat-style request (chat, /tokenize, and the pooling endpoints')."""
         template = self.template_for(request.chat_template, model)
         content_format = template.content_format if self._content_format == "auto" else self._content_format
         messages = normalize_messages(request.messages, content_format)
-        tools = [msgspec.to_builtins(tool) for tool in request.tools] if request.tools is not None else None
+        request_tools = getattr(request, "tools", None)  # the pooling endpoints take no tools
+        tools = [msgspec.to_builtins(tool) for tool in request_tools] if request_tools is not None else None
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
         tokenizer = model.tokenizer
         return template.render(
@@ -80,12 +85,12 @@ class ChatRenderer:
         return template
 
 
-def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+def encode_text(tokenizer: Tokenizer, text: str, add_special_tokens: bool, *, param: str = "prompt") -> list[int]:
     """Tokenize client text; a tokenizer that chokes on it is the request's problem (400)."""
     try:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     except Exception as exc:
-        raise ProtocolError(f"The prompt could not be tokenized: {exc}", param="prompt") from None
+        raise ProtocolError(f"The {param} could not be tokenized: {exc}", param=param) from None
 
 
 def decode_ids(tokenizer: Tokenizer, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import App, AppConfig, Body, EndResponse, Generate, ServedModel, StartResponse, Submit, Tokens
-from protocol.testing import BOS_ID, ByteTokenizer, tiny_served_model
+from protocol.testing import BOS_ID, ByteTokenizer, tiny_pooling_model, tiny_served_model
 
 NOW = 1_700_000_000.0
 JSON = (b"content-type", b"application/json")
@@ -58,6 +58,33 @@ def test_unknown_path_is_404_and_wrong_method_is_405():
     status, headers, _ = respond(app, "GET", "/v1/chat/completions")
     assert status == 405 and headers[b"allow"] == b"POST"
     assert error_of(respond(app, "DELETE", "/v1/models"))[0] == 405
+
+
+POOLING_ROUTES = {
+    "/v1/embeddings": {"input": "a"},
+    "/pooling": {"input": "a"},
+    "/classify": {"input": "a"},
+    "/score": {"text_1": "a", "text_2": "b"},
+    "/v1/score": {"text_1": "a", "text_2": "b"},
+    "/rerank": {"query": "a", "documents": ["b"]},
+    "/v1/rerank": {"query": "a", "documents": ["b"]},
+    "/v2/rerank": {"query": "a", "documents": ["b"]},
+}
+
+
+@pytest.mark.parametrize("path", sorted(POOLING_ROUTES))
+def test_pooling_routes_are_json_posts_for_pooling_models(path):
+    model = tiny_pooling_model(("embed", "classify"), name="pooler")
+    app = make_app([model])
+    submit = respond(app, "POST", path, POOLING_ROUTES[path])
+    prefix = {"/v1/embeddings": "embd-", "/pooling": "pool-", "/classify": "classify-"}.get(path)
+    prefix = prefix or ("score-" if path.endswith("score") else "rerank-")
+    assert isinstance(submit, Submit) and all(c.request_id.startswith(prefix) for c in submit.commands)
+    assert app.handle("POST", path, [JSON], json.dumps(POOLING_ROUTES[path]).encode()).model == "pooler"
+    status, headers, _ = respond(app, "GET", path)
+    assert status == 405 and headers[b"allow"] == b"POST"
+    status, error = error_of(respond(app, "POST", path, POOLING_ROUTES[path], headers=[(b"content-type", b"text/plain")]))
+    assert status == 400 and error["message"] == "Unsupported Media Type: Only 'application/json' is allowed"
 
 
 def test_engine_routes_submit_work_for_their_model():
@@ -177,6 +204,15 @@ def test_api_key_leaves_other_paths_and_options_open():
     assert respond(app, "POST", "/tokenize", {"prompt": "a"})[0] == 200
     status, headers, _ = respond(app, "OPTIONS", "/v1/chat/completions", headers=())
     assert status == 200 and b"POST" in headers[b"allow"]
+
+
+def test_api_key_guards_v2_paths_too():
+    app = make_app([tiny_pooling_model()], api_keys=["k"])
+    body = {"query": "q", "documents": ["a"]}
+    assert respond(app, "POST", "/v2/rerank", body, headers=(JSON,))[0] == 401
+    assert isinstance(respond(app, "POST", "/v2/rerank", body, headers=(JSON, (b"authorization", b"Bearer k"))), Submit)
+    assert isinstance(respond(app, "POST", "/rerank", body), Submit)  # outside /v1 and /v2: open
+    assert respond(app, "POST", "/v1/rerank", body)[0] == 401
 
 
 def test_api_key_is_checked_after_stripping_the_root_path():

@@ -1,0 +1,127 @@
+"""The engine-backed call of the pooling endpoints: submit `Encode`s, collect `Pooled`, answer once.
+
+Every pooling endpoint (/v1/embeddings, /pooling, /classify, /score, /rerank) is one `EncodeCall`:
+it starts with one `Submit` of all its `Encode`s, waits for exactly one `Pooled` per request id,
+and then answers one body, built by the endpoint's `reply` from the results in submission order.
+Nothing is sent before that, so a `Failed` keeps its real status (the other requests are
+aborted); a disconnect aborts the requests still running; a bug while building the body is a
+500, never an exception out of `feed`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from protocol.calls.base import Call, Headers, internal_error
+from protocol.engine_api import Abort, Command, Encode, Event, Failed, Pooled
+from protocol.errors import ProtocolError
+from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful answer: content headers (content-type, ...) and the body."""
+
+    headers: Headers
+    body: bytes
+
+
+ReplyBuilder = Callable[[Sequence[Pooled]], Reply]
+
+
+class EncodeCall(Call):
+    def __init__(
+        self,
+        model: str,
+        encodes: Sequence[Encode],
+        reply: ReplyBuilder,
+        *,
+        response_id: str,
+        headers: Headers = (),
+    ) -> None:
+        """`reply` gets one `Pooled` per `Encode`, in the order of `encodes`."""
+        self.model = model
+        self.response_id = response_id
+        self.encodes = tuple(encodes)
+        self._reply = reply
+        self._extra_headers = headers
+        self._results: dict[str, Pooled] = {}
+        self._pending = {encode.request_id for encode in self.encodes}
+        self._done = False
+
+    # ---- the Call interface ----
+
+    def start(self) -> list[Output]:
+        return [Submit(self.encodes)]
+
+    def feed(self, events: Sequence[Event]) -> list[Output]:
+        outputs: list[Output] = []
+        for event in events:
+            if self._done:
+                break
+            try:
+                outputs.extend(self._on_event(event))
+            except Exception as exc:  # a bug in the core: answer it, never let it escape
+                logger.exception("failed while handling engine events of %s", self.response_id)
+                outputs.extend(self._fail(internal_error(exc), None))
+        return outputs
+
+    def disconnected(self) -> list[Command]:
+        if self._done:
+            return []
+        self._done = True
+        return list(self._aborts(exclude=None))
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    # ---- events ----
+
+    def _on_event(self, event: Event) -> list[Output]:
+        if event.request_id not in self._pending:
+            return []  # not ours, or already answered
+        if isinstance(event, Failed):
+            self._pending.discard(event.request_id)
+            return self._fail(ProtocolError(event.message, status=event.status), event.request_id)
+        if not isinstance(event, Pooled):
+            return []
+        self._pending.discard(event.request_id)
+        self._results[event.request_id] = event
+        if self._pending:
+            return []
+        return self._complete()
+
+    def _complete(self) -> list[Output]:
+        try:
+            reply = self._reply([self._results[encode.request_id] for encode in self.encodes])
+        except ProtocolError as error:
+            return self._fail(error, None)
+        self._done = True
+        return [StartResponse(200, reply.headers + self._extra_headers), Body(reply.body), EndResponse()]
+
+    def _fail(self, error: ProtocolError, failed_request_id: str | None) -> list[Output]:
+        self._done = True
+        outputs: list[Output] = []
+        aborts = self._aborts(exclude=failed_request_id)
+        if aborts:
+            outputs.append(Submit(tuple(aborts)))
+        body = error.to_json()
+        outputs += [
+            StartResponse(error.status, ((b"content-type", b"application/json"), *self._extra_headers)),
+            Body(body),
+            EndResponse(),
+        ]
+        return outputs
+
+    def _aborts(self, exclude: str | None) -> list[Abort]:
+        """Aborts for the requests the engine may still be running, in submission order."""
+        return [
+            Abort(encode.request_id)
+            for encode in self.encodes
+            if encode.request_id in self._pending and encode.request_id != exclude
+        ]

@@ -1,0 +1,309 @@
+"""POST /v1/embeddings, /pooling and /classify: one `Encode` per input, answered in vLLM's shapes.
+
+Input i is engine request `f"{response_id}{engine_tag}-{i}"` and `data[i]` of the response. The
+engine normalises, truncates to `dimensions` and applies the classifier's activation; this module
+validates the request and shapes the answer: floats, base64 (`embed_dtype`, `endianness`), or
+`encoding_format: "bytes"` (a raw `application/octet-stream` body described by a JSON `metadata`
+header, as vLLM sends it). Usage counts the prompt tokens of every input the engine pooled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from protocol.calls.base import JSON_CONTENT_TYPE, CallSettings, Headers
+from protocol.calls.encode import EncodeCall, Reply
+from protocol.calls.pooling_inputs import (
+    CLASSIFICATION,
+    EMBEDDING,
+    EngineInput,
+    chat_input,
+    input_items,
+    prompt_input,
+)
+from protocol.calls.prompt import ChatRenderer
+from protocol.engine_api import Encode, Pooled, PoolingParams
+from protocol.model import ServedModel
+from protocol.pooling_requests import (
+    ClassificationChatRequest,
+    ClassificationRequest,
+    EmbeddingChatRequest,
+    EmbeddingRequest,
+    PoolingRequest,
+    activation_flag,
+)
+from protocol.pooling_responses import (
+    BytesItem,
+    BytesMetadata,
+    BytesUsage,
+    ClassificationData,
+    ClassificationResponse,
+    EmbeddingResponse,
+    EmbeddingResponseData,
+    PoolingResponse,
+    PoolingResponseData,
+    pooling_usage,
+)
+from protocol.pooling_validation import pooling_params, pooling_task, require_api
+from protocol.responses import encode
+from protocol.validation import check_priority
+from protocol.vector_bytes import flatten, shape_of, to_base64, to_bytes
+
+OCTET_STREAM: Headers = ((b"content-type", b"application/octet-stream"),)
+
+
+def engine_inputs(
+    request: EmbeddingRequest | PoolingRequest | ClassificationRequest,
+    model: ServedModel,
+    renderer: ChatRenderer,
+    operation: str,
+) -> list[EngineInput]:
+    """The request's inputs as prompts: its chat rendered, or each of its `input`s."""
+    if isinstance(request, EmbeddingChatRequest | ClassificationChatRequest):
+        return [chat_input(request, model, renderer, operation=operation)]
+    return [
+        prompt_input(
+            item,
+            model,
+            add_special_tokens=request.add_special_tokens,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
+            operation=operation,
+        )
+        for item in input_items(request.input)
+    ]
+
+
+def encodes_for(
+    inputs: Sequence[EngineInput], params: PoolingParams, *, response_id: str, engine_tag: str, priority: int
+) -> list[Encode]:
+    return [
+        Encode(
+            request_id=f"{response_id}{engine_tag}-{index}",
+            prompt_token_ids=item.token_ids,
+            params=params,
+            token_type_ids=item.token_type_ids,
+            priority=priority,
+        )
+        for index, item in enumerate(inputs)
+    ]
+
+
+def prompt_tokens(results: Sequence[Pooled]) -> int:
+    return sum(result.num_prompt_tokens for result in results)
+
+
+# ---- /v1/embeddings and /pooling ----
+
+
+@dataclass(frozen=True, slots=True)
+class _VectorsReply:
+    """The body of /v1/embeddings (`object: "embedding"`) or /pooling (`object: "pooling"`)."""
+
+    kind: str  # "embedding" | "pooling"
+    response_id: str
+    created: int
+    model: str
+    encoding_format: str
+    embed_dtype: str
+    endianness: str
+    per_token: bool  # token_embed / token_classify: one row per prompt token
+
+    def __call__(self, results: Sequence[Pooled]) -> Reply:
+        outputs = [self._checked(result.data) for result in results]
+        if self.encoding_format == "bytes":
+            return self._bytes(outputs, results)
+        if self.encoding_format == "base64":
+            values: list = [to_base64(flatten(data), self.embed_dtype, self.endianness) for data in outputs]  # type: ignore[arg-type]
+        else:
+            values = [list(data) if not self.per_token else [list(row) for row in data] for data in outputs]
+        usage = pooling_usage(prompt_tokens(results))
+        if self.kind == "embedding":
+            body = EmbeddingResponse(
+                id=self.response_id,
+                created=self.created,
+                model=self.model,
+                data=[EmbeddingResponseData(index=i, embedding=value) for i, value in enumerate(values)],
+                usage=usage,
+            )
+        else:
+            body = PoolingResponse(
+                id=self.response_id,
+                created=self.created,
+                model=self.model,
+                data=[PoolingResponseData(index=i, data=value) for i, value in enumerate(values)],
+                usage=usage,
+            )
+        return Reply(JSON_CONTENT_TYPE, encode(body))
+
+    def _checked(self, data: Sequence) -> Sequence:
+        """The engine's output has the task's shape (a vector, or equal-length rows per token)."""
+        if self.per_token:
+            if not all(isinstance(row, tuple | list) for row in data) or len({len(row) for row in data}) > 1:
+                raise TypeError("the engine's per-token output is not one row of floats per token")
+        elif not all(isinstance(value, int | float) for value in data):
+            raise TypeError("the engine's output is not a vector of floats")
+        return data
+
+    def _bytes(self, outputs: Sequence[Sequence], results: Sequence[Pooled]) -> Reply:
+        chunks, items, offset = [], [], 0
+        for index, data in enumerate(outputs):
+            chunk = to_bytes(flatten(data), self.embed_dtype, self.endianness)  # type: ignore[arg-type]
+            items.append(
+                BytesItem(
+                    index=index,
+                    embed_dtype=self.embed_dtype,
+                    endianness=self.endianness,
+                    start=offset,
+                    end=offset + len(chunk),
+                    shape=shape_of(data),
+                )
+            )
+            chunks.append(chunk)
+            offset += len(chunk)
+        tokens = prompt_tokens(results)
+        metadata = BytesMetadata(
+            id=self.response_id,
+            created=self.created,
+            model=self.model,
+            data=items,
+            usage=BytesUsage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+        # json.dumps escapes everything outside printable ASCII: always a valid header value
+        header = json.dumps(msgspec.to_builtins(metadata)).encode("ascii")
+        return Reply(OCTET_STREAM + ((b"metadata", header),), b"".join(chunks))
+
+
+def build_embedding_call(
+    request: EmbeddingRequest,
+    model: ServedModel,
+    renderer: ChatRenderer,
+    settings: CallSettings,
+    *,
+    base_id: str,
+    created: int,
+    headers: Headers = (),
+    engine_tag: str = "",
+) -> EncodeCall:
+    """POST /v1/embeddings; raises `ProtocolError` for a bad request."""
+    require_api(model, "Embeddings", "embed")
+    check_priority(request.priority, settings.allow_priority)
+    params = pooling_params(model, "embed", dimensions=request.dimensions, normalize=request.normalize)
+    inputs = engine_inputs(request, model, renderer, EMBEDDING)
+    response_id = f"embd-{base_id}"
+    reply = _VectorsReply(
+        kind="embedding",
+        response_id=response_id,
+        created=created,
+        model=model.name,
+        encoding_format=request.encoding_format,
+        embed_dtype=request.embed_dtype,
+        endianness=request.endianness,
+        per_token=False,
+    )
+    encodes = encodes_for(
+        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
+    )
+    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)
+
+
+def build_pooling_call(
+    request: PoolingRequest,
+    model: ServedModel,
+    renderer: ChatRenderer,
+    settings: CallSettings,
+    *,
+    base_id: str,
+    created: int,
+    headers: Headers = (),
+    engine_tag: str = "",
+) -> EncodeCall:
+    """POST /pooling: any pooling task the model serves; raises `ProtocolError` for a bad request."""
+    require_api(model, "Pooling")
+    check_priority(request.priority, settings.allow_priority)
+    task = pooling_task(model, request.task)
+    params = pooling_params(
+        model,
+        task,
+        dimensions=request.dimensions,
+        normalize=request.normalize,
+        use_activation=activation_flag(request),
+    )
+    inputs = engine_inputs(request, model, renderer, EMBEDDING)
+    response_id = f"pool-{base_id}"
+    reply = _VectorsReply(
+        kind="pooling",
+        response_id=response_id,
+        created=created,
+        model=model.name,
+        encoding_format=request.encoding_format,
+        embed_dtype=request.embed_dtype,
+        endianness=request.endianness,
+        per_token=task in ("token_embed", "token_classify"),
+    )
+    encodes = encodes_for(
+        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
+    )
+    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)
+
+
+# ---- /classify ----
+
+
+@dataclass(frozen=True, slots=True)
+class _ClassificationReply:
+    response_id: str
+    created: int
+    model: str
+    id2label: dict[int, str]
+
+    def __call__(self, results: Sequence[Pooled]) -> Reply:
+        data = []
+        for index, result in enumerate(results):
+            probs = [float(value) for value in result.data]  # type: ignore[arg-type]
+            if not probs:
+                raise ValueError("the engine returned no class scores")
+            top = max(range(len(probs)), key=probs.__getitem__)  # the first of equal maxima, as argmax
+            data.append(
+                ClassificationData(
+                    index=index, label=self.id2label.get(top), probs=probs, num_classes=len(probs)
+                )
+            )
+        body = ClassificationResponse(
+            id=self.response_id,
+            created=self.created,
+            model=self.model,
+            data=data,
+            usage=pooling_usage(prompt_tokens(results)),
+        )
+        return Reply(JSON_CONTENT_TYPE, encode(body))
+
+
+def build_classification_call(
+    request: ClassificationRequest,
+    model: ServedModel,
+    renderer: ChatRenderer,
+    settings: CallSettings,
+    *,
+    base_id: str,
+    created: int,
+    headers: Headers = (),
+    engine_tag: str = "",
+) -> EncodeCall:
+    """POST /classify: label = the model's id2label of the top class; raises `ProtocolError`."""
+    require_api(model, "Classification", "classify")
+    check_priority(request.priority, settings.allow_priority)
+    params = pooling_params(model, "classify", use_activation=activation_flag(request))
+    inputs = engine_inputs(request, model, renderer, CLASSIFICATION)
+    response_id = f"classify-{base_id}"
+    id2label = dict(model.pooling.id2label) if model.pooling is not None else {}
+    reply = _ClassificationReply(
+        response_id=response_id, created=created, model=model.name, id2label=id2label
+    )
+    encodes = encodes_for(
+        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
+    )
+    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)

@@ -1,0 +1,151 @@
+"""From a pooling request to the token ids the engine encodes: texts, token ids, chats, sentence pairs.
+
+Shared by the pooling endpoints. Text is tokenized here (the engine only sees ids); truncation
+keeps the last `truncate_prompt_tokens` ids (a text's special tokens stay, as HF's left-side
+truncation keeps them; a sentence pair is cut by the tokenizer, longest text first); an input may fill the whole context window (nothing is
+generated) but not more, with vLLM's message naming the endpoint's `operation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protocol.calls.prompt import ChatRenderer, encode_text
+from protocol.errors import ProtocolError
+from protocol.model import ServedModel
+from protocol.pooling_requests import ChatStyleRequest, PoolingInput
+from protocol.pooling_validation import check_pooling_length
+from protocol.validation import check_generation_prompt, truncation_length
+
+EMBEDDING = "embedding generation"  # vLLM's word for embeddings, pooling and rerank inputs
+CLASSIFICATION = "classification"
+SCORE = "score"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInput:
+    """One prompt for one `Encode`."""
+
+    token_ids: tuple[int, ...]
+    token_type_ids: tuple[int, ...] | None = None
+
+
+def input_items(value: PoolingInput, param: str = "input") -> list[str | list[int]]:
+    """`input` as a list of inputs: a string, strings, token ids, or lists of token ids."""
+    if isinstance(value, str):
+        items: list[str | list[int]] = [value]
+    elif value and all(isinstance(item, int) for item in value):
+        items = [list(value)]
+    else:
+        items = list(value)
+    if not items:
+        raise ProtocolError(
+            f"`{param}` cannot be empty: give a string, a list of strings, a list of token ids "
+            "or a list of token-id lists.",
+            param=param,
+        )
+    for index, item in enumerate(items):
+        if len(item) == 0:
+            what = "an empty string" if isinstance(item, str) else "an empty list of token ids"
+            where = f"`{param}`" if isinstance(value, str) else f"`{param}[{index}]`"
+            raise ProtocolError(f"{where} is {what}; every input needs at least one token.", param=param)
+    return items
+
+
+def prompt_input(
+    item: str | Sequence[int],
+    model: ServedModel,
+    *,
+    add_special_tokens: bool,
+    truncate_prompt_tokens: int | None,
+    operation: str,
+    param: str = "input",
+) -> EngineInput:
+    """One text (tokenized) or token-id list, truncated if asked and checked."""
+    if isinstance(item, str):
+        ids = encode_text(model.tokenizer, item, add_special_tokens, param=param)
+        keep = truncation_length(truncate_prompt_tokens, model.max_model_len)
+        if add_special_tokens and keep is not None and len(ids) > keep:
+            ids = _truncate_keeping_specials(item, ids, model, keep, param)
+    else:
+        ids = list(item)
+    return EngineInput(_prepare(ids, model, truncate_prompt_tokens, operation, param))
+
+
+def _truncate_keeping_specials(
+    text: str, ids: list[int], model: ServedModel, keep: int, param: str
+) -> list[int]:
+    """Cut the text's own tokens, not the special tokens around them (as HF truncation does):
+    `[CLS] a b c [SEP]` kept to 4 is `[CLS] b c [SEP]`. Falls back to keeping the last ids."""
+    content = encode_text(model.tokenizer, text, False, param=param)
+    extra = len(ids) - len(content)
+    for start in range(extra + 1):
+        if ids[start : start + len(content)] == content:
+            prefix, suffix = ids[:start], ids[start + len(content) :]
+            room = keep - len(prefix) - len(suffix)
+            if room > 0:
+                return prefix + content[len(content) - room :] + suffix
+            break
+    return ids[len(ids) - keep :]
+
+
+def chat_input(
+    request: ChatStyleRequest, model: ServedModel, renderer: ChatRenderer, *, operation: str
+) -> EngineInput:
+    """The chat rendered by the template (as /tokenize does), tokenized, truncated and checked."""
+    check_generation_prompt(request.add_generation_prompt, request.continue_final_message)
+    text = renderer.render(request, model)
+    ids = encode_text(model.tokenizer, text, request.add_special_tokens, param="messages")
+    return EngineInput(_prepare(ids, model, request.truncate_prompt_tokens, operation, "messages"))
+
+
+def pair_input(
+    text: str,
+    text_pair: str,
+    model: ServedModel,
+    *,
+    truncate_prompt_tokens: int | None,
+    operation: str,
+    param: str,
+) -> EngineInput:
+    """A sentence pair for a cross-encoder, joined by the tokenizer with its token type ids."""
+    keep = truncation_length(truncate_prompt_tokens, model.max_model_len)
+    try:
+        if keep is None:
+            ids, types = model.tokenizer.encode_pair(text, text_pair, add_special_tokens=True)
+        else:
+            ids, types = model.tokenizer.encode_pair(
+                text, text_pair, add_special_tokens=True, max_length=keep
+            )
+    except Exception as exc:
+        raise ProtocolError(f"The {param} could not be tokenized: {exc}", param=param) from None
+    token_ids = tuple(ids)
+    _check_ids(token_ids, model.tokenizer.vocab_size, param)
+    check_pooling_length(len(token_ids), model.max_model_len, operation, param)
+    type_ids = tuple(types)
+    if len(type_ids) != len(token_ids):
+        raise ValueError(f"the tokenizer gave {len(type_ids)} token type ids for {len(token_ids)} tokens")
+    return EngineInput(token_ids, type_ids if any(type_ids) else None)
+
+
+def _prepare(
+    ids: Sequence[int], model: ServedModel, truncate_prompt_tokens: int | None, operation: str, param: str
+) -> tuple[int, ...]:
+    keep = truncation_length(truncate_prompt_tokens, model.max_model_len)
+    token_ids = tuple(ids)
+    if keep is not None and len(token_ids) > keep:
+        token_ids = token_ids[len(token_ids) - keep :]
+    _check_ids(token_ids, model.tokenizer.vocab_size, param)
+    check_pooling_length(len(token_ids), model.max_model_len, operation, param)
+    return token_ids
+
+
+def _check_ids(token_ids: Sequence[int], vocab_size: int, param: str) -> None:
+    if not token_ids:
+        raise ProtocolError(
+            f"An input of `{param}` has no tokens; every input needs at least one.", param=param
+        )
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise ProtocolError(f"Token id {token_id} is out of vocabulary", param=param)
