@@ -164,7 +164,11 @@ def load_engines(configs: Sequence[EngineConfig]) -> list[Engine]:
     engines: list[Engine] = []
     try:
         for config in configs:
-            engines.append(Engine(config, thread=thread))
+            try:
+                engines.append(Engine(config, thread=thread))
+            except Exception as error:
+                error.add_note(f"while loading model {config.model!r}")
+                raise
     except BaseException:
         for engine in engines:
             engine.shutdown()

@@ -41,7 +41,7 @@ def loaded_model():
 def server(request, loaded_model):
     from engine import Engine, EngineConfig
 
-    args = parse_serve_args([*FLAGS], environ={})
+    args = parse_serve_args([DEFAULT_MODEL, *FLAGS], environ={})
     config = engine_config_from_args(args, EngineConfig)
     config.progress = False
     engine = Engine(config, loaded=loaded_model)
@@ -88,7 +88,7 @@ def tls_server(request, loaded_model, tmp_path_factory):
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
     ca_pem = tmp_path_factory.mktemp("ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
-    args = parse_serve_args([*FLAGS], environ={})
+    args = parse_serve_args([DEFAULT_MODEL, *FLAGS], environ={})
     config = engine_config_from_args(args, EngineConfig)
     config.progress = False
     engine = Engine(config, loaded=loaded_model)
