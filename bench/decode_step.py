@@ -1,11 +1,16 @@
 """Time (and optionally profile) steady-state decode steps of N sequences on the engine's own thread.
 
     python -m bench.decode_step --seqs 32 --prompt-len 128 [--dtype float32] [--profile]
+        [--idle-model all-MiniLM-L6-v2 --idle-thread own|shared]
 
 The per-step view behind bench/RESULTS.md's "where the time goes": it runs N greedy requests past
 their prefill, then times `--steps` decode steps through `Engine.step_sync` and, with `--profile`,
 prints torch.profiler's table for 10 more. No baseline here: the end-to-end ratios against HF come
 from `bench.throughput`.
+
+`--idle-model` loads a second model beside the measured one and runs one request through it before
+timing, so its thread (its own, or the measured model's shared one) has done torch work: what a
+server with several models costs the model that is busy.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import argparse
 import time
 
 from engine import Engine, EngineConfig
-from protocol.engine_api import Generate, SamplingParams, Tokens
+from protocol.engine_api import Encode, Generate, PoolingParams, SamplingParams, Tokens
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,10 +30,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--idle-model", help="a second model loaded beside, idle while timing")
+    parser.add_argument("--idle-thread", choices=("own", "shared"), default="shared")
     args = parser.parse_args(argv)
 
     options = {"model": args.model} if args.model else {}
     engine = Engine(EngineConfig(progress=False, dtype=args.dtype, **options))
+    if args.idle_model:
+        thread = engine._thread if args.idle_thread == "shared" else None
+        idle = Engine(EngineConfig(model=args.idle_model, progress=False), thread=thread)
+        warm = Encode("warm", tuple(idle.tokenizer.encode("A sentence to warm the idle model up.")), PoolingParams())
+        idle.generate_sync([warm])
+        print(f"idle model beside: {args.idle_model} on the {args.idle_thread} thread")
     vocab = engine.vocab_size
     params = SamplingParams(max_tokens=args.steps + 200, ignore_eos=True, temperature=0.0)
     requests = [
@@ -56,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                     engine.core.step()
             return prof
 
-        print(engine._worker.call(run).key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        print(engine._thread.worker.call(run).key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     engine.shutdown()
 
 
