@@ -20,7 +20,7 @@ from engine.gguf_file import GGUFModel
 from engine.model_config import ModelConfig
 from engine.model_files import ModelSource
 from engine.models.llama import LlamaForCausalLM
-from engine.registry import Convert, ModelSpec, encoder_architecture, model_spec
+from engine.registry import ArchitectureSupport, Convert, architecture_support, encoder_architecture
 from engine.tokenizer import HFTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,13 +57,13 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: HFTokenizer
     generation_defaults: dict[str, Any] = field(default_factory=dict)
-    spec: ModelSpec | None = None  # None: a decoder that generates (models built by hand in tests)
+    spec: ArchitectureSupport | None = None  # None: a decoder that generates (models built by hand in tests)
     pooling: PoolingFacts | None = None
     max_model_len: int | None = None  # a limit below the model's own (sentence-transformers' max_seq_length)
 
     def __post_init__(self) -> None:
         if self.spec is None:
-            self.spec = model_spec(self.config.architecture)
+            self.spec = architecture_support(self.config.architecture)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -152,7 +152,7 @@ def _decoder(
     defaults: dict[str, Any],
     convert: Convert,
 ) -> LoadedModel:
-    spec = model_spec(config.architecture, convert)
+    spec = architecture_support(config.architecture, convert)
     pooling = None if spec.generates else PoolingFacts(config.hidden_size, "last", True)
     return LoadedModel(source, config, model, tokenizer, defaults, spec, pooling)
 
@@ -170,7 +170,7 @@ def _load_encoder(
     from engine.pooling import read_pooling_config
 
     config = EncoderConfig.from_hf(raw)
-    spec = model_spec(config.architecture, convert, config.num_labels)
+    spec = architecture_support(config.architecture, convert, config.num_labels)
     torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype") or raw.get("dtype"), pooling=True)
     model = build_encoder(config, torch_dtype, device, safetensors_weights(source.path, torch_dtype, progress))
     pooling_config = read_pooling_config(source.path)

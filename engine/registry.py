@@ -35,7 +35,7 @@ _ENCODER_MODEL_TYPES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-rob
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ArchitectureSupport:
     """How the engine runs one model: its architecture, kind and the tasks it serves."""
 
     architecture: str
@@ -61,21 +61,21 @@ def encoder_architecture(config: dict[str, Any]) -> str | None:
     return None
 
 
-def model_spec(architecture: str, convert: Convert = "auto", num_labels: int = 0) -> ModelSpec:
+def architecture_support(architecture: str, convert: Convert = "auto", num_labels: int = 0) -> ArchitectureSupport:
     """What `architecture` serves, given the `convert` option."""
     if convert not in ("auto", "embed"):
         raise ValueError(f"unknown convert option {convert!r}; choose auto or embed")
     if architecture in DECODER_ARCHITECTURES:
         if convert == "embed":
-            return ModelSpec(architecture, "decoder", frozenset({"embed"}))
-        return ModelSpec(architecture, "decoder", frozenset({"generate"}))
+            return ArchitectureSupport(architecture, "decoder", frozenset({"embed"}))
+        return ArchitectureSupport(architecture, "decoder", frozenset({"generate"}))
     if architecture in ENCODER_ARCHITECTURES:
-        return ModelSpec(architecture, "encoder", frozenset({"embed", "token_embed"}))
+        return ArchitectureSupport(architecture, "encoder", frozenset({"embed", "token_embed"}))
     if architecture in CLASSIFIER_ARCHITECTURES:
         if convert == "embed":
-            return ModelSpec(architecture, "encoder", frozenset({"embed", "token_embed"}))
+            return ArchitectureSupport(architecture, "encoder", frozenset({"embed", "token_embed"}))
         tasks = {"classify"} | ({"score"} if num_labels == 1 else set())
-        return ModelSpec(architecture, "encoder", frozenset(tasks))
+        return ArchitectureSupport(architecture, "encoder", frozenset(tasks))
     supported = ", ".join(all_architectures())
     raise UnsupportedModelError(
         f"architecture {architecture} is not supported; supported architectures: {supported} "
