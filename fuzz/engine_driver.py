@@ -4,7 +4,8 @@ It plays the part of the runtime and the engine together: it runs `call.start()`
 `Generate` commands of every `Submit` with `Tokens` events (random ids inside the vocabulary,
 random chunking into engine steps, n samples, finish reasons "stop"/"length", stop token ids,
 logprobs and prompt logprobs in the requested shape), answers `Encode` with `Pooled`, honours
-`Abort` (whole request or one sample), and feeds one batch of events per step until
+`Abort` (whole request or one sample), answers a random share of the `Encode`s per step (one
+row per token for the token tasks), and feeds one batch of events per step until
 `call.finished`. A hypothesis-drawn `EngineScript` decides the randomness, and may inject a
 `Failed` event (before or after the first output) or a client disconnect.
 
@@ -118,11 +119,12 @@ class Transcript:
     ended: bool = False
     generates: list[Generate] = field(default_factory=list)
     encodes: list[Encode] = field(default_factory=list)
+    pooled: dict[str, Pooled] = field(default_factory=dict)  # request id -> what the engine answered
     aborts: list[Abort] = field(default_factory=list)
     tokens: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # (position, index) -> ids fed
     finish: dict[tuple[int, int], tuple[str, int | None]] = field(default_factory=dict)
     failed: Failed | None = None
-    output_before_failure: bool = False  # a Tokens event (maybe without tokens) was fed before the failure
+    output_before_failure: bool = False  # a Tokens (maybe empty) or Pooled event was fed before the failure
     disconnected: bool = False
     steps: int = 0
 
@@ -192,6 +194,9 @@ class FakeEngine:
         if leaked:
             # The engine would go on generating for a response nobody reads.
             raise DriverError(f"the call is over but never aborted these running samples: {leaked}")
+        running = [e.request_id for e in transcript.encodes if e.request_id not in dead]
+        if running:
+            raise DriverError(f"the call is over but never aborted these running encodes: {running}")
         return transcript
 
     # ---- outputs of the call
@@ -251,6 +256,7 @@ class FakeEngine:
                 for index in range(command.params.n):
                     samples.append(self._plan(position, command, index, script))
             elif isinstance(command, Encode):
+                self._check_encode(command, transcript)
                 transcript.encodes.append(command)
             elif isinstance(command, Abort):
                 aborts.append(command)
@@ -270,6 +276,21 @@ class FakeEngine:
             raise DriverError(f"prompt token ids out of the vocabulary reached the engine: {bad[:5]}")
         if params.n < 1 or params.max_tokens < 1:
             raise DriverError(f"invalid sampling params reached the engine: {params!r}")
+
+    def _check_encode(self, command: Encode, transcript: Transcript) -> None:
+        known = {g.request_id for g in transcript.generates} | {e.request_id for e in transcript.encodes}
+        if command.request_id in known:
+            raise DriverError(f"request id {command.request_id!r} submitted twice")
+        prompt = command.prompt_token_ids
+        if not prompt:
+            raise DriverError("an Encode with an empty prompt")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise DriverError(f"prompt token ids out of the vocabulary reached the engine: {bad[:5]}")
+        if command.token_type_ids is not None and len(command.token_type_ids) != len(prompt):
+            raise DriverError("token_type_ids must have one entry per prompt token")
+        if command.params.dimensions is not None and command.params.dimensions < 1:
+            raise DriverError(f"invalid pooling params reached the engine: {command.params!r}")
 
     def _apply_aborts(
         self, aborts: list[Abort], transcript: Transcript, samples: list[_Sample], dead: set[str]
@@ -339,9 +360,15 @@ class FakeEngine:
                     sample.done = True
             return [transcript.failed]
         events: list[Event] = []
-        for encode in pending_encodes:
-            events.append(self._pooled(encode, rng))
-            dead.add(encode.request_id)
+        if pending_encodes:  # a random share of the inputs finishes in this step, in any order
+            rng.shuffle(pending_encodes)
+            for encode in pending_encodes[: rng.randint(1, len(pending_encodes))]:
+                pooled = self._pooled(encode, rng)
+                transcript.pooled[encode.request_id] = pooled
+                events.append(pooled)
+                dead.add(encode.request_id)
+                if transcript.failed is None:
+                    transcript.output_before_failure = True
         for sample in samples:
             if sample.late:  # the step that was running when the abort came in
                 sample.late = False
@@ -362,10 +389,13 @@ class FakeEngine:
         )
 
     def _pooled(self, encode: Encode, rng: random.Random) -> Pooled:
+        """A vector (`dimensions` long, else 4), or one such row per prompt token for the token tasks."""
         size = encode.params.dimensions or 4
-        return Pooled(
-            encode.request_id, tuple(rng.uniform(-1, 1) for _ in range(size)), len(encode.prompt_token_ids)
-        )
+        prompt_len = len(encode.prompt_token_ids)
+        if encode.params.task in ("token_embed", "token_classify"):
+            rows = tuple(tuple(rng.uniform(-1, 1) for _ in range(size)) for _ in range(prompt_len))
+            return Pooled(encode.request_id, rows, prompt_len)
+        return Pooled(encode.request_id, tuple(rng.uniform(-1, 1) for _ in range(size)), prompt_len)
 
     def _tokens(self, sample: _Sample, script: EngineScript, transcript: Transcript) -> Tokens:
         rng = sample.rng

@@ -18,7 +18,8 @@ from fuzz.known_bugs import known_bug
 from fuzz.oracle import Expectations
 from fuzz.strategies import FuzzRequest, Profile
 from protocol import App, AppConfig
-from protocol.testing import tiny_served_model
+from protocol.model import ServedModel
+from protocol.testing import tiny_pooling_model, tiny_served_model
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -80,6 +81,53 @@ OPTIONS_CONFIG = AppConfig(
 APP_WITH_OPTIONS = make_app(OPTIONS_CONFIG)
 EXPECTATIONS_WITH_OPTIONS = Expectations(
     served_name=MODEL.name, tokenizer=MODEL.tokenizer, force_include_usage=True, request_id_headers=True
+)
+
+
+# The pooling endpoints run against a server of four models: the generative one (first, so a
+# request without `model` must find the model that serves its API), an embedding model with
+# Matryoshka sizes, a cross-encoder with labels, and a per-token model.
+POOLING_MODELS: tuple[ServedModel, ...] = (
+    MODEL,
+    tiny_pooling_model(
+        ("embed",), name="tiny-embed", max_model_len=48, is_matryoshka=True, matryoshka_dimensions=(2, 4, 8)
+    ),
+    tiny_pooling_model(
+        ("classify", "score"), name="tiny-cross", max_model_len=48, id2label={0: "no", 1: "yes", 2: "maybe"}
+    ),
+    tiny_pooling_model(
+        ("embed", "token_embed", "token_classify"), name="tiny-tokens", max_model_len=48, is_matryoshka=True
+    ),
+)
+POOLING_PROFILE = Profile(
+    model_names=tuple(model.name for model in POOLING_MODELS),
+    vocab_size=MODEL.tokenizer.vocab_size,
+    max_model_len=48,
+    max_text=12,
+    model_tasks=tuple((model.name, tuple(sorted(model.tasks))) for model in POOLING_MODELS),
+)
+
+
+def make_pooling_app(config: AppConfig | None = None) -> App:
+    ids = itertools.count(1)
+    return App(
+        config or AppConfig(),
+        list(POOLING_MODELS),
+        clock=lambda: 1_700_000_000.0,
+        new_id=lambda: f"fp{next(ids)}",
+    )
+
+
+POOLING_APP = make_pooling_app()
+POOLING_APP_WITH_OPTIONS = make_pooling_app(OPTIONS_CONFIG)
+POOLING_EXPECTATIONS = Expectations(
+    served_name=MODEL.name, tokenizer=MODEL.tokenizer, models={m.name: m for m in POOLING_MODELS}
+)
+POOLING_EXPECTATIONS_WITH_OPTIONS = Expectations(
+    served_name=MODEL.name,
+    tokenizer=MODEL.tokenizer,
+    request_id_headers=True,
+    models={m.name: m for m in POOLING_MODELS},
 )
 
 

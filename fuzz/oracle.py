@@ -13,13 +13,28 @@ a failure, although Python's `json` module would accept it.
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Sequence
+import math
+import struct
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fuzz.engine_driver import Transcript
-from fuzz.strategies import CHAT_PATH, COMPLETIONS_PATH, FuzzRequest
+from fuzz.strategies import (
+    CHAT_PATH,
+    CLASSIFY_PATH,
+    COMPLETIONS_PATH,
+    EMBEDDINGS_PATH,
+    POOLING_PATH,
+    POOLING_PATHS,
+    RERANK_PATHS,
+    SCORE_PATHS,
+    FuzzRequest,
+)
+from protocol.model import ServedModel
 from protocol.tokenizer import Tokenizer
 
 FINISH_REASONS = {"stop", "length", "tool_calls", "abort"}
@@ -96,6 +111,7 @@ class Expectations:
     tokenizer: Tokenizer
     force_include_usage: bool = False  # --enable-force-include-usage
     request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on every response
+    models: Mapping[str, ServedModel] = field(default_factory=dict)  # the pooling server's models, by name
 
 
 def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: Expectations) -> Answer | None:
@@ -121,9 +137,11 @@ def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: E
         sent = _last_header(request, b"x-request-id")
         if sent:
             expect(echoed == sent, f"X-Request-Id {sent!r} came back as {echoed!r}")
+    pooling = request.method == "POST" and request.path in POOLING_PATHS
     if status >= 400:
         _check_error_response(status, transcript, expectations)
-        if failed is not None and not transcript.output_before_failure:
+        if failed is not None and (pooling or not transcript.output_before_failure):
+            # a pooling answer is sent only once every input is in, so it always keeps the status
             expect(
                 status == failed.status,
                 f"engine failed with {failed.status} before any output, answered {status}",
@@ -139,6 +157,12 @@ def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: E
         )
     if request.method == "POST" and request.path in (CHAT_PATH, COMPLETIONS_PATH):
         return _check_completion_success(request, transcript, expectations)
+    if pooling:
+        expect(
+            failed is None, f"the engine failed with {failed and failed.status}, but the answer is {status}"
+        )
+        _check_pooling_success(request, transcript, expectations)
+        return None
     if request.method == "POST" and request.path in ("/tokenize", "/detokenize"):
         _check_tokenizer_success(request, transcript, expectations)
         return None
@@ -636,3 +660,270 @@ def _parse_stream(transcript: Transcript, *, chat: bool) -> Answer:
 def _last_header(request: FuzzRequest, name: bytes) -> bytes | None:
     values = [value for key, value in request.headers if key.lower() == name]
     return values[-1] if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling successes: /v1/embeddings, /pooling, /classify, /score, /rerank
+
+_ID_PREFIXES = {EMBEDDINGS_PATH: "embd-", POOLING_PATH: "pool-", CLASSIFY_PATH: "classify-"}
+_SCORE_EPS = 1e-9
+
+
+def _id_prefix(path: str) -> str:
+    return _ID_PREFIXES.get(path) or ("score-" if path in SCORE_PATHS else "rerank-")
+
+
+def _check_pooling_success(request: FuzzRequest, transcript: Transcript, expectations: Expectations) -> None:
+    body = request_json(request)
+    expect(body is not None, "a 200 for a body that is not a JSON object", request.body[:300])
+    assert body is not None
+    encodes = transcript.encodes
+    expect(encodes, "a pooling success without any Encode")
+    missing = [e.request_id for e in encodes if e.request_id not in transcript.pooled]
+    expect(not missing, "a pooling answer before every input was pooled", missing)
+    pooled = [transcript.pooled[e.request_id] for e in encodes]
+    prompt_tokens = sum(p.num_prompt_tokens for p in pooled)
+    path = request.path
+    if path in (EMBEDDINGS_PATH, POOLING_PATH) and body.get("encoding_format") == "bytes":
+        _check_pooling_bytes(request, transcript, body, pooled, prompt_tokens, expectations)
+        return
+    expect(
+        (transcript.header(b"content-type") or b"").startswith(b"application/json"),
+        f"{path}: a JSON answer must be application/json",
+        transcript.headers,
+    )
+    try:
+        payload = strict_json(transcript.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OracleError(f"{path}: a 200 whose body is not JSON ({exc})") from None
+    expect(isinstance(payload, dict), f"{path}: not an object", payload)
+    model = _check_pooling_envelope(request, payload, body, expectations)
+    if path in RERANK_PATHS:
+        _check_rerank(payload, body, model, pooled, prompt_tokens)
+        return
+    expect(
+        payload.get("object") == "list" and isinstance(payload.get("created"), int),
+        f"{path}: envelope",
+        payload,
+    )
+    usage = payload.get("usage")
+    expect(
+        usage
+        == {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        },
+        f"{path}: usage must count the prompt tokens of every input ({prompt_tokens})",
+        usage,
+    )
+    data = payload.get("data")
+    expect(isinstance(data, list), f"{path}: `data` must be a list", payload)
+    if path in SCORE_PATHS:
+        _check_scores(data, body, model, pooled)
+        return
+    expect(len(data) == len(pooled), f"{path}: {len(data)} items for {len(pooled)} inputs", data)
+    for index, (item, result) in enumerate(zip(data, pooled, strict=True)):
+        expect(item.get("index") == index, f"{path}: item {index} has index {item.get('index')}", item)
+        if path == CLASSIFY_PATH:
+            probs = list(result.data)
+            top = max(range(len(probs)), key=probs.__getitem__)
+            expect(
+                item
+                == {
+                    "index": index,
+                    "label": model.pooling.id2label.get(top) if model.pooling else None,
+                    "probs": probs,
+                    "num_classes": len(probs),
+                },
+                "/classify: item does not match the engine's output",
+                item,
+                probs,
+            )
+            continue
+        key, kind = ("embedding", "embedding") if path == EMBEDDINGS_PATH else ("data", "pooling")
+        expect(
+            item.get("object") == kind and set(item) == {"index", "object", key}, f"{path}: item keys", item
+        )
+        _check_vector(item[key], result.data, body, path)
+
+
+def _check_pooling_envelope(
+    request: FuzzRequest, payload: dict[str, Any], body: dict[str, Any], expectations: Expectations
+) -> ServedModel:
+    name = payload.get("model")
+    expect(name in expectations.models, f"unknown model {name!r} in the answer", payload)
+    model = expectations.models[name]
+    if isinstance(body.get("model"), str) and body["model"]:
+        expect(name == body["model"], f"asked for {body['model']!r}, answered as {name!r}")
+    prefix = _id_prefix(request.path)
+    ident = payload.get("id")
+    expect(isinstance(ident, str) and ident.startswith(prefix), f"bad id {ident!r}")
+    header_id = _last_header(request, b"x-request-id")
+    if header_id:
+        expect(ident == prefix + header_id.decode("latin-1"), f"id {ident!r} does not follow X-Request-Id")
+    elif (
+        isinstance(body.get("request_id"), str)
+        and body["request_id"]
+        and request.path
+        not in (
+            *SCORE_PATHS,
+            *RERANK_PATHS,
+        )
+    ):
+        expect(ident == prefix + body["request_id"], f"id {ident!r} does not follow the body's request_id")
+    return model
+
+
+def _check_vector(value: Any, data: Any, body: dict[str, Any], path: str) -> None:
+    rows = [list(row) for row in data] if data and not isinstance(data[0], float) else None
+    flat = [x for row in rows for x in row] if rows is not None else list(data)
+    if body.get("encoding_format") != "base64":
+        expect(
+            value == (rows if rows is not None else flat),
+            f"{path}: floats differ from the engine's",
+            value,
+            data,
+        )
+        return
+    expect(isinstance(value, str), f"{path}: base64 output must be a string", value)
+    raw = base64.b64decode(value, validate=True)
+    expect(
+        raw == _packed(flat, body), f"{path}: base64 bytes differ from the engine's vector cast", value, flat
+    )
+
+
+def _packed(values: list[float], body: dict[str, Any]) -> bytes:
+    """The reference encoding, independently of the core: struct casts, bfloat16 by rounding float32."""
+    dtype = body.get("embed_dtype", "float32")
+    endianness = body.get("endianness", "native")
+    order = {"little": "<", "big": ">"}[sys.byteorder if endianness == "native" else endianness]
+    if dtype == "bfloat16":
+        out = b""
+        for value in values:
+            (bits,) = struct.unpack("<I", struct.pack("<f", value))
+            out += struct.pack(order + "H", ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+        return out
+    return struct.pack(f"{order}{len(values)}{'f' if dtype == 'float32' else 'e'}", *values)
+
+
+def _check_pooling_bytes(
+    request: FuzzRequest,
+    transcript: Transcript,
+    body: dict[str, Any],
+    pooled: Sequence[Any],
+    prompt_tokens: int,
+    expectations: Expectations,
+) -> None:
+    expect(
+        transcript.header(b"content-type") == b"application/octet-stream",
+        "bytes: content type",
+        transcript.headers,
+    )
+    header = transcript.header(b"metadata")
+    expect(header is not None, "bytes: no metadata header", transcript.headers)
+    assert header is not None
+    metadata = strict_json(header)
+    _check_pooling_envelope(request, metadata, body, expectations)
+    expect(
+        metadata.get("usage") == {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        "bytes: usage",
+    )
+    items = metadata.get("data")
+    expect(isinstance(items, list) and len(items) == len(pooled), "bytes: one item per input", items)
+    offset = 0
+    for index, (item, result) in enumerate(zip(items, pooled, strict=True)):
+        data = result.data
+        rows = data and not isinstance(data[0], float)
+        flat = [x for row in data for x in row] if rows else list(data)
+        shape = [len(data), len(data[0])] if rows else [len(data)]
+        expect(
+            item.get("index") == index and item.get("shape") == shape, "bytes: index or shape", item, shape
+        )
+        expect(item.get("start") == offset, "bytes: items must tile the body", item)
+        chunk = transcript.body[item["start"] : item["end"]]
+        expect(chunk == _packed(flat, body), "bytes: a slice differs from the engine's vector cast", item)
+        offset = item["end"]
+    expect(offset == len(transcript.body), "bytes: the body is longer than its items")
+
+
+def _texts(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _check_scores(data: list[Any], body: dict[str, Any], model: ServedModel, pooled: Sequence[Any]) -> None:
+    pairs = [
+        (a, b)
+        for a, b in (
+            ("text_1", "text_2"),
+            ("queries", "documents"),
+            ("queries", "items"),
+            ("data_1", "data_2"),
+        )
+        if a in body and b in body
+    ]
+    first, second = (_texts(body[name]) for name in pairs[0])
+    expect(len(data) == max(len(first), len(second)), "/score: one score per pair", data)
+    for index, item in enumerate(data):
+        expect(
+            set(item) == {"index", "object", "score"}
+            and item["index"] == index
+            and item["object"] == "score",
+            "/score: item",
+            item,
+        )
+        score = item["score"]
+        expect(isinstance(score, float) and math.isfinite(score), "/score: a finite score", item)
+        if model.supports("score"):
+            expect(score == pooled[index].data[0], "/score: a cross-encoder's score is its output", item)
+        else:
+            expect(-1 - _SCORE_EPS <= score <= 1 + _SCORE_EPS, "/score: a cosine lies in [-1, 1]", item)
+    if not model.supports("score"):
+        expect(len(pooled) == len(set(first) | set(second)), "/score: every distinct text embedded once")
+
+
+def _check_rerank(
+    payload: dict[str, Any],
+    body: dict[str, Any],
+    model: ServedModel,
+    pooled: Sequence[Any],
+    prompt_tokens: int,
+) -> None:
+    expect(set(payload) == {"id", "model", "usage", "results", "meta"}, "/rerank: keys", payload)
+    expect(
+        payload["usage"] == {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}, "/rerank: usage"
+    )
+    expect(
+        payload["meta"] == {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+        "/rerank: meta",
+    )
+    documents = [doc if isinstance(doc, str) else doc["text"] for doc in body["documents"]]
+    top_n = body.get("top_n") or 0
+    results = payload["results"]
+    expect(
+        len(results) == (min(top_n, len(documents)) if top_n else len(documents)), "/rerank: top_n", results
+    )
+    indices = [result.get("index") for result in results]
+    expect(
+        len(set(indices)) == len(indices) and all(0 <= i < len(documents) for i in indices),
+        "/rerank: indices",
+    )
+    scores = [result.get("relevance_score") for result in results]
+    expect(scores == sorted(scores, reverse=True), "/rerank: not sorted by score", scores)
+    with_documents = body.get("return_documents") is not False
+    for result in results:
+        if with_documents:
+            expect(
+                result.get("document") == {"text": documents[result["index"]]}, "/rerank: document", result
+            )
+        else:
+            expect("document" not in result, "/rerank: a document without return_documents", result)
+        if model.supports("score"):
+            expect(
+                result["relevance_score"] == pooled[result["index"]].data[0], "/rerank: cross-encoder score"
+            )
+        else:
+            expect(
+                -1 - _SCORE_EPS <= result["relevance_score"] <= 1 + _SCORE_EPS, "/rerank: a cosine", result
+            )

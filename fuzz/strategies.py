@@ -69,6 +69,7 @@ class Profile:
     max_model_len: int = 512
     max_text: int = 24  # characters per generated text field; keeps prompts inside the context
     max_tokens: int = 12  # upper bound for generated max_tokens (the fake engine emits at most this)
+    model_tasks: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, tasks) of each model, for pooling
 
 
 @dataclass(frozen=True)
@@ -1089,3 +1090,211 @@ def any_requests(profile: Profile = Profile()) -> st.SearchStrategy[FuzzRequest]
         garbage_requests(profile),
         tokenizer_requests(profile),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the pooling endpoints: /v1/embeddings, /pooling, /classify, /score, /rerank
+
+
+EMBEDDINGS_PATH = "/v1/embeddings"
+POOLING_PATH = "/pooling"
+CLASSIFY_PATH = "/classify"
+SCORE_PATHS = ("/score", "/v1/score")
+RERANK_PATHS = ("/rerank", "/v1/rerank", "/v2/rerank")
+POOLING_PATHS = (EMBEDDINGS_PATH, POOLING_PATH, CLASSIFY_PATH, *SCORE_PATHS, *RERANK_PATHS)
+_ANY_POOLING = {"embed", "classify", "score", "token_embed", "token_classify"}
+_PATH_TASKS = {
+    EMBEDDINGS_PATH: {"embed"},
+    POOLING_PATH: _ANY_POOLING,
+    CLASSIFY_PATH: {"classify"},
+    **{path: {"embed", "score"} for path in (*SCORE_PATHS, *RERANK_PATHS)},
+}
+
+
+@functools.cache
+def pooling_inputs(profile: Profile) -> st.SearchStrategy[Any]:
+    """`input`: mostly well-formed (a string, strings, ids, id lists), sometimes empty or out of range."""
+    ids = st.lists(token_ids(profile), min_size=1, max_size=8)
+    wild_ids = st.lists(st.integers(-2, profile.vocab_size + 2), max_size=4)
+    return st.one_of(
+        texts(profile, 1),
+        st.lists(texts(profile, 1), min_size=1, max_size=3),
+        ids,
+        st.lists(ids, min_size=1, max_size=3),
+        st.sampled_from(["", [], [""], [[]], ["a", 1], "z" * (profile.max_model_len + 1)]),
+        wild_ids,
+        st.lists(wild_ids, max_size=2),
+    )
+
+
+def _chance(one_in: int) -> st.SearchStrategy[bool]:
+    """True about once in `one_in` draws (False is the simple value hypothesis shrinks towards)."""
+    return st.sampled_from([False] * (one_in - 1) + [True])
+
+
+@functools.cache
+@st.composite
+def pooling_bodies(draw: st.DrawFn, profile: Profile, path: str) -> dict[str, Any]:
+    """A body for one of the pooling endpoints, valid more often than not."""
+    body: dict[str, Any] = {}
+    fitting = [name for name, tasks in profile.model_tasks if set(tasks) & _PATH_TASKS[path]]
+    if fitting and not draw(_chance(4)):  # mostly a model that serves the API, or none named
+        model = draw(st.sampled_from([*fitting, *fitting, None, "", "<omit>", "<omit>"]))
+    else:
+        model = draw(st.sampled_from([*profile.model_names, "<omit>", "other"]))
+    if model != "<omit>":
+        body["model"] = model
+    maybe, rarely = _chance(4), _chance(16)
+    truncate = st.sampled_from([None, -1, 1, 3, profile.max_model_len, profile.max_model_len + 1, -2])
+    if path in (EMBEDDINGS_PATH, POOLING_PATH, CLASSIFY_PATH):
+        if draw(_chance(5)):
+            body["messages"] = draw(messages(profile, None))
+            if draw(maybe):
+                body["add_generation_prompt"] = draw(st.booleans())
+            if draw(maybe):
+                body["continue_final_message"] = draw(st.booleans())
+        else:
+            body["input"] = draw(pooling_inputs(profile))
+        if draw(maybe):
+            body["add_special_tokens"] = draw(st.booleans())
+        if draw(maybe):
+            body["truncate_prompt_tokens"] = draw(truncate)
+        if draw(maybe):
+            body["request_id"] = draw(identifiers(12))
+    if path in (EMBEDDINGS_PATH, POOLING_PATH):
+        if draw(maybe):
+            body["encoding_format"] = draw(st.sampled_from(["float", "base64", "base64", "bytes", "hex"]))
+        if draw(maybe):
+            body["embed_dtype"] = draw(st.sampled_from(["float32", "float16", "bfloat16", "fp8_e4m3"]))
+        if draw(maybe):
+            body["endianness"] = draw(st.sampled_from(["native", "little", "big", "middle"]))
+        if draw(maybe):
+            body["dimensions"] = draw(st.sampled_from([None, 2, 4, 8, 3, 0, -1, 9, 100]))
+        if draw(maybe):
+            body["normalize"] = draw(st.none() | st.booleans())
+    if path == POOLING_PATH and draw(maybe):
+        body["task"] = draw(
+            st.sampled_from([None, "embed", "classify", "score", "token_embed", "token_classify", "plugin"])
+        )
+    # use_activation is refused for embedding models: mostly ask where it applies
+    applies = path in (POOLING_PATH, CLASSIFY_PATH) or model == "tiny-cross"
+    if path in (POOLING_PATH, CLASSIFY_PATH, *SCORE_PATHS, *RERANK_PATHS) and draw(
+        maybe if applies else rarely
+    ):
+        name = draw(st.sampled_from(["use_activation", "use_activation", "softmax", "activation"]))
+        body[name] = draw(st.none() | st.booleans())
+    if path in SCORE_PATHS:
+        pairs = [("text_1", "text_2")] * 3 + [
+            ("queries", "documents"),
+            ("queries", "items"),
+            ("data_1", "data_2"),
+        ]
+        first, second = draw(st.sampled_from(pairs))
+        some_texts = st.lists(texts(profile, 0), min_size=0 if draw(rarely) else 1, max_size=4)
+        body[first] = draw(texts(profile, 0) | some_texts)
+        body[second] = draw(texts(profile, 0) | some_texts)
+        if draw(rarely):
+            del body[draw(st.sampled_from([first, second]))]
+        if draw(maybe):
+            body["truncate_prompt_tokens"] = draw(truncate)
+    if path in RERANK_PATHS:
+        body["query"] = draw(texts(profile, 0))
+        document = texts(profile, 0) | texts(profile, 0).map(lambda text: {"text": text})
+        body["documents"] = draw(st.lists(document, min_size=0 if draw(rarely) else 1, max_size=5))
+        if draw(maybe):
+            body["top_n"] = draw(st.sampled_from([None, 0, 1, 2, 10, -1]))
+        if draw(maybe):
+            body["return_documents"] = draw(st.none() | st.booleans())
+        if draw(maybe):
+            body["max_tokens_per_doc"] = draw(st.integers(1, 4096))
+        if draw(maybe):
+            body["truncate_prompt_tokens"] = draw(truncate)
+    if draw(rarely):
+        body["priority"] = draw(st.integers(-3, 3))
+    if draw(rarely):  # one field replaced by junk
+        name = draw(st.sampled_from(sorted(body) or ["input"]))
+        body[name] = draw(junk_values())
+    body.update(draw(extra_fields()))
+    return body
+
+
+@functools.cache
+@st.composite
+def pooling_requests(draw: st.DrawFn, profile: Profile = Profile()) -> FuzzRequest:
+    """POSTs to the pooling endpoints (family "pooling")."""
+    path = draw(st.sampled_from(POOLING_PATHS))
+    body = draw(pooling_bodies(profile, path))
+    return FuzzRequest(
+        "POST", path, draw(polite_headers()), dumps(body, ascii_only=draw(st.booleans())), "pooling", body
+    )
+
+
+def pooling_rejections(profile: Profile) -> list[tuple[str, dict[str, Any], str]]:
+    """(path, body, words of the message): requests the reference answers with a 400."""
+    long_text = "x" * profile.max_model_len
+    return [
+        (EMBEDDINGS_PATH, {"input": "a", "encoding_format": "hex"}, "literal_error"),
+        (EMBEDDINGS_PATH, {"input": "a", "embed_dtype": "float64"}, "literal_error"),
+        (EMBEDDINGS_PATH, {"input": "a", "endianness": "middle"}, "literal_error"),
+        (EMBEDDINGS_PATH, {"input": []}, "cannot be empty"),
+        (EMBEDDINGS_PATH, {"input": ""}, "empty string"),
+        (EMBEDDINGS_PATH, {"input": ["a", ""]}, "empty string"),
+        (EMBEDDINGS_PATH, {"input": [[]]}, "empty list"),
+        (EMBEDDINGS_PATH, {"input": [profile.vocab_size]}, "out of vocabulary"),
+        (EMBEDDINGS_PATH, {"input": ["a", 1]}, "value_error"),
+        (EMBEDDINGS_PATH, {"input": long_text}, "maximum context length"),
+        (
+            EMBEDDINGS_PATH,
+            {"input": "a", "truncate_prompt_tokens": profile.max_model_len + 1},
+            "truncate_prompt_tokens",
+        ),
+        (EMBEDDINGS_PATH, {"input": "a", "truncate_prompt_tokens": -2}, "greater_than_equal"),
+        (EMBEDDINGS_PATH, {"input": "a", "priority": 1}, "Priority scheduling"),
+        (EMBEDDINGS_PATH, {"model": "tiny-cross", "input": "a"}, "does not support Embeddings API"),
+        (EMBEDDINGS_PATH, {"model": "tiny-embed", "input": "a", "dimensions": 3}, "matryoshka dimensions"),
+        (EMBEDDINGS_PATH, {"model": "tiny-tokens", "input": "a", "dimensions": 0}, "greater than 0"),
+        (EMBEDDINGS_PATH, {"model": "tiny-tokens", "input": "a", "dimensions": 9}, "cannot return"),
+        (
+            EMBEDDINGS_PATH,
+            {
+                "messages": [{"role": "user", "content": "a"}],
+                "add_generation_prompt": True,
+                "continue_final_message": True,
+            },
+            "continue_final_message",
+        ),
+        (POOLING_PATH, {"model": "tiny-embed", "input": "a", "task": "classify"}, "is not supported"),
+        (
+            POOLING_PATH,
+            {"model": "tiny-cross", "input": "a", "task": "classify", "dimensions": 2},
+            "only supports",
+        ),
+        (POOLING_PATH, {"model": "tiny-byte-model", "input": "a"}, "does not support Pooling API"),
+        (CLASSIFY_PATH, {"model": "tiny-embed", "input": "a"}, "does not support Classification API"),
+        (SCORE_PATHS[0], {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "1:1, 1:N or N:N"),
+        (SCORE_PATHS[1], {"text_1": "a", "text_2": []}, "At least one"),
+        (SCORE_PATHS[0], {"text_1": "a"}, "one pair only"),
+        (
+            SCORE_PATHS[0],
+            {"model": "tiny-embed", "text_1": "a", "text_2": "b", "use_activation": True},
+            "only supports",
+        ),
+        (
+            SCORE_PATHS[0],
+            {"model": "tiny-byte-model", "text_1": "a", "text_2": "b"},
+            "does not support Score API",
+        ),
+        (RERANK_PATHS[0], {"query": "q", "documents": ["a"], "top_n": -1}, "greater_than_equal"),
+        (RERANK_PATHS[1], {"query": "q", "documents": []}, "At least one"),
+        (RERANK_PATHS[2], {"query": "q", "documents": [{"title": "no text"}]}, "missing"),
+        (
+            RERANK_PATHS[2],
+            {"model": "tiny-byte-model", "query": "q", "documents": ["a"]},
+            "does not support Rerank API",
+        ),
+        (
+            RERANK_PATHS[0],
+            {"model": "tiny-cross", "query": "q", "documents": [long_text]},
+            "maximum context length",
+        ),
+    ]

@@ -32,6 +32,7 @@ from fuzz.strategies import (
     any_requests,
     garbage_requests,
     polite_headers,
+    pooling_requests,
     valid_chat_bodies,
     valid_completion_bodies,
 )
@@ -75,6 +76,33 @@ def test_every_request_is_answered_well_formed() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+POOLING_SERVERS = st.sampled_from(
+    [
+        (harness.POOLING_APP, harness.POOLING_EXPECTATIONS),
+        (harness.POOLING_APP_WITH_OPTIONS, harness.POOLING_EXPECTATIONS_WITH_OPTIONS),
+    ]
+)
+
+
+@harness.fuzz_settings(SMALLER)
+@given(request=pooling_requests(harness.POOLING_PROFILE), script=engine_scripts(), server=POOLING_SERVERS)
+def _pooling_requests_are_answered_well(request: FuzzRequest, script: EngineScript, server: Any) -> None:
+    app, expectations = server
+    transcript = harness.exchange(request, script, app)
+    check_exchange(request, transcript, expectations)
+
+
+def test_pooling_requests_are_answered_well_formed() -> None:
+    """Embeddings, pooling, classify, score and rerank bodies against embedding, cross-encoder and
+    per-token models: vLLM's shapes with the engine's values and exact usage, or a shaped 4xx."""
+    before = sum(harness.EXERCISED.values())
+    _pooling_requests_are_answered_well()
+    _assert_exercised(before, SMALLER)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def _authorized(request: FuzzRequest) -> bool:
     values = [value for name, value in request.headers if name == b"authorization"]
     if not values:
@@ -85,21 +113,23 @@ def _authorized(request: FuzzRequest) -> bool:
 
 @harness.fuzz_settings(SMALLER)
 @given(
-    request=st.one_of(any_requests(harness.PROFILE), garbage_requests(harness.PROFILE)),
+    request=st.one_of(
+        any_requests(harness.PROFILE), garbage_requests(harness.PROFILE), pooling_requests(harness.PROFILE)
+    ),
     script=engine_scripts(),
 )
 def _api_key_guards_v1(request: FuzzRequest, script: EngineScript) -> None:
     transcript = harness.exchange(request, script, harness.APP_WITH_KEY)
     check_exchange(request, transcript, harness.EXPECTATIONS)
     path = request.path.split("?", 1)[0]
-    if path.startswith("/v1") and request.method.upper() != "OPTIONS" and not _authorized(request):
+    if path.startswith(("/v1", "/v2")) and request.method.upper() != "OPTIONS" and not _authorized(request):
         expect(
             transcript.status == 401, f"{request.method} {path} without the key answered {transcript.status}"
         )
 
 
 def test_api_key_guards_every_v1_route() -> None:
-    """With --api-key, /v1 answers 401 to anything without the right bearer token; the rest stays well-formed."""
+    """With --api-key, /v1 and /v2 answer 401 to anything without the right bearer token; the rest stays well-formed."""
     before = sum(harness.EXERCISED.values())
     _api_key_guards_v1()
     _assert_exercised(before, SMALLER)

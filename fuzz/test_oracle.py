@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
 import pytest
 
+from fuzz import harness
 from fuzz.engine_driver import DriverError, EngineScript, FakeEngine, Transcript
 from fuzz.harness import EXPECTATIONS
 from fuzz.oracle import OracleError, check_exchange
@@ -14,10 +16,12 @@ from fuzz.strategies import CHAT_PATH, COMPLETIONS_PATH, FuzzRequest
 from protocol import (
     Abort,
     Body,
+    Encode,
     EndResponse,
     Event,
     Failed,
     Generate,
+    PoolingParams,
     SamplingParams,
     StartResponse,
     Submit,
@@ -198,3 +202,100 @@ def test_an_injected_failure_reaches_the_call() -> None:
         # the failure kills the only request, so the call (which ignores Failed) waits for nothing
         ENGINE.run(call, EngineScript(seed=1, failure="before", failure_status=503))
     assert call.events == [Failed("req", 503, "injected engine failure 503")]
+
+
+# ---- the pooling endpoints ----
+
+
+def _pooling_exchange(path: str, body: dict, script: EngineScript = EngineScript(seed=5)):
+    request = FuzzRequest("POST", path, JSON, json.dumps(body).encode(), "pooling", body)
+    return request, harness.run_request(request, script, harness.POOLING_APP)
+
+
+def _tampered(transcript: Transcript, change) -> Transcript:
+    payload = json.loads(transcript.body)
+    change(payload)
+    return dataclasses.replace(transcript, body=json.dumps(payload).encode())
+
+
+def test_a_real_pooling_answer_passes_and_tampered_ones_fail() -> None:
+    request, transcript = _pooling_exchange("/v1/embeddings", {"model": "tiny-embed", "input": ["a", "bc"]})
+    check_exchange(request, transcript, harness.POOLING_EXPECTATIONS)
+    assert len(transcript.pooled) == 2
+    for change in (
+        lambda p: p["usage"].update(prompt_tokens=1),
+        lambda p: p["data"].reverse(),
+        lambda p: p["data"][0]["embedding"].append(0.5),
+        lambda p: p.update(model="tiny-cross"),
+    ):
+        with pytest.raises(OracleError):
+            check_exchange(request, _tampered(transcript, change), harness.POOLING_EXPECTATIONS)
+
+
+def test_base64_answers_are_checked_against_the_engines_vector() -> None:
+    body = {"model": "tiny-embed", "input": "a", "encoding_format": "base64", "embed_dtype": "bfloat16"}
+    request, transcript = _pooling_exchange("/v1/embeddings", body)
+    check_exchange(request, transcript, harness.POOLING_EXPECTATIONS)
+    flipped = _tampered(transcript, lambda p: p["data"][0].update(embedding="AAAAAAAAAAA="))
+    with pytest.raises(OracleError):
+        check_exchange(request, flipped, harness.POOLING_EXPECTATIONS)
+
+
+def test_rerank_answers_must_be_sorted_and_cut() -> None:
+    body = {"model": "tiny-cross", "query": "q", "documents": ["a", "b", "c"], "top_n": 2}
+    request, transcript = _pooling_exchange("/rerank", body)
+    check_exchange(request, transcript, harness.POOLING_EXPECTATIONS)
+    for change in (
+        lambda p: p["results"].reverse(),
+        lambda p: p["results"].pop(),
+        lambda p: p["results"][0].pop("document"),
+        lambda p: p.pop("meta"),
+    ):
+        with pytest.raises(OracleError):
+            check_exchange(request, _tampered(transcript, change), harness.POOLING_EXPECTATIONS)
+
+
+def test_a_pooling_failure_must_keep_its_status_even_after_some_outputs() -> None:
+    request, transcript = _pooling_exchange("/classify", {"model": "tiny-cross", "input": ["a", "b"]})
+    failed = Failed(transcript.encodes[0].request_id, 503, "busy")
+    answered = dataclasses.replace(
+        transcript, status=500, body=_error(500), failed=failed, output_before_failure=True
+    )
+    with pytest.raises(OracleError):
+        check_exchange(request, answered, harness.POOLING_EXPECTATIONS)
+
+
+class _ForgetfulEncodeCall:
+    """Submits two Encodes and, on disconnect, aborts only the first: the driver must notice."""
+
+    def __init__(self) -> None:
+        self.params = PoolingParams()
+        self._done = False
+
+    def start(self) -> list[Output]:
+        return [Submit((Encode("e0", (1,), self.params), Encode("e1", (2,), self.params)))]
+
+    def feed(self, events: Sequence[Event]) -> list[Output]:
+        return []
+
+    def disconnected(self) -> list:
+        self._done = True
+        return [Abort("e0")]
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+
+def test_the_engine_reports_encodes_left_running() -> None:
+    with pytest.raises(DriverError, match="running encodes"):
+        ENGINE.run(_ForgetfulEncodeCall(), EngineScript(seed=1, disconnect_step=0))
+
+
+def test_the_engine_answers_token_tasks_with_rows() -> None:
+    request, transcript = _pooling_exchange(
+        "/pooling", {"model": "tiny-tokens", "input": "abc", "task": "token_classify"}
+    )
+    check_exchange(request, transcript, harness.POOLING_EXPECTATIONS)
+    (pooled,) = transcript.pooled.values()
+    assert len(pooled.data) == 4 and all(len(row) == 4 for row in pooled.data)

@@ -13,7 +13,13 @@ import pytest
 
 from fuzz import harness
 from fuzz.oracle import check_exchange
-from fuzz.strategies import CHAT_PATH, COMPLETIONS_PATH, FuzzRequest, rejected_combinations
+from fuzz.strategies import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    FuzzRequest,
+    pooling_rejections,
+    rejected_combinations,
+)
 
 CASES = [
     pytest.param(
@@ -36,3 +42,21 @@ def test_invalid_fields_are_client_errors(path: str, body: dict[str, Any]) -> No
     transcript = harness.run_request(request)
     check_exchange(request, transcript, harness.EXPECTATIONS)
     assert transcript.status == (404 if body.get("model") else 400), transcript.body[:300]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        pytest.param(path, body, words, id=f"{path}-{json.dumps(body)[:60]}")
+        for path, body, words in pooling_rejections(harness.POOLING_PROFILE)
+    ],
+)
+def test_invalid_pooling_requests_are_client_errors(path: str, body: dict[str, Any], words: str) -> None:
+    """The pooling endpoints' rules (reference §2 and the validators vLLM runs), against the pooling server."""
+    request = FuzzRequest(
+        "POST", path, ((b"content-type", b"application/json"),), json.dumps(body).encode(), "almost", body
+    )
+    transcript = harness.run_request(request, app=harness.POOLING_APP)
+    check_exchange(request, transcript, harness.POOLING_EXPECTATIONS)
+    assert transcript.status == 400, transcript.body[:300]
+    assert words in json.loads(transcript.body)["error"]["message"], transcript.body[:300]

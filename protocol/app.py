@@ -32,7 +32,7 @@ from protocol.calls.pooling import build_classification_call, build_embedding_ca
 from protocol.calls.prompt import ChatRenderer
 from protocol.calls.score import build_rerank_call, build_score_call
 from protocol.errors import ProtocolError
-from protocol.model import ServedModel
+from protocol.model import ServedModel, Task
 from protocol.pooling_requests import (
     ClassificationChatRequest,
     ClassificationCompletionRequest,
@@ -44,6 +44,7 @@ from protocol.pooling_requests import (
     ScoreRequest,
     decode_pooling_body,
 )
+from protocol.pooling_validation import POOLING_TASKS
 from protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -250,7 +251,7 @@ class App:
 
     def _embeddings(self, request: _Request) -> Call:
         body = decode_pooling_body(request.body, EmbeddingCompletionRequest, EmbeddingChatRequest)
-        model = resolve_model(body.model, self.models)
+        model = self._model_for(body.model, ("embed",))
         base_id, headers = request.generation_id(body.request_id)
         return build_embedding_call(
             body,
@@ -265,7 +266,7 @@ class App:
 
     def _pooling(self, request: _Request) -> Call:
         body = decode_pooling_body(request.body, PoolingCompletionRequest, PoolingChatRequest)
-        model = resolve_model(body.model, self.models)
+        model = self._model_for(body.model, POOLING_TASKS)
         base_id, headers = request.generation_id(body.request_id)
         return build_pooling_call(
             body,
@@ -280,7 +281,7 @@ class App:
 
     def _classify(self, request: _Request) -> Call:
         body = decode_pooling_body(request.body, ClassificationCompletionRequest, ClassificationChatRequest)
-        model = resolve_model(body.model, self.models)
+        model = self._model_for(body.model, ("classify",))
         base_id, headers = request.generation_id(body.request_id)
         return build_classification_call(
             body,
@@ -295,7 +296,7 @@ class App:
 
     def _score(self, request: _Request) -> Call:
         body = decode_request(request.body, ScoreRequest)
-        model = resolve_model(body.model, self.models)
+        model = self._model_for(body.model, ("score", "embed"))
         base_id, headers = request.generation_id(None)
         return build_score_call(
             body,
@@ -309,7 +310,7 @@ class App:
 
     def _rerank(self, request: _Request) -> Call:
         body = decode_request(request.body, RerankRequest)
-        model = resolve_model(body.model, self.models)
+        model = self._model_for(body.model, ("score", "embed"))
         base_id, headers = request.generation_id(None)
         return build_rerank_call(
             body,
@@ -324,8 +325,18 @@ class App:
         """A fresh suffix when the base id came from the client, who may reuse it concurrently."""
         return "" if base_id == request.base_id and b"x-request-id" not in request.headers else f"-{self.new_id()}"
 
+    def _model_for(self, requested: str | None, tasks: Sequence[Task]) -> ServedModel:
+        """The model a request names; none named, the first served model that has one of `tasks`
+        (a server of a generative and an embedding model answers both APIs without `model`),
+        else the first model (whose call then refuses the API)."""
+        if not requested:
+            for model in self.models:
+                if any(model.supports(task) for task in tasks):
+                    return model
+        return resolve_model(requested, self.models)
+
     def _generative_model(self, requested: str | None, api: str) -> ServedModel:
-        model = resolve_model(requested, self.models)
+        model = self._model_for(requested, ("generate",))
         if not model.supports("generate"):
             raise ProtocolError(f"The model does not support {api} API", status=400, param="model")
         return model

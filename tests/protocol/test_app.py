@@ -83,8 +83,29 @@ def test_pooling_routes_are_json_posts_for_pooling_models(path):
     assert app.handle("POST", path, [JSON], json.dumps(POOLING_ROUTES[path]).encode()).model == "pooler"
     status, headers, _ = respond(app, "GET", path)
     assert status == 405 and headers[b"allow"] == b"POST"
-    status, error = error_of(respond(app, "POST", path, POOLING_ROUTES[path], headers=[(b"content-type", b"text/plain")]))
+    status, error = error_of(
+        respond(app, "POST", path, POOLING_ROUTES[path], headers=[(b"content-type", b"text/plain")])
+    )
     assert status == 400 and error["message"] == "Unsupported Media Type: Only 'application/json' is allowed"
+
+
+def test_without_a_model_each_api_goes_to_the_first_model_that_serves_it():
+    generator = tiny_served_model(name="gen")
+    embedder = tiny_pooling_model(("embed",), name="emb")
+    cross = tiny_pooling_model(("classify", "score"), name="cross")
+    for models in ([generator, embedder, cross], [cross, embedder, generator]):
+        app = make_app(models)
+        assert app.handle("POST", "/v1/embeddings", [JSON], b'{"input": "a"}').model == "emb"
+        assert app.handle("POST", "/v1/chat/completions", [JSON], json.dumps(CHAT).encode()).model == "gen"
+        assert app.handle("POST", "/v1/completions", [JSON], b'{"prompt": "a"}').model == "gen"
+        assert app.handle("POST", "/classify", [JSON], b'{"input": "a"}').model == "cross"
+        expected = "cross" if models[0] is cross else "emb"
+        assert app.handle("POST", "/rerank", [JSON], b'{"query": "a", "documents": ["b"]}').model == expected
+    # a named model is that model, whatever it serves
+    status, error = error_of(
+        respond(make_app([generator, embedder]), "POST", "/v1/embeddings", {"model": "gen", "input": "a"})
+    )
+    assert status == 400 and error["message"] == "The model does not support Embeddings API"
 
 
 def test_engine_routes_submit_work_for_their_model():
@@ -210,7 +231,9 @@ def test_api_key_guards_v2_paths_too():
     app = make_app([tiny_pooling_model()], api_keys=["k"])
     body = {"query": "q", "documents": ["a"]}
     assert respond(app, "POST", "/v2/rerank", body, headers=(JSON,))[0] == 401
-    assert isinstance(respond(app, "POST", "/v2/rerank", body, headers=(JSON, (b"authorization", b"Bearer k"))), Submit)
+    assert isinstance(
+        respond(app, "POST", "/v2/rerank", body, headers=(JSON, (b"authorization", b"Bearer k"))), Submit
+    )
     assert isinstance(respond(app, "POST", "/rerank", body), Submit)  # outside /v1 and /v2: open
     assert respond(app, "POST", "/v1/rerank", body)[0] == 401
 
@@ -250,8 +273,10 @@ def test_reused_client_request_ids_never_collide_in_the_engine():
     app = make_app()
     ids = set()
     for _ in range(2):
-        for headers, body in (([JSON, (b"x-request-id", b"same")], b'{"prompt":"a"}'),
-                              ([JSON], b'{"prompt":"a","request_id":"same"}')):
+        for headers, body in (
+            ([JSON, (b"x-request-id", b"same")], b'{"prompt":"a"}'),
+            ([JSON], b'{"prompt":"a","request_id":"same"}'),
+        ):
             ids.add(app.handle("POST", "/v1/completions", headers, body).start()[0].commands[0].request_id)
     assert len(ids) == 4
 
