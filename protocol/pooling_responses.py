@@ -20,7 +20,7 @@ Vector = list[float]
 class EmbeddingResponseData(msgspec.Struct, kw_only=True):
     index: int
     object: Literal["embedding"] = "embedding"
-    embedding: Vector | str  # floats, or base64 of the packed vector
+    embedding: list[Any] | str  # floats, or base64 of the packed vector
 
 
 class EmbeddingResponse(msgspec.Struct, kw_only=True):

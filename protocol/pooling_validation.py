@@ -44,7 +44,8 @@ def require_api(model: ServedModel, api: str, *tasks: PoolingTask) -> None:
 
 
 def pooling_task(model: ServedModel, requested: str | None) -> PoolingTask:
-    """/pooling's `task`: one the model serves; absent, its per-token task (vLLM) or its only one."""
+    """/pooling's `task`: one the model serves. Absent: its per-token task as vLLM picks it
+    (token_embed, then token_classify), else its first task other than a cross-encoder's score."""
     served = pooling_tasks(model)
     if requested is None:
         per_token = [task for task in served if task in ("token_embed", "token_classify")]

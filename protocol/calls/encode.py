@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from protocol.calls.base import Call, Headers, internal_error
+from protocol.calls.base import JSON_CONTENT_TYPE, Call, Headers, internal_error
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Pooled
 from protocol.errors import ProtocolError
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
@@ -110,10 +110,9 @@ class EncodeCall(Call):
         aborts = self._aborts(exclude=failed_request_id)
         if aborts:
             outputs.append(Submit(tuple(aborts)))
-        body = error.to_json()
         outputs += [
-            StartResponse(error.status, ((b"content-type", b"application/json"), *self._extra_headers)),
-            Body(body),
+            StartResponse(error.status, JSON_CONTENT_TYPE + self._extra_headers),
+            Body(error.to_json()),
             EndResponse(),
         ]
         return outputs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -51,7 +52,7 @@ from protocol.pooling_responses import (
 from protocol.pooling_validation import pooling_params, pooling_task, require_api
 from protocol.responses import encode
 from protocol.validation import check_priority
-from protocol.vector_bytes import flatten, shape_of, to_base64, to_bytes
+from protocol.vector_bytes import EmbedDType, Endianness, flatten, shape_of, to_base64, to_bytes
 
 OCTET_STREAM: Headers = ((b"content-type", b"application/octet-stream"),)
 
@@ -108,19 +109,23 @@ class _VectorsReply:
     created: int
     model: str
     encoding_format: str
-    embed_dtype: str
-    endianness: str
+    embed_dtype: EmbedDType
+    endianness: Endianness
     per_token: bool  # token_embed / token_classify: one row per prompt token
 
     def __call__(self, results: Sequence[Pooled]) -> Reply:
         outputs = [self._checked(result.data) for result in results]
         if self.encoding_format == "bytes":
             return self._bytes(outputs, results)
+        values: list[list[Any] | str]
         if self.encoding_format == "base64":
-            values: list = [to_base64(flatten(data), self.embed_dtype, self.endianness) for data in outputs]  # type: ignore[arg-type]
+            values = [to_base64(flatten(data), self.embed_dtype, self.endianness) for data in outputs]
+        elif self.per_token:
+            values = [[list(row) for row in data] for data in outputs]
         else:
-            values = [list(data) if not self.per_token else [list(row) for row in data] for data in outputs]
+            values = [list(data) for data in outputs]
         usage = pooling_usage(prompt_tokens(results))
+        body: EmbeddingResponse | PoolingResponse
         if self.kind == "embedding":
             body = EmbeddingResponse(
                 id=self.response_id,
@@ -151,7 +156,7 @@ class _VectorsReply:
     def _bytes(self, outputs: Sequence[Sequence], results: Sequence[Pooled]) -> Reply:
         chunks, items, offset = [], [], 0
         for index, data in enumerate(outputs):
-            chunk = to_bytes(flatten(data), self.embed_dtype, self.endianness)  # type: ignore[arg-type]
+            chunk = to_bytes(flatten(data), self.embed_dtype, self.endianness)
             items.append(
                 BytesItem(
                     index=index,
