@@ -95,9 +95,28 @@ def test_hidden_states_match_transformers(models_dir: Path, architecture: str):
     assert type(ours) is BertModel
     assert hidden.shape == ref.shape
     assert_close_relative(hidden, ref)
-    # one sequence alone gives the same rows as inside the batch (no padding or neighbour leaks in)
-    alone = ours(ids[: lens[0] + lens[1]][lens[0] :], positions[lens[0] : lens[0] + lens[1]], None, [lens[1]])
-    assert_close_relative(alone, hidden[lens[0] : lens[0] + lens[1]])
+    # a sequence alone gives the rows it gets inside the batch (no padding or neighbour leaks in)
+    a, b = lens[0], lens[0] + lens[1]
+    assert_close_relative(ours(ids[a:b], positions[a:b], None, [b - a]), hidden[a:b])
+    with pytest.raises(ValueError, match="do not split"):
+        ours(ids, positions, types, lens[:-1])
+    long = torch.full((65,), 7)
+    with pytest.raises(ValueError, match="65 tokens is longer than this model's 64"):
+        ours(long, torch.arange(65), None, [65])
+
+
+def test_attention_groups_keep_sequences_apart(models_dir: Path):
+    """Sequences sorted into padded attention groups (an outlier, equal lengths, near lengths) give the rows
+    each gets alone."""
+    model = load_ours(build_encoder_folder(models_dir / "groups", "BertModel"))
+    lens = [5, 64, 5, 30, 2, 5, 31, 1, 60]
+    gen = torch.Generator().manual_seed(3)
+    seqs = [(torch.randint(5, 100, (n,), generator=gen).tolist(), [n % 2] * n) for n in lens]
+    ids, positions, types, lens = flat(seqs)
+    batched = model(ids, positions, types, lens).split(lens)
+    for (seq, kinds), rows in zip(seqs, batched, strict=True):
+        alone = model(torch.tensor(seq), torch.arange(len(seq)), torch.tensor(kinds), [len(seq)])
+        assert_close_relative(rows, alone)
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
