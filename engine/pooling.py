@@ -108,8 +108,8 @@ def read_pooling_config(folder: Path) -> PoolingConfig:
     )
     if len(modes) != 1 or modes[0] not in _ST_MODES:
         raise UnsupportedModelError(
-            f"{folder.name}: sentence-transformers pooling {', '.join(modes) or 'with no mode'} is not supported; "
-            f"supported: one of {', '.join(_ST_MODES)}"
+            f"{folder.name}: sentence-transformers pooling {', '.join(modes) or 'with no mode'} is not "
+            f"supported; supported: one of {', '.join(_ST_MODES)}"
         )
     return PoolingConfig(method=_ST_MODES[modes[0]], normalize=normalize)
 

@@ -87,11 +87,13 @@ class EncoderConfig:
         if architecture is None:
             name = ", ".join(architectures) or f"model_type {model_type!r}"
             raise UnsupportedModelError(
-                f"architecture {name} is not a supported encoder; supported: {', '.join(ENCODER_ARCHITECTURES)}"
+                f"architecture {name} is not a supported encoder; "
+                f"supported: {', '.join(ENCODER_ARCHITECTURES)}"
             )
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise UnsupportedModelError(
-                f"position_embedding_type {config['position_embedding_type']!r} is not supported (only absolute)"
+                f"position_embedding_type {config['position_embedding_type']!r} is not supported "
+                "(only absolute)"
             )
         hidden_act = config.get("hidden_act", "gelu")
         if hidden_act not in _ACTIVATIONS:
@@ -157,47 +159,48 @@ class _SequenceLayout:
     [n, heads, Lg, head_dim] with a key-padding mask. A group grows while its padding stays under
     `_PAD_BUDGET`, so similar lengths share a call and an outlier does not pad everyone.
 
-    Measured per layer on 2 cores (AVX-512, float32, 1 thread CPU time since the machine was shared), with
-    MiniLM's 12 heads of 32: 32 sequences of 8-60 tokens: one padded grid for all 7.0 ms, one SDPA call per
-    sequence 5.9 ms, groups 4.6 ms; 31 such sequences and one of 250: one grid 80 ms, per sequence 10.3 ms,
-    groups 6.8 ms; 8 sequences of 100-256: 15.0 / 18.4 / 11.0 ms; 64 of 3-12: 2.8 / 4.0 / 2.5 ms (one group).
+    Measured per layer (float32, AVX-512; one thread's CPU time, as the 2-core machine was shared and wall
+    time was noise), MiniLM's 12 heads of 32, as one padded grid for all / one SDPA call per sequence /
+    groups: 32 sequences of 8-60 tokens 7.0 / 5.9 / 4.6 ms; 31 such and one of 250 tokens 80 / 10.3 / 6.8 ms;
+    8 sequences of 100-256 tokens 15.0 / 18.4 / 11.0 ms; 64 of 3-12 tokens 2.8 / 4.0 / 2.5 ms (one group).
     One call over all T tokens with a block-diagonal mask was 80 ms at T = 1109 (T^2 work). When all
     sequences have one length there is one group, which is the flat batch itself: nothing is copied.
     """
 
     def __init__(self, seq_lens: list[int], device: torch.device):
         order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])  # stable: ties keep batch order
+        groups: list[list[int]] = [[]]
+        waste = 0
+        for i in order:
+            group = groups[-1]
+            extra = seq_lens[group[0]] ** 2 - seq_lens[i] ** 2 if group else 0
+            if group and waste + extra > _PAD_BUDGET:
+                groups.append([])
+                waste, extra = 0, 0
+            groups[-1].append(i)
+            waste += extra
         self.groups: list[tuple[int, int, int, torch.Tensor | None]] = []  # (first row, n, Lg, key mask)
-        base = [0] * len(seq_lens)  # where each sequence starts in the grouped buffer
-        rows, start, waste = 0, 0, 0
-        for k, i in enumerate(order):
-            longest = seq_lens[order[start]]
-            if k > start and waste + longest**2 - seq_lens[i] ** 2 > _PAD_BUDGET:
-                self._close(order[start:k], seq_lens, rows, device)
-                rows += (k - start) * longest
-                start, waste, longest = k, 0, seq_lens[i]
-            waste += longest**2 - seq_lens[i] ** 2
-            base[i] = rows + (k - start) * longest
-        self._close(order[start:], seq_lens, rows, device)
-        self.rows = rows + (len(order) - start) * seq_lens[order[start]]
-        self.index: torch.Tensor | None = None  # token -> row of the grouped buffer; None: the same rows
-        if self.rows != sum(seq_lens) or order != list(range(len(order))):
-            lens = torch.tensor(seq_lens, device=device)
-            starts = lens.cumsum(0) - lens
-            offsets = torch.tensor(base, device=device) - starts  # token row -> buffer row, per sequence
-            self.index = torch.arange(int(lens.sum()), device=device) + offsets.repeat_interleave(lens)
-
-    def _close(self, members: list[int], seq_lens: list[int], first_row: int, device: torch.device) -> None:
-        lens = [seq_lens[i] for i in members]
-        longest, mask = lens[0], None
-        if lens[-1] != longest:
-            mask = (torch.arange(longest, device=device) < torch.tensor(lens, device=device)[:, None])[
-                :, None, None
-            ]
-        self.groups.append((first_row, len(members), longest, mask))
+        base = [0] * len(seq_lens)  # the buffer row where each sequence starts
+        self.rows = 0
+        for members in groups:
+            lens = [seq_lens[i] for i in members]
+            longest, mask = lens[0], None
+            if lens[-1] != longest:
+                valid = torch.arange(longest, device=device) < torch.tensor(lens, device=device)[:, None]
+                mask = valid[:, None, None]  # [n, 1, 1, Lg]: True where a key is real
+            self.groups.append((self.rows, len(members), longest, mask))
+            for j, i in enumerate(members):
+                base[i] = self.rows + j * longest
+            self.rows += len(members) * longest
+        self.index: torch.Tensor | None = None  # token -> its buffer row; None: the buffer is the batch
+        if self.rows != sum(seq_lens) or order != sorted(order):
+            lens_t = torch.tensor(seq_lens, device=device)
+            shift = torch.tensor(base, device=device) - (lens_t.cumsum(0) - lens_t)  # buffer row - batch row
+            self.index = torch.arange(sum(seq_lens), device=device) + shift.repeat_interleave(lens_t)
 
     def attend(self, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-        """qkv [T, 3 * hidden] (q, k, v side by side) -> bidirectional attention within each sequence [T, hidden]."""
+        """qkv [T, 3 * hidden] (q, k, v side by side) -> [T, hidden]: each token attends to all of its own
+        sequence and nothing else."""
         width = qkv.shape[1] // 3
         buffer = qkv
         if self.index is not None:
@@ -234,7 +237,7 @@ class EncoderLayer(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Word + position + token-type embeddings, then LayerNorm (transformers' names, so they load as they are)."""
+    """Word + position + token-type embeddings, then LayerNorm (transformers' names, loaded as they are)."""
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
@@ -269,7 +272,8 @@ class BertModel(nn.Module):
             raise ValueError(f"seq_lens {seq_lens} do not split {input_ids.shape[0]} tokens into sequences")
         if max(seq_lens) > self.config.max_model_len:
             raise ValueError(
-                f"a sequence of {max(seq_lens)} tokens is longer than this model's {self.config.max_model_len}"
+                f"a sequence of {max(seq_lens)} tokens is longer than this model's "
+                f"{self.config.max_model_len}"
             )
         emb = self.embeddings
         x = emb.word_embeddings(input_ids) + emb.position_embeddings(positions + self.config.position_offset)
@@ -314,7 +318,8 @@ class BertModel(nn.Module):
                 dest = dest[part * size : (part + 1) * size]
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ValueError(
-                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)}"
                 )
             dest.copy_(tensor)
             missing.discard((target, part))

@@ -33,7 +33,7 @@ def load_ours(folder: Path, dtype: torch.dtype = torch.float32) -> BertModel:
 
 
 def sequences(folder: Path, vocab_size: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, token_type_ids) of random sequences of LENGTHS (no special or pad ids) and one tokenized pair."""
+    """(input_ids, token_type_ids): random ids (no special or pad ids) of LENGTHS, and one tokenized pair."""
     gen = torch.Generator().manual_seed(1)
     out = [(torch.randint(5, vocab_size, (n,), generator=gen).tolist(), [0] * n) for n in LENGTHS]
     encoded = AutoTokenizer.from_pretrained(folder)(*PAIR)
@@ -298,51 +298,56 @@ SENTENCES = [
 ]
 
 
+class MiniLM:
+    """The real all-MiniLM-L6-v2: our model, its tokenizer and its sentence-transformers pooling."""
+
+    def __init__(self) -> None:
+        self.folder = resolve_model("all-MiniLM-L6-v2").path
+        self.model = load_ours(self.folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.pooling = read_pooling_config(self.folder)
+
+    def embed(self, sentences: list[str]) -> torch.Tensor:
+        """One flat batch through our model, pooled and normalised as the folder says."""
+        encoded = self.tokenizer(sentences)
+        ids, positions, types, lens = flat(
+            list(zip(encoded["input_ids"], encoded["token_type_ids"], strict=True))
+        )
+        with torch.no_grad():
+            hidden = self.model(ids, positions, types, lens)
+        return embedding_output(pool(hidden, lens, self.pooling.method), None, self.pooling.normalize)
+
+    def reference(self, sentences: list[str]) -> torch.Tensor:
+        """sentence-transformers' recipe in transformers: padded batch, masked mean, L2 norm."""
+        model = AutoModel.from_pretrained(self.folder, dtype=torch.float32).eval()
+        batch = self.tokenizer(sentences, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
 @pytest.fixture(scope="module")
-def minilm() -> tuple[Path, BertModel]:
-    folder = resolve_model("all-MiniLM-L6-v2").path
-    return folder, load_ours(folder)
+def minilm() -> MiniLM:
+    return MiniLM()
 
 
-def reference_embeddings(folder: Path, sentences: list[str]) -> torch.Tensor:
-    """sentence-transformers' recipe in transformers: padded batch, attention-mask-weighted mean, L2 norm."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-    batch = tokenizer(sentences, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-
-def our_embeddings(folder: Path, model: BertModel, sentences: list[str]) -> torch.Tensor:
-    encoded = AutoTokenizer.from_pretrained(folder)(sentences)
-    seqs = list(zip(encoded["input_ids"], encoded["token_type_ids"], strict=True))
-    ids, positions, types, lens = flat(seqs)
-    with torch.no_grad():
-        hidden = model(ids, positions, types, lens)
-    method = read_pooling_config(folder)
-    return embedding_output(pool(hidden, lens, method.method), None, method.normalize)
-
-
-def test_minilm_matches_transformers_mean_pooling(minilm: tuple[Path, BertModel]):
-    folder, model = minilm
-    assert read_pooling_config(folder) == PoolingConfig(method="mean", normalize=True)
-    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(folder)(SENTENCES)["input_ids"]]
+def test_minilm_matches_transformers_mean_pooling(minilm: MiniLM):
+    assert minilm.pooling == PoolingConfig(method="mean", normalize=True)
+    lengths = [len(ids) for ids in minilm.tokenizer(SENTENCES)["input_ids"]]
     assert min(lengths) <= 3 and max(lengths) >= 40
-    ref = reference_embeddings(folder, SENTENCES)
-    one_batch = our_embeddings(folder, model, SENTENCES)
+    ref = minilm.reference(SENTENCES)
+    one_batch = minilm.embed(SENTENCES)
     cuts = [0, 1, 8, 9, 30, 50]
-    batches = torch.cat([our_embeddings(folder, model, SENTENCES[a:b]) for a, b in itertools.pairwise(cuts)])
+    batches = torch.cat([minilm.embed(SENTENCES[a:b]) for a, b in itertools.pairwise(cuts)])
     for ours in (one_batch, batches):
         assert ours.shape == (len(SENTENCES), 384)
         distance = 1 - (ours * ref).sum(-1)
         assert distance.abs().max().item() < 1e-5
 
 
-def test_minilm_similarity_is_meaningful(minilm: tuple[Path, BertModel]):
-    folder, model = minilm
-    query, bread, horse = our_embeddings(folder, model, SENTENCES[:3])
+def test_minilm_similarity_is_meaningful(minilm: MiniLM):
+    query, bread, horse = minilm.embed(SENTENCES[:3])
     assert query @ bread > query @ horse + 0.2
 
 
