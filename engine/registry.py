@@ -20,18 +20,15 @@ from typing import Any, Literal
 
 from engine.model_config import SUPPORTED_ARCHITECTURES as DECODER_ARCHITECTURES
 from engine.model_config import UnsupportedModelError
+from engine.models.bert import BASE_BY_MODEL_TYPE
+from engine.models.bert import ENCODER_ARCHITECTURES as _ENCODERS
 
 ModelKind = Literal["decoder", "encoder"]
 Convert = Literal["auto", "embed"]
 
-ENCODER_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel")
-CLASSIFIER_ARCHITECTURES = (
-    "BertForSequenceClassification",
-    "RobertaForSequenceClassification",
-    "XLMRobertaForSequenceClassification",
-)
-# model_type -> architecture, for configs without an `architectures` entry we know
-_ENCODER_MODEL_TYPES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+# The encoders of engine/models/bert.py, split by whether they carry a classification head
+ENCODER_ARCHITECTURES = tuple(name for name, (_, head) in _ENCODERS.items() if not head)
+CLASSIFIER_ARCHITECTURES = tuple(name for name, (_, head) in _ENCODERS.items() if head)
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ def encoder_architecture(config: dict[str, Any]) -> str | None:
         if name in ENCODER_ARCHITECTURES or name in CLASSIFIER_ARCHITECTURES:
             return name
     if not any(name in DECODER_ARCHITECTURES for name in config.get("architectures") or ()):
-        return _ENCODER_MODEL_TYPES.get(config.get("model_type", ""))
+        return BASE_BY_MODEL_TYPE.get(config.get("model_type", ""))
     return None
 
 

@@ -34,7 +34,7 @@ ENCODER_ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "XLMRobertaForSequenceClassification": ("roberta", True),
 }
 # model_type -> the base architecture a config without a supported `architectures` entry maps to
-_BASE_BY_MODEL_TYPE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+BASE_BY_MODEL_TYPE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 
 # transformers' `hidden_act` names -> the function (`gelu` is exact erf GELU; the `_new`, `_fast`,
 # `_pytorch_tanh` variants are all the tanh approximation)
@@ -83,7 +83,7 @@ class EncoderConfig:
         model_type = config.get("model_type", "")
         architecture = next((a for a in architectures if a in ENCODER_ARCHITECTURES), None)
         if architecture is None:  # no architectures, or only heads we do not run (MLM, ...): the encoder
-            architecture = _BASE_BY_MODEL_TYPE.get(model_type)
+            architecture = BASE_BY_MODEL_TYPE.get(model_type)
         if architecture is None:
             name = ", ".join(architectures) or f"model_type {model_type!r}"
             raise UnsupportedModelError(
