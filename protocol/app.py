@@ -19,6 +19,7 @@ import msgspec
 from protocol.calls.base import (
     JSON_CONTENT_TYPE,
     Call,
+    CallIdentity,
     CallSettings,
     Headers,
     ImmediateCall,
@@ -91,7 +92,7 @@ class _Request:
     response_headers: Headers  # X-Request-Id, when enabled
 
     def generation_id(self, body_request_id: str | None) -> tuple[str, Headers]:
-        """Base id of a chat/completion: the header, else the body's `request_id`, else fresh."""
+        """Base id of an engine-backed call: the header, else the body's `request_id`, else fresh."""
         if b"x-request-id" in self.headers or not body_request_id:
             return self.base_id, self.response_headers
         if self.response_headers and _header_safe(body_request_id):
@@ -220,110 +221,55 @@ class App:
     def _created(self) -> int:
         return int(self.clock())
 
+    def _identity(self, request: _Request, body_request_id: str | None) -> CallIdentity:
+        """The ids and time of an engine-backed call (see `CallIdentity`).
+
+        The engine tag is a fresh suffix when the base id came from the client, who may reuse it
+        concurrently."""
+        base_id, headers = request.generation_id(body_request_id)
+        created = self._created()
+        from_client = base_id != request.base_id or b"x-request-id" in request.headers
+        return CallIdentity(base_id, created, headers, f"-{self.new_id()}" if from_client else "")
+
     def _chat(self, request: _Request) -> Call:
         body = decode_request(request.body, ChatCompletionRequest)
         model = self._generative_model(body.model, "Chat Completions")
-        base_id, headers = request.generation_id(body.request_id)
-        return build_chat_call(
-            body,
-            model,
-            self._renderer,
-            self._settings,
-            base_id=base_id,
-            created=self._created(),
-            headers=headers,
-            engine_tag=self._engine_tag(base_id, request),
-        )
+        identity = self._identity(request, body.request_id)
+        return build_chat_call(body, model, self._renderer, self._settings, identity)
 
     def _completion(self, request: _Request) -> Call:
         body = decode_request(request.body, CompletionRequest)
         model = self._generative_model(body.model, "Completions")
-        base_id, headers = request.generation_id(body.request_id)
-        return build_completion_call(
-            body,
-            model,
-            self._settings,
-            base_id=base_id,
-            created=self._created(),
-            headers=headers,
-            engine_tag=self._engine_tag(base_id, request),
-        )
+        identity = self._identity(request, body.request_id)
+        return build_completion_call(body, model, self._settings, identity)
 
     def _embeddings(self, request: _Request) -> Call:
         body = decode_pooling_body(request.body, EmbeddingCompletionRequest, EmbeddingChatRequest)
         model = self._model_for(body.model, ("embed",))
-        base_id, headers = request.generation_id(body.request_id)
-        return build_embedding_call(
-            body,
-            model,
-            self._renderer,
-            self._settings,
-            base_id=base_id,
-            created=self._created(),
-            headers=headers,
-            engine_tag=self._engine_tag(base_id, request),
-        )
+        identity = self._identity(request, body.request_id)
+        return build_embedding_call(body, model, self._renderer, self._settings, identity)
 
     def _pooling(self, request: _Request) -> Call:
         body = decode_pooling_body(request.body, PoolingCompletionRequest, PoolingChatRequest)
         model = self._model_for(body.model, POOLING_TASKS)
-        base_id, headers = request.generation_id(body.request_id)
-        return build_pooling_call(
-            body,
-            model,
-            self._renderer,
-            self._settings,
-            base_id=base_id,
-            created=self._created(),
-            headers=headers,
-            engine_tag=self._engine_tag(base_id, request),
-        )
+        identity = self._identity(request, body.request_id)
+        return build_pooling_call(body, model, self._renderer, self._settings, identity)
 
     def _classify(self, request: _Request) -> Call:
         body = decode_pooling_body(request.body, ClassificationCompletionRequest, ClassificationChatRequest)
         model = self._model_for(body.model, ("classify",))
-        base_id, headers = request.generation_id(body.request_id)
-        return build_classification_call(
-            body,
-            model,
-            self._renderer,
-            self._settings,
-            base_id=base_id,
-            created=self._created(),
-            headers=headers,
-            engine_tag=self._engine_tag(base_id, request),
-        )
+        identity = self._identity(request, body.request_id)
+        return build_classification_call(body, model, self._renderer, self._settings, identity)
 
     def _score(self, request: _Request) -> Call:
         body = decode_request(request.body, ScoreRequest)
         model = self._model_for(body.model, ("score", "embed"))
-        base_id, headers = request.generation_id(None)
-        return build_score_call(
-            body,
-            model,
-            self._settings,
-            base_id=base_id,
-            created=self._created(),
-            headers=headers,
-            engine_tag=self._engine_tag(base_id, request),
-        )
+        return build_score_call(body, model, self._settings, self._identity(request, None))
 
     def _rerank(self, request: _Request) -> Call:
         body = decode_request(request.body, RerankRequest)
         model = self._model_for(body.model, ("score", "embed"))
-        base_id, headers = request.generation_id(None)
-        return build_rerank_call(
-            body,
-            model,
-            self._settings,
-            base_id=base_id,
-            headers=headers,
-            engine_tag=self._engine_tag(base_id, request),
-        )
-
-    def _engine_tag(self, base_id: str, request: _Request) -> str:
-        """A fresh suffix when the base id came from the client, who may reuse it concurrently."""
-        return "" if base_id == request.base_id and b"x-request-id" not in request.headers else f"-{self.new_id()}"
+        return build_rerank_call(body, model, self._settings, self._identity(request, None))
 
     def _model_for(self, requested: str | None, tasks: Sequence[Task]) -> ServedModel:
         """The model a request names; none named, the first served model that has one of `tasks`

@@ -1,6 +1,6 @@
 """Per-request state machines: what a request turns into, and how engine events become output."""
 
-from protocol.calls.base import Call, CallSettings, ImmediateCall, error_call, json_call
+from protocol.calls.base import Call, CallIdentity, CallSettings, ImmediateCall, error_call, json_call
 from protocol.calls.chat import ChatCall, build_chat_call
 from protocol.calls.completion import CompletionCall, build_completion_call
 from protocol.calls.encode import EncodeCall
@@ -11,6 +11,7 @@ from protocol.calls.score import build_rerank_call, build_score_call
 
 __all__ = [
     "Call",
+    "CallIdentity",
     "CallSettings",
     "ChatCall",
     "ChatRenderer",

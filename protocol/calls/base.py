@@ -31,6 +31,30 @@ class CallSettings:
     enable_prompt_tokens_details: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class CallIdentity:
+    """The ids, time and id headers of one request's answer, fixed by `App` before a call is built.
+
+    `base_id` is the client's X-Request-Id (or a body's `request_id`), else a fresh id; response
+    ids are `f"{prefix}-{base_id}"`, so a client finds its own value in the answer. Engine request
+    ids add `engine_tag`, a fresh `-<id>` when the base id came from the client: two clients may
+    send the same id at once, and the engine's ids must stay unique (a fresh base id needs no tag).
+    """
+
+    base_id: str
+    created: int
+    headers: Headers = ()  # X-Request-Id, when enabled
+    engine_tag: str = ""
+
+    def response_id(self, prefix: str) -> str:
+        return f"{prefix}-{self.base_id}"
+
+    def engine_request_id(self, response_id: str, index: int | None = None) -> str:
+        """`f"{response_id}{engine_tag}"`, and `-{index}` for calls of one engine request per input."""
+        tagged = f"{response_id}{self.engine_tag}"
+        return tagged if index is None else f"{tagged}-{index}"
+
+
 class Call:
     """One HTTP request's state machine. Subclasses override what they need."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from msgspec import UNSET
 
-from protocol.calls.base import CallSettings, Headers
+from protocol.calls.base import CallIdentity, CallSettings, Headers
 from protocol.calls.generation import GenerationCall
 from protocol.calls.prompt import ChatRenderer, encode_text, prepare_prompt_ids
 from protocol.calls.sample import Sample, Step
@@ -43,16 +43,12 @@ def build_chat_call(
     model: ServedModel,
     renderer: ChatRenderer,
     settings: CallSettings,
-    *,
-    base_id: str,
-    created: int,
-    headers: Headers = (),
-    engine_tag: str = "",
+    identity: CallIdentity,
 ) -> ChatCall:
     """Validate and render a decoded chat request; raises `ProtocolError` for a bad request.
 
-    `engine_tag` makes the engine's request id unique even when two clients send the same
-    X-Request-Id or body `request_id` (the response id keeps the client's value)."""
+    One engine request, `identity.engine_request_id(response_id)`: unique even when two clients
+    send the same X-Request-Id or body `request_id` (the response id keeps the client's value)."""
     check_chat_request(request, allow_priority=settings.allow_priority)
     prompt_text = renderer.render(request, model)
     prompt_ids = prepare_prompt_ids(
@@ -63,9 +59,9 @@ def build_chat_call(
     params = chat_sampling_params(
         request, model, len(prompt_ids), settings.max_logprobs, allow_priority=settings.allow_priority
     )
-    response_id = f"chatcmpl-{base_id}"
+    response_id = identity.response_id("chatcmpl")
     generate = Generate(
-        request_id=f"{response_id}{engine_tag}",
+        request_id=identity.engine_request_id(response_id),
         prompt_token_ids=prompt_ids,
         params=params,
         priority=request.priority,
@@ -77,8 +73,8 @@ def build_chat_call(
         generate,
         settings,
         response_id=response_id,
-        created=created,
-        headers=headers,
+        created=identity.created,
+        headers=identity.headers,
     )
 
 

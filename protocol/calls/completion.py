@@ -1,9 +1,9 @@
 """POST /v1/completions: one `Generate` per prompt, n samples each, answered in vLLM's shapes.
 
 Choice `prompt_idx * n + i` is sample i of prompt `prompt_idx` (engine request
-`f"{response_id}-{prompt_idx}"`). `echo` prepends the prompt (and its logprobs) to each choice;
-`echo` with `max_tokens=0` returns the prompt alone (the engine runs one step whose token is
-dropped). Stream chunks carry every key, with nulls.
+`f"{response_id}{engine_tag}-{prompt_idx}"`, see `CallIdentity`). `echo` prepends the prompt (and
+its logprobs) to each choice; `echo` with `max_tokens=0` returns the prompt alone (the engine runs
+one step whose token is dropped). Stream chunks carry every key, with nulls.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protocol.calls.base import CallSettings, Headers
+from protocol.calls.base import CallIdentity, CallSettings, Headers
 from protocol.calls.generation import EngineRequest, GenerationCall
 from protocol.calls.prompt import decode_ids, encode_text, prepare_prompt_ids
 from protocol.calls.sample import Sample, Step
@@ -60,17 +60,11 @@ def build_completion_call(
     request: CompletionRequest,
     model: ServedModel,
     settings: CallSettings,
-    *,
-    base_id: str,
-    created: int,
-    headers: Headers = (),
-    engine_tag: str = "",
+    identity: CallIdentity,
 ) -> CompletionCall:
-    """Validate and tokenize a decoded completion request; raises `ProtocolError` for a bad request.
-
-    `engine_tag` keeps engine request ids unique when clients reuse a request id."""
+    """Validate and tokenize a decoded completion request; raises `ProtocolError` for a bad request."""
     check_completion_request(request, allow_priority=settings.allow_priority)
-    response_id = f"cmpl-{base_id}"
+    response_id = identity.response_id("cmpl")
     generates = []
     prompts = _prompts(request, model)
     for index, prompt in enumerate(prompts):
@@ -83,7 +77,7 @@ def build_completion_call(
         )
         generates.append(
             Generate(
-                request_id=f"{response_id}{engine_tag}-{index}",
+                request_id=identity.engine_request_id(response_id, index),
                 prompt_token_ids=prompt.token_ids,
                 params=params,
                 priority=request.priority,
@@ -97,8 +91,8 @@ def build_completion_call(
         generates,
         settings,
         response_id=response_id,
-        created=created,
-        headers=headers,
+        created=identity.created,
+        headers=identity.headers,
     )
 
 

@@ -2,7 +2,8 @@
 
 Every pooling endpoint (/v1/embeddings, /pooling, /classify, /score, /rerank) is one `EncodeCall`:
 it starts with one `Submit` of all its `Encode`s, waits for exactly one `Pooled` per request id,
-and then answers one body, built by the endpoint's `reply` from the results in submission order.
+and then answers one body, built by the endpoint's `reply` from the results in submission order
+(`encode_call` builds the call: input i is engine request `f"{response_id}{engine_tag}-{i}"`).
 Nothing is sent before that, so a `Failed` keeps its real status (the other requests are
 aborted); a disconnect aborts the requests still running; a bug while building the body is a
 500, never an exception out of `feed`.
@@ -13,13 +14,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from protocol.calls.base import JSON_CONTENT_TYPE, Call, Headers, internal_error
-from protocol.engine_api import Abort, Command, Encode, Event, Failed, Pooled
+from protocol.calls.base import JSON_CONTENT_TYPE, Call, CallIdentity, Headers, internal_error
+from protocol.calls.pooling_inputs import EngineInput
+from protocol.engine_api import Abort, Command, Encode, Event, Failed, Pooled, PoolingParams
 from protocol.errors import ProtocolError
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.pooling_responses import (
+    ClassificationResponse,
+    EmbeddingResponse,
+    PoolingResponse,
+    ScoreResponse,
+    pooling_usage,
+)
+from protocol.responses import encode as encode_json
 
 logger = logging.getLogger(__name__)
+
+# the answers shaped `{id, object: "list", created, model, data, usage}`
+ListResponse = EmbeddingResponse | PoolingResponse | ClassificationResponse | ScoreResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +45,30 @@ class Reply:
 
 
 ReplyBuilder = Callable[[Sequence[Pooled]], Reply]
+
+
+def prompt_tokens(results: Sequence[Pooled]) -> int:
+    return sum(result.num_prompt_tokens for result in results)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHead:
+    """What a pooling answer names besides its data: its id, creation time and model."""
+
+    response_id: str
+    created: int
+    model: str
+
+    def list_reply(self, response: type[ListResponse], data: list[Any], results: Sequence[Pooled]) -> Reply:
+        """A JSON `response` of `data`, usage counting the prompt tokens of every result."""
+        body = response(
+            id=self.response_id,
+            created=self.created,
+            model=self.model,
+            data=data,
+            usage=pooling_usage(prompt_tokens(results)),
+        )
+        return Reply(JSON_CONTENT_TYPE, encode_json(body))
 
 
 class EncodeCall(Call):
@@ -124,3 +162,25 @@ class EncodeCall(Call):
             for encode in self.encodes
             if encode.request_id in self._pending and encode.request_id != exclude
         ]
+
+
+def encode_call(
+    head: ReplyHead,
+    identity: CallIdentity,
+    inputs: Sequence[EngineInput],
+    params: PoolingParams,
+    priority: int,
+    reply: ReplyBuilder,
+) -> EncodeCall:
+    """The call of a pooling endpoint: one `Encode` per input, in order, answered by `reply`."""
+    encodes = [
+        Encode(
+            request_id=identity.engine_request_id(head.response_id, index),
+            prompt_token_ids=item.token_ids,
+            params=params,
+            token_type_ids=item.token_type_ids,
+            priority=priority,
+        )
+        for index, item in enumerate(inputs)
+    ]
+    return EncodeCall(head.model, encodes, reply, response_id=head.response_id, headers=identity.headers)

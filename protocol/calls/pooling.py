@@ -1,10 +1,11 @@
 """POST /v1/embeddings, /pooling and /classify: one `Encode` per input, answered in vLLM's shapes.
 
-Input i is engine request `f"{response_id}{engine_tag}-{i}"` and `data[i]` of the response. The
-engine normalises, truncates to `dimensions` and applies the classifier's activation; this module
-validates the request and shapes the answer: floats, base64 (`embed_dtype`, `endianness`), or
-`encoding_format: "bytes"` (a raw `application/octet-stream` body described by a JSON `metadata`
-header, as vLLM sends it). Usage counts the prompt tokens of every input the engine pooled.
+Input i is engine request `f"{response_id}{engine_tag}-{i}"` (`encode_call`) and `data[i]` of the
+response. The engine normalises, truncates to `dimensions` and applies the classifier's
+activation; this module validates the request and shapes the answer: floats, base64
+(`embed_dtype`, `endianness`), or `encoding_format: "bytes"` (a raw `application/octet-stream`
+body described by a JSON `metadata` header, as vLLM sends it). Usage counts the prompt tokens of
+every input the engine pooled.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from protocol.calls.base import JSON_CONTENT_TYPE, CallSettings, Headers
-from protocol.calls.encode import EncodeCall, Reply
+from protocol.calls.base import CallIdentity, CallSettings, Headers
+from protocol.calls.encode import EncodeCall, Reply, ReplyHead, encode_call, prompt_tokens
 from protocol.calls.pooling_inputs import (
     CLASSIFICATION,
     EMBEDDING,
@@ -27,7 +28,7 @@ from protocol.calls.pooling_inputs import (
     prompt_input,
 )
 from protocol.calls.prompt import ChatRenderer
-from protocol.engine_api import Encode, Pooled, PoolingParams
+from protocol.engine_api import Pooled, PoolingParams
 from protocol.model import ServedModel
 from protocol.pooling_requests import (
     ClassificationChatRequest,
@@ -47,10 +48,8 @@ from protocol.pooling_responses import (
     EmbeddingResponseData,
     PoolingResponse,
     PoolingResponseData,
-    pooling_usage,
 )
 from protocol.pooling_validation import pooling_params, pooling_task, require_api
-from protocol.responses import encode
 from protocol.validation import check_priority
 from protocol.vector_bytes import EmbedDType, Endianness, flatten, shape_of, to_base64, to_bytes
 
@@ -78,25 +77,6 @@ def engine_inputs(
     ]
 
 
-def encodes_for(
-    inputs: Sequence[EngineInput], params: PoolingParams, *, response_id: str, engine_tag: str, priority: int
-) -> list[Encode]:
-    return [
-        Encode(
-            request_id=f"{response_id}{engine_tag}-{index}",
-            prompt_token_ids=item.token_ids,
-            params=params,
-            token_type_ids=item.token_type_ids,
-            priority=priority,
-        )
-        for index, item in enumerate(inputs)
-    ]
-
-
-def prompt_tokens(results: Sequence[Pooled]) -> int:
-    return sum(result.num_prompt_tokens for result in results)
-
-
 # ---- /v1/embeddings and /pooling ----
 
 
@@ -104,10 +84,8 @@ def prompt_tokens(results: Sequence[Pooled]) -> int:
 class _VectorsReply:
     """The body of /v1/embeddings (`object: "embedding"`) or /pooling (`object: "pooling"`)."""
 
+    head: ReplyHead
     kind: str  # "embedding" | "pooling"
-    response_id: str
-    created: int
-    model: str
     encoding_format: str
     embed_dtype: EmbedDType
     endianness: Endianness
@@ -124,25 +102,11 @@ class _VectorsReply:
             values = [[list(row) for row in data] for data in outputs]
         else:
             values = [list(data) for data in outputs]
-        usage = pooling_usage(prompt_tokens(results))
-        body: EmbeddingResponse | PoolingResponse
         if self.kind == "embedding":
-            body = EmbeddingResponse(
-                id=self.response_id,
-                created=self.created,
-                model=self.model,
-                data=[EmbeddingResponseData(index=i, embedding=value) for i, value in enumerate(values)],
-                usage=usage,
-            )
-        else:
-            body = PoolingResponse(
-                id=self.response_id,
-                created=self.created,
-                model=self.model,
-                data=[PoolingResponseData(index=i, data=value) for i, value in enumerate(values)],
-                usage=usage,
-            )
-        return Reply(JSON_CONTENT_TYPE, encode(body))
+            embeddings = [EmbeddingResponseData(index=i, embedding=value) for i, value in enumerate(values)]
+            return self.head.list_reply(EmbeddingResponse, embeddings, results)
+        pooled = [PoolingResponseData(index=i, data=value) for i, value in enumerate(values)]
+        return self.head.list_reply(PoolingResponse, pooled, results)
 
     def _checked(self, data: Sequence) -> Sequence:
         """The engine's output has the task's shape (a vector, or equal-length rows per token)."""
@@ -171,9 +135,9 @@ class _VectorsReply:
             offset += len(chunk)
         tokens = prompt_tokens(results)
         metadata = BytesMetadata(
-            id=self.response_id,
-            created=self.created,
-            model=self.model,
+            id=self.head.response_id,
+            created=self.head.created,
+            model=self.head.model,
             data=items,
             usage=BytesUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
@@ -187,32 +151,14 @@ def build_embedding_call(
     model: ServedModel,
     renderer: ChatRenderer,
     settings: CallSettings,
-    *,
-    base_id: str,
-    created: int,
-    headers: Headers = (),
-    engine_tag: str = "",
+    identity: CallIdentity,
 ) -> EncodeCall:
     """POST /v1/embeddings; raises `ProtocolError` for a bad request."""
     require_api(model, "Embeddings", "embed")
     check_priority(request.priority, settings.allow_priority)
     params = pooling_params(model, "embed", dimensions=request.dimensions, normalize=request.normalize)
     inputs = engine_inputs(request, model, renderer, EMBEDDING)
-    response_id = f"embd-{base_id}"
-    reply = _VectorsReply(
-        kind="embedding",
-        response_id=response_id,
-        created=created,
-        model=model.name,
-        encoding_format=request.encoding_format,
-        embed_dtype=request.embed_dtype,
-        endianness=request.endianness,
-        per_token=False,
-    )
-    encodes = encodes_for(
-        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
-    )
-    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)
+    return _vectors_call(request, model, identity, inputs, params, kind="embedding", per_token=False)
 
 
 def build_pooling_call(
@@ -220,11 +166,7 @@ def build_pooling_call(
     model: ServedModel,
     renderer: ChatRenderer,
     settings: CallSettings,
-    *,
-    base_id: str,
-    created: int,
-    headers: Headers = (),
-    engine_tag: str = "",
+    identity: CallIdentity,
 ) -> EncodeCall:
     """POST /pooling: any pooling task the model serves; raises `ProtocolError` for a bad request."""
     require_api(model, "Pooling")
@@ -238,21 +180,32 @@ def build_pooling_call(
         use_activation=activation_flag(request),
     )
     inputs = engine_inputs(request, model, renderer, EMBEDDING)
-    response_id = f"pool-{base_id}"
+    per_token = task in ("token_embed", "token_classify")
+    return _vectors_call(request, model, identity, inputs, params, kind="pooling", per_token=per_token)
+
+
+def _vectors_call(
+    request: EmbeddingRequest | PoolingRequest,
+    model: ServedModel,
+    identity: CallIdentity,
+    inputs: Sequence[EngineInput],
+    params: PoolingParams,
+    *,
+    kind: str,
+    per_token: bool,
+) -> EncodeCall:
+    """The call of /v1/embeddings (`kind="embedding"`, ids `embd-...`) or /pooling (`pool-...`)."""
+    prefix = "embd" if kind == "embedding" else "pool"
+    head = ReplyHead(identity.response_id(prefix), identity.created, model.name)
     reply = _VectorsReply(
-        kind="pooling",
-        response_id=response_id,
-        created=created,
-        model=model.name,
+        head,
+        kind=kind,
         encoding_format=request.encoding_format,
         embed_dtype=request.embed_dtype,
         endianness=request.endianness,
-        per_token=task in ("token_embed", "token_classify"),
+        per_token=per_token,
     )
-    encodes = encodes_for(
-        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
-    )
-    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)
+    return encode_call(head, identity, inputs, params, request.priority, reply)
 
 
 # ---- /classify ----
@@ -260,9 +213,7 @@ def build_pooling_call(
 
 @dataclass(frozen=True, slots=True)
 class _ClassificationReply:
-    response_id: str
-    created: int
-    model: str
+    head: ReplyHead
     id2label: dict[int, str]
 
     def __call__(self, results: Sequence[Pooled]) -> Reply:
@@ -277,14 +228,7 @@ class _ClassificationReply:
                     index=index, label=self.id2label.get(top), probs=probs, num_classes=len(probs)
                 )
             )
-        body = ClassificationResponse(
-            id=self.response_id,
-            created=self.created,
-            model=self.model,
-            data=data,
-            usage=pooling_usage(prompt_tokens(results)),
-        )
-        return Reply(JSON_CONTENT_TYPE, encode(body))
+        return self.head.list_reply(ClassificationResponse, data, results)
 
 
 def build_classification_call(
@@ -292,23 +236,14 @@ def build_classification_call(
     model: ServedModel,
     renderer: ChatRenderer,
     settings: CallSettings,
-    *,
-    base_id: str,
-    created: int,
-    headers: Headers = (),
-    engine_tag: str = "",
+    identity: CallIdentity,
 ) -> EncodeCall:
     """POST /classify: label = the model's id2label of the top class; raises `ProtocolError`."""
     require_api(model, "Classification", "classify")
     check_priority(request.priority, settings.allow_priority)
     params = pooling_params(model, "classify", use_activation=activation_flag(request))
     inputs = engine_inputs(request, model, renderer, CLASSIFICATION)
-    response_id = f"classify-{base_id}"
+    head = ReplyHead(identity.response_id("classify"), identity.created, model.name)
     id2label = dict(model.pooling.id2label) if model.pooling is not None else {}
-    reply = _ClassificationReply(
-        response_id=response_id, created=created, model=model.name, id2label=id2label
-    )
-    encodes = encodes_for(
-        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
-    )
-    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)
+    reply = _ClassificationReply(head, id2label)
+    return encode_call(head, identity, inputs, params, request.priority, reply)

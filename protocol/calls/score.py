@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 from msgspec import UNSET
 
-from protocol.calls.base import JSON_CONTENT_TYPE, CallSettings, Headers
-from protocol.calls.encode import EncodeCall, Reply
-from protocol.calls.pooling import encodes_for, prompt_tokens
+from protocol.calls.base import JSON_CONTENT_TYPE, CallIdentity, CallSettings
+from protocol.calls.encode import EncodeCall, Reply, ReplyHead, encode_call, prompt_tokens
 from protocol.calls.pooling_inputs import EMBEDDING, SCORE, EngineInput, pair_input, prompt_input
 from protocol.engine_api import Pooled, PoolingParams
 from protocol.model import ServedModel
@@ -34,7 +33,6 @@ from protocol.pooling_responses import (
     RerankUsage,
     ScoreResponse,
     ScoreResponseData,
-    pooling_usage,
 )
 from protocol.pooling_validation import check_score_lengths, pooling_params, require_api
 from protocol.responses import encode
@@ -83,16 +81,17 @@ def _vector(data: Sequence) -> list[float]:
 
 
 def _plan(
+    request: ScoreRequest | RerankRequest,
     texts_1: list[str],
     texts_2: list[str],
     model: ServedModel,
     *,
-    truncate_prompt_tokens: int | None,
-    use_activation: bool | None,
     operation: str,
     params: tuple[str, str],
 ) -> tuple[list[EngineInput], _Scorer, PoolingParams]:
     """The engine inputs, how to score their results, and the pooling params (after the checks)."""
+    truncate_prompt_tokens = request.truncate_prompt_tokens
+    use_activation = activation_flag(request)
     check_score_lengths(len(texts_1), len(texts_2), params)
     if len(texts_1) == 1:
         texts_1 = texts_1 * len(texts_2)
@@ -139,52 +138,28 @@ def _plan(
 
 @dataclass(frozen=True, slots=True)
 class _ScoreReply:
+    head: ReplyHead
     scorer: _Scorer
-    response_id: str
-    created: int
-    model: str
 
     def __call__(self, results: Sequence[Pooled]) -> Reply:
         scores = self.scorer.scores(results)
-        body = ScoreResponse(
-            id=self.response_id,
-            created=self.created,
-            model=self.model,
-            data=[ScoreResponseData(index=i, score=score) for i, score in enumerate(scores)],
-            usage=pooling_usage(prompt_tokens(results)),
-        )
-        return Reply(JSON_CONTENT_TYPE, encode(body))
+        data = [ScoreResponseData(index=i, score=score) for i, score in enumerate(scores)]
+        return self.head.list_reply(ScoreResponse, data, results)
 
 
 def build_score_call(
     request: ScoreRequest,
     model: ServedModel,
     settings: CallSettings,
-    *,
-    base_id: str,
-    created: int,
-    headers: Headers = (),
-    engine_tag: str = "",
+    identity: CallIdentity,
 ) -> EncodeCall:
     """POST /score: one score per pair; raises `ProtocolError` for a bad request."""
     require_api(model, "Score", "score", "embed")
     check_priority(request.priority, settings.allow_priority)
     texts_1, texts_2, names = request.texts()
-    inputs, scorer, params = _plan(
-        texts_1,
-        texts_2,
-        model,
-        truncate_prompt_tokens=request.truncate_prompt_tokens,
-        use_activation=activation_flag(request),
-        operation=SCORE,
-        params=names,
-    )
-    response_id = f"score-{base_id}"
-    reply = _ScoreReply(scorer, response_id=response_id, created=created, model=model.name)
-    encodes = encodes_for(
-        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
-    )
-    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)
+    inputs, scorer, params = _plan(request, texts_1, texts_2, model, operation=SCORE, params=names)
+    head = ReplyHead(identity.response_id("score"), identity.created, model.name)
+    return encode_call(head, identity, inputs, params, request.priority, _ScoreReply(head, scorer))
 
 
 # ---- /rerank ----
@@ -192,12 +167,11 @@ def build_score_call(
 
 @dataclass(frozen=True, slots=True)
 class _RerankReply:
+    head: ReplyHead  # its `created` is not part of a rerank answer
     scorer: _Scorer
     documents: tuple[str, ...]
     top_n: int  # 0: all
     return_documents: bool
-    response_id: str
-    model: str
 
     def __call__(self, results: Sequence[Pooled]) -> Reply:
         scores = self.scorer.scores(results)
@@ -206,8 +180,8 @@ class _RerankReply:
             ranked = ranked[: self.top_n]
         tokens = prompt_tokens(results)
         body = RerankResponse(
-            id=self.response_id,
-            model=self.model,
+            id=self.head.response_id,
+            model=self.head.model,
             usage=RerankUsage(prompt_tokens=tokens, total_tokens=tokens),
             results=[
                 RerankResult(
@@ -225,34 +199,21 @@ def build_rerank_call(
     request: RerankRequest,
     model: ServedModel,
     settings: CallSettings,
-    *,
-    base_id: str,
-    headers: Headers = (),
-    engine_tag: str = "",
+    identity: CallIdentity,
 ) -> EncodeCall:
     """POST /rerank, /v1/rerank, /v2/rerank (Jina and Cohere shapes); raises `ProtocolError`."""
     require_api(model, "Rerank", "score", "embed")
     check_priority(request.priority, settings.allow_priority)
     documents = request.document_texts()
     inputs, scorer, params = _plan(
-        [request.query],
-        documents,
-        model,
-        truncate_prompt_tokens=request.truncate_prompt_tokens,
-        use_activation=activation_flag(request),
-        operation=EMBEDDING,
-        params=("query", "documents"),
+        request, [request.query], documents, model, operation=EMBEDDING, params=("query", "documents")
     )
-    response_id = f"rerank-{base_id}"
+    head = ReplyHead(identity.response_id("rerank"), identity.created, model.name)
     reply = _RerankReply(
+        head,
         scorer,
         documents=tuple(documents),
         top_n=request.top_n or 0,
         return_documents=request.return_documents is not False,
-        response_id=response_id,
-        model=model.name,
     )
-    encodes = encodes_for(
-        inputs, params, response_id=response_id, engine_tag=engine_tag, priority=request.priority
-    )
-    return EncodeCall(model.name, encodes, reply, response_id=response_id, headers=headers)
+    return encode_call(head, identity, inputs, params, request.priority, reply)
