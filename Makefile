@@ -48,5 +48,9 @@ bench: $(STAMP)
 bench-serving: $(STAMP)
 	$(BIN)/python -m bench.serving
 
+.PHONY: bench-embeddings
+bench-embeddings: $(STAMP)
+	$(BIN)/python -m bench.embeddings --inputs-per-request 1,32 $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

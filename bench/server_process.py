@@ -87,6 +87,11 @@ class ServerProcess:
         self.stop()
         raise ServerFailed(f"server not healthy after {ready_timeout_s:.0f}s:\n{self.log_tail()}")
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id once started (for profilers such as py-spy)."""
+        return self._process.pid if self._process is not None else None
+
     def log_tail(self, max_chars: int = 4000) -> str:
         self._log.flush()
         return Path(self._log.name).read_text(errors="replace")[-max_chars:]

@@ -101,6 +101,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--server-args", default="", help="extra `sansllm serve` flags, one shell-quoted string"
     )
+    parser.add_argument(
+        "--variant-server-args",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="after the main server, run the same prompts against a server started with these extra "
+        "flags too (repeatable; e.g. '--model all-MiniLM-L6-v2': an idle model beside); each gets its "
+        "own rows and its ratio to the main server",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the HF baseline")
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     parser.add_argument("--results", default=str(RESULTS_PATH), help="file --record appends to")
@@ -168,7 +177,7 @@ def run_hf(args: argparse.Namespace, model: str, tokenizer: HFTokenizer, plan: P
 async def run_ours(
     base_url: str, args: argparse.Namespace, plan: PromptPlan
 ) -> tuple[list[Summary], list[int]]:
-    model = await served_model_name(base_url)
+    model = await served_model_name(base_url, prefer=args.model or DEFAULT_MODEL_NAME)
     await run_clients(base_url, model, [plan.warmup], 1)
     if plan.cold is None:
         print(
@@ -209,6 +218,11 @@ def run(args: argparse.Namespace) -> ServingResult:
             server_args += ["--runtime", args.runtime]
         with ServerProcess(served, server_args) as server:
             ours, cached = asyncio.run(run_ours(server.base_url, args, plan))
+        for variant in args.variant_server_args:
+            print(f"[ours] again, with server flags {variant}", file=sys.stderr, flush=True)
+            with ServerProcess(served, [*server_args, *shlex.split(variant)]) as server:
+                extra, _ = asyncio.run(run_ours(server.base_url, args, plan))
+            ours += [msgspec.structs.replace(s, name=variant_name(s.name, variant)) for s in extra]
     summaries.extend(ours)
     return ServingResult(
         concurrency=args.concurrency,
@@ -217,6 +231,11 @@ def run(args: argparse.Namespace) -> ServingResult:
         warm_cached_tokens=cached or None,
         prefix_tokens=plan.prefix_tokens,
     )
+
+
+def variant_name(name: str, variant: str) -> str:
+    """The row name of a run against a server started with the extra flags `variant`."""
+    return f"{name}, with {variant}"
 
 
 def render(args: argparse.Namespace, result: ServingResult) -> str:
@@ -255,6 +274,16 @@ def render(args: argparse.Namespace, result: ServingResult) -> str:
             f"- cached prompt tokens per request in the cached run: min {min(cached)}, "
             f"max {max(cached)} (shared prefix: {result.prefix_tokens} tokens)"
         )
+    for variant in getattr(args, "variant_server_args", ()):
+        for plain in (OURS, OURS_COLD, OURS_WARM):
+            base, other = result.get(plain), result.get(variant_name(plain, variant))
+            if base and other:
+                lines.append(
+                    f"- output tok/s, {other.name} / {base.name}: {fmt(other.output_tok_s)} / "
+                    f"{fmt(base.output_tok_s)} = x{fmt(ratio(other.output_tok_s, base.output_tok_s), 3)}; "
+                    f"TPOT {ms(other.tpot_mean)} / {ms(base.tpot_mean)} ms; "
+                    f"TTFT p50 {ms(other.ttft_p50)} / {ms(base.ttft_p50)} ms"
+                )
     if lines:
         blocks.append("Ratios:\n\n" + "\n".join(lines))
     return "\n\n".join(blocks)

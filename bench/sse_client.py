@@ -82,9 +82,10 @@ async def run_clients(
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-async def served_model_name(base_url: str) -> str:
-    """The first model the server lists: requests must name it."""
+async def served_model_name(base_url: str, prefer: str | None = None) -> str:
+    """`prefer` if the server lists it, else the first model it lists: requests must name one."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as client:
         response = await client.get("/v1/models")
         response.raise_for_status()
-        return response.json()["data"][0]["id"]
+        names = [model["id"] for model in response.json()["data"]]
+        return prefer if prefer in names else names[0]
