@@ -112,11 +112,13 @@ def prepare(device: torch.device | str) -> None:
         cpu_ops.load()
 
 
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A faster layout of a `linear` weight for this device, or None where plain `weight` is best."""
+def pack_linear_weight(weight: torch.Tensor, *, float32: bool = False) -> torch.Tensor | None:
+    """A faster layout of a `linear` weight for this device, or None where plain `weight` is best.
+
+    `float32=True` packs float32 weights too (a win for many rows a call, as encoders run)."""
     if use_triton(weight) or is_batch_invariant():
         return None
-    return torch_linear.pack_weight(weight)
+    return torch_linear.pack_weight(weight, float32=float32)
 
 
 def reshape_and_cache(

@@ -41,11 +41,13 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias, self.packed)
 
-    def pack(self, *, keep_weight: bool) -> None:
-        """Switch to the packed layout where the device has one; drop the plain weight unless it is shared."""
+    def pack(self, *, keep_weight: bool, float32: bool = False) -> None:
+        """Switch to the packed layout where the device has one; drop the plain weight unless it is shared.
+
+        `float32`: pack float32 weights too (see `kernels.pack_linear_weight`)."""
         if self.packed is not None:
             return
-        self.packed = ops.pack_linear_weight(self.weight)
+        self.packed = ops.pack_linear_weight(self.weight, float32=float32)
         if self.packed is not None and not keep_weight:
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 

@@ -27,9 +27,20 @@ def test_packed_bfloat16_linear_equals_plain(rows, with_bias):
     torch.testing.assert_close(kernels.linear(x, weight, bias, packed), F.linear(x, weight, bias), atol=0, rtol=0)
 
 
-def test_float32_weights_stay_plain():
-    """float32 goes through MKL's sgemm, which packing does not speed up."""
+def test_float32_weights_stay_plain_unless_asked():
+    """float32 goes through MKL's sgemm, which packing does not speed up on decode rows."""
     assert kernels.pack_linear_weight(torch.randn(8, 8)) is None
+
+
+@pytest.mark.parametrize("rows", [1, 33, 700])
+def test_packed_float32_linear_matches_plain(rows):
+    """Asked for (encoders), float32 packs into oneDNN's layout: a different sgemm, same sums up to rounding."""
+    generator = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(96, 80, generator=generator), torch.randn(96, generator=generator)
+    x = torch.randn(rows, 80, generator=generator)
+    packed = kernels.pack_linear_weight(weight, float32=True)
+    assert (packed is not None) == torch.backends.mkldnn.is_available()
+    torch.testing.assert_close(kernels.linear(x, weight, bias, packed), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
 def test_batch_invariant_mode_packs_nothing_and_refuses_freed_weights():
