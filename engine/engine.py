@@ -76,8 +76,10 @@ class EngineThread:
 
     Why one thread for every model: each thread that runs torch ops on the CPU gets its own OpenMP
     team, and with two teams on a small machine libgomp stops spinning between parallel regions;
-    decode steps then took ~45% longer (measured: 127 vs 87 ms for 32 sequences on 2 cores). So
-    every model's engine posts its commands to this thread's inbox, and each turn of the loop
+    decode steps then took ~45% longer (measured: 127 vs 87 ms for 32 sequences on 2 cores). Even an
+    idle second model on its own thread cost SmolLM2's decode steps 10-20% at 32 sequences and ~30%
+    at one, and nothing measurable on this shared thread (bench/RESULTS.md, "Two models on one
+    machine"). So every model's engine posts its commands to this thread's inbox, and each turn of the loop
     steps every model that has work, one step each (round robin, so a busy model cannot starve
     another), and hands each model's events to that model's callback.
     """
