@@ -193,6 +193,9 @@ class Engine:
         thread: EngineThread | None = None,
     ):
         self.config = config = config or EngineConfig()
+        if thread is not None and thread.started:
+            # its worker runs the serving loop and would never get to the build
+            raise RuntimeError("a model cannot join an engine thread that is already serving")
         self._thread = thread or EngineThread()
         try:
             self._thread.worker.call(lambda: self._build(config, loaded))

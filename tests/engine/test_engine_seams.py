@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModel
 
@@ -112,6 +113,8 @@ def test_two_models_share_one_engine_thread(tiny_llama):
         _, (pooled,) = embed_events.calls.get(timeout=30)
         assert isinstance(pooled, Pooled) and pooled.request_id == "after"
         embed.shutdown()
+    with pytest.raises(RuntimeError, match="already serving"):
+        Engine(EngineConfig(model=str(tiny_llama), progress=False), thread=thread)
     thread.worker._thread.join(timeout=30)
     assert not thread.worker._thread.is_alive()
     chat.submit([generate("late")])  # a stopped engine refuses at once
