@@ -143,9 +143,8 @@ def served_model(spec: ModelSpec, engine: Any, *, created: int) -> ServedModel:
         root=engine.root,
         tokenizer=engine.tokenizer,
         max_model_len=engine.max_model_len,
-        # the engine contract has both; test doubles may leave them out (a generative model)
-        tasks=frozenset(getattr(engine, "tasks", ("generate",))),
-        pooling=pooling_info(getattr(engine, "pooling", None)),
+        tasks=frozenset(engine.tasks),
+        pooling=pooling_info(engine.pooling),
         generation_defaults=dict(engine.generation_defaults),
         created=created,
     )

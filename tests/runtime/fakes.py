@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, SamplingParams, Tokens
 from protocol.errors import ProtocolError
@@ -45,7 +46,8 @@ class ScriptedEngine:
     healthy: bool = True
     tokenizer: ByteTokenizer = field(default_factory=ByteTokenizer)
     generation_defaults: dict = field(default_factory=dict)
-    task: str = "generate"
+    tasks: frozenset[str] = frozenset({"generate"})
+    pooling: Any = None  # an embedding model's facts (hidden_size, is_matryoshka, ...); None: generative
     received: list[Command] = field(default_factory=list)
     aborted: queue.Queue[str] = field(default_factory=queue.Queue)
     steps: int = 0

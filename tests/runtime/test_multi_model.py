@@ -35,16 +35,10 @@ class Pooling:
     id2label: dict = field(default_factory=dict)
 
 
-@dataclass
-class ContractEngine(ScriptedEngine):
-    """A scripted engine that also reports its tasks and pooling facts, as the engine contract says."""
-
-    tasks: frozenset[str] = frozenset({"generate"})
-    pooling: Pooling | None = None
 
 
-def embedding_engine() -> ContractEngine:
-    return ContractEngine(reply="never", model_name="embedder", tasks=frozenset({"embed"}), pooling=Pooling())
+def embedding_engine() -> ScriptedEngine:
+    return ScriptedEngine(reply="never", model_name="embedder", tasks=frozenset({"embed"}), pooling=Pooling())
 
 
 FLAGS = [
@@ -55,7 +49,7 @@ FLAGS = [
 ]  # fmt: skip
 
 
-def serve(runtime: str, engines: list[ContractEngine]) -> ServerThread:
+def serve(runtime: str, engines: list[ScriptedEngine]) -> ServerThread:
     args = parse_serve_args(FLAGS, environ={})
     asgi_app = build_asgi_app(args, engines, BRIDGES[runtime], clock=lambda: float(CREATED))
     return ServerThread(asgi_app, runtime)
@@ -70,8 +64,8 @@ def generates(engine: ScriptedEngine) -> int:
 
 
 def test_one_server_lists_every_model_and_routes_by_name(runtime, caplog):
-    engine_a = ContractEngine(reply="I am A.", model_name="chat-a")
-    engine_b = ContractEngine(reply="I am B.", model_name="chat-b")
+    engine_a = ScriptedEngine(reply="I am A.", model_name="chat-a")
+    engine_b = ScriptedEngine(reply="I am B.", model_name="chat-b")
     embedder = embedding_engine()
     with caplog.at_level(logging.INFO, logger="sansllm.assemble"):
         server_thread = serve(runtime, [engine_a, engine_b, embedder])
@@ -113,7 +107,7 @@ def test_one_server_lists_every_model_and_routes_by_name(runtime, caplog):
 
 def test_served_models_carry_each_engines_tasks_and_pooling_facts():
     args = parse_serve_args(FLAGS, environ={})
-    matryoshka = ContractEngine(
+    matryoshka = ScriptedEngine(
         tasks=frozenset({"embed", "classify"}),
         pooling=Pooling(
             hidden_size=768,
@@ -133,11 +127,11 @@ def test_served_models_carry_each_engines_tasks_and_pooling_facts():
         num_labels=2,
         id2label={0: "no", 1: "yes"},
     )
-    generative = served_model(args.models[0], ContractEngine(), created=CREATED)
+    generative = served_model(args.models[0], ScriptedEngine(), created=CREATED)
     assert (generative.names, generative.tasks, generative.pooling) == (["a", "alias-a"], {"generate"}, None)
 
 
 def test_engines_must_match_the_models_one_to_one():
     args = parse_serve_args(FLAGS, environ={})
     with pytest.raises(ValueError, match=r"2 engine\(s\) for 3 models \(chat-a, chat-b, embedder\)"):
-        build_asgi_app(args, [ContractEngine(), ContractEngine()], BRIDGES["asyncio"])
+        build_asgi_app(args, [ScriptedEngine(), ScriptedEngine()], BRIDGES["asyncio"])
