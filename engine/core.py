@@ -15,6 +15,7 @@ of a decoder embedding model gets its last token's hidden state pooled, a `Gener
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 
 import msgspec
@@ -35,6 +36,7 @@ from engine.requests import (
 from engine.sampler import Sampler, SamplingRow, prompt_logprobs
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.scheduler import Sequence as ScheduledSequence
+from engine.step_budget import StepBudget
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled, Tokens
 
 _PROMPT_LOGPROBS_CHUNK = 256  # prompt rows turned into logits at a time
@@ -73,6 +75,7 @@ class EngineCore:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         tasks: frozenset[str] = frozenset({"generate"}),
+        max_step_ratio: float = 0.0,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -88,7 +91,14 @@ class EngineCore:
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.kv_cache = self.runner.kv_cache
         self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens)
+        # while decodes run, a step may take at most max_step_ratio x a decode-only step (engine.step_budget)
+        self.step_budget = StepBudget(max_num_batched_tokens, max_step_ratio)
+        self.scheduler = Scheduler(
+            self.kv,
+            max_num_seqs,
+            max_num_batched_tokens,
+            prefill_limit=self.step_budget.prefill_tokens if self.step_budget.enabled else None,
+        )
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))
         self.requests: dict[str, RequestState] = {}
         self.encodes: dict[str, tuple[Encode, ScheduledSequence]] = {}  # pooling requests in flight
@@ -252,8 +262,12 @@ class EngineCore:
         chunks = self.scheduler.schedule().chunks
         events: list[Event] = []
         if chunks:
+            decodes = sum(1 for c in chunks if c.start >= c.seq.num_prompt_tokens)
+            prefill_tokens = sum(c.num_tokens for c in chunks if c.start < c.seq.num_prompt_tokens)
+            started = time.perf_counter()
             with torch.inference_mode():
                 events = self._run(chunks)
+            self.step_budget.observe(decodes, prefill_tokens, time.perf_counter() - started)
         self._refresh_stats()
         return events
 

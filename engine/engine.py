@@ -39,6 +39,10 @@ _STOP = object()
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
 
+# See engine/step_budget.py and bench/RESULTS.md ("Decodes beside prefill").
+DEFAULT_MAX_STEP_RATIO = 2.5
+
+
 @dataclass(kw_only=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL  # a packaged model name, a .gguf file, or an HF folder
@@ -52,6 +56,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     # tokens per step (chunked prefill); None: 512 for decoders (see engine.core), 2048 for encoders
     max_num_batched_tokens: int | None = None
+    # while sequences decode, a step that also prefills prompts may take at most this many times a
+    # decode-only step (engine.step_budget); 0 or 1: no limit but max_num_batched_tokens
+    max_step_ratio: float = DEFAULT_MAX_STEP_RATIO
     # KV cache size in bytes (an int, or a string such as "1GiB" or "512M"); default 1 GiB, never more
     # blocks than max_num_seqs sequences of max_model_len tokens can use
     kv_cache_memory: int | str | None = None
@@ -248,6 +255,7 @@ class Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             seed=config.seed,
             tasks=self.tasks,
+            max_step_ratio=config.max_step_ratio,
         )
 
     def _build_encoder(self, config: EngineConfig, loaded: LoadedModel) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
@@ -107,13 +108,17 @@ class Scheduler:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         long_prefill_token_threshold: int = 0,
+        prefill_limit: Callable[[int], int] | None = None,
     ) -> None:
+        """`prefill_limit(num_decodes)`: the most prompt tokens a step may prefill beside that many
+        decoding sequences (`engine.step_budget.StepBudget.prefill_tokens`); None: the whole budget."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.prefill_limit = prefill_limit
         self.running: list[Sequence] = []
         self._waiting: list[tuple[int, int, int, Sequence]] = []
         self._counter = itertools.count()
@@ -178,9 +183,12 @@ class Scheduler:
 
         # 1. Running sequences, decodes first (one token each, so a long prefill chunk cannot starve
         #    them), then unfinished prefills; each in arrival order, asking for what it is missing.
+        #    Once the decodes are in, the prefill share of the step may be limited (`prefill_limit`).
         decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        for seq in decoding + prefilling:
+        for position, seq in enumerate(decoding + prefilling):
+            if position == len(decoding) and self.prefill_limit is not None:
+                budget = min(budget, self.prefill_limit(len(chunks)))
             if budget <= 0:
                 break
             if seq.status is not Status.RUNNING:
@@ -205,6 +213,8 @@ class Scheduler:
             budget -= want
 
         # 2. Waiting sequences, best (priority, arrival) first, while budget, seats and blocks last.
+        if not prefilling and self.prefill_limit is not None:  # the limit was not applied above
+            budget = min(budget, self.prefill_limit(len(chunks)))
         if not preempted:
             while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 *_, seq = self._waiting[0]

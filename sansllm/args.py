@@ -78,6 +78,7 @@ class ModelSpec:
     seed: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    max_step_ratio: float | None = None
     kv_cache_memory: int | None = None
 
     @property
@@ -89,6 +90,7 @@ class ModelSpec:
 SPEC_KEYS = tuple(field.name for field in fields(ModelSpec))
 _SIZE_KEYS = frozenset({"max_model_len", "max_num_batched_tokens", "kv_cache_memory"})
 _INT_KEYS = frozenset({"seed", "max_num_seqs"})
+_FLOAT_KEYS = frozenset({"max_step_ratio"})
 _CHOICES = {"convert": CONVERTS, "dtype": DTYPES}
 _MODEL_DESTS = frozenset({"model_tag", "model_specs"})  # the command line's models replace the file's
 
@@ -144,6 +146,10 @@ def model_spec_from_mapping(mapping: Mapping[Any, Any], shown: str) -> ModelSpec
             if not isinstance(value, int) or isinstance(value, bool):
                 raise refuse(f'"{key}" must be an integer, not {value!r}')
             settings[key] = value
+        elif key in _FLOAT_KEYS:
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise refuse(f'"{key}" must be a number of at least 0, not {value!r}')
+            settings[key] = float(value)
     return ModelSpec(**settings)
 
 
@@ -167,6 +173,7 @@ def resolve_models(args: argparse.Namespace) -> list[ModelSpec]:
             "seed": args.seed,
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
+            "max_step_ratio": args.max_step_ratio,
             "kv_cache_memory": args.kv_cache_memory,
         }
         merged = {
@@ -267,6 +274,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     eng.add_argument("--seed", type=int)
     eng.add_argument("--max-num-seqs", type=int)
     eng.add_argument("--max-num-batched-tokens", type=human_readable_int)
+    eng.add_argument(
+        "--max-step-ratio",
+        type=float,
+        help="while sequences decode, a step that also prefills may take at most this many times a "
+        "decode-only step (default 2.5; 0: only --max-num-batched-tokens limits it)",
+    )
     eng.add_argument("--kv-cache-memory", type=human_readable_int, help="KV cache size in bytes, e.g. 2G")
     eng.add_argument(
         "--batch-invariant", action="store_true", help="results independent of batch composition"

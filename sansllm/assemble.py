@@ -55,6 +55,7 @@ def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Cal
         "seed": spec.seed,
         "max_num_seqs": spec.max_num_seqs,
         "max_num_batched_tokens": spec.max_num_batched_tokens,
+        "max_step_ratio": spec.max_step_ratio,
         "kv_cache_memory": spec.kv_cache_memory,
         "batch_invariant": args.batch_invariant or None,  # process-wide
     }
