@@ -23,6 +23,7 @@ from kernels.ops import (
     sample,
     silu_and_mul,
 )
+from kernels.quantized import quant_linear
 from kernels.rope import compute_cos_sin_cache, rope_type
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "pack_linear_weight",
     "paged_attention",
     "prepare",
+    "quant_linear",
     "reshape_and_cache",
     "rms_norm",
     "rope_type",

@@ -24,7 +24,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.cpp", "layer_ops.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name) for name in ("paged_attention.cpp", "layer_ops.cpp", "quant_linear.cpp")
+]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the loaded op namespace, or "error": why there is none
 

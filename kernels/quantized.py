@@ -1,0 +1,76 @@
+"""Linear layers on GGUF quantized weights kept in their blocks: `quant_linear`.
+
+On the CPU the C++ kernels of `kernels/cpu_ops/quant_linear.cpp` take Q8_0, Q4_0 and Q4_1 with
+float32 or bfloat16 activations (int8-quantized activations, integer dot products; see that file for
+the error this adds); everything else, and every call where the C++ kernels did not build, runs the
+torch reference (`kernels.torch_ops.quantized`: dequantize, then matmul).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import cpu_ops
+from kernels.dispatch import use_cpp
+from kernels.torch_ops import quantized as torch_quantized
+
+# GGML type ids the C++ kernels take
+Q4_0, Q4_1, Q8_0 = 2, 3, 8
+CPP_QTYPES = frozenset({Q4_0, Q4_1, Q8_0})
+
+# the C++ kernel's paths, best last; `isa=` or SANSLLM_QUANT_ISA forces one (tests, benchmarks)
+ISAS = ("plain", "avx2", "avx512_vnni")
+
+
+def _isa_from_environment() -> int:
+    value = os.environ.get("SANSLLM_QUANT_ISA", "").strip().lower()
+    if not value or value == "auto":
+        return -1
+    if value not in ISAS:
+        raise ValueError(f"SANSLLM_QUANT_ISA must be one of {('auto', *ISAS)}, got {value!r}")
+    return ISAS.index(value)
+
+
+_forced_isa = _isa_from_environment()  # read once: this runs in every layer of every step
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The C++ paths this CPU can run (empty when the C++ kernels are unavailable)."""
+    built = cpu_ops.load()
+    if built is None:
+        return ()
+    return ISAS[: int(built.quant_linear_isa()) + 1]
+
+
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qtype: int,
+    out_features: int,
+    in_features: int,
+    *,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """`x @ dequant(qweight).T`: x [..., in_features] float32 or bfloat16 -> [..., out_features] in x's dtype.
+
+    `qweight` is the GGUF tensor's raw data as `GGUFReader` gives it (uint8, `out_features` rows of
+    blocks); `qtype` a `gguf.GGMLQuantizationType` (or its int). `isa` forces one C++ path ("plain",
+    "avx2", "avx512_vnni"; an error where this CPU lacks it, or where the C++ kernels are unavailable).
+    """
+    qtype = int(qtype)
+    if (
+        qtype in CPP_QTYPES
+        and use_cpp(x)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and in_features % 32 == 0
+        and (built := cpu_ops.load()) is not None
+    ):
+        forced = _forced_isa if isa is None else ISAS.index(isa)
+        rows = x.reshape(-1, in_features)
+        out = built.quant_linear(rows, qweight.reshape(-1), qtype, out_features, in_features, forced)
+        return out.reshape(*x.shape[:-1], out_features)
+    if isa is not None:
+        raise RuntimeError(f"the C++ quantized path {isa!r} is unavailable: {cpu_ops.unavailable_reason()}")
+    return torch_quantized.quant_linear(x, qweight, qtype, out_features, in_features)
