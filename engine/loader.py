@@ -7,6 +7,8 @@ serves; decoders load here from GGUF files or HF folders, encoders from HF folde
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from engine.gguf_file import GGUFModel
@@ -22,6 +25,8 @@ from engine.model_files import ModelSource
 from engine.models.llama import LlamaForCausalLM
 from engine.registry import ArchitectureSupport, Convert, architecture_support, encoder_architecture
 from engine.tokenizer import HFTokenizer
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPES.update({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16})
@@ -116,20 +121,24 @@ def load_model(
 ) -> LoadedModel:
     """Read config, weights (dequantizing GGUF) and tokenizer; the model comes back in eval mode."""
     dev = resolve_device(device)
+    clock = _PhaseClock(source.name)
     if source.kind == "gguf":
         gguf = GGUFModel(source.path)
         config = gguf.config
+        clock.lap("read the GGUF header")
         torch_dtype = resolve_dtype(dtype, dev, pooling=convert == "embed")
         model = build_model(
             config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress)
         )
+        clock.lap(f"dequantized and loaded the weights ({torch_dtype})")
         tokenizer = HFTokenizer.from_gguf(source.path, config.vocab_size, config.eos_token_ids)
+        clock.lap("built the tokenizer")
         defaults = generation_defaults(source.folder / "generation_config.json")
         return _decoder(source, config, model, tokenizer, defaults, convert)
 
     raw = _read_json(source.path / "config.json")
     if encoder_architecture(raw) is not None:
-        return _load_encoder(source, raw, dtype, dev, progress, convert)
+        return _load_encoder(source, raw, dtype, dev, progress, convert, clock)
     config = ModelConfig.from_hf(raw)
     torch_dtype = resolve_dtype(
         dtype, dev, raw.get("torch_dtype") or raw.get("dtype"), pooling=convert == "embed"
@@ -137,9 +146,11 @@ def load_model(
     model = build_model(
         config, torch_dtype, dev, None, safetensors_weights(source.path, torch_dtype, progress)
     )
+    clock.lap(f"loaded the weights ({torch_dtype})")
     generation = _read_json(source.path / "generation_config.json")
     eos = set(config.eos_token_ids) | set(_ids(generation.get("eos_token_id")))
     tokenizer = HFTokenizer.from_folder(source.path, config.vocab_size, eos)
+    clock.lap("built the tokenizer")
     defaults = generation_defaults(source.path / "generation_config.json")
     return _decoder(source, config, model, tokenizer, defaults, convert)
 
@@ -164,6 +175,7 @@ def _load_encoder(
     device: torch.device,
     progress: bool,
     convert: Convert,
+    clock: _PhaseClock | None = None,
 ) -> LoadedModel:
     """A BERT-family encoder from an HF folder, with sentence-transformers' pooling settings."""
     from engine.models.bert import EncoderConfig, build_encoder
@@ -172,7 +184,12 @@ def _load_encoder(
     config = EncoderConfig.from_hf(raw)
     spec = architecture_support(config.architecture, convert, config.num_labels)
     torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype") or raw.get("dtype"), pooling=True)
-    model = build_encoder(config, torch_dtype, device, safetensors_weights(source.path, torch_dtype, progress))
+    with _skip_random_init():  # it builds on meta too
+        model = build_encoder(
+            config, torch_dtype, device, safetensors_weights(source.path, torch_dtype, progress)
+        )
+    if clock is not None:
+        clock.lap(f"loaded the weights ({torch_dtype})")
     pooling_config = read_pooling_config(source.path)
     pooling = PoolingFacts(
         hidden_size=config.hidden_size,
@@ -184,9 +201,24 @@ def _load_encoder(
         id2label=dict(config.id2label) if "classify" in spec.tasks else {},
     )
     tokenizer = HFTokenizer.from_folder(source.path, config.vocab_size)
+    if clock is not None:
+        clock.lap("built the tokenizer")
     seq_len = _read_json(source.path / "sentence_bert_config.json").get("max_seq_length")
     max_len = min(config.max_model_len, int(seq_len)) if seq_len else None
     return LoadedModel(source, config, model, tokenizer, {}, spec, pooling, max_len)
+
+
+class _PhaseClock:
+    """Logs how long each step of a model's load took (`bench.cold_start` reads these lines)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._last = time.perf_counter()
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        logger.info("%s: %s in %.2f s", self.model, what, now - self._last)
+        self._last = now
 
 
 def build_model(
@@ -196,14 +228,73 @@ def build_model(
     rope_freq_factors: torch.Tensor | None,
     weights: Iterator[tuple[str, torch.Tensor]],
 ) -> LlamaForCausalLM:
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+    with torch.device("meta"), _skip_random_init():
+        model = _MetaLlamaForCausalLM(config)
+        model.__class__ = LlamaForCausalLM
+        # dtype first, on meta (free), so the real memory is allocated once, in `dtype`
+        model = model.to(dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope(rope_freq_factors)  # computed, not loaded: the meta build left it empty
     model.load_weights((name, tensor.to(device)) for name, tensor in weights)
     return model.eval().requires_grad_(False)
+
+
+class _MetaLlamaForCausalLM(LlamaForCausalLM):
+    """The model as built on `meta`: without its rotary table, which `build_model` computes on the
+    real device afterwards (math on meta tensors runs torch's Python refs, which import torch._dynamo:
+    seconds of a cold start). `build_model` gives the result the real class back."""
+
+    def init_rope(self, rope_freq_factors: torch.Tensor | None = None) -> None:
+        if not self.model.embed_tokens.weight.is_meta:
+            super().init_rope(rope_freq_factors)
+
+
+_RANDOM_INITS = frozenset(
+    {
+        torch.Tensor.normal_,
+        torch.Tensor.uniform_,
+        torch.Tensor.fill_,
+        torch.Tensor.zero_,
+        torch.Tensor.random_,
+        torch.Tensor.bernoulli_,
+        torch.Tensor.exponential_,
+        torch.Tensor.geometric_,
+        torch.Tensor.log_normal_,
+        torch.Tensor.cauchy_,
+    }
+)
+
+
+class _skip_random_init(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.device
+    """Build on the meta device without torch's Python refs: skip the in-place initialisers modules
+    call in `reset_parameters` (normal_, uniform_, ...), and let `to_empty`'s `empty_like` of a
+    contiguous meta tensor be a plain `torch.empty`.
+
+    Both are no-ops in effect: meta tensors hold no data, and every weight is loaded afterwards. But
+    meta `normal_` runs through torch's Python refs, whose first call imports torch._dynamo, and
+    meta `empty_like` imports sympy: about 3 s of a cold start together, measured.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self", kwargs.get("input")))
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            if func in _RANDOM_INITS or getattr(func, "__module__", None) == "torch.nn.init":
+                return tensor
+            if func is torch.empty_like and len(args) <= 1 and tensor.is_contiguous() and _plain(kwargs):
+                return torch.empty(
+                    tensor.shape,
+                    dtype=kwargs.get("dtype") or tensor.dtype,
+                    device=kwargs.get("device") or tensor.device,
+                    requires_grad=bool(kwargs.get("requires_grad", False)),
+                )
+        return func(*args, **kwargs)
+
+
+def _plain(kwargs: dict[str, Any]) -> bool:
+    """empty_like's keyword arguments we reproduce with `torch.empty` (no layout or memory format)."""
+    return set(kwargs) <= {"input", "dtype", "device", "requires_grad"}
 
 
 def safetensors_weights(

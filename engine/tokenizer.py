@@ -8,10 +8,26 @@ wrapper adds Python overhead there.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from engine.model_files import cache_dir
+
+if TYPE_CHECKING:  # transformers is imported where it is used: its lazy modules cost start-up time
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Bump when what the cache holds, or how it is read back, changes: old entries are then ignored.
+_GGUF_TOKENIZER_CACHE_FORMAT = 1
 
 
 class HFTokenizer:
@@ -47,6 +63,8 @@ class HFTokenizer:
         cls, folder: str | Path, vocab_size: int | None = None, extra_eos_token_ids: Iterable[int] = ()
     ):
         """An HF folder: tokenizer.json + tokenizer_config.json, chat template from there or chat_template.jinja."""
+        from transformers import AutoTokenizer
+
         folder = Path(folder)
         hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         template = None
@@ -116,12 +134,92 @@ class HFTokenizer:
 
 
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The GGUF file's vocabulary as a fast tokenizer: from the conversion cache when it holds this file
+    (same path, size and mtime, same transformers and tokenizers versions), else converted and cached."""
+    started = time.perf_counter()
+    entry = gguf_tokenizer_cache_entry(path)
+    cached = _read_cached_gguf_tokenizer(entry) if entry is not None else None
+    if cached is not None:
+        logger.info(
+            "loaded the converted GGUF tokenizer from %s in %.2f s", entry, time.perf_counter() - started
+        )
+        return cached
     try:  # the conversion AutoTokenizer(gguf_file=...) runs, without its slow full-file config parse
         from transformers import PreTrainedTokenizerFast
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
-
-        architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
-        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
     except ImportError:  # other transformers versions keep these helpers elsewhere
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    kwargs = {**tokenizer_config, **extra}
+    if entry is not None:
+        _write_cached_gguf_tokenizer(entry, backend.to_str(), kwargs)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+    logger.info("converted the GGUF tokenizer of %s in %.2f s", path.name, time.perf_counter() - started)
+    return tokenizer
+
+
+def gguf_tokenizer_cache_entry(path: Path) -> Path | None:
+    """The cache folder for `path`'s converted tokenizer: named by the file (resolved path, size,
+    mtime in ns) and by what converts it (transformers, tokenizers, this cache's format), so an
+    edited or replaced file, or an upgraded converter, misses. None when the file cannot be stat'ed."""
+    try:
+        resolved = path.resolve()
+        stat = resolved.stat()
+        import tokenizers
+        import transformers
+    except (OSError, ImportError):
+        return None
+    key = json.dumps(
+        [
+            str(resolved),
+            stat.st_size,
+            stat.st_mtime_ns,
+            transformers.__version__,
+            tokenizers.__version__,
+            _GGUF_TOKENIZER_CACHE_FORMAT,
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "tokenizers" / f"{resolved.stem}-{digest}"
+
+
+def _read_cached_gguf_tokenizer(entry: Path) -> PreTrainedTokenizerBase | None:
+    try:
+        text = (entry / "tokenizer.json").read_text(encoding="utf-8")
+        kwargs = json.loads((entry / "init.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not cached (or unreadable): convert afresh
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), **kwargs)
+    except Exception:  # noqa: BLE001 - a damaged entry must not stop the load: convert afresh
+        logger.warning("ignoring the damaged tokenizer cache entry %s", entry, exc_info=True)
+        return None
+
+
+def _write_cached_gguf_tokenizer(entry: Path, tokenizer_json: str, kwargs: dict[str, Any]) -> None:
+    """Write the entry into a temporary folder renamed into place, so a crash leaves no half entry.
+    Best effort: a cache that cannot be written (read-only home, arguments that are not JSON) is skipped."""
+    try:
+        init = json.dumps(kwargs)
+    except (TypeError, ValueError):
+        logger.debug("not caching the GGUF tokenizer: its arguments are not JSON")
+        return
+    staging: Path | None = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        (staging / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (staging / "init.json").write_text(init, encoding="utf-8")
+        os.rename(staging, entry)
+        staging = None
+    except OSError as exc:  # another process won the race, or nowhere to write
+        logger.debug("not caching the GGUF tokenizer at %s: %s", entry, exc)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
