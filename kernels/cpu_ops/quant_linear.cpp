@@ -68,7 +68,6 @@ using RowsFn = void (*)(const QuantArgs&, int64_t, int64_t);
 template <int F>
 void rows_plain(const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
   constexpr int64_t bytes = block_bytes(F);
-  int8_t w[kBlock];
   for (int64_t o = o_begin; o < o_end; ++o) {
     const uint8_t* row = a.w + o * a.row_bytes;
     float acc[kMaxRows] = {};
@@ -78,27 +77,27 @@ void rows_plain(const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
       std::memcpy(&bits, block, 2);
       const float d = c10::detail::fp16_ieee_to_fp32_value(bits);
       float c = 0.0f;
-      if constexpr (F == kQ8_0) {
-        std::memcpy(w, block + 2, kBlock);
-      } else {
-        const uint8_t* qs = block + (F == kQ4_0 ? 2 : 4);
-        for (int j = 0; j < kBlock / 2; ++j) {
-          w[j] = static_cast<int8_t>(qs[j] & 0x0F);
-          w[j + kBlock / 2] = static_cast<int8_t>(qs[j] >> 4);
-        }
-        if constexpr (F == kQ4_0) {
-          c = d;
-        } else {
-          std::memcpy(&bits, block + 2, 2);
-          c = c10::detail::fp16_ieee_to_fp32_value(bits);
-        }
+      if constexpr (F == kQ4_0) c = d;
+      if constexpr (F == kQ4_1) {
+        std::memcpy(&bits, block + 2, 2);
+        c = c10::detail::fp16_ieee_to_fp32_value(bits);
       }
       for (int r = 0; r < rows; ++r) {
         const int8_t* q = a.xq + r * a.k + b * kBlock;
         int32_t sum = 0;
-        for (int j = 0; j < kBlock; ++j) sum += static_cast<int32_t>(w[j]) * q[j];
-        acc[r] += static_cast<float>(sum) * (d * a.xd[r * a.nb + b]);
-        if constexpr (F != kQ8_0) acc[r] += c * a.xs[r * a.nb + b];
+        if constexpr (F == kQ8_0) {
+          const int8_t* w = reinterpret_cast<const int8_t*>(block + 2);
+#pragma omp simd reduction(+ : sum)
+          for (int j = 0; j < kBlock; ++j) sum += static_cast<int32_t>(w[j]) * static_cast<int32_t>(q[j]);
+        } else {
+          const uint8_t* qs = block + (F == kQ4_0 ? 2 : 4);
+#pragma omp simd reduction(+ : sum)
+          for (int j = 0; j < kBlock / 2; ++j)
+            sum += static_cast<int32_t>(qs[j] & 0x0F) * q[j] + static_cast<int32_t>(qs[j] >> 4) * q[j + kBlock / 2];
+        }
+        float term = static_cast<float>(sum) * (d * a.xd[r * a.nb + b]);
+        if constexpr (F != kQ8_0) term += c * a.xs[r * a.nb + b];
+        acc[r] += term;
       }
     }
     for (int r = 0; r < rows; ++r) a.y[r * a.ldy + o] = acc[r];
