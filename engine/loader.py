@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,12 +128,18 @@ def load_model(
         config = gguf.config
         clock.lap("read the GGUF header")
         torch_dtype = resolve_dtype(dtype, dev, pooling=convert == "embed")
-        model = build_model(
-            config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress)
-        )
-        clock.lap(f"dequantized and loaded the weights ({torch_dtype})")
-        tokenizer = HFTokenizer.from_gguf(source.path, config.vocab_size, config.eos_token_ids)
-        clock.lap("built the tokenizer")
+        # The tokenizer (mostly Python: importing transformers, reading the cache) is built on a
+        # second thread while the weights are dequantized (numpy and torch, which release the GIL).
+        with ThreadPoolExecutor(1, thread_name_prefix="sansllm-tokenizer") as pool:
+            tokenizer_job = pool.submit(
+                HFTokenizer.from_gguf, source.path, config.vocab_size, config.eos_token_ids
+            )
+            model = build_model(
+                config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress)
+            )
+            clock.lap(f"dequantized and loaded the weights ({torch_dtype}; the tokenizer alongside)")
+            tokenizer = tokenizer_job.result()
+        clock.lap("built the tokenizer (waited for it)")
         defaults = generation_defaults(source.folder / "generation_config.json")
         return _decoder(source, config, model, tokenizer, defaults, convert)
 
