@@ -134,8 +134,10 @@ def load_model(
             tokenizer_job = pool.submit(
                 HFTokenizer.from_gguf, source.path, config.vocab_size, config.eos_token_ids
             )
+            # float32 as dequantized: the copy into the model's parameters converts to `torch_dtype`
+            # (the same rounding as a `.to`) without a second full-size temporary per tensor
             model = build_model(
-                config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch_dtype, progress)
+                config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch.float32, progress)
             )
             clock.lap(f"dequantized and loaded the weights ({torch_dtype}; the tokenizer alongside)")
             tokenizer = tokenizer_job.result()

@@ -270,3 +270,23 @@ def test_an_unwritable_cache_still_loads(gguf_copy, monkeypatch, tmp_path):
     monkeypatch.setenv("SANSLLM_CACHE", str(blocker))
     tok = HFTokenizer.from_gguf(gguf_copy)
     assert tok.encode("hi")
+
+
+def test_load_model_weights_equal_converting_each_tensor_first(smollm2_path):
+    """load_model copies float32 weights into bfloat16 parameters: the same bits as `.to(bfloat16)` first."""
+    from engine.loader import build_model, load_model
+
+    loaded = load_model(resolve_model(DEFAULT_MODEL), dtype="bfloat16", progress=False)
+    gguf_model = GGUFModel(smollm2_path)
+    reference = build_model(
+        gguf_model.config,
+        torch.bfloat16,
+        torch.device("cpu"),
+        gguf_model.rope_freq_factors(),
+        gguf_model.weights(torch.bfloat16, False),
+    )
+    ours, theirs = loaded.model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name]), name
+    assert torch.equal(loaded.model.rope_cache, reference.rope_cache)
