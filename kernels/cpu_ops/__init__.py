@@ -12,6 +12,7 @@ callers keep their torch path.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 _SOURCES = [
     Path(__file__).with_name(name) for name in ("paged_attention.cpp", "layer_ops.cpp", "quant_linear.cpp")
 ]
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+_LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the loaded op namespace, or "error": why there is none
 
@@ -62,12 +65,28 @@ def unavailable_reason() -> str | None:
 
 
 def build_directory() -> Path:
-    """Where the kernels are built and cached: under torch's extension cache, per Python and torch."""
+    """Where the kernels are built and cached: under torch's extension cache, per Python and torch, and
+    per version of the sources and flags.
+
+    Why per version of the sources: torch rebuilds an extension whose sources changed, so two
+    installs with different kernel sources on one machine (two checkouts, or an upgrade beside an
+    old venv) sharing one folder rebuilt each other at every start (35-80 s each, seen while
+    measuring cold starts). Hashing the sources costs well under a millisecond.
+    """
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "torch_extensions"
     )
     version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
-    return Path(root) / version / "sansllm_cpu_kernels"
+    return Path(root) / version / f"sansllm_cpu_kernels-{_sources_digest()}"
+
+
+def _sources_digest() -> str:
+    """A short hash of every C++ source and header here and of the build flags."""
+    digest = hashlib.sha256(repr((_CFLAGS, _LDFLAGS)).encode())
+    for path in sorted(Path(__file__).parent.glob("*.[ch]*")):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _build() -> None:
@@ -89,8 +108,8 @@ def _build() -> None:
         cpp_extension.load(
             name="sansllm_cpu_kernels",
             sources=[str(source) for source in _SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=list(_CFLAGS),  # copies: torch appends its own flags to these lists
+            extra_ldflags=list(_LDFLAGS),
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,

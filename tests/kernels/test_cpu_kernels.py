@@ -289,3 +289,11 @@ def test_sources_compile_for_cpus_without_this_ones_instructions(march):
         ]
         result = subprocess.run([*command, str(source)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_build_folder_is_keyed_by_the_sources_and_flags(monkeypatch):
+    """Two installs with different kernel sources must not share (and rebuild) one folder."""
+    first = cpu_ops.build_directory()
+    assert first == cpu_ops.build_directory() and first.name.startswith("sansllm_cpu_kernels-")
+    monkeypatch.setattr(cpu_ops, "_CFLAGS", (*cpu_ops._CFLAGS, "-DSANSLLM_TEST_FLAG"))
+    assert cpu_ops.build_directory() != first
