@@ -13,7 +13,17 @@ from typing import Any
 
 from engine.engine import Engine, EngineConfig
 from engine.model_files import DEFAULT_MODEL
-from protocol.engine_api import Failed, FinishReason, Generate, SamplingParams, TokenLogprobs, Tokens
+from protocol.engine_api import (
+    Encode,
+    Failed,
+    FinishReason,
+    Generate,
+    Pooled,
+    PoolingParams,
+    SamplingParams,
+    TokenLogprobs,
+    Tokens,
+)
 
 Messages = list[dict[str, Any]]
 
@@ -40,7 +50,8 @@ class RequestOutput:
 
 
 class LLM:
-    """`LLM("SmolLM2-135M-Instruct").chat([{"role": "user", "content": "Hi"}])`."""
+    """`LLM("SmolLM2-135M-Instruct").chat([{"role": "user", "content": "Hi"}])`, or
+    `LLM("all-MiniLM-L6-v2").embed(["A sentence."])`."""
 
     def __init__(self, model: str = DEFAULT_MODEL, engine: Engine | None = None, **config: Any):
         self.engine = engine or Engine(EngineConfig(model=model, **config))
@@ -68,6 +79,24 @@ class LLM:
             for completion in result.outputs:
                 completion.text = self.tokenizer.decode(completion.token_ids)
         return [results[r] for r in request_ids]
+
+    def embed(
+        self, inputs: Sequence[str | Sequence[int]], params: PoolingParams | None = None
+    ) -> list[list[float]]:
+        """One vector per input (text, or token ids), in input order, from an embedding model.
+
+        Texts longer than the model's context are refused, as the server does (no silent truncation)."""
+        params = params or PoolingParams()
+        token_inputs = [self.tokenizer.encode(i) if isinstance(i, str) else list(i) for i in inputs]
+        request_ids = [f"offline-{next(self._ids)}" for _ in token_inputs]
+        commands = [Encode(r, tuple(p), params) for r, p in zip(request_ids, token_inputs, strict=True)]
+        vectors: dict[str, list[float]] = {}
+        for event in self.engine.generate_sync(commands):
+            if isinstance(event, Failed):
+                raise GenerationFailed(f"{event.status}: {event.message}")
+            if isinstance(event, Pooled):
+                vectors[event.request_id] = list(event.data)
+        return [vectors[r] for r in request_ids]
 
     def chat(
         self, messages: Messages | Sequence[Messages], params: SamplingParams | None = None

@@ -10,6 +10,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from engine.engine import Engine, EngineConfig
 from engine.model_files import resolve_model
+from engine.offline import LLM, GenerationFailed
 from protocol.engine_api import Abort, Encode, Failed, Generate, Pooled, PoolingParams, SamplingParams
 from tests.engine.tiny_encoders import build_encoder_folder
 
@@ -133,3 +134,13 @@ def test_a_cross_encoder_scores_pairs_like_its_hf_reference(cross_encoder):
     for i in range(len(pairs)):
         assert pooled[f"logit{i}"][0] == pytest.approx(logits[i, 0].item(), abs=1e-5)
         assert pooled[f"score{i}"][0] == pytest.approx(torch.sigmoid(logits[i, 0]).item(), abs=1e-6)
+
+
+def test_offline_embed_returns_one_vector_per_input_in_order(minilm):
+    llm = LLM(engine=minilm)
+    vectors = llm.embed([SENTENCES[0], minilm.tokenizer.encode(SENTENCES[2])])
+    expected = reference_embeddings([SENTENCES[0], SENTENCES[2]])
+    assert (1 - (torch.tensor(vectors) * expected).sum(-1)).max() < 1e-5
+    assert len(llm.embed([SENTENCES[1]], PoolingParams(dimensions=None, normalize=False))[0]) == 384
+    with pytest.raises(GenerationFailed, match="maximum context length"):
+        llm.embed(["word " * 400])
