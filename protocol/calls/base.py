@@ -7,12 +7,15 @@ does IO and never raises: failures become OpenAI-shaped error responses.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protocol.engine_api import Command, Event
 from protocol.errors import ProtocolError
 from protocol.outputs import Body, EndResponse, Output, StartResponse
+
+logger = logging.getLogger(__name__)
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -74,6 +77,61 @@ class Call:
     def finished(self) -> bool:
         raise NotImplementedError
 
+
+
+class EngineCall(Call):
+    """A call with engine work in flight (generation, pooling): the event loop, aborts on disconnect.
+
+    Subclasses set `response_id` and `_done = False`, and give `_on_event` (one event -> outputs),
+    `_fail(error, failed_request_id)` (end the call with an error; sets `_done`) and `_aborts(exclude)`
+    (the `Abort`s for their unfinished engine requests). A bug while handling an event ends the call
+    with a 500 instead of escaping into the runtime.
+    """
+
+    response_id: str
+    _done: bool
+
+    def feed(self, events: Sequence[Event]) -> list[Output]:
+        outputs: list[Output] = []
+        for event in events:
+            if self._done:
+                break
+            try:
+                outputs.extend(self._on_event(event))
+            except Exception as exc:  # a bug in the core: answer it, never let it escape
+                logger.exception("failed while handling engine events of %s", self.response_id)
+                outputs.extend(self._fail(internal_error(exc), None))
+        return coalesce(outputs)
+
+    def disconnected(self) -> list[Command]:
+        if self._done:
+            return []
+        self._done = True
+        return list(self._aborts(exclude=None))
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def _on_event(self, event: Event) -> list[Output]:
+        raise NotImplementedError
+
+    def _fail(self, error: ProtocolError, failed_request_id: str | None) -> list[Output]:
+        raise NotImplementedError
+
+    def _aborts(self, exclude: str | None) -> Sequence[Command]:
+        raise NotImplementedError
+
+
+def coalesce(outputs: list[Output]) -> list[Output]:
+    """Merge neighbouring `Body` outputs: frames produced together go out in one write."""
+    merged: list[Output] = []
+    for output in outputs:
+        if isinstance(output, Body) and merged and isinstance(merged[-1], Body):
+            merged[-1] = Body(merged[-1].data + output.data)
+        else:
+            merged.append(output)
+    return merged
 
 class ImmediateCall(Call):
     """A response known when the request arrives: errors, /v1/models, /tokenize, /health, ..."""

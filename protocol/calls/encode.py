@@ -11,14 +11,13 @@ aborted); a disconnect aborts the requests still running; a bug while building t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.calls.base import JSON_CONTENT_TYPE, Call, CallIdentity, Headers, internal_error
+from protocol.calls.base import JSON_CONTENT_TYPE, CallIdentity, EngineCall, Headers
 from protocol.calls.pooling_inputs import EngineInput
-from protocol.engine_api import Abort, Command, Encode, Event, Failed, Pooled, PoolingParams
+from protocol.engine_api import Abort, Encode, Event, Failed, Pooled, PoolingParams
 from protocol.errors import ProtocolError
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
 from protocol.pooling_responses import (
@@ -29,8 +28,6 @@ from protocol.pooling_responses import (
     pooling_usage,
 )
 from protocol.responses import encode as encode_json
-
-logger = logging.getLogger(__name__)
 
 # the answers shaped `{id, object: "list", created, model, data, usage}`
 ListResponse = EmbeddingResponse | PoolingResponse | ClassificationResponse | ScoreResponse
@@ -71,7 +68,7 @@ class ReplyHead:
         return Reply(JSON_CONTENT_TYPE, encode_json(body))
 
 
-class EncodeCall(Call):
+class EncodeCall(EngineCall):
     def __init__(
         self,
         model: str,
@@ -95,28 +92,6 @@ class EncodeCall(Call):
 
     def start(self) -> list[Output]:
         return [Submit(self.encodes)]
-
-    def feed(self, events: Sequence[Event]) -> list[Output]:
-        outputs: list[Output] = []
-        for event in events:
-            if self._done:
-                break
-            try:
-                outputs.extend(self._on_event(event))
-            except Exception as exc:  # a bug in the core: answer it, never let it escape
-                logger.exception("failed while handling engine events of %s", self.response_id)
-                outputs.extend(self._fail(internal_error(exc), None))
-        return outputs
-
-    def disconnected(self) -> list[Command]:
-        if self._done:
-            return []
-        self._done = True
-        return list(self._aborts(exclude=None))
-
-    @property
-    def finished(self) -> bool:
-        return self._done
 
     # ---- events ----
 

@@ -7,15 +7,14 @@ at the end of a non-streamed response), so a `Failed` before that keeps its real
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
 
-from protocol.calls.base import JSON_CONTENT_TYPE, Call, CallSettings, Headers, internal_error
+from protocol.calls.base import JSON_CONTENT_TYPE, CallSettings, EngineCall, Headers
 from protocol.calls.sample import Sample, Step, TextOptions
-from protocol.engine_api import Abort, Command, Event, Failed, Generate, TokenLogprobs, Tokens
+from protocol.engine_api import Abort, Event, Failed, Generate, TokenLogprobs, Tokens
 from protocol.errors import ProtocolError
 from protocol.logprobs import TokenNames
 from protocol.model import ServedModel
@@ -23,8 +22,6 @@ from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
 from protocol.requests import ChatCompletionRequest, CompletionRequest
 from protocol.responses import PromptTokenUsageInfo, UsageInfo, encode, usage_chunk
 from protocol.sse import DONE_FRAME, SSE_HEADERS, data_frame, error_frame
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +63,7 @@ class EngineRequest:
             self.prompt_logprobs = event.prompt_logprobs
 
 
-class GenerationCall(Call):
+class GenerationCall(EngineCall):
     """Streams SSE chunks or answers one JSON body from the engine's events."""
 
     chunk_object: str = ""  # `object` of stream chunks (for the usage chunk)
@@ -125,30 +122,6 @@ class GenerationCall(Call):
 
     def start(self) -> list[Output]:
         return [Submit(tuple(request.generate for request in self.requests.values()))]
-
-    def feed(self, events: Sequence[Event]) -> list[Output]:
-        if self._done:
-            return []
-        outputs: list[Output] = []
-        try:
-            for event in events:
-                if self._done:
-                    break
-                outputs.extend(self._on_event(event))
-        except Exception as exc:  # a bug in the core: answer it, never let it escape
-            logger.exception("failed while handling engine events of %s", self.response_id)
-            outputs.extend(self._fail(internal_error(exc), None))
-        return _coalesce(outputs)
-
-    def disconnected(self) -> list[Command]:
-        if self._done:
-            return []
-        self._done = True
-        return list(self._aborts(exclude=None))
-
-    @property
-    def finished(self) -> bool:
-        return self._done
 
     # ---- for subclasses ----
 
@@ -260,14 +233,3 @@ class GenerationCall(Call):
             for request_id in self.requests
             if request_id in unfinished and request_id != exclude
         ]
-
-
-def _coalesce(outputs: list[Output]) -> list[Output]:
-    """Merge neighbouring `Body` outputs: frames produced together go out in one write."""
-    merged: list[Output] = []
-    for output in outputs:
-        if isinstance(output, Body) and merged and isinstance(merged[-1], Body):
-            merged[-1] = Body(merged[-1].data + output.data)
-        else:
-            merged.append(output)
-    return merged
