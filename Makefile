@@ -48,6 +48,16 @@ bench: $(STAMP)
 bench-serving: $(STAMP)
 	$(BIN)/python -m bench.serving
 
+# llama.cpp's llama-server beside ours and HF on the same GGUF and prompts, at 1 and 32 streams.
+# Benchmark-only: builds llama-server from the llama-cpp-python sdist on first use (needs cmake and
+# g++; cached in ~/.cache/sansllm/llama.cpp). LLAMA=avx2 or LLAMA=native,avx2 for the AVX2 build.
+LLAMA ?= native
+.PHONY: bench-llama
+bench-llama: $(STAMP)
+	$(BIN)/python -m bench.llama_server build $(LLAMA)
+	$(BIN)/python -m bench.serving --llama-server $(LLAMA) --concurrency 1 --num-prompts 8 $(ARGS)
+	$(BIN)/python -m bench.serving --llama-server $(LLAMA) --concurrency 32 --num-prompts 64 $(ARGS)
+
 .PHONY: bench-embeddings
 bench-embeddings: $(STAMP)
 	$(BIN)/python -m bench.embeddings --inputs-per-request 1,32 $(ARGS)

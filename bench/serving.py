@@ -13,6 +13,11 @@ times single-sequence TTFT on a few of them.
 with a unique salt in front of each copy (nothing cacheable: the "not cached" TTFT), then, after
 one request has warmed the cache, with the shared prompt as is. The second run's requests report
 `usage.prompt_tokens_details.cached_tokens`, and the table gives the TTFT ratio between the runs.
+
+`--llama-server native` (or `avx2`, or `native,avx2`) adds llama.cpp's `llama-server` as a peer,
+after our server (one process at a time): the same GGUF, prompts, client and request bodies
+(greedy, ignore_eos, max_tokens), C slots; its rows get the same metrics and ratios against ours.
+It is built from source on first use (`bench/llama_server.py`, cached).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 import msgspec
 import torch
 
+from bench import llama_server
 from bench.hf_baseline import HFBaseline, HFTokenizer
 from bench.model_files import DEFAULT_MODEL_NAME, concrete_dtype, resolve_model
 from bench.prompts import (
@@ -66,6 +72,8 @@ class ServingResult(msgspec.Struct, kw_only=True):
     hf_single_ttft: float | None = None  # median over the sampled prompts
     warm_cached_tokens: list[int] | None = None  # per request of the cached run (shared-prefix mode)
     prefix_tokens: int | None = None
+    requested_tokens: int | None = None  # output tokens the prompts ask for, per run
+    llama_commands: list[str] = msgspec.field(default_factory=list)  # how each llama-server ran
 
     def get(self, name: str) -> Summary | None:
         return next((s for s in self.summaries if s.name == name), None)
@@ -109,6 +117,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="after the main server, run the same prompts against a server started with these extra "
         "flags too (repeatable; e.g. '--model all-MiniLM-L6-v2': an idle model beside); each gets its "
         "own rows and its ratio to the main server",
+    )
+    parser.add_argument(
+        "--llama-server",
+        type=llama_server.parse_variants,
+        default=(),
+        metavar="none|native|avx2|native,avx2",
+        help="also run llama.cpp's llama-server on the same GGUF and prompts, built (cached) with these "
+        "variants: native = -march=native, avx2 = AVX2 path, no AVX-512 (default none)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the HF baseline")
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
@@ -175,27 +191,62 @@ def run_hf(args: argparse.Namespace, model: str, tokenizer: HFTokenizer, plan: P
 
 
 async def run_ours(
-    base_url: str, args: argparse.Namespace, plan: PromptPlan
+    base_url: str, args: argparse.Namespace, plan: PromptPlan, label: str = "ours"
 ) -> tuple[list[Summary], list[int]]:
+    """The plan's runs against an OpenAI-compatible server (ours or a peer), rows named as ours."""
     model = await served_model_name(base_url, prefer=args.model or DEFAULT_MODEL_NAME)
     await run_clients(base_url, model, [plan.warmup], 1)
     if plan.cold is None:
         print(
-            f"[ours] {len(plan.main)} requests, concurrency {args.concurrency}", file=sys.stderr, flush=True
+            f"[{label}] {len(plan.main)} requests, concurrency {args.concurrency}",
+            file=sys.stderr,
+            flush=True,
         )
         return [summarize(OURS, await run_clients(base_url, model, plan.main, args.concurrency))], []
-    print("[ours] shared prefix, not cached (salted copies)", file=sys.stderr, flush=True)
+    print(f"[{label}] shared prefix, not cached (salted copies)", file=sys.stderr, flush=True)
     cold = await run_clients(base_url, model, plan.cold, args.concurrency)
     assert plan.warmer is not None
     await run_clients(base_url, model, [plan.warmer], 1)
-    print("[ours] shared prefix, cached", file=sys.stderr, flush=True)
+    print(f"[{label}] shared prefix, cached", file=sys.stderr, flush=True)
     warm: list[RequestTiming] = await run_clients(base_url, model, plan.main, args.concurrency)
     return [summarize(OURS_COLD, cold), summarize(OURS_WARM, warm)], [t.cached_tokens for t in warm]
+
+
+def llama_name(name: str, variant: str) -> str:
+    """The row name of a llama-server run: ours with the backend swapped ("llama-server native, prefix cached")."""
+    return f"llama-server {variant}" + name.removeprefix(OURS)
+
+
+def longest_prompt(plan: PromptPlan) -> int:
+    prompts = [*plan.main, *(plan.cold or ()), plan.warmup, *([plan.warmer] if plan.warmer else [])]
+    return max(len(p.token_ids) for p in prompts)
+
+
+def run_llama(
+    args: argparse.Namespace, binaries: dict[str, Path], model_path: str, plan: PromptPlan
+) -> tuple[list[Summary], list[str]]:
+    """The plan against llama-server, once per built variant, with C slots sized for the longest request."""
+    if Path(model_path).suffix != ".gguf":
+        raise SystemExit(f"--llama-server needs a GGUF model; {model_path} is not one")
+    per_slot = llama_server.context_per_slot(longest_prompt(plan), max(p.output_len for p in plan.main))
+    summaries: list[Summary] = []
+    commands: list[str] = []
+    for variant, binary in binaries.items():
+        server = llama_server.LlamaServer.for_model(
+            binary, model_path, args.concurrency, per_slot, alias=args.model or DEFAULT_MODEL_NAME
+        )
+        commands.append(f"{variant}: `{shlex.join(server.command)}`")
+        with server:
+            rows, _ = asyncio.run(run_ours(server.base_url, args, plan, label=f"llama-server {variant}"))
+        summaries += [msgspec.structs.replace(s, name=llama_name(s.name, variant)) for s in rows]
+    return summaries, commands
 
 
 def run(args: argparse.Namespace) -> ServingResult:
     if args.threads:
         torch.set_num_threads(args.threads)
+    # built (or found cached) first: a build failure must not come after minutes of measuring
+    binaries = {variant: llama_server.build(variant) for variant in args.llama_server}
     served = args.model or DEFAULT_MODEL_NAME
     model_path = resolve_model(args.model)
     tokenizer = HFTokenizer(model_path)
@@ -224,12 +275,18 @@ def run(args: argparse.Namespace) -> ServingResult:
                 extra, _ = asyncio.run(run_ours(server.base_url, args, plan))
             ours += [msgspec.structs.replace(s, name=variant_name(s.name, variant)) for s in extra]
     summaries.extend(ours)
+    llama_commands: list[str] = []
+    if binaries:
+        peers, llama_commands = run_llama(args, binaries, model_path, plan)
+        summaries.extend(peers)
     return ServingResult(
         concurrency=args.concurrency,
         summaries=summaries,
         hf_single_ttft=hf_single_ttft,
         warm_cached_tokens=cached or None,
         prefix_tokens=plan.prefix_tokens,
+        requested_tokens=sum(p.output_len for p in plan.main),
+        llama_commands=llama_commands,
     )
 
 
@@ -284,9 +341,39 @@ def render(args: argparse.Namespace, result: ServingResult) -> str:
                     f"TPOT {ms(other.tpot_mean)} / {ms(base.tpot_mean)} ms; "
                     f"TTFT p50 {ms(other.ttft_p50)} / {ms(base.ttft_p50)} ms"
                 )
+    lines += llama_lines(args, result)
     if lines:
         blocks.append("Ratios:\n\n" + "\n".join(lines))
+    if result.llama_commands:
+        blocks.append(
+            "llama-server (llama.cpp from llama-cpp-python "
+            f"{llama_server.LLAMA_CPP_PYTHON_VERSION}, computing on the GGUF's quantized blocks), as started:"
+            "\n\n" + "\n".join(f"- {command}" for command in result.llama_commands)
+        )
     return "\n\n".join(blocks)
+
+
+def llama_lines(args: argparse.Namespace, result: ServingResult) -> list[str]:
+    """Ours against each llama-server variant: throughput, TTFT and ITL ratios; a warning on unequal outputs."""
+    lines = []
+    for variant in getattr(args, "llama_server", ()):
+        for plain in (OURS, OURS_COLD, OURS_WARM):
+            ours, peer = result.get(plain), result.get(llama_name(plain, variant))
+            if not (ours and peer):
+                continue
+            lines.append(
+                f"- {ours.name} / {peer.name}: output tok/s {fmt(ours.output_tok_s)} / {fmt(peer.output_tok_s)} = "
+                f"x{fmt(ratio(ours.output_tok_s, peer.output_tok_s), 2)} (higher is better); "
+                f"TTFT p50 x{fmt(ratio(ours.ttft_p50, peer.ttft_p50), 2)}, "
+                f"ITL p50 x{fmt(ratio(ours.itl_p50, peer.itl_p50), 2)}, "
+                f"ITL p99 x{fmt(ratio(ours.itl_p99, peer.itl_p99), 2)} (lower is better)"
+            )
+            if result.requested_tokens is not None and peer.output_tokens != result.requested_tokens:
+                lines.append(
+                    f"- WARNING: {peer.name} returned {peer.output_tokens} output tokens, "
+                    f"{result.requested_tokens} were asked for: its tok/s is not like for like"
+                )
+    return lines
 
 
 def run_and_report(argv: Sequence[str]) -> tuple[ServingResult, str]:
