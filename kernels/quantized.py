@@ -3,22 +3,27 @@
 On the CPU the C++ kernels of `kernels/cpu_ops/quant_linear.cpp` take Q8_0, Q4_0 and Q4_1 with
 float32 or bfloat16 activations (int8-quantized activations, integer dot products; see that file for
 the error this adds); everything else, and every call where the C++ kernels did not build, runs the
-torch reference (`kernels.torch_ops.quantized`: dequantize, then matmul).
+torch reference (`kernels.torch_ops.quantized`: dequantize, then matmul). On CUDA tensors the triton
+kernel of `kernels/triton_ops/quantized.py` takes Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K (dequantized
+in registers, tile by tile).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
 from kernels import cpu_ops
-from kernels.dispatch import use_cpp
+from kernels.dispatch import use_cpp, use_triton
 from kernels.torch_ops import quantized as torch_quantized
 
 # GGML type ids the C++ kernels take
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
 CPP_QTYPES = frozenset({Q4_0, Q4_1, Q8_0})
+# the triton kernel's (`kernels.triton_ops.quantized`), run on CUDA tensors
+TRITON_QTYPES = frozenset({Q4_0, Q4_1, Q8_0, 12, 13, 14})  # + Q4_K, Q5_K, Q6_K
 
 # the C++ kernel's paths, best last; `isa=` or SANSLLM_QUANT_ISA forces one (tests, benchmarks)
 ISAS = ("plain", "avx2", "avx512_vnni")
@@ -60,6 +65,10 @@ def quant_linear(
     "avx2", "avx512_vnni"; an error where this CPU lacks it, or where the C++ kernels are unavailable).
     """
     qtype = int(qtype)
+    if isa is None and qtype in TRITON_QTYPES and use_triton(x):
+        # imported on first use, so CPU-only processes never load triton
+        triton_quantized = importlib.import_module("kernels.triton_ops.quantized")
+        return triton_quantized.quant_linear(x, qweight, qtype, out_features, in_features)
     if (
         qtype in CPP_QTYPES
         and use_cpp(x)
