@@ -1,5 +1,5 @@
 """The reference for the quantized linear kernels: GGUF blocks dequantized with torch tensor ops, then a
-float32 matmul.
+float32 matmul (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; F16, BF16 and F32 as they are).
 
 Pure torch (no numpy, no `gguf`), so it runs where the weights are, CUDA included, and serves as the
 fallback for every format a faster kernel lacks. Byte layouts are llama.cpp's (ggml-common.h), as the
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 # GGML type ids
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 
 # qtype -> (elements per block, bytes per block)
 BLOCK_SIZES: dict[int, tuple[int, int]] = {
@@ -25,6 +25,8 @@ BLOCK_SIZES: dict[int, tuple[int, int]] = {
     BF16: (1, 2),
     Q4_0: (32, 18),
     Q4_1: (32, 20),
+    Q5_0: (32, 22),
+    Q5_1: (32, 24),
     Q8_0: (32, 34),
     Q4_K: (256, 144),
     Q5_K: (256, 176),
@@ -68,6 +70,23 @@ def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
     """20 bytes: scale d, minimum m (f16), 16 bytes of 4-bit q; x = d * q + m."""
     return _fp16(blocks, 0) * _nibbles(blocks[:, 4:20]).float() + _fp16(blocks, 2)
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1's 4 bytes (a little-endian uint32) -> [n_blocks, 32]: bit i is element i's fifth bit."""
+    return ((qh[:, :, None] >> _shifts(list(range(8)), qh.device)) & 0x01).reshape(-1, 32)
+
+
+def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    """22 bytes: scale d (f16), 4 bytes of fifth bits, 16 bytes of nibbles; x = d * (q - 16)."""
+    q = _nibbles(blocks[:, 6:22]) | (_fifth_bits(blocks[:, 2:6]) << 4)
+    return _fp16(blocks, 0) * (q.float() - 16.0)
+
+
+def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    """24 bytes: scale d, minimum m (f16), 4 bytes of fifth bits, 16 bytes of nibbles; x = d * q + m."""
+    q = _nibbles(blocks[:, 8:24]) | (_fifth_bits(blocks[:, 4:8]) << 4)
+    return _fp16(blocks, 0) * q.float() + _fp16(blocks, 2)
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -125,6 +144,8 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
 _DEQUANTIZERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     Q4_0: _q4_0,
     Q4_1: _q4_1,
+    Q5_0: _q5_0,
+    Q5_1: _q5_1,
     Q8_0: _q8_0,
     Q4_K: _q4_k,
     Q5_K: _q5_k,

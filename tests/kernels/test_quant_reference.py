@@ -31,9 +31,19 @@ from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-QUANTIZED = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+TRITON_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+QUANTIZED = [*TRITON_TYPES, Q.Q5_0, Q.Q5_1]  # the torch path's
 # byte offsets of each block's float16 scales (d, and the min / dmin where the format has one)
-SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+SCALE_OFFSETS = {
+    Q.Q4_0: (0,),
+    Q.Q4_1: (0, 2),
+    Q.Q5_0: (0,),
+    Q.Q5_1: (0, 2),
+    Q.Q8_0: (0,),
+    Q.Q4_K: (0, 2),
+    Q.Q5_K: (0, 2),
+    Q.Q6_K: (208,),
+}
 
 
 def _block_elements(qtype: Q) -> int:
@@ -72,7 +82,9 @@ def test_dequantize_random_blocks_matches_gguf_exactly(qtype, blocks_per_row):
     assert torch.equal(got, _expected(blocks, qtype, out_features, in_features))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.BF16, Q.F16, Q.F32], ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    "qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.BF16, Q.F16, Q.F32], ids=lambda q: q.name
+)
 def test_dequantize_quantized_real_values_matches_gguf_exactly(qtype):
     """Blocks the package itself quantized from normal values (the formats it can quantize)."""
     rng = np.random.default_rng(int(qtype))
@@ -90,10 +102,12 @@ def test_float_passthrough_takes_raw_bytes_too():
 
 
 def test_unsupported_type_names_it():
-    with pytest.raises(ValueError, match="Q5_0"):
-        torch_quantized.dequantize(torch.zeros(22, dtype=torch.uint8), int(Q.Q5_0), 1, 32)
+    with pytest.raises(ValueError, match="IQ4_NL"):
+        torch_quantized.dequantize(torch.zeros(18, dtype=torch.uint8), int(Q.IQ4_NL), 1, 32)
     with pytest.raises(ValueError, match="Q3_K"):
         torch_quantized.quant_linear(torch.zeros(1, 256), torch.zeros(110, dtype=torch.uint8), 11, 1, 256)
+    with pytest.raises(ValueError, match="Q5_0"):
+        triton_quantized.quant_linear(torch.zeros(1, 32), torch.zeros(22, dtype=torch.uint8), 6, 1, 32)
     with pytest.raises(ValueError, match="Q2_K"):
         triton_quantized.quant_linear(torch.zeros(1, 256), torch.zeros(84, dtype=torch.uint8), 10, 1, 256)
 
@@ -118,7 +132,7 @@ def test_torch_quant_linear_is_dequantize_then_float32_matmul():
 
 
 def _triton_cases():
-    for qtype in QUANTIZED:
+    for qtype in TRITON_TYPES:
         widths = (256, 512) if _block_elements(qtype) == 256 else (32, 96)
         for in_features in widths:
             for rows in (1, 3, 17):
