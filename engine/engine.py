@@ -74,6 +74,8 @@ class EngineConfig:
     num_threads: int | None = 0
     # kernels whose result for a row does not depend on the rest of the batch (process-wide, slower)
     batch_invariant: bool = False
+    # GGUF weights stay in their quantized blocks (False: dequantized to `dtype` at load, as --dequantize)
+    keep_quantized: bool = False  # TODO(issue 7): True once the float-activation GEMV lands
 
 
 # Tokens per encoder step. An encoder input runs whole, so the budget only bounds how many inputs
@@ -226,7 +228,9 @@ class Engine:
         source = loaded.source if loaded else resolve_model(config.model)
         if loaded is None:
             logger.info("loading %s from %s", source.name, source.path)
-        loaded = loaded or load_model(source, config.dtype, config.device, config.progress, config.convert)
+        loaded = loaded or load_model(
+            source, config.dtype, config.device, config.progress, config.convert, config.keep_quantized
+        )
         if not config.batch_invariant:
             loaded.model.pack_weights()
         kernels.prepare(next(loaded.model.parameters()).device)

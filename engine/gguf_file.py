@@ -23,6 +23,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 from tqdm import tqdm
 
 from engine.model_config import ModelConfig, unsupported
+from engine.quantized_weights import QuantizedTensor, can_keep
 
 # GGUF general.architecture -> HF architecture
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -116,21 +117,40 @@ class GGUFModel:
                 return torch.from_numpy(np.array(_dequantize(tensor))).flatten()
         return None
 
-    def weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, tensor in `dtype`) for every weight, dequantizing as we go."""
+    def quantized_names(self) -> dict[str, int]:
+        """HF name -> GGML type of every 2-D tensor that `weights(keep_quantized=True)` yields quantized."""
+        return {
+            hf_name(t.name): int(t.tensor_type)
+            for t in self.reader.tensors
+            if t.name != ROPE_FREQS and len(t.shape) == 2 and can_keep(int(t.tensor_type), int(t.shape[0]))
+        }
+
+    def weights(
+        self, dtype: torch.dtype, progress: bool = True, keep_quantized: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """Yield (HF name, tensor in `dtype`) for every weight, dequantizing as we go; with
+        `keep_quantized`, the tensors `quantized_names()` lists come as `QuantizedTensor`s instead
+        (their blocks copied out of the file, rows in HF order)."""
         cfg = self.config
         permute = self.gguf_architecture == "llama"
+        kept = self.quantized_names() if keep_quantized else {}
         tensors = [t for t in self.reader.tensors if t.name != ROPE_FREQS]
         bar = tqdm(tensors, desc=f"Loading {self.path.name}", unit="tensor", disable=not progress)
         for tensor in bar:
             name = hf_name(tensor.name)
-            weights = _dequantize(tensor)
+            quantized = name in kept
+            weights = np.asarray(tensor.data) if quantized else _dequantize(tensor)
             if permute and ".q_proj." in name:
                 weights = unpermute_rotary(weights, cfg.num_attention_heads)
             elif permute and ".k_proj." in name:
                 weights = unpermute_rotary(weights, cfg.num_key_value_heads)
-            # float tensors come back as read-only views of the file: copy them into torch
-            yield name, torch.from_numpy(np.array(weights, copy=not weights.flags.writeable)).to(dtype)
+            # float tensors and blocks come back as read-only views of the file: copy them into torch
+            values = torch.from_numpy(np.array(weights, copy=not weights.flags.writeable))
+            if quantized:
+                rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
+                yield name, QuantizedTensor(values, kept[name], rows, cols)
+            else:
+                yield name, values.to(dtype)
 
 
 def hf_name(gguf_name: str) -> str:

@@ -24,6 +24,7 @@ from engine.gguf_file import GGUFModel
 from engine.model_config import ModelConfig
 from engine.model_files import ModelSource
 from engine.models.llama import LlamaForCausalLM
+from engine.quantized_weights import QuantizedTensor
 from engine.registry import ArchitectureSupport, Convert, architecture_support, encoder_architecture
 from engine.tokenizer import HFTokenizer
 
@@ -119,8 +120,13 @@ def load_model(
     device: str = "auto",
     progress: bool = True,
     convert: Convert = "auto",
+    keep_quantized: bool = True,
 ) -> LoadedModel:
-    """Read config, weights (dequantizing GGUF) and tokenizer; the model comes back in eval mode."""
+    """Read config, weights and tokenizer; the model comes back in eval mode.
+
+    GGUF tensors in the formats the kernels run (`engine.quantized_weights.KEPT_QUANTIZED`) stay in
+    their blocks unless `keep_quantized` is False (then every weight is dequantized to `dtype` at
+    load: exactness checks, and the old behaviour)."""
     dev = resolve_device(device)
     clock = _PhaseClock(source.name)
     if source.kind == "gguf":
@@ -136,10 +142,11 @@ def load_model(
             )
             # float32 as dequantized: the copy into the model's parameters converts to `torch_dtype`
             # (the same rounding as a `.to`) without a second full-size temporary per tensor
-            model = build_model(
-                config, torch_dtype, dev, gguf.rope_freq_factors(), gguf.weights(torch.float32, progress)
-            )
-            clock.lap(f"dequantized and loaded the weights ({torch_dtype}; the tokenizer alongside)")
+            weights = gguf.weights(torch.float32, progress, keep_quantized)
+            quantized = gguf.quantized_names() if keep_quantized else {}
+            model = build_model(config, torch_dtype, dev, gguf.rope_freq_factors(), weights, quantized)
+            how = "kept quantized" if quantized else "dequantized"
+            clock.lap(f"loaded the weights ({how}, {torch_dtype}; the tokenizer alongside)")
             tokenizer = tokenizer_job.result()
         clock.lap("built the tokenizer (waited for it)")
         defaults = generation_defaults(source.folder / "generation_config.json")
@@ -235,17 +242,22 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     rope_freq_factors: torch.Tensor | None,
-    weights: Iterator[tuple[str, torch.Tensor]],
+    weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]],
+    quantized: dict[str, int] | None = None,
 ) -> LlamaForCausalLM:
+    """The model on `device` in `dtype`, filled from `weights`; `quantized` names the checkpoint
+    tensors that arrive as `QuantizedTensor`s (their layers allocate no float weight)."""
     with torch.device("meta"), _skip_random_init():
         model = _MetaLlamaForCausalLM(config)
         model.__class__ = LlamaForCausalLM
+        if quantized:
+            model.expect_quantized(quantized)
         # dtype first, on meta (free), so the real memory is allocated once, in `dtype`
         model = model.to(dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty unties shared parameters
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope(rope_freq_factors)  # computed, not loaded: the meta build left it empty
-    model.load_weights((name, tensor.to(device)) for name, tensor in weights)
+    model.load_weights((name, tensor.to(device)) for name, tensor in weights)  # type: ignore[misc]
     return model.eval().requires_grad_(False)
 
 
@@ -255,7 +267,7 @@ class _MetaLlamaForCausalLM(LlamaForCausalLM):
     seconds of a cold start). `build_model` gives the result the real class back."""
 
     def init_rope(self, rope_freq_factors: torch.Tensor | None = None) -> None:
-        if not self.model.embed_tokens.weight.is_meta:
+        if not self.model.norm.weight.is_meta:
             super().init_rope(rope_freq_factors)
 
 

@@ -285,6 +285,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     eng.add_argument(
         "--batch-invariant", action="store_true", help="results independent of batch composition"
     )
+    eng.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="dequantize GGUF weights at load (to --dtype) instead of running on their quantized "
+        "blocks: slower and several times the memory, for exactness checks",
+    )
 
     parser.add_argument(
         "--log-level",

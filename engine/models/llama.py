@@ -17,6 +17,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, attend
 from engine.model_config import ModelConfig
 from engine.models import ops
+from engine.quantized_weights import QuantizedEmbedding, QuantizedMatrix, QuantizedTensor
 from engine.rope import cos_sin_cache, inverse_frequencies
 
 # checkpoint name fragment -> (our parameter fragment, slice index in the stacked matrix)
@@ -30,22 +31,47 @@ _STACKED = {
 
 
 class Linear(nn.Module):
-    """`nn.Linear`'s parameters, computed by `kernels.linear` (which has a batch-invariant mode)."""
+    """`nn.Linear`'s parameters, computed by `kernels.linear` (which has a batch-invariant mode); or,
+    for GGUF weights kept quantized, the blocks as they are (`quant`, run by `kernels.quant_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: torch.Tensor | None = None  # the weight in the device's faster layout, once packed
+        self.quant: QuantizedMatrix | None = None
+        self._quant_parts: list[QuantizedTensor | None] | None = None  # filled while loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            out = self.quant(x)
+            return out if self.bias is None else out + self.bias
         return ops.linear(x, self.weight, self.bias, self.packed)
+
+    def expect_quantized(self, parts: int) -> None:
+        """Before the model is allocated (on meta): the weight will arrive as `parts` quantized
+        tensors, so no float copy of it is ever allocated."""
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        self._quant_parts = [None] * parts
+
+    @property
+    def expects_quantized(self) -> bool:
+        return self._quant_parts is not None
+
+    def load_quantized(self, index: int, tensor: QuantizedTensor) -> None:
+        """Take part `index` of a weight announced by `expect_quantized`; the last part completes it."""
+        assert self._quant_parts is not None
+        self._quant_parts[index] = tensor
+        if all(part is not None for part in self._quant_parts):
+            self.quant = QuantizedMatrix([part for part in self._quant_parts if part is not None])
+            self._quant_parts = None
 
     def pack(self, *, keep_weight: bool, float32: bool = False) -> None:
         """Switch to the packed layout where the device has one; drop the plain weight unless it is shared.
 
         `float32`: pack float32 weights too (see `kernels.pack_linear_weight`)."""
-        if self.packed is not None:
+        if self.packed is not None or self.quant is not None:
             return
         self.packed = ops.pack_linear_weight(self.weight, float32=float32)
         if self.packed is not None and not keep_weight:
@@ -156,7 +182,7 @@ class LlamaForCausalLM(nn.Module):
         inv_freq = inverse_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings, rope_freq_factors
         )
-        device = self.model.embed_tokens.weight.device
+        device = self.model.norm.weight.device
         table = cos_sin_cache(inv_freq, cfg.max_position_embeddings).to(device)
         self.register_buffer("rope_cache", table, persistent=False)
 
@@ -177,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         For serving, after loading: the plain copies are freed (the tied lm_head keeps the embedding's),
         so the packed model cannot load weights or switch to batch-invariant mode afterwards.
         """
-        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        tied = self.lm_head.weight is getattr(self.model.embed_tokens, "weight", None)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack(keep_weight=module is self.lm_head and tied)
@@ -186,8 +212,27 @@ class LlamaForCausalLM(nn.Module):
         """[N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (transformers names) into our parameters; every one must be filled."""
+    def expect_quantized(self, names: dict[str, int]) -> None:
+        """Before allocation (on meta): the checkpoint tensors `names` (transformers names -> GGML
+        type) will arrive quantized. A projection stays quantized when all its stacked parts do, the
+        embedding when it does; the rest is dequantized as it arrives."""
+        for target in {parameter_for(name)[0] for name in names}:
+            parts = _parts(target)
+            sources = [name for name in names if parameter_for(name)[0] == target]
+            module = self.get_submodule(target.removesuffix(".weight"))
+            if isinstance(module, Linear) and len(sources) == parts:
+                module.expect_quantized(parts)
+        if "model.embed_tokens.weight" in names:
+            embedding = self.model.embed_tokens
+            embedding.weight = nn.Parameter(embedding.weight.new_empty(0), requires_grad=False)
+            if self.config.tie_word_embeddings:
+                self.lm_head.expect_quantized(1)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
+        """Copy checkpoint tensors (transformers names) into our parameters; every one must be filled.
+
+        A `QuantizedTensor` goes to a layer announced by `expect_quantized` as it is, and is
+        dequantized into any other."""
         params = dict(self.named_parameters())
         missing = {(name, i) for name in params for i in range(_parts(name))}
         if self.config.tie_word_embeddings:
@@ -197,13 +242,14 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue  # some tied checkpoints still store a copy
-            target, index = name, 0
-            for fragment, (stacked, i) in _STACKED.items():
-                if fragment in name:
-                    target, index = name.replace(fragment, stacked), i
-                    break
+            target, index = parameter_for(name)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+            if isinstance(tensor, QuantizedTensor) and self._take_quantized(target, index, tensor):
+                missing.discard((target, index))
+                continue
+            if isinstance(tensor, QuantizedTensor):
+                tensor = tensor.dequantize()
             param = params[target]
             dest = _stacked_slice(self, target, param, index) if _parts(target) > 1 else param.data
             _copy(dest, tensor, name)
@@ -211,6 +257,41 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             names = sorted(f"{name}[{i}]" if _parts(name) > 1 else name for name, i in missing)
             raise ValueError(f"checkpoint lacks tensors for: {', '.join(names[:8])}")
+
+    def _take_quantized(self, target: str, index: int, tensor: QuantizedTensor) -> bool:
+        """Keep `tensor` quantized where `expect_quantized` said it would be; False if not."""
+        if target == "model.embed_tokens.weight":
+            if self.model.embed_tokens.weight.numel() != 0:
+                return False
+            dtype = self.model.norm.weight.dtype
+            self.model.embed_tokens = QuantizedEmbedding(tensor, dtype)
+            if self.lm_head.expects_quantized:
+                self.lm_head.load_quantized(0, tensor)
+            return True
+        module = self.get_submodule(target.removesuffix(".weight"))
+        if not (isinstance(module, Linear) and module.expects_quantized):
+            return False
+        _check_rows(self, target, index, tensor)
+        module.load_quantized(index, tensor)
+        return True
+
+
+def parameter_for(name: str) -> tuple[str, int]:
+    """A checkpoint tensor's (our parameter, slice index in it): q/k/v and gate/up are stacked."""
+    for fragment, (stacked, i) in _STACKED.items():
+        if fragment in name:
+            return name.replace(fragment, stacked), i
+    return name, 0
+
+
+def _check_rows(model: LlamaForCausalLM, target: str, index: int, tensor: QuantizedTensor) -> None:
+    module = model.get_submodule(target.removesuffix(".weight"))
+    rows = _slice_sizes(model, target)[index] if _parts(target) > 1 else module.out_features
+    if (tensor.rows, tensor.cols) != (rows, module.in_features):
+        raise ValueError(
+            f"checkpoint tensor for {target}[{index}] has shape {(tensor.rows, tensor.cols)}, "
+            f"expected {(rows, module.in_features)}"
+        )
 
 
 def _parts(name: str) -> int:
@@ -220,12 +301,15 @@ def _parts(name: str) -> int:
     return 2 if ".gate_up_proj." in name else 1
 
 
-def _stacked_slice(model: LlamaForCausalLM, target: str, param: torch.Tensor, index: int) -> torch.Tensor:
+def _slice_sizes(model: LlamaForCausalLM, target: str) -> list[int]:
     if ".qkv_proj." in target:
         cfg = model.config
-        sizes = [cfg.num_attention_heads * cfg.head_dim, *2 * [cfg.num_key_value_heads * cfg.head_dim]]
-    else:
-        sizes = [model.config.intermediate_size] * 2
+        return [cfg.num_attention_heads * cfg.head_dim, *2 * [cfg.num_key_value_heads * cfg.head_dim]]
+    return [model.config.intermediate_size] * 2
+
+
+def _stacked_slice(model: LlamaForCausalLM, target: str, param: torch.Tensor, index: int) -> torch.Tensor:
+    sizes = _slice_sizes(model, target)
     start = sum(sizes[:index])
     return param.data[start : start + sizes[index]]
 
