@@ -108,10 +108,11 @@ class Scheduler:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         long_prefill_token_threshold: int = 0,
-        prefill_limit: Callable[[int], int] | None = None,
+        prefill_limit: Callable[[int, int], int] | None = None,
     ) -> None:
-        """`prefill_limit(num_decodes)`: the most prompt tokens a step may prefill beside that many
-        decoding sequences (`engine.step_budget.StepBudget.prefill_tokens`); None: the whole budget."""
+        """`prefill_limit(num_decodes, backlog)`: the most prompt tokens a step may prefill beside that
+        many decoding sequences while `backlog` prompt tokens wait to be computed
+        (`engine.step_budget.StepBudget.prefill_tokens`); None: the whole budget."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
         self.kv = kv
@@ -188,7 +189,7 @@ class Scheduler:
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for position, seq in enumerate(decoding + prefilling):
             if position == len(decoding) and self.prefill_limit is not None:
-                budget = min(budget, self.prefill_limit(len(chunks)))
+                budget = min(budget, self.prefill_limit(len(chunks), self._backlog(prefilling)))
             if budget <= 0:
                 break
             if seq.status is not Status.RUNNING:
@@ -214,7 +215,7 @@ class Scheduler:
 
         # 2. Waiting sequences, best (priority, arrival) first, while budget, seats and blocks last.
         if not prefilling and self.prefill_limit is not None:  # the limit was not applied above
-            budget = min(budget, self.prefill_limit(len(chunks)))
+            budget = min(budget, self.prefill_limit(len(chunks), self._backlog(prefilling)))
         if not preempted:
             while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 *_, seq = self._waiting[0]
@@ -241,6 +242,13 @@ class Scheduler:
                 budget -= want
 
         return SchedulerOutput(chunks, preempted)
+
+    def _backlog(self, prefilling: list[Sequence]) -> int:
+        """Prompt tokens still to compute: of running prefills and of waiting sequences (counting a
+        waiting prompt whole: its prefix-cache hits are known only once it is scheduled)."""
+        running = sum(s.num_tokens - s.num_computed_tokens for s in prefilling)
+        waiting = sum(s.num_tokens for *_, s in self._waiting if s.status is Status.WAITING)
+        return running + waiting
 
     def advance(self, chunks: Seq[ScheduledChunk]) -> None:
         """Record that the scheduled tokens were computed (their blocks were published when scheduled)."""

@@ -30,6 +30,30 @@ def test_without_decodes_or_knowledge_or_when_disabled_the_whole_budget_applies(
     assert learned(1000).prefill_tokens(500) == 12  # never past the token budget
 
 
+def test_a_backlog_of_prompts_is_spread_over_the_next_steps_above_the_bound():
+    budget = learned(2.5)  # the bound alone: 75 tokens
+    assert budget.prefill_tokens(32, backlog=100) == 75  # the bound is the floor
+    assert budget.prefill_tokens(32, backlog=1000) == 250  # a quarter of the backlog each step
+    assert budget.prefill_tokens(32, backlog=10_000) == 480  # never past the token budget
+
+
+def test_the_scheduler_tells_the_limit_how_many_prompt_tokens_wait():
+    seen = []
+
+    def limit(decodes: int, backlog: int) -> int:
+        seen.append((decodes, backlog))
+        return 4
+
+    s = make(max_num_batched_tokens=64, prefill_limit=limit)
+    s.add(seq("a", 3))
+    step(s)
+    s.add(seq("b", 20, start=100))
+    s.add(seq("c", 30, start=200))
+    step(s)  # a decodes; b and c wait whole
+    step(s)  # b has 4 of its 20 computed; c still waits
+    assert seen[-2:] == [(1, 50), (1, 46)]
+
+
 def test_costs_follow_the_machine_smoothly():
     budget = learned()
     budget.observe(32, 0, 0.100)  # one slow decode step moves the estimate a fifth of the way
@@ -39,7 +63,7 @@ def test_costs_follow_the_machine_smoothly():
 
 
 def test_the_scheduler_gives_prompts_only_what_the_limit_allows_beside_decodes():
-    s = make(max_num_batched_tokens=64, prefill_limit=lambda decodes: 5 if decodes else 64)
+    s = make(max_num_batched_tokens=64, prefill_limit=lambda decodes, backlog: 5 if decodes else 64)
     a = seq("a", 3)
     s.add(a)
     assert [c.num_tokens for c in step(s).chunks] == [3]  # alone: the whole budget
