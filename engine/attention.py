@@ -116,11 +116,20 @@ def build_step(kv_cache: PagedKVCache, spans: Sequence[SequenceSpan]) -> StepInp
 
 
 def attend(
-    layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Store this layer's new keys/values in the paged cache, then attend over each sequence's cache.
+    """Store this layer's new keys/values in the paged cache, then attend over each sequence's cache
+    (only its last `sliding_window` positions up to each token's own, for a local layer).
 
     q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads, head_dim].
+    The cache keeps every block of a windowed layer too: freeing blocks that fell out of every
+    layer's window is left to the cache manager (not done yet).
     """
     key_cache, value_cache = meta.kv_cache.layers[layer]
     kernels.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
@@ -134,4 +143,5 @@ def attend(
         scale,
         meta.max_query_len,
         meta.max_seq_len,
+        sliding_window,
     )

@@ -13,6 +13,7 @@ from kernels.mode import batch_invariant, is_batch_invariant, set_batch_invarian
 from kernels.ops import (
     apply_penalties,
     apply_sampling_masks,
+    gelu_tanh_and_mul,
     linear,
     pack_linear_weight,
     paged_attention,
@@ -32,6 +33,7 @@ __all__ = [
     "apply_sampling_masks",
     "batch_invariant",
     "compute_cos_sin_cache",
+    "gelu_tanh_and_mul",
     "get_backend",
     "is_batch_invariant",
     "linear",

@@ -80,6 +80,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return activation.silu_and_mul(x)
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2*d] -> [..., d]: gelu(gate, tanh approximation) * up (Gemma's MLP). On the CPU the torch
+    path (gelu, then an in-place product) serves: there is no C++ kernel for it yet."""
+    if use_triton(x):
+        return _triton("activation").gelu_tanh_and_mul(x)
+    return activation.gelu_tanh_and_mul(x)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -150,18 +158,23 @@ def paged_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal varlen attention over the paged cache (prefill, chunked prefill, decode; GQA)."""
+    """Causal varlen attention over the paged cache (prefill, chunked prefill, decode; GQA); with
+    `sliding_window` W each token sees only the last W positions up to its own (None: all)."""
     args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len, max_seq_len)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1 (or None), got {sliding_window}")
+    window = {"sliding_window": sliding_window}
     if use_triton(query):
-        return _triton("attention").paged_attention(*args, batch_invariant=is_batch_invariant())
+        return _triton("attention").paged_attention(*args, batch_invariant=is_batch_invariant(), **window)
     built = _cpp(query)
     if is_batch_invariant():
         decode = None if built is None else cpu_attention.decode_rows(built)
-        return attention.paged_attention_batch_invariant(*args, decode=decode)
+        return attention.paged_attention_batch_invariant(*args, decode=decode, **window)
     if built is not None:
-        return cpu_attention.paged_attention(built, *args)
-    return attention.paged_attention(*args)
+        return cpu_attention.paged_attention(built, *args, **window)
+    return attention.paged_attention(*args, **window)
 
 
 def sample(

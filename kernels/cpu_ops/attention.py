@@ -24,6 +24,7 @@ def decode_rows(ops: Any) -> torch_attention.DecodeAttention:
         seq_lens: torch.Tensor,
         scale: float,
         max_seq_len: int,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         return ops.paged_decode_attention(
             query.contiguous(),
@@ -32,11 +33,12 @@ def decode_rows(ops: Any) -> torch_attention.DecodeAttention:
             block_tables.to(torch.int32).contiguous(),
             seq_lens.to(torch.int32).contiguous(),
             scale,
+            -1 if sliding_window is None else sliding_window,
         )
 
     return decode
 
 
-def paged_attention(ops: Any, *args: Any) -> torch.Tensor:
+def paged_attention(ops: Any, *args: Any, sliding_window: int | None = None) -> torch.Tensor:
     """`kernels.torch_ops.attention.paged_attention(*args)` with its decode rows done by `ops`."""
-    return torch_attention.paged_attention(*args, decode=decode_rows(ops))
+    return torch_attention.paged_attention(*args, decode=decode_rows(ops), sliding_window=sliding_window)

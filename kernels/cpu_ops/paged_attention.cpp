@@ -10,6 +10,8 @@
 // query [num_seqs, num_heads, head_dim]; block_tables [num_seqs, max_blocks] int32; seq_lens [num_seqs]
 // int32. Query heads are grouped over kv heads (GQA): head h reads kv head h / (num_heads / num_kv_heads).
 // Scores and the softmax are in float32 whatever the cache dtype, as the torch path computes them.
+// With a sliding window W > 0 (Gemma 3's local layers) a sequence of length L reads only positions
+// L - W .. L - 1: the query sits at L - 1 and sees the last W positions up to its own.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -107,7 +109,8 @@ inline void prefetch_block(const T* cache, const int32_t* table, int64_t index, 
 
 template <typename T>
 void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, at::Tensor& out) {
+                      const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t sliding_window,
+                      at::Tensor& out) {
   const int64_t num_seqs = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = key_cache.size(1), num_kv_heads = key_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
@@ -132,7 +135,10 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
     std::vector<int64_t> offsets;  // element offset of each position's row in the cache
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / tasks_per_seq, first_kv = (task % tasks_per_seq) * heads_per_task;
-      const int64_t len = lens[seq];
+      // Positions [first, first + len) of the sequence are read; `table` and `t` below count from `first`.
+      const int64_t seq_len = lens[seq];
+      const int64_t first = sliding_window > 0 ? std::max<int64_t>(seq_len - sliding_window, 0) : 0;
+      const int64_t len = seq_len - first;
       const int32_t* table = tables + seq * max_blocks;
       const int64_t first_head = first_kv * group;
       T* out_rows = o + (seq * num_heads + first_head) * head_dim;
@@ -148,8 +154,9 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
       scores.resize(rows * len);
       const T* q_rows = q + (seq * num_heads + first_head) * head_dim;
       for (int64_t t = 0; t < len; ++t) {
-        if (t % block_size == 0) prefetch_block(keys, table, t / block_size + 1, len, block_size, token_stride);
-        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+        const int64_t p = first + t;
+        if (t == 0 || p % block_size == 0) prefetch_block(keys, table, p / block_size + 1, seq_len, block_size, token_stride);
+        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
         const T* key_row = keys + slot * token_stride + offset;
         if constexpr (std::is_same_v<T, at::BFloat16> && kHasBf16Dot) {
           if (head_dim % 32 == 0) {
@@ -181,15 +188,18 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
         inv_sums[r] = 1.f / total;
       }
       if constexpr ((std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) && kHasAvx512) {
-        if (head_dim == 64 || head_dim == 128) {
+        if (head_dim == 64 || head_dim == 128 || head_dim == 256) {
           offsets.resize(len);
-          for (int64_t t = 0; t < len; ++t)
-            offsets[t] = (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * token_stride;
+          for (int64_t t = 0; t < len; ++t) {
+            const int64_t p = first + t;
+            offsets[t] = (static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size) * token_stride;
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const T* base = values + offset + (r / group) * head_dim;
             float* sums = acc.data() + r * head_dim;
-                        if (head_dim == 64) weighted_sum<T, 64>(scores.data() + r * len, base, offsets.data(), len, sums);
-            else weighted_sum<T, 128>(scores.data() + r * len, base, offsets.data(), len, sums);
+            if (head_dim == 64) weighted_sum<T, 64>(scores.data() + r * len, base, offsets.data(), len, sums);
+            else if (head_dim == 128) weighted_sum<T, 128>(scores.data() + r * len, base, offsets.data(), len, sums);
+            else weighted_sum<T, 256>(scores.data() + r * len, base, offsets.data(), len, sums);
           }
           for (int64_t r = 0; r < rows; ++r)
             store_row(acc.data() + r * head_dim, inv_sums[r], out_rows + r * head_dim, head_dim);
@@ -198,8 +208,9 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < len; ++t) {
-        if (t % block_size == 0) prefetch_block(values, table, t / block_size + 1, len, block_size, token_stride);
-        const int64_t slot = static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size;
+        const int64_t p = first + t;
+        if (t == 0 || p % block_size == 0) prefetch_block(values, table, p / block_size + 1, seq_len, block_size, token_stride);
+        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
         load_row(values + slot * token_stride + offset, row.data(), width);
         for (int64_t r = 0; r < rows; ++r)
           axpy(scores[r * len + t], row.data() + (r / group) * head_dim, acc.data() + r * head_dim, head_dim);
@@ -211,7 +222,8 @@ void decode_attention(const at::Tensor& query, const at::Tensor& key_cache, cons
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  int64_t sliding_window) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4, "query [S, H, D] and cache [B, bs, Hkv, D] expected");
   TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous(),
               "query and caches must be contiguous");
@@ -225,7 +237,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   TORCH_CHECK(block_tables.size(0) == query.size(0) && seq_lens.size(0) == query.size(0), "one row per sequence");
   at::Tensor out = at::empty_like(query);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
-    decode_attention<scalar_t>(query, key_cache, value_cache, block_tables, seq_lens, scale, out);
+    decode_attention<scalar_t>(query, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, out);
   });
   return out;
 }
@@ -235,7 +247,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
 TORCH_LIBRARY_FRAGMENT(sansllm_cpu, m) {
   m.def(
       "paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor seq_lens, float scale) -> Tensor");
+      "Tensor seq_lens, float scale, int sliding_window=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sansllm_cpu, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }

@@ -2,6 +2,8 @@
 
 Query token j of a sequence with `q_len` new tokens and total length `L` sits at position `L - q_len + j`
 and sees every cached position up to its own. The new tokens' keys and values are already in the cache.
+With a `sliding_window` W (Gemma 3's local layers, Mistral) it sees only the last W positions up to its
+own: key position k is visible from query position p when `p - W < k <= p`, as transformers masks it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# (query [S, H, D], key_cache, value_cache, block_tables [S, n], seq_lens [S], scale, max_seq_len) -> [S, H, D]
+# (query [S, H, D], key_cache, value_cache, block_tables [S, n], seq_lens [S], scale, max_seq_len,
+#  sliding_window or None) -> [S, H, D]
 DecodeAttention = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int, int | None],
+    torch.Tensor,
 ]
+
+
+def window_start(seq_len: int, q_len: int, sliding_window: int | None) -> int:
+    """The first key position any of a sequence's `q_len` new tokens sees (0 without a window)."""
+    if sliding_window is None:
+        return 0
+    return max(seq_len - q_len - sliding_window + 1, 0)
 
 
 def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -30,18 +41,29 @@ def _attend_one_sequence(
     block_table: torch.Tensor,
     seq_len: int,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of one sequence's new tokens `query` [q_len, H, D] over its first `seq_len` cached tokens."""
+    """Causal attention of one sequence's new tokens `query` [q_len, H, D] over its first `seq_len` cached tokens.
+
+    With a window only the blocks from the first visible position on are read."""
     q_len = query.shape[0]
-    num_blocks = -(-seq_len // key_cache.shape[1])
-    keys = _gather_blocks(key_cache, block_table[:num_blocks])[:seq_len]
-    values = _gather_blocks(value_cache, block_table[:num_blocks])[:seq_len]
+    block_size = key_cache.shape[1]
+    first_block = window_start(seq_len, q_len, sliding_window) // block_size
+    num_blocks = -(-seq_len // block_size)
+    offset = first_block * block_size  # position of the first gathered key
+    keys = _gather_blocks(key_cache, block_table[first_block:num_blocks])[: seq_len - offset]
+    values = _gather_blocks(value_cache, block_table[first_block:num_blocks])[: seq_len - offset]
     context_len = seq_len - q_len
     mask = None
-    if context_len > 0 and q_len > 1:
-        # Bottom-right aligned causal mask: new token j sees positions <= context_len + j.
-        positions = torch.arange(seq_len, device=query.device)
-        mask = positions <= (positions[context_len:, None])
+    windowed = sliding_window is not None and seq_len - offset > sliding_window
+    if (context_len > 0 and q_len > 1) or windowed:
+        # Bottom-right aligned causal mask: new token j sees positions <= context_len + j (and, with a
+        # window, > context_len + j - sliding_window).
+        positions = torch.arange(offset, seq_len, device=query.device)
+        query_positions = positions[context_len - offset :, None]
+        mask = positions <= query_positions
+        if windowed:
+            mask &= positions > query_positions - sliding_window
     # 4-d [1, heads, len, head_dim]: with 3-d inputs torch's CPU SDPA takes its unfused math path
     # (measured 2-3x slower for 100-400 token chunks in bfloat16)
     out = F.scaled_dot_product_attention(
@@ -49,7 +71,7 @@ def _attend_one_sequence(
         keys.transpose(0, 1).unsqueeze(0),
         values.transpose(0, 1).unsqueeze(0),
         attn_mask=mask,
-        is_causal=context_len == 0 and q_len > 1,
+        is_causal=mask is None and context_len == 0 and q_len > 1,
         scale=scale,
         enable_gqa=True,
     )
@@ -64,17 +86,23 @@ def _attend_decodes(
     seq_lens: torch.Tensor,
     scale: float,
     max_seq_len: int,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One new token per sequence, query [S, H, D]: every sequence's blocks gathered in one batched op and
-    padded to the longest, padding masked out. Cache rows past a sequence's length must hold finite values
-    (`kernels.allocate_kv_cache` zero-fills), since padded values meet zero weights in the matmul.
+    padded to the longest, padding (and positions before the window) masked out. Cache rows past a
+    sequence's length must hold finite values (`kernels.allocate_kv_cache` zero-fills), since padded
+    values meet zero weights in the matmul.
     """
     num_blocks = -(-max_seq_len // key_cache.shape[1])
     # Shorter sequences' tables may be padded with -1 there; any real block does, its rows are masked.
     blocks = block_tables[:, :num_blocks].clamp(min=0)
     keys = _gather_blocks(key_cache, blocks)
     values = _gather_blocks(value_cache, blocks)
-    visible = torch.arange(keys.shape[1], device=query.device) < seq_lens[:, None].to(query.device)
+    positions = torch.arange(keys.shape[1], device=query.device)
+    lengths = seq_lens[:, None].to(query.device)
+    visible = positions < lengths
+    if sliding_window is not None:
+        visible &= positions >= lengths - sliding_window
     if query.dtype != torch.float32:
         return _attend_decodes_by_matmul(query, keys, values, visible, scale)
     out = F.scaled_dot_product_attention(
@@ -116,6 +144,7 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     decode: DecodeAttention | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention for a ragged batch of sequences; returns [num_tokens, num_heads, head_dim].
 
@@ -125,11 +154,14 @@ def paged_attention(
     query[query_start_loc[i]:query_start_loc[i+1]]).
     Decode-only batches run as one batched op; sequences with several new tokens run one SDPA each, and
     single-token sequences in a mixed batch are still batched together, by `decode` (default: the torch
-    one here; `kernels.cpu_ops` passes its C++ kernel).
+    one here; `kernels.cpu_ops` passes its C++ kernel). `sliding_window` (None: none) limits what each
+    token sees to its last that many positions.
     """
     decode = decode or _attend_decodes
     if max_query_len == 1 and query.shape[0] == seq_lens.shape[0]:
-        return decode(query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len)
+        return decode(
+            query, key_cache, value_cache, block_tables, seq_lens, scale, max_seq_len, sliding_window
+        )
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
@@ -140,7 +172,7 @@ def paged_attention(
             decode_seqs.append(seq)
         elif end > start:
             out[start:end] = _attend_one_sequence(
-                query[start:end], key_cache, value_cache, block_tables[seq], seq_len, scale
+                query[start:end], key_cache, value_cache, block_tables[seq], seq_len, scale, sliding_window
             )
     _decode_rows_of(
         decode_seqs,
@@ -153,6 +185,7 @@ def paged_attention(
         seq_lens,
         query_start_loc,
         scale,
+        sliding_window,
     )
     return out
 
@@ -168,6 +201,7 @@ def _decode_rows_of(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    sliding_window: int | None,
 ) -> None:
     """Fill `out` for the single-token sequences `seqs` of a mixed batch with one `decode` call."""
     if not seqs:
@@ -183,6 +217,7 @@ def _decode_rows_of(
         decode_lens,
         scale,
         int(decode_lens.max()),
+        sliding_window,
     )
 
 
@@ -197,6 +232,7 @@ def paged_attention_batch_invariant(
     max_query_len: int,
     max_seq_len: int,
     decode: DecodeAttention | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention` computed one sequence at a time over exactly its own keys: no padding to the batch's
     longest sequence, so a sequence's result does not depend on the other sequences.
@@ -209,13 +245,29 @@ def paged_attention_batch_invariant(
     if decode:
         single = [seq for seq in range(len(lengths)) if starts[seq + 1] - starts[seq] == 1]
         _decode_rows_of(
-            single, decode, out, query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale
+            single,
+            decode,
+            out,
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            seq_lens,
+            query_start_loc,
+            scale,
+            sliding_window,
         )
     for seq, seq_len in enumerate(lengths):
         start, end = starts[seq], starts[seq + 1]
         if end - start > 1 or (end - start == 1 and not decode):
             # A private copy of the query rows: the same memory alignment whatever the row's batch offset.
             out[start:end] = _attend_one_sequence(
-                query[start:end].clone(), key_cache, value_cache, block_tables[seq], seq_len, scale
+                query[start:end].clone(),
+                key_cache,
+                value_cache,
+                block_tables[seq],
+                seq_len,
+                scale,
+                sliding_window,
             )
     return out

@@ -3,7 +3,8 @@
 One program per (tile of BLOCK_Q new tokens of one sequence, kv head). The tile's rows are the BLOCK_Q
 tokens times the query heads sharing that kv head (padded to a power of two), so decode still fills the
 matmul's rows with the GQA group. Keys and values are read one cache block at a time through the block
-table with an online softmax; a row's reduction order depends only on its own sequence.
+table with an online softmax; a row's reduction order depends only on its own sequence. With a sliding
+window the loop starts at the first block any row of the tile can see.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ def paged_attention_kernel(
     value_head_stride,
     block_table_stride,
     tiles_per_seq,
+    sliding_window,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     GROUP_BLOCK: tl.constexpr,
     HEAD_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_BLOCK
     seq = tl.program_id(0) // tiles_per_seq
@@ -85,8 +88,11 @@ def paged_attention_kernel(
     # Keys up to the last position any token of this tile may see; empty tiles loop zero times.
     last_token = tl.minimum((tile + 1) * BLOCK_Q, query_len)
     kv_end = tl.maximum(context_len + last_token, 0)
+    first_block = 0
+    if WINDOWED:  # the tile's first token sees from `context_len + tile * BLOCK_Q - sliding_window + 1` on
+        first_block = tl.maximum(context_len + tile * BLOCK_Q - sliding_window + 1, 0) // BLOCK_SIZE
     slots = tl.arange(0, BLOCK_SIZE)
-    for block_index in range(0, (kv_end + BLOCK_SIZE - 1) // BLOCK_SIZE):
+    for block_index in range(first_block, (kv_end + BLOCK_SIZE - 1) // BLOCK_SIZE):
         block_id = tl.load(block_tables_ptr + seq * block_table_stride + block_index).to(tl.int64)
         kv_position = block_index * BLOCK_SIZE + slots
         kv_valid = kv_position < seq_len
@@ -104,6 +110,8 @@ def paged_attention_kernel(
             k = k.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = (kv_position[None, :] <= query_position[:, None]) & kv_valid[None, :]
+        if WINDOWED:
+            visible = visible & (kv_position[None, :] > query_position[:, None] - sliding_window)
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         # Rows that have seen nothing yet keep a finite reference point instead of -inf - -inf = NaN.
@@ -158,6 +166,7 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     batch_invariant: bool = False,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Same contract as `kernels.torch_ops.attention.paged_attention`."""
     num_tokens, num_heads, head_dim = query.shape
@@ -200,11 +209,13 @@ def paged_attention(
         value_cache.stride(2),
         block_tables.stride(0),
         tiles_per_seq,
+        0 if sliding_window is None else sliding_window,
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
         GROUP_BLOCK=group_block,
         HEAD_BLOCK=max(triton.next_power_of_2(head_dim), 16),
         DOT_PRECISION=dot_precision(query.dtype),
         DOT_UPCAST=dot_upcast(query.dtype),
+        WINDOWED=sliding_window is not None,
     )
     return out

@@ -29,6 +29,7 @@ class PagedBatch:
         return int(self.seq_lens.max())
 
     def attention_args(self, key_cache: torch.Tensor | None = None, value_cache: torch.Tensor | None = None):
+        """The positional arguments of `paged_attention` (a sliding window goes by keyword)."""
         return (
             self.query,
             self.key_cache if key_cache is None else key_cache,
@@ -96,8 +97,9 @@ def make_paged_batch(
     )
 
 
-def naive_attention(batch: PagedBatch) -> torch.Tensor:
-    """Dense causal attention in float64 straight from the definition, one sequence at a time."""
+def naive_attention(batch: PagedBatch, sliding_window: int | None = None) -> torch.Tensor:
+    """Dense causal attention in float64 straight from the definition, one sequence at a time; with a
+    sliding window W, query position p sees key positions k with p - W < k <= p."""
     num_heads = batch.query.shape[1]
     out = torch.empty(batch.query.shape, dtype=torch.float64)
     starts = batch.query_start_loc.tolist()
@@ -111,6 +113,10 @@ def naive_attention(batch: PagedBatch) -> torch.Tensor:
         query = batch.query[starts[seq] : starts[seq] + q_len].double().transpose(0, 1)  # [H, q, D]
         scores = query @ keys.transpose(1, 2) * batch.scale
         query_positions = torch.arange(seq_len - q_len, seq_len)[:, None]
-        scores = scores.masked_fill(torch.arange(seq_len)[None, :] > query_positions, float("-inf"))
+        key_positions = torch.arange(seq_len)[None, :]
+        hidden = key_positions > query_positions
+        if sliding_window is not None:
+            hidden |= key_positions <= query_positions - sliding_window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[starts[seq] : starts[seq] + q_len] = (scores.softmax(-1) @ values).transpose(0, 1)
     return out
