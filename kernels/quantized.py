@@ -1,10 +1,13 @@
 """Linear layers on GGUF quantized weights kept in their blocks: `quant_linear`.
 
-On the CPU the C++ kernels of `kernels/cpu_ops/quant_linear.cpp` take Q8_0, Q4_0 and Q4_1 with
-float32 or bfloat16 activations (int8-quantized activations, integer dot products; see that file for
-the error this adds); everything else, and every call where the C++ kernels did not build, runs the
-torch reference (`kernels.torch_ops.quantized`: dequantize, then matmul). On CUDA tensors the triton
-kernel of `kernels/triton_ops/quantized.py` takes Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K (dequantized
+On the CPU the C++ kernels of `kernels/cpu_ops/quant_linear.cpp` take Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and
+Q6_K with float32 or bfloat16 activations: below 16 activation rows a GEMV on the blocks (int8-quantized
+activations, integer dot products; see that file for the error this adds), from 16 rows tiles of weight
+rows dequantized into float32 (bfloat16 where x is bfloat16 and the CPU has AVX512-BF16) and multiplied
+by at::mm (measurements and the choice against torch's own packed int8/int4 matmuls:
+`bench/quant_linear.py`, bench/RESULTS.md). Everything else, and every call where the C++ kernels did
+not build, runs the torch reference (`kernels.torch_ops.quantized`: dequantize, then matmul). On CUDA
+tensors the triton kernel of `kernels/triton_ops/quantized.py` takes Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K (dequantized
 in registers, tile by tile).
 """
 
@@ -20,13 +23,17 @@ from kernels.dispatch import use_cpp, use_triton
 from kernels.torch_ops import quantized as torch_quantized
 
 # GGML type ids the C++ kernels take
-Q4_0, Q4_1, Q8_0 = 2, 3, 8
-CPP_QTYPES = frozenset({Q4_0, Q4_1, Q8_0})
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
+CPP_QTYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K})
+BLOCK_ELEMENTS = {Q4_0: 32, Q4_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256}
 # the triton kernel's (`kernels.triton_ops.quantized`), run on CUDA tensors
 TRITON_QTYPES = frozenset({Q4_0, Q4_1, Q8_0, 12, 13, 14})  # + Q4_K, Q5_K, Q6_K
 
 # the C++ kernel's paths, best last; `isa=` or SANSLLM_QUANT_ISA forces one (tests, benchmarks)
 ISAS = ("plain", "avx2", "avx512_vnni")
+# the C++ kernel's methods; `path=` forces one (tests, benchmarks): the GEMV on the blocks, or weight
+# tiles dequantized to float32 / bfloat16 (bfloat16 x only) for at::mm
+PATHS = ("gemv", "float32", "bfloat16")
 
 
 def _isa_from_environment() -> int:
@@ -57,29 +64,42 @@ def quant_linear(
     in_features: int,
     *,
     isa: str | None = None,
+    path: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ dequant(qweight).T`: x [..., in_features] float32 or bfloat16 -> [..., out_features] in x's dtype.
 
     `qweight` is the GGUF tensor's raw data as `GGUFReader` gives it (uint8, `out_features` rows of
     blocks); `qtype` a `gguf.GGMLQuantizationType` (or its int). `isa` forces one C++ path ("plain",
-    "avx2", "avx512_vnni"; an error where this CPU lacks it, or where the C++ kernels are unavailable).
+    "avx2", "avx512_vnni"; an error where this CPU lacks it, or where the C++ kernels are unavailable);
+    `path` one of `PATHS` (by default chosen by the row count). `out`, a contiguous tensor of the
+    result's shape and x's dtype, receives the result (the C++ path writes it in place).
     """
     qtype = int(qtype)
     if isa is None and qtype in TRITON_QTYPES and use_triton(x):
         # imported on first use, so CPU-only processes never load triton
         triton_quantized = importlib.import_module("kernels.triton_ops.quantized")
-        return triton_quantized.quant_linear(x, qweight, qtype, out_features, in_features)
+        y = triton_quantized.quant_linear(x, qweight, qtype, out_features, in_features)
+        return y if out is None else out.copy_(y)
     if (
         qtype in CPP_QTYPES
         and use_cpp(x)
         and x.dtype in (torch.float32, torch.bfloat16)
-        and in_features % 32 == 0
+        and in_features % BLOCK_ELEMENTS[qtype] == 0
         and (built := cpu_ops.load()) is not None
     ):
         forced = _forced_isa if isa is None else ISAS.index(isa)
+        method = -1 if path is None else PATHS.index(path)
         rows = x.reshape(-1, in_features)
-        out = built.quant_linear(rows, qweight.reshape(-1), qtype, out_features, in_features, forced)
-        return out.reshape(*x.shape[:-1], out_features)
-    if isa is not None:
-        raise RuntimeError(f"the C++ quantized path {isa!r} is unavailable: {cpu_ops.unavailable_reason()}")
-    return torch_quantized.quant_linear(x, qweight, qtype, out_features, in_features)
+        flat_out = None if out is None else out.view(-1, out_features)
+        y = built.quant_linear(
+            rows, qweight.reshape(-1), qtype, out_features, in_features, forced, method, flat_out
+        )
+        return y.reshape(*x.shape[:-1], out_features) if out is None else out
+    if isa is not None or path is not None:
+        raise RuntimeError(
+            f"the C++ quantized path {isa or path!r} is unavailable for GGML type {qtype} and "
+            f"in_features {in_features}: {cpu_ops.unavailable_reason() or 'not a C++ kernel case'}"
+        )
+    y = torch_quantized.quant_linear(x, qweight, qtype, out_features, in_features)
+    return y if out is None else out.copy_(y)

@@ -1,38 +1,42 @@
-// `y = x @ dequant(W).T` computed on GGUF quantized blocks as they are (Q8_0, Q4_0, Q4_1), for the CPU.
+// `y = x @ dequant(W).T` on GGUF quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), for the CPU.
+// Layouts: `quant_formats.h`. Two paths, picked per call by the number of activation rows:
 //
-// Why: decode with one or a few rows is bound by reading the weights; float32 weights move 4 bytes per
-// weight, Q8_0 1.06 and Q4_x 0.56-0.63. The kernel reads each quantized block once per (up to) 8
-// activation rows and never writes a dequantized copy.
+// GEMV (few rows: decode). Bound by reading the weights: float32 weights move 4 bytes per weight, Q8_0
+// 1.06, Q6_K 0.82, Q5_K 0.69, Q4_x 0.56-0.63. Each quantized block is read once per tile of up to 8
+// activation rows and never written out dequantized. The activations are quantized to int8 (scale
+// max|x| / 127, round to nearest) per block of 32 for the 32-element formats and per super-block of 256
+// for the K-quants, so that the dot products are integer sums of byte products (AVX-512 VNNI `vpdpbusd` /
+// `vpdpwssd`, or AVX2 `vpmaddubsw` + `vpmaddwd`), scaled in float32 once per block (once per super-block
+// for the K-quants, whose integer sub-block scales multiply the int16 pair sums). Q4_0's -8 and Q4_1's
+// minimum are per-block float terms (Q4_1's on the exact sum of x); the K-quants' minimums and Q6_K's
+// offset of 32 multiply int16 sums of the quantized activations per 16 elements. The result differs from
+// dequantize-then-matmul by the activations' rounding only: at most sum_j |w_j - m_j| * d_x(j) / 2 per
+// output, where m_j is Q4_1's block minimum and 0 otherwise (the tests check that bound).
 //
-// How (llama.cpp's scheme): every activation row is quantized to int8 per block of 32 (scale
-// max|x| / 127, round to nearest), so that a block's dot product is an integer sum of byte products
-// (AVX-512 VNNI `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd`), scaled once by d_w * d_x and summed in
-// float32. The unsigned operand is the Q4 nibble (0..15; the -8 of Q4_0 and the min of Q4_1 are folded
-// into a per-block term: -8 * d_w * d_x * sum(q_x), m_w * sum(x)) or, for Q8_0, |w| with w's signs moved
-// onto the activations. The result differs from dequantize-then-matmul by the activations' rounding
-// to the int8 grid only (at most sum_j |w_j - m_j| * d_x / 2 per output; the tests check that bound).
+// Batched (prefill, decode of many sequences): the GEMV's cost grows with the rows while a float GEMM's
+// grows far slower, so above a few rows each thread dequantizes a tile of weight rows (~256 KB, in cache)
+// into float32, or bfloat16 when x is bfloat16 and the CPU has AVX512-BF16, and multiplies it with
+// at::mm into its columns of the output. Exact up to float32 rounding in float32 (the dequantized
+// values are gguf's, bit for bit); in bfloat16 the weights round to bfloat16 (2^-9 relative).
 //
-// Paths, chosen at run time from the CPU's flags (`quant_linear_isa()`), each forcible by `isa`:
+// GEMV paths, chosen at run time from the CPU's flags (`quant_linear_isa()`), each forcible by `isa`:
 // 2 = AVX-512 VNNI (with VL/BW, on 256-bit vectors), 1 = AVX2 + FMA + F16C, 0 = plain C++. The SIMD
 // paths are compiled under `#pragma GCC target`, so every path builds for any x86-64 CPU whatever
 // -march says; on other CPUs (or other compilers) only the plain path is built.
-//
-// Layout: qweight is GGUF's raw tensor data (what gguf's GGUFReader gives as `tensor.data`): out_features
-// rows, each of in_features / 32 blocks. Q8_0: fp16 d, 32 int8 (34 bytes); Q4_0: fp16 d, 16 bytes of
-// nibbles, w = d * (q - 8) (18 bytes); Q4_1: fp16 d, fp16 m, 16 bytes, w = d * q + m (20 bytes). In a
-// Q4 block, byte j holds element j in its low nibble and element j + 16 in its high one.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "common.h"
+#include "quant_formats.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -44,26 +48,9 @@
 
 namespace {
 
-constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // GGML's type ids
-constexpr int kBlock = 32;
-constexpr int kMaxRows = 8;  // activation rows per pass over the weights
+using namespace ql;
 
-constexpr int64_t block_bytes(int qtype) { return qtype == kQ8_0 ? 34 : qtype == kQ4_0 ? 18 : 20; }
-
-// One tile of up to kMaxRows activation rows, already quantized, and where its outputs go.
-struct QuantArgs {
-  const uint8_t* w;  // the weight's blocks
-  int64_t row_bytes, nb, k;
-  const int8_t* xq;  // [rows, k] int8 activations
-  const float* xd;   // [rows, nb] activation scales
-  const float* xs;   // [rows, nb] per-block term: Q4_0 -8 * d_x * sum(q), Q4_1 sum(x), Q8_0 unused
-  float* y;          // [rows, ldy]
-  int64_t ldy;
-};
-
-using RowsFn = void (*)(const QuantArgs&, int64_t, int64_t);
-
-// ---- plain C++: the same integer arithmetic, for any CPU ----
+// ---- plain C++ GEMV: the same integer arithmetic, for any CPU ----
 
 template <int F>
 void rows_plain(const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
@@ -73,15 +60,10 @@ void rows_plain(const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
     float acc[kMaxRows] = {};
     for (int64_t b = 0; b < a.nb; ++b) {
       const uint8_t* block = row + b * bytes;
-      uint16_t bits;
-      std::memcpy(&bits, block, 2);
-      const float d = c10::detail::fp16_ieee_to_fp32_value(bits);
+      const float d = half_at(block);
       float c = 0.0f;
       if constexpr (F == kQ4_0) c = d;
-      if constexpr (F == kQ4_1) {
-        std::memcpy(&bits, block + 2, 2);
-        c = c10::detail::fp16_ieee_to_fp32_value(bits);
-      }
+      if constexpr (F == kQ4_1) c = half_at(block + 2);
       for (int r = 0; r < rows; ++r) {
         const int8_t* q = a.xq + r * a.k + b * kBlock;
         int32_t sum = 0;
@@ -104,11 +86,44 @@ void rows_plain(const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
   }
 }
 
+// K-quants: each super-block decoded once (`k_decode`) for every activation row of the tile.
+template <int F>
+void k_rows_plain(const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
+  constexpr int64_t bytes = block_bytes(F);
+  KDecoded k;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* row = a.w + o * a.row_bytes;
+    float acc[kMaxRows] = {};
+    for (int64_t sb = 0; sb < a.nb; ++sb) {
+      k_decode<F>(row + sb * bytes, k);
+      for (int r = 0; r < rows; ++r) {
+        const int8_t* q = a.xq + r * a.k + sb * kSuper;
+        const int16_t* xb = a.xb + (r * a.nb + sb) * 16;
+        int32_t sum = 0, offsets = 0;
+        for (int s = 0; s < 16; ++s) {
+          int32_t part = 0;
+#pragma omp simd reduction(+ : part)
+          for (int i = 0; i < 16; ++i) part += static_cast<int32_t>(k.q[16 * s + i]) * q[16 * s + i];
+          sum += k.scale[s] * part;
+          offsets += F == kQ6_K ? 32 * k.scale[s] * xb[s] : k.mins[s / 2] * xb[s];
+        }
+        const float dx = a.xd[r * a.nb + sb];
+        acc[r] += F == kQ6_K ? static_cast<float>(sum - offsets) * (k.d * dx)
+                             : static_cast<float>(sum) * (k.d * dx) - static_cast<float>(offsets) * (k.dmin * dx);
+      }
+    }
+    for (int r = 0; r < rows; ++r) a.y[r * a.ldy + o] = acc[r];
+  }
+}
+
 void run_plain(int qtype, const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
   switch (qtype) {
     case kQ8_0: return rows_plain<kQ8_0>(a, rows, o_begin, o_end);
     case kQ4_0: return rows_plain<kQ4_0>(a, rows, o_begin, o_end);
-    default: return rows_plain<kQ4_1>(a, rows, o_begin, o_end);
+    case kQ4_1: return rows_plain<kQ4_1>(a, rows, o_begin, o_end);
+    case kQ4_K: return k_rows_plain<kQ4_K>(a, rows, o_begin, o_end);
+    case kQ5_K: return k_rows_plain<kQ5_K>(a, rows, o_begin, o_end);
+    default: return k_rows_plain<kQ6_K>(a, rows, o_begin, o_end);
   }
 }
 
@@ -157,9 +172,25 @@ int64_t best_isa() {
 #endif
 }
 
-// x [rows, k] (float32, or anything `load_row` widens) as int8 blocks with their scales and block terms.
+// Whether bfloat16 GEMMs run on hardware (AVX512-BF16's `vdpbf16ps`); elsewhere oneDNN emulates them,
+// slower than float32.
+bool bf16_gemm_is_fast() {
+#if QL_X86
+  static const bool fast = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return fast;
+#else
+  return false;
+#endif
+}
+
+// ---- activations to int8 ----
+
+// Per block of 32: scales xd and block terms xs (Q4_0: -8 * d * sum(q); Q4_1: sum(x); Q8_0: unused).
 template <typename T>
-void quantize_activations(const T* x, int64_t rows, int64_t k, int qtype, int8_t* xq, float* xd, float* xs) {
+void quantize_blocks(const T* x, int64_t rows, int64_t k, int qtype, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = k / kBlock;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     float values[kBlock];
@@ -187,49 +218,72 @@ void quantize_activations(const T* x, int64_t rows, int64_t k, int qtype, int8_t
   });
 }
 
-at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, int64_t out_features,
-                        int64_t in_features, int64_t isa) {
-  TORCH_CHECK(qtype == kQ8_0 || qtype == kQ4_0 || qtype == kQ4_1,
-              "quant_linear: GGML type ", qtype, " is not supported (Q8_0 = 8, Q4_0 = 2, Q4_1 = 3)");
-  TORCH_CHECK(in_features > 0 && in_features % kBlock == 0, "quant_linear: in_features must be a multiple of 32");
-  TORCH_CHECK(out_features >= 0, "quant_linear: out_features must be >= 0");
-  const int64_t nb = in_features / kBlock, row_bytes = nb * block_bytes(static_cast<int>(qtype));
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
-                  qweight.numel() == out_features * row_bytes,
-              "quant_linear: qweight must be contiguous uint8 holding ", out_features, " rows of ", row_bytes,
-              " bytes");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "quant_linear: x must be [rows, in_features]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "quant_linear: x must be float32 or bfloat16");
-  if (isa < 0) isa = best_isa();
-  TORCH_CHECK(isa <= best_isa(), "quant_linear: this CPU cannot run path ", isa, " (best: ", best_isa(), ")");
+// Per super-block of 256: scales xd and the sums of q per 16 elements xb (int16: at most 16 * 127).
+template <typename T>
+void quantize_super_blocks(const T* x, int64_t rows, int64_t k, int8_t* xq, float* xd, int16_t* xb) {
+  const int64_t nb = k / kSuper;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    float values[kSuper];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < nb; ++b) {
+        sansllm_cpu::load_row(x + r * k + b * kSuper, values, kSuper);
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int j = 0; j < kSuper; ++j) amax = std::max(amax, std::fabs(values[j]));
+        const float d = amax / 127.0f;
+        const float inverse = d > 0.0f ? 1.0f / d : 0.0f;
+        int8_t* q = xq + r * k + b * kSuper;
+        for (int j = 0; j < kSuper; ++j) {
+          const int v = static_cast<int>(std::nearbyint(values[j] * inverse));
+          q[j] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
+        }
+        for (int s = 0; s < 16; ++s) {
+          int32_t sum = 0;
+          for (int j = 0; j < 16; ++j) sum += q[16 * s + j];
+          xb[(r * nb + b) * 16 + s] = static_cast<int16_t>(sum);
+        }
+        xd[r * nb + b] = d;
+      }
+    }
+  });
+}
 
-  const at::Tensor xc = x.contiguous();
-  const int64_t rows = xc.size(0);
-  at::Tensor y = at::empty({rows, out_features}, x.options().dtype(at::kFloat));
-  if (rows == 0 || out_features == 0) return y.to(x.scalar_type());
-  std::vector<int8_t> xq(rows * in_features);
-  std::vector<float> xd(rows * nb), xs(rows * nb);
-  const int type = static_cast<int>(qtype);
-  if (xc.scalar_type() == at::kFloat) {
-    quantize_activations(xc.data_ptr<float>(), rows, in_features, type, xq.data(), xd.data(), xs.data());
+// ---- the GEMV path ----
+
+void gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k, int64_t isa, float* y) {
+  const int64_t rows = x.size(0), nb = k / block_elements(type), row_bytes = nb * block_bytes(type);
+  std::vector<int8_t> xq(rows * k);
+  std::vector<float> xd(rows * nb), xs;
+  std::vector<int16_t> xb;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (is_k(type)) {
+    xb.resize(rows * nb * 16);
+    if (bf16) quantize_super_blocks(x.data_ptr<at::BFloat16>(), rows, k, xq.data(), xd.data(), xb.data());
+    else quantize_super_blocks(x.data_ptr<float>(), rows, k, xq.data(), xd.data(), xb.data());
   } else {
-    quantize_activations(xc.data_ptr<at::BFloat16>(), rows, in_features, type, xq.data(), xd.data(), xs.data());
+    xs.resize(rows * nb);
+    if (bf16) quantize_blocks(x.data_ptr<at::BFloat16>(), rows, k, type, xq.data(), xd.data(), xs.data());
+    else quantize_blocks(x.data_ptr<float>(), rows, k, type, xq.data(), xd.data(), xs.data());
   }
-
-  const uint8_t* w = qweight.data_ptr<uint8_t>();
-  float* ys = y.data_ptr<float>();
   // weight rows per task: ~32 KB of blocks, so small layers stay on one thread
   const int64_t grain = std::max<int64_t>(1, 32768 / row_bytes);
-  at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     // weight rows in chunks that stay in cache while every tile of activation rows passes over them
     const int64_t chunk = std::max<int64_t>(1, 16384 / row_bytes);
     for (int64_t o = begin; o < end; o += chunk) {
       const int64_t o_end = std::min(end, o + chunk);
       for (int64_t t = 0; t < rows; t += kMaxRows) {
         const int tile = static_cast<int>(std::min<int64_t>(kMaxRows, rows - t));
-        const QuantArgs args{w,           row_bytes,       nb, in_features, xq.data() + t * in_features,
-                             xd.data() + t * nb, xs.data() + t * nb, ys + t * out_features, out_features};
+        const QuantArgs args{w,
+                             row_bytes,
+                             nb,
+                             k,
+                             xq.data() + t * k,
+                             xd.data() + t * nb,
+                             xs.empty() ? nullptr : xs.data() + t * nb,
+                             xb.empty() ? nullptr : xb.data() + t * nb * 16,
+                             y + t * n,
+                             n};
 #if QL_X86
         if (isa == 2) {
           ql_avx512::kernel_for(type, tile)(args, o, o_end);
@@ -244,7 +298,117 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t 
       }
     }
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// ---- the batched path: dequantized tiles of weight rows into at::mm ----
+
+// Weight rows [0, rows) of `w` dequantized into out [rows, k] (float32, or bfloat16 rounded to nearest).
+template <int F, typename T>
+void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out) {
+  constexpr int n = block_elements(F);
+  const int64_t nb = k / n;
+  float values[kSuper];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      T* dst = out + r * k + b * n;
+      if constexpr (std::is_same_v<T, float>) {
+        dequantize_block<F>(w + r * row_bytes + b * block_bytes(F), dst);
+      } else {
+        dequantize_block<F>(w + r * row_bytes + b * block_bytes(F), values);
+        sansllm_cpu::store_row(values, 1.0f, dst, n);
+      }
+    }
+  }
+}
+
+template <typename T>
+void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out) {
+  switch (type) {
+    case kQ8_0: return dequantize_rows<kQ8_0>(w, row_bytes, k, rows, out);
+    case kQ4_0: return dequantize_rows<kQ4_0>(w, row_bytes, k, rows, out);
+    case kQ4_1: return dequantize_rows<kQ4_1>(w, row_bytes, k, rows, out);
+    case kQ4_K: return dequantize_rows<kQ4_K>(w, row_bytes, k, rows, out);
+    case kQ5_K: return dequantize_rows<kQ5_K>(w, row_bytes, k, rows, out);
+    default: return dequantize_rows<kQ6_K>(w, row_bytes, k, rows, out);
+  }
+}
+
+constexpr int64_t kTileBytes = 256 * 1024;  // dequantized weights per tile: stays in a core's L2
+
+// y [rows, n] (in `compute`'s dtype) = x @ dequant(W).T, one tile of weight rows per task.
+void batched(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k, at::ScalarType compute,
+             at::Tensor& y) {
+  const at::Tensor xm = x.scalar_type() == compute ? x : x.to(compute);
+  const int64_t row_bytes = k / block_elements(type) * block_bytes(type);
+  const int64_t element = compute == at::kBFloat16 ? 2 : 4, threads = at::get_num_threads();
+  // rows per tile: within kTileBytes, a multiple of 16, and no fewer tiles than threads
+  const int64_t per_thread = (n + threads - 1) / threads;
+  int64_t tile = std::max<int64_t>(16, kTileBytes / (k * element) / 16 * 16);
+  tile = std::max<int64_t>(1, std::min(tile, (per_thread + 15) / 16 * 16));
+  const int64_t tiles = (n + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({tile, k}, xm.options());
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o = t * tile, count = std::min(tile, n - o);
+      if (compute == at::kBFloat16)
+        dequantize_rows(type, w + o * row_bytes, row_bytes, k, count, buffer.data_ptr<at::BFloat16>());
+      else
+        dequantize_rows(type, w + o * row_bytes, row_bytes, k, count, buffer.data_ptr<float>());
+      at::Tensor columns = y.narrow(1, o, count);
+      at::mm_out(columns, xm, buffer.narrow(0, 0, count).t());
+    }
+  });
+}
+
+// Activation rows from which the batched path is faster than the GEMV (bench/quant_linear.py).
+constexpr int64_t kBatchedRows = 16;
+
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, int64_t out_features,
+                        int64_t in_features, int64_t isa, int64_t path, const c10::optional<at::Tensor>& out) {
+  TORCH_CHECK(is_supported(qtype), "quant_linear: GGML type ", qtype,
+              " is not supported (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14)");
+  const int type = static_cast<int>(qtype);
+  const int64_t block = block_elements(type);
+  TORCH_CHECK(in_features > 0 && in_features % block == 0, "quant_linear: in_features must be a multiple of ",
+              block, " for GGML type ", qtype, ", got ", in_features);
+  TORCH_CHECK(out_features >= 0, "quant_linear: out_features must be >= 0");
+  const int64_t row_bytes = in_features / block * block_bytes(type);
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
+                  qweight.numel() == out_features * row_bytes,
+              "quant_linear: qweight must be contiguous uint8 holding ", out_features, " rows of ", row_bytes,
+              " bytes, got ", qweight.numel(), " bytes");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "quant_linear: x must be [rows, in_features]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "quant_linear: x must be float32 or bfloat16");
+  if (isa < 0) isa = best_isa();
+  TORCH_CHECK(isa <= best_isa(), "quant_linear: this CPU cannot run path ", isa, " (best: ", best_isa(), ")");
+  TORCH_CHECK(path >= -1 && path <= 2, "quant_linear: path must be -1 (auto), 0 (GEMV), 1 (float32 tiles) or 2 "
+              "(bfloat16 tiles)");
+  TORCH_CHECK(path != 2 || x.scalar_type() == at::kBFloat16, "quant_linear: bfloat16 tiles need bfloat16 x");
+
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0);
+  at::Tensor y;
+  if (out) {
+    TORCH_CHECK(out->scalar_type() == x.scalar_type() && out->is_contiguous() && out->dim() == 2 &&
+                    out->size(0) == rows && out->size(1) == out_features,
+                "quant_linear: out must be a contiguous [", rows, ", ", out_features, "] tensor of x's dtype");
+    y = *out;
+  } else {
+    y = at::empty({rows, out_features}, x.options());
+  }
+  if (rows == 0 || out_features == 0) return y;
+  if (path < 0) {
+    path = rows < kBatchedRows ? 0 : (x.scalar_type() == at::kBFloat16 && bf16_gemm_is_fast() ? 2 : 1);
+  }
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const at::ScalarType compute = path == 0 || path == 1 ? at::kFloat : at::kBFloat16;
+  // float32 results go straight into y; bfloat16 ones from a float32 GEMV or GEMM through a copy
+  at::Tensor result = y.scalar_type() == compute ? y : at::empty({rows, out_features}, x.options().dtype(compute));
+  if (path == 0) gemv(xc, w, type, out_features, in_features, isa, result.data_ptr<float>());
+  else batched(xc, w, type, out_features, in_features, compute, result);
+  if (!result.is_same(y)) y.copy_(result);
+  return y;
 }
 
 int64_t quant_linear_isa() { return best_isa(); }
@@ -252,9 +416,9 @@ int64_t quant_linear_isa() { return best_isa(); }
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sansllm_cpu, m) {
-  m.def("quant_linear(Tensor x, Tensor qweight, int qtype, int out_features, int in_features, int isa) -> Tensor");
-  m.def("quant_linear_isa() -> int", &quant_linear_isa);  // the best path this CPU runs
+  m.def("quant_linear(Tensor x, Tensor qweight, int qtype, int out_features, int in_features, int isa, "
+        "int path=-1, Tensor? out=None) -> Tensor");
+  m.def("quant_linear_isa() -> int", &quant_linear_isa);  // the best GEMV path this CPU runs
 }
 
 TORCH_LIBRARY_IMPL(sansllm_cpu, CPU, m) { m.impl("quant_linear", &quant_linear); }
-
