@@ -458,10 +458,11 @@ def _fit_in_cache(max_model_len: int, capacity: int, config: EngineConfig) -> in
 
 
 def _max_model_len(requested: int | None, loaded: LoadedModel) -> int:
-    """The context window: the model's own unless asked for less; capped by a sliding window,
-    which this engine does not implement (attention beyond it would be wrong)."""
+    """The context window: the model's own unless asked for less; capped by a sliding window on every
+    layer (Mistral's), which the Llama model does not implement (attention beyond it would be wrong).
+    Per-layer windows (`layer_types`: Gemma 3) are applied by the attention kernels."""
     limit = loaded.config.max_position_embeddings
-    if loaded.config.sliding_window:
+    if loaded.config.sliding_window and not getattr(loaded.config, "layer_types", ()):
         limit = min(limit, loaded.config.sliding_window)
     if requested is None:
         return limit

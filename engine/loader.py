@@ -6,6 +6,7 @@ serves; decoders load here from GGUF files or HF folders, encoders from HF folde
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -25,7 +26,13 @@ from engine.model_config import ModelConfig
 from engine.model_files import ModelSource
 from engine.models.llama import LlamaForCausalLM
 from engine.quantized_weights import QuantizedTensor
-from engine.registry import ArchitectureSupport, Convert, architecture_support, encoder_architecture
+from engine.registry import (
+    ArchitectureSupport,
+    Convert,
+    architecture_support,
+    decoder_class,
+    encoder_architecture,
+)
 from engine.tokenizer import HFTokenizer
 
 logger = logging.getLogger(__name__)
@@ -247,9 +254,10 @@ def build_model(
 ) -> LlamaForCausalLM:
     """The model on `device` in `dtype`, filled from `weights`; `quantized` names the checkpoint
     tensors that arrive as `QuantizedTensor`s (their layers allocate no float weight)."""
+    model_class = decoder_class(config.architecture)
     with torch.device("meta"), _skip_random_init():
-        model = _MetaLlamaForCausalLM(config)
-        model.__class__ = LlamaForCausalLM
+        model = _built_without_rope(model_class)(config)
+        model.__class__ = model_class
         if quantized:
             model.expect_quantized(quantized)
         # dtype first, on meta (free), so the real memory is allocated once, in `dtype`
@@ -261,14 +269,17 @@ def build_model(
     return model.eval().requires_grad_(False)
 
 
-class _MetaLlamaForCausalLM(LlamaForCausalLM):
-    """The model as built on `meta`: without its rotary table, which `build_model` computes on the
+@functools.cache
+def _built_without_rope(model_class: type[LlamaForCausalLM]) -> type[LlamaForCausalLM]:
+    """`model_class` as built on `meta`: without its rotary tables, which `build_model` computes on the
     real device afterwards (math on meta tensors runs torch's Python refs, which import torch._dynamo:
     seconds of a cold start). `build_model` gives the result the real class back."""
+    return type(f"_Meta{model_class.__name__}", (_NoRopeOnMeta, model_class), {})
 
+
+class _NoRopeOnMeta:
     def init_rope(self, rope_freq_factors: torch.Tensor | None = None) -> None:
-        if not self.model.norm.weight.is_meta:
-            super().init_rope(rope_freq_factors)
+        """Skipped: the model is on `meta` while this class is its class."""
 
 
 _RANDOM_INITS = frozenset(

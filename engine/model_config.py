@@ -1,8 +1,8 @@
-"""The shape of a Llama-family model, read from an HF config.json or from GGUF metadata."""
+"""The shape of a decoder (Llama family, Gemma 3), read from an HF config.json or from GGUF metadata."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # HF architecture name -> whether q/k/v projections always carry biases (Qwen2: yes, o_proj: no)
@@ -10,9 +10,16 @@ SUPPORTED_ARCHITECTURES: dict[str, bool] = {
     "LlamaForCausalLM": False,
     "MistralForCausalLM": False,
     "Qwen2ForCausalLM": True,
+    "Gemma3ForCausalLM": False,
 }
 # model_type -> architecture, for configs without an `architectures` list (SmolLM is llama)
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+SLIDING_ATTENTION, FULL_ATTENTION = "sliding_attention", "full_attention"
 
 
 class UnsupportedModelError(ValueError):
@@ -49,6 +56,14 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma 3: each layer's kind (SLIDING_ATTENTION layers see the last `sliding_window` positions,
+    # FULL_ATTENTION ones all; empty: every layer is full), the sliding layers' rope base, the attention
+    # scale's denominator (None: head_dim), tanh soft-capping of the logits, the MLP's activation
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    final_logit_softcapping: float | None = None
+    hidden_act: str = "silu"
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
@@ -69,7 +84,7 @@ class ModelConfig:
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
         use_sliding = config.get("use_sliding_window", architecture == "MistralForCausalLM")
-        return cls(
+        built = cls(
             architecture=architecture,
             vocab_size=config["vocab_size"],
             hidden_size=hidden,
@@ -91,6 +106,43 @@ class ModelConfig:
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=_as_ids(config.get("eos_token_id")),
         )
+        return replace(built, **_gemma3_fields(config)) if architecture == "Gemma3ForCausalLM" else built
+
+
+def _gemma3_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """What a Gemma 3 text config.json says beyond the Llama fields, in either transformers format:
+    4.x (`rope_theta`, `rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`) or 5.x
+    (`rope_parameters` per layer type, `layer_types`)."""
+    if config.get("attn_logit_softcapping") is not None:
+        raise unsupported("Gemma 3 with attention logit soft-capping")
+    if config.get("use_bidirectional_attention"):
+        raise unsupported("Gemma 3 with bidirectional attention")
+    params = config.get("rope_parameters") or {}
+    full = dict(params.get(FULL_ATTENTION) or {})
+    local = dict(params.get(SLIDING_ATTENTION) or {})
+    if local.get("rope_type", "default") != "default":
+        raise unsupported(f"Gemma 3 with {local['rope_type']!r} rope scaling on its sliding layers")
+    rope_theta = full.pop("rope_theta", config.get("rope_theta", 1_000_000.0))
+    scaling = config.get("rope_scaling") or (full if full.get("rope_type", "default") != "default" else None)
+    return {
+        "rope_theta": float(rope_theta),
+        "rope_scaling": scaling,
+        "rope_local_theta": float(local.get("rope_theta", config.get("rope_local_base_freq", 10_000.0))),
+        "sliding_window": config.get("sliding_window") or 4096,
+        "layer_types": tuple(
+            config.get("layer_types")
+            or gemma3_layer_types(config["num_hidden_layers"], config.get("sliding_window_pattern") or 6)
+        ),
+        "query_pre_attn_scalar": float(config.get("query_pre_attn_scalar", 256)),
+        "final_logit_softcapping": config.get("final_logit_softcapping"),
+        "hidden_act": config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh",
+        "tie_word_embeddings": bool(config.get("tie_word_embeddings", True)),
+    }
+
+
+def gemma3_layer_types(num_layers: int, pattern: int = 6) -> list[str]:
+    """Gemma 3's default layout: every `pattern`-th layer global, the others sliding."""
+    return [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
 
 
 def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:

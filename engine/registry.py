@@ -2,7 +2,7 @@
 
 Two kinds of model run in the engine:
 
-- **decoders** (Llama, Mistral, Qwen2, SmolLM; GGUF files are decoders) run causally over the
+- **decoders** (Llama, Mistral, Qwen2, SmolLM, Gemma 3; GGUF files are decoders) run causally over the
   paged KV cache, scheduled in chunks beside other sequences. They generate text; converted with
   `convert="embed"` (vLLM's `--convert embed`) they serve embeddings instead, pooled from the last
   prompt token's hidden state (vLLM's default for decoder embedding models);
@@ -22,6 +22,8 @@ from engine.model_config import SUPPORTED_ARCHITECTURES as DECODER_ARCHITECTURES
 from engine.model_config import UnsupportedModelError
 from engine.models.bert import BASE_BY_MODEL_TYPE
 from engine.models.bert import ENCODER_ARCHITECTURES as _ENCODERS
+from engine.models.gemma3 import Gemma3ForCausalLM
+from engine.models.llama import LlamaForCausalLM
 
 ModelKind = Literal["decoder", "encoder"]
 Convert = Literal["auto", "embed"]
@@ -42,6 +44,13 @@ class ArchitectureSupport:
     @property
     def generates(self) -> bool:
         return "generate" in self.tasks
+
+
+def decoder_class(architecture: str) -> type[LlamaForCausalLM]:
+    """Our implementation of a decoder architecture (the Llama family shares one)."""
+    if architecture not in DECODER_ARCHITECTURES:
+        raise UnsupportedModelError(f"{architecture} is not a decoder architecture")
+    return Gemma3ForCausalLM if architecture == "Gemma3ForCausalLM" else LlamaForCausalLM
 
 
 def all_architectures() -> tuple[str, ...]:
