@@ -2,8 +2,9 @@
 
 llama.cpp's converter permutes the rows of Q and K so its interleaved (GPT-J style) rotary
 works; we use HF's rotate-half rotary, so we undo that permutation as transformers' GGUF loader
-does. Only the `llama` architecture is permuted by llama.cpp; `qwen2` uses NeoX rotary there and
-is stored as is.
+does. Only the `llama` architecture is permuted by llama.cpp; `qwen2` and `gemma3` use NeoX rotary
+there and are stored as is. llama.cpp stores Gemma's norm weights as 1 + w (its RMSNorm scales by the
+weight itself); we give them back as w, transformers' convention, as its GGUF loader does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTenso
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 from tqdm import tqdm
 
-from engine.model_config import ModelConfig, unsupported
+from engine.model_config import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    ModelConfig,
+    gemma3_layer_types,
+    unsupported,
+)
 from engine.quantized_weights import QuantizedTensor, can_keep
 
 # GGUF general.architecture -> HF architecture
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -39,6 +47,16 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 norms both branches of a layer: llama.cpp's ffn_norm is its pre-feedforward norm there
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_LAYER_NAMES_BY_ARCHITECTURE = {"gemma3": _GEMMA3_LAYER_NAMES}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -90,7 +108,7 @@ class GGUFModel:
                     key("rope.scaling.original_context_length")
                 )
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        return ModelConfig(
+        config = ModelConfig(
             architecture=_ARCHITECTURES[arch],
             vocab_size=int(vocab),
             hidden_size=hidden,
@@ -109,6 +127,9 @@ class GGUFModel:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
         )
+        if arch == "gemma3":
+            config = replace(config, **_gemma3_fields(key, config))
+        return config
 
     def rope_freq_factors(self) -> torch.Tensor | None:
         """Llama 3.1-style per-frequency rope factors, when the file bakes them in."""
@@ -120,7 +141,7 @@ class GGUFModel:
     def quantized_names(self) -> dict[str, int]:
         """HF name -> GGML type of every 2-D tensor that `weights(keep_quantized=True)` yields quantized."""
         return {
-            hf_name(t.name): int(t.tensor_type)
+            hf_name(t.name, self.gguf_architecture): int(t.tensor_type)
             for t in self.reader.tensors
             if t.name != ROPE_FREQS and len(t.shape) == 2 and can_keep(int(t.tensor_type), int(t.shape[0]))
         }
@@ -137,7 +158,7 @@ class GGUFModel:
         tensors = [t for t in self.reader.tensors if t.name != ROPE_FREQS]
         bar = tqdm(tensors, desc=f"Loading {self.path.name}", unit="tensor", disable=not progress)
         for tensor in bar:
-            name = hf_name(tensor.name)
+            name = hf_name(tensor.name, self.gguf_architecture)
             quantized = name in kept
             weights = np.asarray(tensor.data) if quantized else _dequantize(tensor)
             if permute and ".q_proj." in name:
@@ -150,18 +171,43 @@ class GGUFModel:
                 rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
                 yield name, QuantizedTensor(values, kept[name], rows, cols)
             else:
+                if self.gguf_architecture == "gemma3" and name.endswith("norm.weight"):
+                    values = values - 1  # stored as 1 + w (see the module doc)
                 yield name, values.to(dtype)
 
 
-def hf_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+def _gemma3_fields(key: Any, config: ModelConfig) -> dict[str, Any]:
+    """Gemma 3's settings from its GGUF metadata, with llama.cpp's defaults for what the file leaves
+    out: every sixth layer global, a local rope base of 10000, queries scaled by 1/sqrt(head_dim)
+    (by 1/sqrt(hidden / heads) for the 62-layer 27B), rope scaling on the global layers only."""
+    layers = config.num_hidden_layers
+    pattern = key("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # per layer: True where the layer is local
+        kinds = [SLIDING_ATTENTION if local else FULL_ATTENTION for local in pattern]
+    else:
+        kinds = gemma3_layer_types(layers, int(pattern or 6))
+    big = layers == 62
+    scalar = config.hidden_size // config.num_attention_heads if big else config.head_dim
+    return {
+        "sliding_window": int(key("attention.sliding_window", 4096)),
+        "layer_types": tuple(kinds),
+        "rope_local_theta": float(key("rope.freq_base_swa", 10_000.0)),
+        "query_pre_attn_scalar": float(scalar),
+        "final_logit_softcapping": key("final_logit_softcapping"),
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+
+
+def hf_name(gguf_name: str, architecture: str = "llama") -> str:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (GGUF `architecture`'s names)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _LAYER_NAMES_BY_ARCHITECTURE.get(architecture, _LAYER_NAMES)
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    if match is None or match.group(2) not in names:
         raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{names[part]}.{kind}"
 
 
 def unpermute_rotary(weights: np.ndarray, num_heads: int) -> np.ndarray:
