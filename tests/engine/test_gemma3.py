@@ -18,6 +18,7 @@ from transformers import Gemma3ForCausalLM as HFGemma3
 from transformers import Gemma3TextConfig
 
 from engine.engine import Engine, EngineConfig
+from engine.gguf_file import _gemma3_fields, hf_name
 from engine.loader import LoadedModel, load_model
 from engine.model_config import ModelConfig
 from engine.model_files import resolve_model
@@ -173,3 +174,31 @@ def test_global_rope_scaling_and_old_config_format(tmp_path):
     logits = PagedRunner(ours.model, max_len=128, max_seqs=1).logits([("s", ids)])
     assert logits.abs().max() <= 3.0
     torch.testing.assert_close(logits, hf_logits(reference, ids), atol=ATOL, rtol=0)
+
+
+def test_gguf_names_and_metadata_of_gemma3():
+    assert hf_name("blk.2.ffn_norm.weight", "gemma3") == "model.layers.2.pre_feedforward_layernorm.weight"
+    assert hf_name("blk.2.ffn_norm.weight") == "model.layers.2.post_attention_layernorm.weight"  # llama
+    assert (
+        hf_name("blk.2.post_attention_norm.weight", "gemma3")
+        == "model.layers.2.post_attention_layernorm.weight"
+    )
+    assert (
+        hf_name("blk.2.post_ffw_norm.weight", "gemma3") == "model.layers.2.post_feedforward_layernorm.weight"
+    )
+    assert hf_name("blk.2.attn_q_norm.weight", "gemma3") == "model.layers.2.self_attn.q_norm.weight"
+    with pytest.raises(ValueError):
+        hf_name("blk.2.attn_q_norm.weight")  # not a llama tensor
+
+    base = ModelConfig("Gemma3ForCausalLM", 10, 64, 96, 6, 4, 1, 32, 1e-6, 1e6, 128)
+    metadata = {"attention.sliding_window": 8}
+    fields = _gemma3_fields(metadata.get, base)
+    assert fields["layer_types"] == ("sliding_attention",) * 5 + ("full_attention",)
+    assert (fields["sliding_window"], fields["rope_local_theta"], fields["query_pre_attn_scalar"]) == (
+        8,
+        1e4,
+        32,
+    )
+    pattern = [True, False, True, True, False, False]  # newer files list each layer: True for local
+    fields = _gemma3_fields({**metadata, "attention.sliding_window_pattern": pattern}.get, base)
+    assert [kind == "sliding_attention" for kind in fields["layer_types"]] == pattern
