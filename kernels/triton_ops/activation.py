@@ -27,7 +27,8 @@ def gelu_tanh_and_mul_kernel(x_ptr, out_ptr, x_row_stride, out_row_stride, d, BL
     gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_row_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
     inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)  # sqrt(2 / pi) * (...)
-    tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)  # saturates to +-1 without NaN for large |inner|
+    decay = tl.exp(-2.0 * tl.abs(inner))  # in (0, 1]: no overflow for large |inner|
+    tanh = tl.where(inner < 0, -1.0, 1.0) * (1.0 - decay) / (1.0 + decay)
     gelu = (0.5 * gate * (1.0 + tanh)).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, (gelu * up).to(out_ptr.dtype.element_ty), mask=mask)
 
