@@ -276,7 +276,8 @@ def test_load_model_weights_equal_converting_each_tensor_first(smollm2_path):
     """load_model copies float32 weights into bfloat16 parameters: the same bits as `.to(bfloat16)` first."""
     from engine.loader import build_model, load_model
 
-    loaded = load_model(resolve_model(DEFAULT_MODEL), dtype="bfloat16", progress=False)
+    source = resolve_model(DEFAULT_MODEL)
+    loaded = load_model(source, dtype="bfloat16", progress=False, keep_quantized=False)
     gguf_model = GGUFModel(smollm2_path)
     reference = build_model(
         gguf_model.config,
