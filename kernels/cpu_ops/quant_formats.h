@@ -161,14 +161,15 @@ inline void dequantize_block(const uint8_t* block, float* out) {
 }
 
 // One activation tile of up to kMaxRows rows, already quantized to int8, and where its outputs go.
-// 32-element formats: xd and xs per block of 32 (xs: Q4_0 -8 * d_x * sum(q), Q4_1 sum(x), Q8_0 unused).
-// K-quants: xd per super-block of 256 and xb, 16 int16 sums of q per super-block (one per 16 elements).
+// 32-element formats: xd and xs per block of 32, as [nb, kMaxRows] (row r of block b at b * kMaxRows + r;
+// xs: Q4_0 -8 * d_x * sum(q), Q4_1 sum(x), Q8_0 unused). K-quants: xd per super-block of 256, as
+// [rows, nb], and xb, 16 int16 sums of q per super-block (one per 16 elements).
 struct QuantArgs {
   const uint8_t* w;  // the weight's blocks
   int64_t row_bytes, nb, k;
   const int8_t* xq;   // [rows, k] int8 activations
-  const float* xd;    // [rows, nb] activation scales
-  const float* xs;    // [rows, nb] (32-element formats)
+  const float* xd;    // activation scales: [nb, kMaxRows] (32-element formats) or [rows, nb] (K-quants)
+  const float* xs;    // [nb, kMaxRows] (32-element formats)
   const int16_t* xb;  // [rows, nb, 16] (K-quants)
   float* y;           // [rows, ldy]
   int64_t ldy;

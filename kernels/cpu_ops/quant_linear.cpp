@@ -14,10 +14,10 @@
 // output, where m_j is Q4_1's block minimum and 0 otherwise (the tests check that bound).
 //
 // Batched (prefill, decode of many sequences): the GEMV's cost grows with the rows while a float GEMM's
-// grows far slower, so above a few rows each thread dequantizes a tile of weight rows (~256 KB, in cache)
+// grows far slower, so above a few rows each thread dequantizes a tile of weight rows (~1 MB, in cache)
 // into float32, or bfloat16 when x is bfloat16 and the CPU has AVX512-BF16, and multiplies it with
 // at::mm into its columns of the output. Exact up to float32 rounding in float32 (the dequantized
-// values are gguf's, bit for bit); in bfloat16 the weights round to bfloat16 (2^-9 relative).
+// values are gguf's, bit for bit); in bfloat16 the weights round to bfloat16 (2^-8 relative).
 //
 // GEMV paths, chosen at run time from the CPU's flags (`quant_linear_isa()`), each forcible by `isa`:
 // 2 = AVX-512 VNNI (with VL/BW, on 256-bit vectors), 1 = AVX2 + FMA + F16C, 0 = plain C++. The SIMD
@@ -77,8 +77,8 @@ void rows_plain(const QuantArgs& a, int rows, int64_t o_begin, int64_t o_end) {
           for (int j = 0; j < kBlock / 2; ++j)
             sum += static_cast<int32_t>(qs[j] & 0x0F) * q[j] + static_cast<int32_t>(qs[j] >> 4) * q[j + kBlock / 2];
         }
-        float term = static_cast<float>(sum) * (d * a.xd[r * a.nb + b]);
-        if constexpr (F != kQ8_0) term += c * a.xs[r * a.nb + b];
+        float term = static_cast<float>(sum) * (d * a.xd[b * kMaxRows + r]);
+        if constexpr (F != kQ8_0) term += c * a.xs[b * kMaxRows + r];
         acc[r] += term;
       }
     }
@@ -136,7 +136,11 @@ void run_plain(int qtype, const QuantArgs& a, int rows, int64_t o_begin, int64_t
 namespace ql_avx2 {
 namespace {
 #define QL_VNNI 0
+#define QL_BF16 0
+#include "quant_simd_blocks.h"
 #include "quant_linear_simd.h"
+#include "quant_dequant_simd.h"
+#undef QL_BF16
 #undef QL_VNNI
 }  // namespace
 }  // namespace ql_avx2
@@ -147,10 +151,24 @@ namespace {
 namespace ql_avx512 {
 namespace {
 #define QL_VNNI 1
+#include "quant_simd_blocks.h"
 #include "quant_linear_simd.h"
 #undef QL_VNNI
 }  // namespace
 }  // namespace ql_avx512
+#pragma GCC pop_options
+
+// bfloat16 tiles rounded by `vcvtneps2bf16` where the CPU has AVX512-BF16 (its bfloat16 GEMMs use them)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")
+namespace ql_bf16 {
+namespace {
+#define QL_BF16 1
+#include "quant_simd_blocks.h"
+#include "quant_dequant_simd.h"
+#undef QL_BF16
+}  // namespace
+}  // namespace ql_bf16
 #pragma GCC pop_options
 #endif
 
@@ -188,7 +206,8 @@ bool bf16_gemm_is_fast() {
 
 // ---- activations to int8 ----
 
-// Per block of 32: scales xd and block terms xs (Q4_0: -8 * d * sum(q); Q4_1: sum(x); Q8_0: unused).
+// Per block of 32: scales xd and block terms xs (Q4_0: -8 * d * sum(q); Q4_1: sum(x); Q8_0: unused), as
+// [tiles, nb, kMaxRows] (see `QuantArgs`).
 template <typename T>
 void quantize_blocks(const T* x, int64_t rows, int64_t k, int qtype, int8_t* xq, float* xd, float* xs) {
   const int64_t nb = k / kBlock;
@@ -211,8 +230,9 @@ void quantize_blocks(const T* x, int64_t rows, int64_t k, int qtype, int8_t* xq,
           q[j] = static_cast<int8_t>(std::min(127, std::max(-127, v)));
           qsum += q[j];
         }
-        xd[r * nb + b] = d;
-        xs[r * nb + b] = qtype == kQ4_0 ? -8.0f * d * static_cast<float>(qsum) : total;
+        const int64_t at = ((r / kMaxRows) * nb + b) * kMaxRows + r % kMaxRows;
+        xd[at] = d;
+        xs[at] = qtype == kQ4_0 ? -8.0f * d * static_cast<float>(qsum) : total;
       }
     }
   });
@@ -252,16 +272,19 @@ void quantize_super_blocks(const T* x, int64_t rows, int64_t k, int8_t* xq, floa
 
 void gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k, int64_t isa, float* y) {
   const int64_t rows = x.size(0), nb = k / block_elements(type), row_bytes = nb * block_bytes(type);
+  const int64_t tiles = (rows + kMaxRows - 1) / kMaxRows;
   std::vector<int8_t> xq(rows * k);
-  std::vector<float> xd(rows * nb), xs;
+  std::vector<float> xd, xs;
   std::vector<int16_t> xb;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (is_k(type)) {
+    xd.resize(rows * nb);
     xb.resize(rows * nb * 16);
     if (bf16) quantize_super_blocks(x.data_ptr<at::BFloat16>(), rows, k, xq.data(), xd.data(), xb.data());
     else quantize_super_blocks(x.data_ptr<float>(), rows, k, xq.data(), xd.data(), xb.data());
   } else {
-    xs.resize(rows * nb);
+    xd.resize(tiles * nb * kMaxRows);  // zeros in the lanes of a last, short tile
+    xs.resize(tiles * nb * kMaxRows);
     if (bf16) quantize_blocks(x.data_ptr<at::BFloat16>(), rows, k, type, xq.data(), xd.data(), xs.data());
     else quantize_blocks(x.data_ptr<float>(), rows, k, type, xq.data(), xd.data(), xs.data());
   }
@@ -279,7 +302,7 @@ void gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k,
                              nb,
                              k,
                              xq.data() + t * k,
-                             xd.data() + t * nb,
+                             xd.data() + t * nb,  // t is a multiple of kMaxRows: the same offset in both layouts
                              xs.empty() ? nullptr : xs.data() + t * nb,
                              xb.empty() ? nullptr : xb.data() + t * nb * 16,
                              y + t * n,
@@ -333,11 +356,26 @@ void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t k, i
   }
 }
 
-constexpr int64_t kTileBytes = 256 * 1024;  // dequantized weights per tile: stays in a core's L2
+// Dequantization on the same instruction set as the GEMV path `isa` (the AVX2 code serves the AVX-512
+// path, but for bfloat16 rounding where the CPU has AVX512-BF16), so that `isa` forces both paths.
+template <typename T>
+void dequantize_any(int type, const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out, int64_t isa) {
+#if QL_X86
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (isa == 2 && bf16_gemm_is_fast()) return ql_bf16::dequantize_rows(type, w, row_bytes, k, rows, out);
+  }
+  if (isa >= 1) return ql_avx2::dequantize_rows(type, w, row_bytes, k, rows, out);
+#endif
+  dequantize_rows(type, w, row_bytes, k, rows, out);
+}
+
+// dequantized weights per tile, about a core's L2: large tiles, because every at::mm call packs x again
+// (256 KB tiles measured 1.3-2x slower than 1 MB at 16-64 rows)
+constexpr int64_t kTileBytes = 1024 * 1024;
 
 // y [rows, n] (in `compute`'s dtype) = x @ dequant(W).T, one tile of weight rows per task.
 void batched(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k, at::ScalarType compute,
-             at::Tensor& y) {
+             int64_t isa, at::Tensor& y) {
   const at::Tensor xm = x.scalar_type() == compute ? x : x.to(compute);
   const int64_t row_bytes = k / block_elements(type) * block_bytes(type);
   const int64_t element = compute == at::kBFloat16 ? 2 : 4, threads = at::get_num_threads();
@@ -351,9 +389,9 @@ void batched(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * tile, count = std::min(tile, n - o);
       if (compute == at::kBFloat16)
-        dequantize_rows(type, w + o * row_bytes, row_bytes, k, count, buffer.data_ptr<at::BFloat16>());
+        dequantize_any(type, w + o * row_bytes, row_bytes, k, count, buffer.data_ptr<at::BFloat16>(), isa);
       else
-        dequantize_rows(type, w + o * row_bytes, row_bytes, k, count, buffer.data_ptr<float>());
+        dequantize_any(type, w + o * row_bytes, row_bytes, k, count, buffer.data_ptr<float>(), isa);
       at::Tensor columns = y.narrow(1, o, count);
       at::mm_out(columns, xm, buffer.narrow(0, 0, count).t());
     }
@@ -406,7 +444,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t 
   // float32 results go straight into y; bfloat16 ones from a float32 GEMV or GEMM through a copy
   at::Tensor result = y.scalar_type() == compute ? y : at::empty({rows, out_features}, x.options().dtype(compute));
   if (path == 0) gemv(xc, w, type, out_features, in_features, isa, result.data_ptr<float>());
-  else batched(xc, w, type, out_features, in_features, compute, result);
+  else batched(xc, w, type, out_features, in_features, compute, isa, result);
   if (!result.is_same(y)) y.copy_(result);
   return y;
 }

@@ -1,10 +1,8 @@
-// The SIMD body of `quant_linear.cpp`, included once per instruction set under `#pragma GCC target`
-// (so each copy may use its own instructions while the file itself is built for any x86-64 CPU).
-// The includer defines QL_VNNI: 1 for AVX-512 VNNI's `vpdpbusd` / `vpdpwssd`, 0 for AVX2's
-// `vpmaddubsw` + `vpmaddwd`. No include guard: it is meant to be included twice, each time inside its
-// own namespace. Layouts and `QuantArgs`: `quant_formats.h`.
-
-using namespace ql;
+// The SIMD GEMV of `quant_linear.cpp`, included once per instruction set under `#pragma GCC target`
+// (so each copy may use its own instructions while the file itself is built for any x86-64 CPU), after
+// `quant_simd_blocks.h`. The includer defines QL_VNNI: 1 for AVX-512 VNNI's `vpdpbusd` / `vpdpwssd`, 0 for
+// AVX2's `vpmaddubsw` + `vpmaddwd`. No include guard: it is meant to be included twice, each time inside
+// its own namespace. Layouts and `QuantArgs`: `quant_formats.h`.
 
 // 8 int32 sums, each of 4 adjacent products u[i] * s[i] (u unsigned bytes, s signed bytes).
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
@@ -27,55 +25,33 @@ static inline __m256i dot_scaled(__m256i acc, __m256i u, __m256i s, __m256i scal
 #endif
 }
 
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-static inline float half_value(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, sizeof(h));
-  return _cvtsh_ss(h);
-}
-
-static inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-
 // ---- 32-element formats: Q8_0, Q4_0, Q4_1 ----
 
-// A Q4 block's 16 bytes as 32 unsigned nibbles in element order: low nibbles are elements 0-15, high 16-31.
-static inline __m256i nibbles(const uint8_t* qs) {
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
 // One block's contribution to R accumulators: the integer dot products scaled by d_w * d_x, and the
-// per-block term (Q4_0's -8, Q4_1's minimum) into `bias`.
+// per-block term (Q4_0's -8, Q4_1's minimum) of all the tile's rows at once into `bias` (lane r: row r).
+// The tile's activation scales and terms come as 8 lanes per block (`QuantArgs`), so that d_w * d_x is one
+// multiply for all rows, each row's lane then broadcast by a permute.
 template <int F, int R>
-static inline void block_into(const QuantArgs& a, const uint8_t* block, int64_t b, __m256* acc, __m256* bias) {
-  const float d = half_value(block);
+static inline void block_into(const QuantArgs& a, const uint8_t* block, int64_t b, __m256* acc, __m256& bias) {
+  const __m256 d = _mm256_set1_ps(half_value(block));
   __m256i u;  // the unsigned operand: |w| for Q8_0, the nibbles for Q4_x
   __m256i w;  // Q8_0's signed weights, whose signs move onto the activations
-  float c = 0.0f;
   if constexpr (F == kQ8_0) {
     w = load256(block + 2);
     u = _mm256_sign_epi8(w, w);
   } else if constexpr (F == kQ4_0) {
     u = nibbles(block + 2);
-    c = d;
+    bias = _mm256_fmadd_ps(d, _mm256_loadu_ps(a.xs + b * 8), bias);
   } else {
     u = nibbles(block + 4);
-    c = half_value(block + 2);
+    bias = _mm256_fmadd_ps(_mm256_set1_ps(half_value(block + 2)), _mm256_loadu_ps(a.xs + b * 8), bias);
   }
+  const __m256 scales = _mm256_mul_ps(d, _mm256_loadu_ps(a.xd + b * 8));
   for (int r = 0; r < R; ++r) {
     __m256i q = load256(a.xq + r * a.k + b * 32);
     if constexpr (F == kQ8_0) q = _mm256_sign_epi8(q, w);
     const __m256 products = _mm256_cvtepi32_ps(dot_u8s8(u, q));
-    acc[r] = _mm256_fmadd_ps(products, _mm256_set1_ps(d * a.xd[r * a.nb + b]), acc[r]);
-    // the block term goes into lane 0 of its own vector: a scalar chain would bound the loop's speed
-    if constexpr (F != kQ8_0) bias[r] = _mm256_add_ps(bias[r], _mm256_castps128_ps256(_mm_set_ss(c * a.xs[r * a.nb + b])));
+    acc[r] = _mm256_fmadd_ps(products, _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(r)), acc[r]);
   }
 }
 
@@ -87,17 +63,21 @@ void rows_kernel(const QuantArgs& a, int64_t o_begin, int64_t o_end) {
   constexpr int kSets = R <= 4 ? 2 : 1;
   for (int64_t o = o_begin; o < o_end; ++o) {
     const uint8_t* row = a.w + o * a.row_bytes;
-    __m256 acc[kSets][R], bias[kSets][R];
-    for (int s = 0; s < kSets; ++s)
-      for (int r = 0; r < R; ++r) acc[s][r] = bias[s][r] = _mm256_setzero_ps();
+    __m256 acc[kSets][R], bias[kSets];
+    for (int s = 0; s < kSets; ++s) {
+      bias[s] = _mm256_setzero_ps();
+      for (int r = 0; r < R; ++r) acc[s][r] = _mm256_setzero_ps();
+    }
     int64_t b = 0;
     for (; b + kSets <= a.nb; b += kSets)
       for (int s = 0; s < kSets; ++s) block_into<F, R>(a, row + (b + s) * bytes, b + s, acc[s], bias[s]);
     for (; b < a.nb; ++b) block_into<F, R>(a, row + b * bytes, b, acc[0], bias[0]);
+    alignas(32) float terms[8];
+    _mm256_store_ps(terms, kSets == 2 ? _mm256_add_ps(bias[0], bias[kSets - 1]) : bias[0]);
     for (int r = 0; r < R; ++r) {
-      __m256 total = _mm256_add_ps(acc[0][r], bias[0][r]);
-      if constexpr (kSets == 2) total = _mm256_add_ps(total, _mm256_add_ps(acc[1][r], bias[1][r]));
-      a.y[r * a.ldy + o] = hsum(total);
+      __m256 total = acc[0][r];
+      if constexpr (kSets == 2) total = _mm256_add_ps(total, acc[1][r]);
+      a.y[r * a.ldy + o] = hsum(total) + terms[r];
     }
   }
 }
@@ -154,32 +134,6 @@ struct KScales {
     else return lane_broadcast16<j, j>(scales);
   }
 };
-
-// Sub-block j's 32 values as unsigned bytes in element order (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63).
-template <int F, int j>
-static inline __m256i k_values(const uint8_t* block) {
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  if constexpr (F == kQ6_K) {
-    constexpr int half = j / 4, t = j % 4;
-    const __m256i packed = load256(block + 64 * half + 32 * (t % 2));
-    const __m256i low = _mm256_and_si256(t / 2 ? _mm256_srli_epi16(packed, 4) : packed, low4);
-    const __m256i bits = load256(block + 128 + 32 * half);  // bits 2t..2t+1 move to 4..5
-    __m256i top;
-    if constexpr (t < 2) top = _mm256_slli_epi16(bits, 4 - 2 * t);
-    else if constexpr (t == 2) top = bits;
-    else top = _mm256_srli_epi16(bits, 2);
-    return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
-  } else {
-    const __m256i packed = load256(block + (F == kQ5_K ? 48 : 16) + 32 * (j / 2));
-    const __m256i low = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(packed, 4) : packed, low4);
-    if constexpr (F == kQ4_K) return low;
-    const __m256i bits = load256(block + 16);  // bit j moves to bit 4 (16-bit shifts: no byte's bits cross)
-    __m256i fifth;
-    if constexpr (j <= 4) fifth = _mm256_slli_epi16(bits, 4 - j);
-    else fifth = _mm256_srli_epi16(bits, j - 4);
-    return _mm256_or_si256(low, _mm256_and_si256(fifth, _mm256_set1_epi8(0x10)));
-  }
-}
 
 template <int F, int R, int S, int j>
 static inline void k_step(const uint8_t* block, const KScales<F>& sc, const int8_t* xq, int64_t k, __m256i (&sums)[S][R]) {

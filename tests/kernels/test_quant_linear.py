@@ -174,14 +174,16 @@ def test_gemv_is_within_the_activation_rounding_bound(isas, name, rows, dtype, i
 @pytest.mark.parametrize(
     ("path", "dtype"), [("float32", torch.float32), ("float32", torch.bfloat16), ("bfloat16", torch.bfloat16)]
 )
+@pytest.mark.parametrize("isa", quant.ISAS)  # the dequantization's instruction set
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("name", list(QTYPES))
-def test_batched_path_is_within_the_float_rounding_bound(isas, name, rows, path, dtype):
+def test_batched_path_is_within_the_float_rounding_bound(isas, name, rows, path, dtype, isa):
+    _require(isa, isas)
     qtype = QTYPES[name]
     for out_features, in_features in shapes(qtype):
         qweight, _, _ = weight(qtype, out_features, in_features)
         x = activations(rows, in_features, dtype, seed=rows + out_features)
-        y = kernels.quant_linear(x, qweight, qtype, out_features, in_features, path=path)
+        y = kernels.quant_linear(x, qweight, qtype, out_features, in_features, isa=isa, path=path)
         check(y, x, qtype, out_features, in_features, path)
 
 
@@ -357,4 +359,6 @@ def test_every_path_is_built_for_a_cpu_without_avx(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     if shutil.which("objdump"):
         listing = subprocess.run(["objdump", "-d", str(obj)], capture_output=True, text=True).stdout
-        assert all(op in listing for op in ("vpdpbusd", "vpdpwssd", "vpmaddubsw", "vpmaddwd"))
+        assert all(
+            op in listing for op in ("vpdpbusd", "vpdpwssd", "vpmaddubsw", "vpmaddwd", "vcvtneps2bf16")
+        )
