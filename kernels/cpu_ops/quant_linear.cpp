@@ -26,6 +26,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -384,7 +385,11 @@ void batched(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t
   int64_t tile = std::max<int64_t>(16, kTileBytes / (k * element) / 16 * 16);
   tile = std::max<int64_t>(1, std::min(tile, (per_thread + 15) / 16 * 16));
   const int64_t tiles = (n + tile - 1) / tile;
+  // the caller's thread-local state (inference mode above all) on the pool's threads too: at::mm_out
+  // into an inference tensor is refused outside inference mode
+  const at::ThreadLocalState caller;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard same_state(caller);
     at::Tensor buffer = at::empty({tile, k}, xm.options());
     for (int64_t t = begin; t < end; ++t) {
       const int64_t o = t * tile, count = std::min(tile, n - o);
