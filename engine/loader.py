@@ -34,6 +34,7 @@ from engine.registry import (
     encoder_architecture,
 )
 from engine.tokenizer import HFTokenizer
+from kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), not by emulation."""
+    """True when the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), not by emulation
+    (False when `SANSLLM_CPU_ISA` stands in for a CPU without it)."""
+    if cpu_ops.target() != "native":
+        return False
     try:
         with open(cpuinfo) as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()

@@ -37,7 +37,9 @@ PATHS = ("gemv", "float32", "bfloat16")
 
 
 def _isa_from_environment() -> int:
-    value = os.environ.get("SANSLLM_QUANT_ISA", "").strip().lower()
+    # a stand-in CPU (SANSLLM_CPU_ISA, see kernels.cpu_ops) caps the path as that CPU would
+    stand_in = {"avx2": "avx2", "plain": "plain"}.get(cpu_ops.target(), "")
+    value = os.environ.get("SANSLLM_QUANT_ISA", "").strip().lower() or stand_in
     if not value or value == "auto":
         return -1
     if value not in ISAS:

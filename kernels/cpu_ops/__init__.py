@@ -28,7 +28,22 @@ logger = logging.getLogger(__name__)
 _SOURCES = [
     Path(__file__).with_name(name) for name in ("paged_attention.cpp", "layer_ops.cpp", "quant_linear.cpp")
 ]
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+# SANSLLM_CPU_ISA builds the kernels (and makes the runtime-dispatched ones choose) as on another
+# CPU: "avx2" as on one with AVX2, FMA and F16C but no AVX-512 (x86-64-v3), "plain" with x86-64's
+# baseline only. Why: users' CPUs differ from the one at hand, and each path must be measured and
+# tested where a better one exists too. Each target builds into its own folder (the flags are hashed).
+TARGETS = {"native": "-march=native", "avx2": "-march=x86-64-v3", "plain": "-march=x86-64"}
+
+
+def _target_from_environment() -> str:
+    value = os.environ.get("SANSLLM_CPU_ISA", "").strip().lower() or "native"
+    if value not in TARGETS:
+        raise ValueError(f"SANSLLM_CPU_ISA must be one of {tuple(TARGETS)}, got {value!r}")
+    return value
+
+
+_TARGET = _target_from_environment()
+_CFLAGS = ("-O3", TARGETS[_TARGET], "-fopenmp", "-ffast-math")
 _LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the loaded op namespace, or "error": why there is none
@@ -55,6 +70,11 @@ def load() -> Any | None:
                 _state["error"] = f"{type(error).__name__}: {error}"
                 logger.warning("CPU kernels unavailable, using the torch path: %s", _state["error"])
     return _state.get("ops")
+
+
+def target() -> str:
+    """The CPU the kernels are built for: "native" (this one), or the "avx2" / "plain" stand-ins."""
+    return _TARGET
 
 
 def unavailable_reason() -> str | None:
