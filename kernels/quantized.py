@@ -1,11 +1,15 @@
 """Linear layers on GGUF quantized weights kept in their blocks: `quant_linear`.
 
-On the CPU the C++ kernels of `kernels/cpu_ops/quant_linear.cpp` take Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and
-Q6_K with float32 or bfloat16 activations: below 16 activation rows a GEMV on the blocks (int8-quantized
-activations, integer dot products; see that file for the error this adds), from 16 rows tiles of weight
-rows dequantized into float32 (bfloat16 where x is bfloat16 and the CPU has AVX512-BF16) and multiplied
-by at::mm (measurements and the choice against torch's own packed int8/int4 matmuls:
-`bench/quant_linear.py`, bench/RESULTS.md). Everything else, and every call where the C++ kernels did
+On the CPU the C++ kernels of `kernels/cpu_ops/quant_linear.cpp` take Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q4_K, Q5_K, Q6_K, F16 and BF16 with float32 or bfloat16 activations: for few activation rows a GEMV on
+the blocks, by default on float32 activations (the weights decoded in registers: dequantize-then-matmul
+but for the float32 summation order), or with `activations="int8"` on activations quantized to int8
+(integer dot products, llama.cpp's scheme: faster on VNNI CPUs, with the rounding that file states);
+from more rows, tiles of weight rows dequantized into float32 (bfloat16 where x is bfloat16 and the CPU
+has AVX512-BF16) and multiplied by at::mm (measurements and the choice against torch's own packed
+int8/int4 matmuls: `bench/quant_linear.py`, bench/RESULTS.md). In batch-invariant mode
+(`kernels.batch_invariant`) every row count takes the float GEMV, whose per-row arithmetic is the same
+whatever the rows beside it. Everything else, and every call where the C++ kernels did
 not build, runs the torch reference (`kernels.torch_ops.quantized`: dequantize, then matmul). On CUDA
 tensors the triton kernel of `kernels/triton_ops/quantized.py` takes Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K (dequantized
 in registers, tile by tile).
@@ -20,12 +24,16 @@ import torch
 
 from kernels import cpu_ops
 from kernels.dispatch import use_cpp, use_triton
+from kernels.mode import is_batch_invariant
 from kernels.torch_ops import quantized as torch_quantized
 
 # GGML type ids the C++ kernels take
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
-CPP_QTYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K})
-BLOCK_ELEMENTS = {Q4_0: 32, Q4_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256}
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+CPP_QTYPES = frozenset({F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16})
+# in_features must be a multiple of these (F16 / BF16: the kernels read them 32 at a time)
+BLOCK_ELEMENTS = {
+    F16: 32, Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256, BF16: 32
+}
 # the triton kernel's (`kernels.triton_ops.quantized`), run on CUDA tensors
 TRITON_QTYPES = frozenset({Q4_0, Q4_1, Q8_0, 12, 13, 14})  # + Q4_K, Q5_K, Q6_K
 
@@ -34,6 +42,9 @@ ISAS = ("plain", "avx2", "avx512_vnni")
 # the C++ kernel's methods; `path=` forces one (tests, benchmarks): the GEMV on the blocks, or weight
 # tiles dequantized to float32 / bfloat16 (bfloat16 x only) for at::mm
 PATHS = ("gemv", "float32", "bfloat16")
+# the GEMV's activations: float32 (exact but for the summation order), or int8 per block (faster with
+# VNNI; Q4_0, Q4_1, Q8_0 and the K-quants only, the other formats take the float GEMV whatever is asked)
+ACTIVATIONS = ("float", "int8")
 
 
 def _isa_from_environment() -> int:
@@ -47,7 +58,27 @@ def _isa_from_environment() -> int:
     return ISAS.index(value)
 
 
+def _activations_from_environment() -> str:
+    value = os.environ.get("SANSLLM_QUANT_ACTIVATIONS", "").strip().lower() or "float"
+    if value not in ACTIVATIONS:
+        raise ValueError(f"SANSLLM_QUANT_ACTIVATIONS must be one of {ACTIVATIONS}, got {value!r}")
+    return value
+
+
 _forced_isa = _isa_from_environment()  # read once: this runs in every layer of every step
+_default_activations = _activations_from_environment()
+
+
+def set_default_activations(activations: str) -> None:
+    """The GEMV's activations when a call names none: "float" (the default) or "int8" (a server flag)."""
+    global _default_activations
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    _default_activations = activations
+
+
+def default_activations() -> str:
+    return _default_activations
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -68,16 +99,22 @@ def quant_linear(
     isa: str | None = None,
     path: str | None = None,
     out: torch.Tensor | None = None,
+    activations: str | None = None,
 ) -> torch.Tensor:
     """`x @ dequant(qweight).T`: x [..., in_features] float32 or bfloat16 -> [..., out_features] in x's dtype.
 
-    `qweight` is the GGUF tensor's raw data as `GGUFReader` gives it (uint8, `out_features` rows of
-    blocks); `qtype` a `gguf.GGMLQuantizationType` (or its int). `isa` forces one C++ path ("plain",
-    "avx2", "avx512_vnni"; an error where this CPU lacks it, or where the C++ kernels are unavailable);
-    `path` one of `PATHS` (by default chosen by the row count). `out`, a contiguous tensor of the
-    result's shape and x's dtype, receives the result (the C++ path writes it in place).
+    `qweight` is the GGUF tensor's raw data as `GGUFReader` gives it (uint8 `out_features` rows of
+    blocks; F16 / BF16 tensors may come typed); `qtype` a `gguf.GGMLQuantizationType` (or its int). `isa`
+    forces one C++ path ("plain", "avx2", "avx512_vnni"; an error where this CPU lacks it, or where the
+    C++ kernels are unavailable); `path` one of `PATHS` (by default chosen by the row count; in
+    batch-invariant mode always the float GEMV). `activations`, one of `ACTIVATIONS`, picks the GEMV's
+    (by default `default_activations()`). `out`, a contiguous tensor of the result's shape and x's
+    dtype, receives the result (the C++ path writes it in place).
     """
     qtype = int(qtype)
+    activations = _default_activations if activations is None else activations
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
     if isa is None and qtype in TRITON_QTYPES and use_triton(x):
         # imported on first use, so CPU-only processes never load triton
         triton_quantized = importlib.import_module("kernels.triton_ops.quantized")
@@ -91,11 +128,25 @@ def quant_linear(
         and (built := cpu_ops.load()) is not None
     ):
         forced = _forced_isa if isa is None else ISAS.index(isa)
+        if path is None and is_batch_invariant():
+            # one path for every row count: a row's float GEMV sums do not depend on the rows beside it
+            path, activations = "gemv", "float"
         method = -1 if path is None else PATHS.index(path)
         rows = x.reshape(-1, in_features)
         flat_out = None if out is None else out.view(-1, out_features)
+        raw = qweight.reshape(-1)
+        if raw.dtype != torch.uint8:  # F16 / BF16 data as GGUFReader types it
+            raw = raw.view(torch.uint8)
         y = built.quant_linear(
-            rows, qweight.reshape(-1), qtype, out_features, in_features, forced, method, flat_out
+            rows,
+            raw,
+            qtype,
+            out_features,
+            in_features,
+            forced,
+            method,
+            flat_out,
+            ACTIVATIONS.index(activations),
         )
         return y.reshape(*x.shape[:-1], out_features) if out is None else out
     if isa is not None or path is not None:

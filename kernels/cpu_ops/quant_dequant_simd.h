@@ -72,6 +72,21 @@ static inline void k_dequantize(const uint8_t* block, T* dst, std::integer_seque
   }
 }
 
+// 32 F16 / BF16 weights widened to float32 (bfloat16 into bfloat16: copied as they are)
+template <typename T>
+static inline void float16_block(int f, const uint8_t* block, T* dst) {
+  if (f == kBF16 && std::is_same_v<T, at::BFloat16>) {
+    std::memcpy(dst, block, 64);
+    return;
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * i));
+    const __m256 v = f == kF16 ? _mm256_cvtph_ps(raw)
+                               : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    store8(dst + 8 * i, v);
+  }
+}
+
 // Weight rows [0, rows) of `w` dequantized into out [rows, k].
 template <int F, typename T>
 void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out) {
@@ -84,11 +99,15 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t row
       T* dst = out + r * k + b * n;
       if constexpr (is_k(F)) {
         k_dequantize<F>(block, dst, std::make_integer_sequence<int, 8>{});
+      } else if constexpr (is_float16(F)) {
+        float16_block(F, block, dst);
       } else {
         const float d = half_value(block);
         if constexpr (F == kQ8_0) expand32<true>(load256(block + 2), d, 0.0f, dst);
         if constexpr (F == kQ4_0) expand32<false>(nibbles(block + 2), d, -8.0f * d, dst);
         if constexpr (F == kQ4_1) expand32<false>(nibbles(block + 4), d, half_value(block + 2), dst);
+        if constexpr (F == kQ5_0) expand32<false>(q5_values<F>(block), d, -16.0f * d, dst);
+        if constexpr (F == kQ5_1) expand32<false>(q5_values<F>(block), d, half_value(block + 2), dst);
       }
     }
   }
@@ -97,9 +116,13 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t row
 template <typename T>
 void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out) {
   switch (type) {
+    case kF16: return dequantize_rows<kF16>(w, row_bytes, k, rows, out);
+    case kBF16: return dequantize_rows<kBF16>(w, row_bytes, k, rows, out);
     case kQ8_0: return dequantize_rows<kQ8_0>(w, row_bytes, k, rows, out);
     case kQ4_0: return dequantize_rows<kQ4_0>(w, row_bytes, k, rows, out);
     case kQ4_1: return dequantize_rows<kQ4_1>(w, row_bytes, k, rows, out);
+    case kQ5_0: return dequantize_rows<kQ5_0>(w, row_bytes, k, rows, out);
+    case kQ5_1: return dequantize_rows<kQ5_1>(w, row_bytes, k, rows, out);
     case kQ4_K: return dequantize_rows<kQ4_K>(w, row_bytes, k, rows, out);
     case kQ5_K: return dequantize_rows<kQ5_K>(w, row_bytes, k, rows, out);
     default: return dequantize_rows<kQ6_K>(w, row_bytes, k, rows, out);

@@ -3,7 +3,11 @@
 // Layouts (GGUF's raw tensor data; every row of a matrix is a run of blocks, little-endian fp16):
 //   Q4_0  18 B / 32:  d, 16 B nibbles; w = d * (q - 8). Byte j: element j (low nibble), j + 16 (high).
 //   Q4_1  20 B / 32:  d, m, 16 B nibbles; w = d * q + m.
+//   Q5_0  22 B / 32:  d, 4 B fifth bits (a little-endian word: bit j is element j's), 16 B nibbles as Q4_0;
+//                     w = d * (q - 16).
+//   Q5_1  24 B / 32:  d, m, 4 B fifth bits, 16 B nibbles; w = d * q + m.
 //   Q8_0  34 B / 32:  d, 32 int8; w = d * q.
+//   F16, BF16:        one 16-bit float per element; the kernels take them in "blocks" of 32 (64 B).
 //   Q4_K 144 B / 256: d, dmin, 12 B of 6-bit sub-scales sc[8] and mins m[8], 128 B nibbles;
 //                     sub-block s (32 elements): w = d * sc[s] * q - dmin * m[s]. The nibbles come in
 //                     four runs of 32 bytes: run c holds sub-block 2c in its low nibbles, 2c + 1 in its high.
@@ -22,19 +26,31 @@
 
 namespace ql {
 
-constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;  // GGML's type ids
+// GGML's type ids
+constexpr int kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14,
+              kBF16 = 30;
 constexpr int kBlock = 32;   // elements per block of the 32-element formats (and per sub-block of K-quants)
 constexpr int kSuper = 256;  // elements per K-quant super-block
 
 constexpr bool is_k(int f) { return f == kQ4_K || f == kQ5_K || f == kQ6_K; }
+constexpr bool is_float16(int f) { return f == kF16 || f == kBF16; }
 constexpr bool is_supported(int64_t f) {
+  return f == kQ4_0 || f == kQ4_1 || f == kQ5_0 || f == kQ5_1 || f == kQ8_0 || f == kQ4_K || f == kQ5_K ||
+         f == kQ6_K || f == kF16 || f == kBF16;
+}
+// the formats the int8-activation GEMV takes (the others run the float GEMV whatever is asked)
+constexpr bool has_int8_gemv(int64_t f) {
   return f == kQ4_0 || f == kQ4_1 || f == kQ8_0 || f == kQ4_K || f == kQ5_K || f == kQ6_K;
 }
 constexpr int block_elements(int f) { return is_k(f) ? kSuper : kBlock; }
 constexpr int64_t block_bytes(int f) {
   switch (f) {
+    case kF16:
+    case kBF16: return 64;
     case kQ4_0: return 18;
     case kQ4_1: return 20;
+    case kQ5_0: return 22;
+    case kQ5_1: return 24;
     case kQ8_0: return 34;
     case kQ4_K: return 144;
     case kQ5_K: return 176;
@@ -46,6 +62,16 @@ inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, sizeof(bits));
   return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// n bfloat16 values (raw bytes) widened to float32: the top half of a float32's bits
+inline void bf16_to_float(const uint8_t* src, float* out, int n) {
+  for (int i = 0; i < n; ++i) {
+    uint16_t half;
+    std::memcpy(&half, src + 2 * i, 2);
+    const uint32_t bits = static_cast<uint32_t>(half) << 16;
+    std::memcpy(out + i, &bits, 4);
+  }
 }
 
 // Q4_K / Q5_K's 12 bytes -> sc[0..7] and m[0..7] (6 bits each), as four words of four bytes: sc[0..3],
@@ -148,6 +174,22 @@ inline void dequantize_block(const uint8_t* block, float* out) {
     const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
 #pragma omp simd
     for (int i = 0; i < kBlock; ++i) out[i] = d * static_cast<float>(q[i]);
+  } else if constexpr (F == kQ5_0 || F == kQ5_1) {
+    const float d = half_at(block);
+    const float m = F == kQ5_0 ? -16.0f * d : half_at(block + 2);
+    uint32_t high;
+    std::memcpy(&high, block + (F == kQ5_0 ? 2 : 4), 4);
+    const uint8_t* q = block + (F == kQ5_0 ? 6 : 8);
+    for (int i = 0; i < kBlock / 2; ++i) {
+      const int low = (q[i] & 0x0F) | (((high >> i) & 1) << 4);
+      const int top = (q[i] >> 4) | (((high >> (i + 16)) & 1) << 4);
+      out[i] = d * static_cast<float>(low) + m;
+      out[i + kBlock / 2] = d * static_cast<float>(top) + m;
+    }
+  } else if constexpr (F == kF16) {
+    for (int i = 0; i < kBlock; ++i) out[i] = half_at(block + 2 * i);
+  } else if constexpr (F == kBF16) {
+    bf16_to_float(block, out, kBlock);
   } else {
     const float d = half_at(block);
     const float m = F == kQ4_0 ? -8.0f * d : half_at(block + 2);
@@ -177,5 +219,16 @@ struct QuantArgs {
 
 constexpr int kMaxRows = 8;  // activation rows per pass over the weights
 using RowsFn = void (*)(const QuantArgs&, int64_t, int64_t);
+
+// One tile of float32 activation rows for the float GEMV, and where its outputs go.
+struct FloatArgs {
+  const uint8_t* w;  // the weight's blocks
+  int64_t row_bytes, nb, k;
+  const float* x;  // [rows, k]
+  float* y;        // [rows, ldy]
+  int64_t ldy;
+};
+
+using FloatRowsFn = void (*)(const FloatArgs&, int64_t, int64_t);
 
 }  // namespace ql

@@ -128,6 +128,46 @@ void run_plain(int qtype, const QuantArgs& a, int rows, int64_t o_begin, int64_t
   }
 }
 
+// ---- plain C++ float GEMV: each block dequantized to float32, then dot products, for any CPU ----
+
+// A row's arithmetic is the same whatever `rows` is (batch invariance).
+template <int F>
+void float_rows_plain(const FloatArgs& a, int rows, int64_t o_begin, int64_t o_end) {
+  constexpr int n = block_elements(F);
+  constexpr int64_t bytes = block_bytes(F);
+  alignas(64) float w[kSuper];
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const uint8_t* row = a.w + o * a.row_bytes;
+    float acc[kMaxRows] = {};
+    for (int64_t b = 0; b < a.nb; ++b) {
+      dequantize_block<F>(row + b * bytes, w);
+      for (int r = 0; r < rows; ++r) {
+        const float* x = a.x + r * a.k + b * n;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < n; ++i) sum += w[i] * x[i];
+        acc[r] += sum;
+      }
+    }
+    for (int r = 0; r < rows; ++r) a.y[r * a.ldy + o] = acc[r];
+  }
+}
+
+void run_float_plain(int qtype, const FloatArgs& a, int rows, int64_t o_begin, int64_t o_end) {
+  switch (qtype) {
+    case kF16: return float_rows_plain<kF16>(a, rows, o_begin, o_end);
+    case kBF16: return float_rows_plain<kBF16>(a, rows, o_begin, o_end);
+    case kQ8_0: return float_rows_plain<kQ8_0>(a, rows, o_begin, o_end);
+    case kQ4_0: return float_rows_plain<kQ4_0>(a, rows, o_begin, o_end);
+    case kQ4_1: return float_rows_plain<kQ4_1>(a, rows, o_begin, o_end);
+    case kQ5_0: return float_rows_plain<kQ5_0>(a, rows, o_begin, o_end);
+    case kQ5_1: return float_rows_plain<kQ5_1>(a, rows, o_begin, o_end);
+    case kQ4_K: return float_rows_plain<kQ4_K>(a, rows, o_begin, o_end);
+    case kQ5_K: return float_rows_plain<kQ5_K>(a, rows, o_begin, o_end);
+    default: return float_rows_plain<kQ6_K>(a, rows, o_begin, o_end);
+  }
+}
+
 }  // namespace
 
 // ---- the SIMD paths, one copy of the same body per instruction set ----
@@ -138,9 +178,12 @@ namespace ql_avx2 {
 namespace {
 #define QL_VNNI 0
 #define QL_BF16 0
+#define QL_AVX512 0
 #include "quant_simd_blocks.h"
 #include "quant_linear_simd.h"
 #include "quant_dequant_simd.h"
+#include "quant_float_simd.h"
+#undef QL_AVX512
 #undef QL_BF16
 #undef QL_VNNI
 }  // namespace
@@ -152,8 +195,11 @@ namespace {
 namespace ql_avx512 {
 namespace {
 #define QL_VNNI 1
+#define QL_AVX512 1
 #include "quant_simd_blocks.h"
 #include "quant_linear_simd.h"
+#include "quant_float_simd.h"
+#undef QL_AVX512
 #undef QL_VNNI
 }  // namespace
 }  // namespace ql_avx512
@@ -324,6 +370,48 @@ void gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k,
   });
 }
 
+// ---- the float GEMV: float32 activations, weights decoded in registers ----
+
+// activation rows per pass over the weights on path `isa`
+int float_tile(int64_t isa) {
+#if QL_X86
+  if (isa == 2) return ql_avx512::kFloatTile;
+  if (isa == 1) return ql_avx2::kFloatTile;
+#endif
+  return kMaxRows;
+}
+
+void float_gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k, int64_t isa, float* y) {
+  const int64_t rows = x.size(0), nb = k / block_elements(type), row_bytes = nb * block_bytes(type);
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // bfloat16 widened once
+  const float* xs = xf.data_ptr<float>();
+  const int64_t tile = float_tile(isa);
+  // weight rows per task: ~32 KB of blocks, so small layers stay on one thread
+  const int64_t grain = std::max<int64_t>(1, 32768 / row_bytes);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    // weight rows in chunks that stay in cache while every tile of activation rows passes over them
+    const int64_t chunk = std::max<int64_t>(1, 16384 / row_bytes);
+    for (int64_t o = begin; o < end; o += chunk) {
+      const int64_t o_end = std::min(end, o + chunk);
+      for (int64_t t = 0; t < rows; t += tile) {
+        const int count = static_cast<int>(std::min<int64_t>(tile, rows - t));
+        const FloatArgs args{w, row_bytes, nb, k, xs + t * k, y + t * n, n};
+#if QL_X86
+        if (isa == 2) {
+          ql_avx512::float_kernel_for(type, count)(args, o, o_end);
+          continue;
+        }
+        if (isa == 1) {
+          ql_avx2::float_kernel_for(type, count)(args, o, o_end);
+          continue;
+        }
+#endif
+        run_float_plain(type, args, count, o, o_end);
+      }
+    }
+  });
+}
+
 // ---- the batched path: dequantized tiles of weight rows into at::mm ----
 
 // Weight rows [0, rows) of `w` dequantized into out [rows, k] (float32, or bfloat16 rounded to nearest).
@@ -348,9 +436,13 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t row
 template <typename T>
 void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out) {
   switch (type) {
+    case kF16: return dequantize_rows<kF16>(w, row_bytes, k, rows, out);
+    case kBF16: return dequantize_rows<kBF16>(w, row_bytes, k, rows, out);
     case kQ8_0: return dequantize_rows<kQ8_0>(w, row_bytes, k, rows, out);
     case kQ4_0: return dequantize_rows<kQ4_0>(w, row_bytes, k, rows, out);
     case kQ4_1: return dequantize_rows<kQ4_1>(w, row_bytes, k, rows, out);
+    case kQ5_0: return dequantize_rows<kQ5_0>(w, row_bytes, k, rows, out);
+    case kQ5_1: return dequantize_rows<kQ5_1>(w, row_bytes, k, rows, out);
     case kQ4_K: return dequantize_rows<kQ4_K>(w, row_bytes, k, rows, out);
     case kQ5_K: return dequantize_rows<kQ5_K>(w, row_bytes, k, rows, out);
     default: return dequantize_rows<kQ6_K>(w, row_bytes, k, rows, out);
@@ -405,11 +497,15 @@ void batched(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t
 
 // Activation rows from which the batched path is faster than the GEMV (bench/quant_linear.py).
 constexpr int64_t kBatchedRows = 16;
+// The same for the float GEMV (bench/quant_linear.py, bench/RESULTS.md "float activations")
+constexpr int64_t kFloatBatchedRows = 16;
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, int64_t out_features,
-                        int64_t in_features, int64_t isa, int64_t path, const c10::optional<at::Tensor>& out) {
+                        int64_t in_features, int64_t isa, int64_t path, const c10::optional<at::Tensor>& out,
+                        int64_t activations) {
   TORCH_CHECK(is_supported(qtype), "quant_linear: GGML type ", qtype,
-              " is not supported (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14)");
+              " is not supported (F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, "
+              "Q6_K = 14, BF16 = 30)");
   const int type = static_cast<int>(qtype);
   const int64_t block = block_elements(type);
   TORCH_CHECK(in_features > 0 && in_features % block == 0, "quant_linear: in_features must be a multiple of ",
@@ -428,6 +524,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t 
   TORCH_CHECK(path >= -1 && path <= 2, "quant_linear: path must be -1 (auto), 0 (GEMV), 1 (float32 tiles) or 2 "
               "(bfloat16 tiles)");
   TORCH_CHECK(path != 2 || x.scalar_type() == at::kBFloat16, "quant_linear: bfloat16 tiles need bfloat16 x");
+  TORCH_CHECK(activations == 0 || activations == 1, "quant_linear: activations must be 0 (float) or 1 (int8)");
+  // int8 activations where the format has that GEMV; Q5_0, Q5_1, F16 and BF16 take the float one
+  const bool int8 = activations == 1 && has_int8_gemv(type);
 
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0);
@@ -442,13 +541,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t 
   }
   if (rows == 0 || out_features == 0) return y;
   if (path < 0) {
-    path = rows < kBatchedRows ? 0 : (x.scalar_type() == at::kBFloat16 && bf16_gemm_is_fast() ? 2 : 1);
+    const int64_t batched_from = int8 ? kBatchedRows : kFloatBatchedRows;
+    path = rows < batched_from ? 0 : (x.scalar_type() == at::kBFloat16 && bf16_gemm_is_fast() ? 2 : 1);
   }
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const at::ScalarType compute = path == 0 || path == 1 ? at::kFloat : at::kBFloat16;
   // float32 results go straight into y; bfloat16 ones from a float32 GEMV or GEMM through a copy
   at::Tensor result = y.scalar_type() == compute ? y : at::empty({rows, out_features}, x.options().dtype(compute));
-  if (path == 0) gemv(xc, w, type, out_features, in_features, isa, result.data_ptr<float>());
+  if (path == 0 && int8) gemv(xc, w, type, out_features, in_features, isa, result.data_ptr<float>());
+  else if (path == 0) float_gemv(xc, w, type, out_features, in_features, isa, result.data_ptr<float>());
   else batched(xc, w, type, out_features, in_features, compute, isa, result);
   if (!result.is_same(y)) y.copy_(result);
   return y;
@@ -460,7 +561,7 @@ int64_t quant_linear_isa() { return best_isa(); }
 
 TORCH_LIBRARY_FRAGMENT(sansllm_cpu, m) {
   m.def("quant_linear(Tensor x, Tensor qweight, int qtype, int out_features, int in_features, int isa, "
-        "int path=-1, Tensor? out=None) -> Tensor");
+        "int path=-1, Tensor? out=None, int activations=0) -> Tensor");
   m.def("quant_linear_isa() -> int", &quant_linear_isa);  // the best GEMV path this CPU runs
 }
 

@@ -53,3 +53,22 @@ static inline __m256i k_values(const uint8_t* block) {
   }
 }
 
+
+// Q5_0 / Q5_1's fifth bits (4 bytes, bit i: element i) as 32 bytes in element order: 0x10 where set, else 0.
+static inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  // byte i takes byte i / 8 of the word (each 128-bit lane holds the word's 4 bytes at its start)
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i mask = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(0x10));
+}
+
+// A Q5_0 / Q5_1 block's 32 values (0..31) as unsigned bytes in element order.
+template <int F>
+static inline __m256i q5_values(const uint8_t* block) {
+  constexpr int high = F == kQ5_0 ? 2 : 4;
+  return _mm256_or_si256(nibbles(block + high + 4), fifth_bits(block + high));
+}
