@@ -29,6 +29,7 @@ from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.model_runner import EncoderRunner
 from engine.registry import Convert
 from engine.tokenizer import HFTokenizer
+from kernels.quantized import set_default_activations
 from protocol.engine_api import Command, Encode, Event, Failed, Generate
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,10 @@ class EngineConfig:
     # kernels whose result for a row does not depend on the rest of the batch (process-wide, slower)
     batch_invariant: bool = False
     # GGUF weights stay in their quantized blocks (False: dequantized to `dtype` at load, as --dequantize)
-    keep_quantized: bool = False  # TODO(issue 7): True once the float-activation GEMV lands
+    keep_quantized: bool = True
+    # the quantized matmuls' activations for few rows: "float" (exact up to float32 rounding) or "int8"
+    # (llama.cpp's scheme: faster with VNNI, but greedy output parts from the float model's); process-wide
+    quantized_activations: Literal["float", "int8"] = "float"
 
 
 # Tokens per encoder step. An encoder input runs whole, so the budget only bounds how many inputs
@@ -225,6 +229,7 @@ class Engine:
         _set_threads(config)
         if config.batch_invariant:
             kernels.set_batch_invariant(True)
+        set_default_activations(config.quantized_activations)
         source = loaded.source if loaded else resolve_model(config.model)
         if loaded is None:
             logger.info("loading %s from %s", source.name, source.path)

@@ -291,6 +291,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         help="dequantize GGUF weights at load (to --dtype) instead of running on their quantized "
         "blocks: slower and several times the memory, for exactness checks",
     )
+    eng.add_argument(
+        "--quantized-activations",
+        choices=("float", "int8"),
+        default="float",
+        help="activations of the matmuls on quantized GGUF weights for few rows: float (exact up to "
+        "float32 rounding) or int8 per block of 32, as llama.cpp does (faster on CPUs with VNNI; "
+        "greedy output then parts from the float model's)",
+    )
 
     parser.add_argument(
         "--log-level",

@@ -59,6 +59,7 @@ def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Cal
         "kv_cache_memory": spec.kv_cache_memory,
         "batch_invariant": args.batch_invariant or None,  # process-wide
         "keep_quantized": False if getattr(args, "dequantize", False) else None,
+        "quantized_activations": getattr(args, "quantized_activations", None),
     }
     return _construct(config_cls, {key: value for key, value in wanted.items() if value is not None})
 

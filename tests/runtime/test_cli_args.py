@@ -449,6 +449,8 @@ class ContractConfig:
     max_num_batched_tokens: int = 2048
     kv_cache_memory: int | None = None
     batch_invariant: bool = False
+    keep_quantized: bool = True
+    quantized_activations: str = "float"
 
 
 def test_one_engine_config_per_model():
@@ -461,6 +463,14 @@ def test_one_engine_config_per_model():
         ContractConfig("enc", "e", convert="embed", dtype="float16", seed=4, batch_invariant=True),
     ]
     assert engine_config_from_args(args, ContractConfig) == engine_configs_from_args(args, ContractConfig)[0]
+
+
+def test_gguf_quantization_flags_reach_every_engine():
+    args = parse("--model", "a", "--model", "b", "--dequantize", "--quantized-activations", "int8")
+    configs = engine_configs_from_args(args, ContractConfig)
+    assert [(c.keep_quantized, c.quantized_activations) for c in configs] == [(False, "int8")] * 2
+    defaults = engine_configs_from_args(parse("--model", "a"), ContractConfig)
+    assert (defaults[0].keep_quantized, defaults[0].quantized_activations) == (True, "float")
 
 
 class FakeEngine:
