@@ -31,9 +31,7 @@ from kernels.torch_ops import quantized as torch_quantized
 F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 CPP_QTYPES = frozenset({F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16})
 # in_features must be a multiple of these (F16 / BF16: the kernels read them 32 at a time)
-BLOCK_ELEMENTS = {
-    F16: 32, Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256, BF16: 32
-}
+BLOCK_ELEMENTS = {qtype: 256 if qtype in (Q4_K, Q5_K, Q6_K) else 32 for qtype in CPP_QTYPES}
 # the triton kernel's (`kernels.triton_ops.quantized`), run on CUDA tensors
 TRITON_QTYPES = frozenset({Q4_0, Q4_1, Q8_0, 12, 13, 14})  # + Q4_K, Q5_K, Q6_K
 

@@ -3,24 +3,27 @@
 // 512-bit vectors (AVX-512F/BW/VL), 0 for AVX2 + FMA + F16C. No include guard: it is meant to be included
 // more than once, each time in its own namespace. Layouts and `FloatArgs`: `quant_formats.h`.
 //
-// Each weight block is decoded in registers into the exact float32 values of gguf's dequantization (a
-// 16-entry table d * q + m per block, indexed by the nibbles with `vpermps`, on AVX-512; an int-to-float
-// conversion and one fused multiply-add elsewhere), then multiplied into float32 accumulators by FMA for
-// every activation row of the tile, so the block is decoded once per tile. The result differs from
-// dequantize-then-matmul by the float32 summation order only.
+// Each weight block is decoded in registers into the exact float32 values of gguf's dequantization (on
+// AVX-512 a table of the block's 16 or 32 possible values, d * q + m, indexed by the nibbles with
+// `vpermps` / `vpermt2ps`; elsewhere an int-to-float conversion and one fused multiply-add), then
+// multiplied into float32 accumulators by FMA for every activation row of the tile, so a block is decoded
+// once per tile. The result differs from dequantize-then-matmul by the float32 summation order only.
 //
-// Why not fold the scale per block (d * sum q x + m * sum x): that saves nothing here. A block's table
-// costs one multiply (one FMA with m), as the fold's one multiply per block does, and beyond one row the
-// fold needs a multiply per row and block where the table needs none; it also rounds worse where
-// d * q and m cancel.
+// Why not fold the scale per block (d * sum q x + m * sum x): it saves nothing here. A block's table
+// costs one multiply (or FMA), as the fold's multiply per block does, and beyond one row the fold needs
+// a multiply per row and block where the table needs none; it also rounds worse where d * q and m cancel.
 //
-// Every row has the same 4 accumulators (AVX-512: 2 vectors of 16 per 32-element group, alternating sets
-// for even and odd groups; AVX2: 4 vectors of 8) whatever the tile's row count, so a row's result does
-// not depend on the rows beside it (batch invariance).
+// AVX-512 passes over two weight rows at once: each activation vector loaded then feeds two FMAs (this
+// CPU class retires two 512-bit FMAs per cycle but loads one 512-bit vector, measured). Every (weight
+// row, activation row) pair has its own accumulators, one per vector of a 32-element group, whatever
+// the tile's row count or the weight rows beside it, so a row's result does not depend on the rows
+// around it (batch invariance).
 
 #if QL_AVX512
 using FV = __m512;
 constexpr int kLanes = 16;
+constexpr int kOut = 2;        // weight rows per pass
+constexpr int kFloatTile = 4;  // activation rows per pass: 2 x 4 x 2 accumulators of 32 registers
 static inline FV fzero() { return _mm512_setzero_ps(); }
 static inline FV fload(const float* p) { return _mm512_loadu_ps(p); }
 static inline FV ffma(FV a, FV b, FV c) { return _mm512_fmadd_ps(a, b, c); }
@@ -32,6 +35,8 @@ static inline float fsum(FV v) {
 #else
 using FV = __m256;
 constexpr int kLanes = 8;
+constexpr int kOut = 1;        // two loads per cycle keep up with two FMAs
+constexpr int kFloatTile = 2;  // 2 x 4 accumulators of 16 registers, beside the decoded weights
 static inline FV fzero() { return _mm256_setzero_ps(); }
 static inline FV fload(const float* p) { return _mm256_loadu_ps(p); }
 static inline FV ffma(FV a, FV b, FV c) { return _mm256_fmadd_ps(a, b, c); }
@@ -39,191 +44,10 @@ static inline FV fadd(FV a, FV b) { return _mm256_add_ps(a, b); }
 static inline float fsum(FV v) { return hsum(v); }
 #endif
 
-constexpr int kVecs = kBlock / kLanes;  // vectors per group of 32 weights
-constexpr int kSets = 4 / kVecs;        // accumulator sets, alternating by group
-// activation rows per pass over the weights: 4 accumulators each must fit the registers (32 / 16)
-constexpr int kFloatTile = QL_AVX512 ? 4 : 2;
+constexpr int kVecs = kBlock / kLanes;  // vectors per group of 32 weights, and accumulators per row pair
+using Group = FV[kVecs];                // a group of 32 weights, decoded
 
 #define QL_INLINE inline __attribute__((always_inline))
-
-// The tile's R accumulators per row; `add` takes vector V of the group of 32 weights at element e.
-template <int R>
-struct RowSums {
-  FV acc[R][4];
-  const float* x;
-  int64_t k;
-
-  RowSums(const float* x_, int64_t k_) : x(x_), k(k_) {
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) acc[r][i] = fzero();
-  }
-
-  template <int P, int V>  // P: the group's parity (which set), V: the vector within the group
-  QL_INLINE void add(int64_t e, FV w) {
-    constexpr int slot = (P % kSets) * kVecs + V;
-    for (int r = 0; r < R; ++r) acc[r][slot] = ffma(w, fload(x + r * k + e + V * kLanes), acc[r][slot]);
-  }
-
-  float total(int r) const { return fsum(fadd(fadd(acc[r][0], acc[r][2]), fadd(acc[r][1], acc[r][3]))); }
-};
-
-static QL_INLINE FV fset1(float v) {
-#if QL_AVX512
-  return _mm512_set1_ps(v);
-#else
-  return _mm256_set1_ps(v);
-#endif
-}
-
-#if QL_AVX512
-
-static QL_INLINE __m512i widen_u8(const uint8_t* p) {  // 16 bytes -> 16 int32
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-static QL_INLINE __m512 iota16(float first) {
-  return _mm512_add_ps(_mm512_set1_ps(first),
-                       _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-}
-
-// lane `i` of v in every lane
-template <int i>
-static QL_INLINE __m512 lane(__m512 v) {
-  return _mm512_permutexvar_ps(_mm512_set1_epi32(i), v);
-}
-
-// A 32-element block (or 32 16-bit floats) into the sums, as group parity P.
-template <int F, int P, int R>
-static QL_INLINE void block_dot(const uint8_t* p, int64_t e, RowSums<R>& s) {
-  if constexpr (F == kF16) {
-    s.template add<P, 0>(e, _mm512_cvtph_ps(load256(p)));
-    s.template add<P, 1>(e, _mm512_cvtph_ps(load256(p + 32)));
-  } else if constexpr (F == kBF16) {
-    s.template add<P, 0>(e, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(p)), 16)));
-    s.template add<P, 1>(e, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(p + 32)), 16)));
-  } else if constexpr (F == kQ8_0) {
-    const __m512 d = _mm512_set1_ps(half_value(p));
-    const auto values = [&](int offset) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 + offset));
-      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
-    };
-    s.template add<P, 0>(e, values(0));
-    s.template add<P, 1>(e, values(16));
-  } else if constexpr (F == kQ4_0 || F == kQ4_1) {
-    // the block's 16 possible values, exactly as gguf computes them: d * (q - 8), or d * q + m
-    const __m512 d = _mm512_set1_ps(half_value(p));
-    const __m512 table = F == kQ4_0 ? _mm512_mul_ps(d, iota16(-8.0f))
-                                    : _mm512_fmadd_ps(d, iota16(0.0f), _mm512_set1_ps(half_value(p + 2)));
-    const __m512i n = widen_u8(p + (F == kQ4_0 ? 2 : 4));  // vpermps reads the low 4 bits of each index
-    s.template add<P, 0>(e, _mm512_permutexvar_ps(n, table));
-    s.template add<P, 1>(e, _mm512_permutexvar_ps(_mm512_srli_epi32(n, 4), table));
-  } else {  // Q5_0, Q5_1: 32 values in two tables, the fifth bit choosing one (vpermt2ps: 5-bit indices)
-    constexpr int high = F == kQ5_0 ? 2 : 4;
-    const __m512 d = _mm512_set1_ps(half_value(p));
-    const __m512 m = F == kQ5_0 ? _mm512_set1_ps(0.0f) : _mm512_set1_ps(half_value(p + 2));
-    const __m512 low = F == kQ5_0 ? _mm512_mul_ps(d, iota16(-16.0f)) : _mm512_fmadd_ps(d, iota16(0.0f), m);
-    const __m512 top = F == kQ5_0 ? _mm512_mul_ps(d, iota16(0.0f)) : _mm512_fmadd_ps(d, iota16(16.0f), m);
-    uint32_t bits;
-    std::memcpy(&bits, p + high, 4);
-    const __m512i n = widen_u8(p + high + 4), sixteen = _mm512_set1_epi32(16);
-    const __m512i first = _mm512_and_si512(n, _mm512_set1_epi32(0x0F)), second = _mm512_srli_epi32(n, 4);
-    const __m512i i0 = _mm512_mask_or_epi32(first, _cvtu32_mask16(bits & 0xFFFF), first, sixteen);
-    const __m512i i1 = _mm512_mask_or_epi32(second, _cvtu32_mask16(bits >> 16), second, sixteen);
-    s.template add<P, 0>(e, _mm512_permutex2var_ps(low, i0, top));
-    s.template add<P, 1>(e, _mm512_permutex2var_ps(low, i1, top));
-  }
-}
-
-// v with bit j of each lane moved to bit 4 (other bits: whatever the shift leaves)
-template <int j>
-static QL_INLINE __m512i bit_to_4(__m512i v) {
-  if constexpr (j < 4) return _mm512_slli_epi32(v, 4 - j);
-  else if constexpr (j == 4) return v;
-  else return _mm512_srli_epi32(v, j - 4);
-}
-
-// Q4_K / Q5_K sub-blocks 2c and 2c + 1 (elements 64c .. 64c + 63 of the super-block at element e).
-template <int F, int c, int R>
-static QL_INLINE void k_pair_dot(const uint8_t* p, __m512 scales, __m512i h0, __m512i h1, int64_t e, RowSums<R>& s) {
-  const uint8_t* qs = p + (F == kQ5_K ? 48 : 16) + 32 * c;
-  const __m512i n0 = widen_u8(qs), n1 = widen_u8(qs + 16);
-  const auto one = [&](auto index) {
-    constexpr int j = decltype(index)::value;  // the sub-block
-    const __m512 dl = lane<j>(scales), ml = lane<8 + j>(scales);
-    const __m512i a = j % 2 ? _mm512_srli_epi32(n0, 4) : n0, b = j % 2 ? _mm512_srli_epi32(n1, 4) : n1;
-    const int64_t at = e + 32 * j;
-    if constexpr (F == kQ4_K) {
-      const __m512 table = _mm512_fmsub_ps(dl, iota16(0.0f), ml);  // d * sc * q - dmin * m, as gguf
-      s.template add<j % 2, 0>(at, _mm512_permutexvar_ps(a, table));
-      s.template add<j % 2, 1>(at, _mm512_permutexvar_ps(b, table));
-    } else {
-      const __m512 low = _mm512_fmsub_ps(dl, iota16(0.0f), ml), top = _mm512_fmsub_ps(dl, iota16(16.0f), ml);
-      // index: the nibble in bits 0-3, the fifth bit (bit j of the high byte) in bit 4
-      const __m512i nibble = _mm512_set1_epi32(0x0F);
-      const __m512i i0 = _mm512_ternarylogic_epi32(a, bit_to_4<j>(h0), nibble, 0xE4);
-      const __m512i i1 = _mm512_ternarylogic_epi32(b, bit_to_4<j>(h1), nibble, 0xE4);
-      s.template add<j % 2, 0>(at, _mm512_permutex2var_ps(low, i0, top));
-      s.template add<j % 2, 1>(at, _mm512_permutex2var_ps(low, i1, top));
-    }
-  };
-  one(std::integral_constant<int, 2 * c>{});
-  one(std::integral_constant<int, 2 * c + 1>{});
-}
-
-// Q6_K group t (0..3) of half h: 32 elements of 6-bit q, a scale per 16.
-template <int h, int t, int R>
-static QL_INLINE void q6_group_dot(const uint8_t* p, __m512 scales, __m512i l0, __m512i l1, __m512i h0, __m512i h1,
-                                   int64_t e, RowSums<R>& s) {
-  const __m512i low4 = _mm512_set1_epi32(0x0F), top2 = _mm512_set1_epi32(0x30), offset = _mm512_set1_epi32(32);
-  const auto values = [&](__m512i l, __m512i hb) {
-    const __m512i low = t < 2 ? _mm512_and_si512(l, low4) : _mm512_srli_epi32(l, 4);
-    __m512i top;  // bits 2t, 2t + 1 of the high byte to bits 4, 5
-    if constexpr (t < 2) top = _mm512_slli_epi32(hb, 4 - 2 * t);
-    else if constexpr (t == 2) top = hb;
-    else top = _mm512_srli_epi32(hb, 2);
-    const __m512i q = _mm512_or_si512(low, _mm512_and_si512(top, top2));
-    return _mm512_cvtepi32_ps(_mm512_sub_epi32(q, offset));
-  };
-  constexpr int scale = 8 * h + 2 * t;  // of elements 0-15 of the group; 16-31 have the next
-  const int64_t at = e + 128 * h + 32 * t;
-  s.template add<t % 2, 0>(at, _mm512_mul_ps(values(l0, h0), lane<scale>(scales)));
-  s.template add<t % 2, 1>(at, _mm512_mul_ps(values(l1, h1), lane<scale + 1>(scales)));
-}
-
-template <int F, int R>
-static QL_INLINE void super_dot(const uint8_t* p, int64_t e, RowSums<R>& s) {
-  if constexpr (F == kQ6_K) {
-    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
-    const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half_value(p + 208)), _mm512_cvtepi32_ps(sc));
-    const auto half = [&](auto index) {
-      constexpr int h = decltype(index)::value;
-      const uint8_t *low = p + 64 * h, *high = p + 128 + 32 * h;
-      const __m512i h0 = widen_u8(high), h1 = widen_u8(high + 16);
-      const __m512i a0 = widen_u8(low), a1 = widen_u8(low + 16), b0 = widen_u8(low + 32), b1 = widen_u8(low + 48);
-      q6_group_dot<h, 0>(p, scales, a0, a1, h0, h1, e, s);
-      q6_group_dot<h, 1>(p, scales, b0, b1, h0, h1, e, s);
-      q6_group_dot<h, 2>(p, scales, a0, a1, h0, h1, e, s);
-      q6_group_dot<h, 3>(p, scales, b0, b1, h0, h1, e, s);
-    };
-    half(std::integral_constant<int, 0>{});
-    half(std::integral_constant<int, 1>{});
-  } else {
-    uint32_t words[4];
-    k_scale_words(p + 4, words);  // sc[0..7], m[0..7]
-    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words))));
-    // lanes 0-7: d * sc[j]; lanes 8-15: dmin * m[j] (exact: an fp16 times a 6-bit integer)
-    const __m512 factors = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(half_value(p)), _mm512_set1_ps(half_value(p + 2)));
-    const __m512 scales = _mm512_mul_ps(sc, factors);
-    __m512i h0 = _mm512_setzero_si512(), h1 = _mm512_setzero_si512();
-    if constexpr (F == kQ5_K) h0 = widen_u8(p + 16), h1 = widen_u8(p + 32);
-    k_pair_dot<F, 0>(p, scales, h0, h1, e, s);
-    k_pair_dot<F, 1>(p, scales, h0, h1, e, s);
-    k_pair_dot<F, 2>(p, scales, h0, h1, e, s);
-    k_pair_dot<F, 3>(p, scales, h0, h1, e, s);
-  }
-}
-
-#else  // AVX2
 
 template <typename Fn, int... j>
 static QL_INLINE void unroll(Fn&& fn, std::integer_sequence<int, j...>) {
@@ -235,8 +59,178 @@ static QL_INLINE void unroll8(Fn&& fn) {
   unroll(fn, std::make_integer_sequence<int, 8>{});
 }
 
-// bytes 8v .. 8v + 7 of q as 8 int32 (unsigned)
-template <int v>
+// Accumulators of O weight rows by R activation rows.
+template <int O, int R>
+struct Sums {
+  FV acc[O][R][kVecs];
+  const float* x;
+  int64_t k;
+
+  Sums(const float* x_, int64_t k_) : x(x_), k(k_) {
+    for (int o = 0; o < O; ++o)
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kVecs; ++v) acc[o][r][v] = fzero();
+  }
+
+  // the decoded groups of the O weight rows at element e, times every activation row
+  QL_INLINE void add(const Group (&w)[O], int64_t e) {
+    for (int v = 0; v < kVecs; ++v)
+      for (int r = 0; r < R; ++r) {
+        const FV xv = fload(x + r * k + e + v * kLanes);
+        for (int o = 0; o < O; ++o) acc[o][r][v] = ffma(w[o][v], xv, acc[o][r][v]);
+      }
+  }
+
+  float total(int o, int r) const {
+    if constexpr (kVecs == 2) return fsum(fadd(acc[o][r][0], acc[o][r][1]));
+    else return fsum(fadd(fadd(acc[o][r][0], acc[o][r][1]), fadd(acc[o][r][2], acc[o][r][3])));
+  }
+};
+
+// The fp16 at p in every lane. Not `half_value`: its `vpinsrw` merges into a register whose last value
+// GCC may take from the previous block, a dependency chain through every block (measured 2x slower).
+static QL_INLINE FV half_splat(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+#if QL_AVX512
+  return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h)));
+#else
+  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(h)));
+#endif
+}
+
+#if QL_AVX512
+
+static QL_INLINE __m512i widen_u8(const uint8_t* p) {  // 16 bytes -> 16 int32
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+static QL_INLINE __m512 iota16(float first) {
+  return _mm512_add_ps(_mm512_set1_ps(first), _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+template <int i>  // lane i of v in every lane
+static QL_INLINE __m512 lane(__m512 v) {
+  return _mm512_permutexvar_ps(_mm512_set1_epi32(i), v);
+}
+
+// A 32-element block (or 32 16-bit floats) decoded.
+template <int F>
+static QL_INLINE void block_values(const uint8_t* p, Group& w) {
+  if constexpr (F == kF16) {
+    w[0] = _mm512_cvtph_ps(load256(p));
+    w[1] = _mm512_cvtph_ps(load256(p + 32));
+  } else if constexpr (F == kBF16) {
+    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(p)), 16));
+    w[1] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(p + 32)), 16));
+  } else if constexpr (F == kQ8_0) {
+    const __m512 d = half_splat(p);
+    for (int v = 0; v < 2; ++v) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 + 16 * v));
+      w[v] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+    }
+  } else if constexpr (F == kQ4_0 || F == kQ4_1) {
+    // the block's 16 possible values, exactly as gguf computes them: d * (q - 8), or d * q + m
+    const __m512 d = half_splat(p);
+    const __m512 table =
+        F == kQ4_0 ? _mm512_mul_ps(d, iota16(-8.0f)) : _mm512_fmadd_ps(d, iota16(0.0f), half_splat(p + 2));
+    const __m512i n = widen_u8(p + (F == kQ4_0 ? 2 : 4));  // vpermps reads the low 4 bits of each index
+    w[0] = _mm512_permutexvar_ps(n, table);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(n, 4), table);
+  } else {  // Q5_0, Q5_1: 32 values in two tables, the fifth bit choosing one (vpermt2ps: 5-bit indices)
+    constexpr int high = F == kQ5_0 ? 2 : 4;
+    const __m512 d = half_splat(p);
+    const __m512 m = F == kQ5_0 ? _mm512_set1_ps(0.0f) : half_splat(p + 2);
+    const __m512 low = F == kQ5_0 ? _mm512_mul_ps(d, iota16(-16.0f)) : _mm512_fmadd_ps(d, iota16(0.0f), m);
+    const __m512 top = F == kQ5_0 ? _mm512_mul_ps(d, iota16(0.0f)) : _mm512_fmadd_ps(d, iota16(16.0f), m);
+    uint32_t bits;
+    std::memcpy(&bits, p + high, 4);
+    const __m512i n = widen_u8(p + high + 4), sixteen = _mm512_set1_epi32(16);
+    const __m512i first = _mm512_and_si512(n, _mm512_set1_epi32(0x0F)), second = _mm512_srli_epi32(n, 4);
+    const __m512i i0 = _mm512_mask_or_epi32(first, _cvtu32_mask16(bits & 0xFFFF), first, sixteen);
+    const __m512i i1 = _mm512_mask_or_epi32(second, _cvtu32_mask16(bits >> 16), second, sixteen);
+    w[0] = _mm512_permutex2var_ps(low, i0, top);
+    w[1] = _mm512_permutex2var_ps(low, i1, top);
+  }
+}
+
+template <int j>  // v with bit j of each lane moved to bit 4 (other bits: whatever the shift leaves)
+static QL_INLINE __m512i bit_to_4(__m512i v) {
+  if constexpr (j < 4) return _mm512_slli_epi32(v, 4 - j);
+  else if constexpr (j == 4) return v;
+  else return _mm512_srli_epi32(v, j - 4);
+}
+
+// A K-quant super-block: its scales decoded once, then each group of 32 (`values<j>`).
+template <int F>
+struct Super {
+  const uint8_t* p;
+  // Q4_K / Q5_K: lanes 0-7 d * sc[j], 8-15 dmin * m[j] (exact: an fp16 times a 6-bit integer);
+  // Q6_K: d * sc[s] for the 16 runs of 16 (exact: an fp16 times an int8)
+  __m512 scales;
+  __m512i h0, h1;  // Q5_K: the fifth-bit bytes of elements 0-15 and 16-31 of every sub-block
+
+  explicit QL_INLINE Super(const uint8_t* block) : p(block) {
+    if constexpr (F == kQ6_K) {
+      const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 192)));
+      scales = _mm512_mul_ps(half_splat(p + 208), _mm512_cvtepi32_ps(sc));
+    } else {
+      uint32_t words[4];
+      k_scale_words(p + 4, words);  // sc[0..7], m[0..7]
+      const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(words)));
+      const __m512 factors = _mm512_mask_blend_ps(0xFF00, half_splat(p), half_splat(p + 2));
+      scales = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), factors);
+      if constexpr (F == kQ5_K) h0 = widen_u8(p + 16), h1 = widen_u8(p + 32);
+    }
+  }
+
+  template <int j>  // elements 32j .. 32j + 31
+  QL_INLINE void values(Group& w) const {
+    if constexpr (F == kQ6_K) {
+      q6_values<j / 4, j % 4>(w);
+    } else {
+      const uint8_t* qs = p + (F == kQ5_K ? 48 : 16) + 32 * (j / 2);  // low nibbles: 2c, high: 2c + 1
+      __m512i a = widen_u8(qs), b = widen_u8(qs + 16);
+      if constexpr (j % 2) a = _mm512_srli_epi32(a, 4), b = _mm512_srli_epi32(b, 4);
+      const __m512 dl = lane<j>(scales), ml = lane<8 + j>(scales);
+      const __m512 low = _mm512_fmsub_ps(dl, iota16(0.0f), ml);  // d * sc * q - dmin * m, as gguf
+      if constexpr (F == kQ4_K) {
+        w[0] = _mm512_permutexvar_ps(a, low);
+        w[1] = _mm512_permutexvar_ps(b, low);
+      } else {
+        const __m512 top = _mm512_fmsub_ps(dl, iota16(16.0f), ml);
+        // index: the nibble in bits 0-3 (a), the fifth bit (bit j of the high byte) in bit 4
+        const __m512i nibble = _mm512_set1_epi32(0x0F);
+        w[0] = _mm512_permutex2var_ps(low, _mm512_ternarylogic_epi32(a, bit_to_4<j>(h0), nibble, 0xE4), top);
+        w[1] = _mm512_permutex2var_ps(low, _mm512_ternarylogic_epi32(b, bit_to_4<j>(h1), nibble, 0xE4), top);
+      }
+    }
+  }
+
+  // Q6_K group t (0..3) of half h: low nibbles from byte 32 (t % 2) + i (t < 2: low nibble, else high),
+  // the top two bits from bits 2t, 2t + 1 of high byte i; a scale per 16 elements
+  template <int h, int t>
+  QL_INLINE void q6_values(Group& w) const {
+    const uint8_t *low = p + 64 * h + 32 * (t % 2), *high = p + 128 + 32 * h;
+    const __m512i low4 = _mm512_set1_epi32(0x0F), top2 = _mm512_set1_epi32(0x30), offset = _mm512_set1_epi32(32);
+    constexpr int scale = 8 * h + 2 * t;  // of elements 0-15 of the group; 16-31 have the next
+    for (int v = 0; v < 2; ++v) {
+      const __m512i l = widen_u8(low + 16 * v), hb = widen_u8(high + 16 * v);
+      const __m512i nibbles = t < 2 ? _mm512_and_si512(l, low4) : _mm512_srli_epi32(l, 4);
+      __m512i top;  // bits 2t, 2t + 1 to bits 4, 5
+      if constexpr (t < 2) top = _mm512_slli_epi32(hb, 4 - 2 * t);
+      else if constexpr (t == 2) top = hb;
+      else top = _mm512_srli_epi32(hb, 2);
+      const __m512i q = _mm512_or_si512(nibbles, _mm512_and_si512(top, top2));
+      const __m512 s = v ? lane<scale + 1>(scales) : lane<scale>(scales);
+      w[v] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, offset)), s);  // d * sc * (q - 32), as gguf
+    }
+  }
+};
+
+#else  // AVX2
+
+template <int v>  // bytes 8v .. 8v + 7 of q as 8 int32 (unsigned)
 static QL_INLINE __m256i part_u8(__m256i q) {
   const __m128i half = v < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
   return _mm256_cvtepu8_epi32(v % 2 ? _mm_srli_si128(half, 8) : half);
@@ -246,122 +240,128 @@ static QL_INLINE __m256i load_u8x8(const uint8_t* p) {  // 8 bytes -> 8 int32
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
 
-// 32 unsigned byte values q in element order -> scale * q + offset into the sums (scale1 / offset1 for
-// elements 16-31), each one fused multiply-add: gguf's values exactly.
-template <int P, int R>
-static QL_INLINE void bytes_dot(__m256i q, __m256 scale0, __m256 offset0, __m256 scale1, __m256 offset1, int64_t e,
-                                RowSums<R>& s) {
-  s.template add<P, 0>(e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<0>(q)), scale0, offset0));
-  s.template add<P, 1>(e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<1>(q)), scale0, offset0));
-  s.template add<P, 2>(e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<2>(q)), scale1, offset1));
-  s.template add<P, 3>(e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<3>(q)), scale1, offset1));
+// 32 unsigned byte values q in element order -> scale * q + offset (scale1 / offset1 for elements
+// 16-31), each one fused multiply-add: gguf's values exactly.
+static QL_INLINE void bytes_values(__m256i q, __m256 scale0, __m256 offset0, __m256 scale1, __m256 offset1,
+                                   Group& w) {
+  w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<0>(q)), scale0, offset0);
+  w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<1>(q)), scale0, offset0);
+  w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<2>(q)), scale1, offset1);
+  w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(part_u8<3>(q)), scale1, offset1);
 }
 
-template <int F, int P, int R>
-static QL_INLINE void block_dot(const uint8_t* p, int64_t e, RowSums<R>& s) {
+template <int F>
+static QL_INLINE void block_values(const uint8_t* p, Group& w) {
   if constexpr (F == kF16) {
-    s.template add<P, 0>(e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    s.template add<P, 1>(e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
-    s.template add<P, 2>(e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32))));
-    s.template add<P, 3>(e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 48))));
+    for (int v = 0; v < 4; ++v) w[v] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v)));
   } else if constexpr (F == kBF16) {
-    const auto widen = [&](int offset) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + offset));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-    };
-    s.template add<P, 0>(e, widen(0));
-    s.template add<P, 1>(e, widen(16));
-    s.template add<P, 2>(e, widen(32));
-    s.template add<P, 3>(e, widen(48));
+    for (int v = 0; v < 4; ++v) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v));
+      w[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
   } else if constexpr (F == kQ8_0) {
-    const __m256 d = _mm256_set1_ps(half_value(p));
-    const auto values = [&](int offset) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + offset));
-      return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
-    };
-    s.template add<P, 0>(e, values(0));
-    s.template add<P, 1>(e, values(8));
-    s.template add<P, 2>(e, values(16));
-    s.template add<P, 3>(e, values(24));
+    const __m256 d = half_splat(p);
+    for (int v = 0; v < 4; ++v) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * v));
+      w[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+    }
   } else if constexpr (F == kQ4_0 || F == kQ4_1) {
-    const float dv = half_value(p);
-    const __m256 d = _mm256_set1_ps(dv), m = _mm256_set1_ps(F == kQ4_0 ? -8.0f * dv : half_value(p + 2));
+    const __m256 d = half_splat(p), m = F == kQ4_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f)) : half_splat(p + 2);
     const uint8_t* qs = p + (F == kQ4_0 ? 2 : 4);
     const __m256i a = load_u8x8(qs), b = load_u8x8(qs + 8), low4 = _mm256_set1_epi32(0x0F);
-    const auto value = [&](__m256i q) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m); };
-    s.template add<P, 0>(e, value(_mm256_and_si256(a, low4)));
-    s.template add<P, 1>(e, value(_mm256_and_si256(b, low4)));
-    s.template add<P, 2>(e, value(_mm256_srli_epi32(a, 4)));
-    s.template add<P, 3>(e, value(_mm256_srli_epi32(b, 4)));
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, low4)), d, m);  // d * q - 8d: exact
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), d, m);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), d, m);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), d, m);
   } else {  // Q5_0, Q5_1
-    const float dv = half_value(p);
-    const __m256 d = _mm256_set1_ps(dv), m = _mm256_set1_ps(F == kQ5_0 ? -16.0f * dv : half_value(p + 2));
-    bytes_dot<P>(q5_values<F>(p), d, m, d, m, e, s);
-  }
-}
-
-template <int F, int R>
-static QL_INLINE void super_dot(const uint8_t* p, int64_t e, RowSums<R>& s) {
-  if constexpr (F == kQ6_K) {
-    const float d = half_value(p + 208);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
-    const auto one = [&](auto index) {
-      constexpr int j = decltype(index)::value;
-      const float s0 = d * static_cast<float>(sc[2 * j]), s1 = d * static_cast<float>(sc[2 * j + 1]);
-      bytes_dot<j % 2>(k_values<F, j>(p), _mm256_set1_ps(s0), _mm256_set1_ps(-32.0f * s0), _mm256_set1_ps(s1),
-                       _mm256_set1_ps(-32.0f * s1), e + 32 * j, s);
-    };
-    unroll8(one);
-  } else {
-    const float d = half_value(p), dmin = half_value(p + 2);
-    uint32_t words[4];
-    k_scale_words(p + 4, words);
-    uint8_t sc[16];  // sc[0..7], then m[0..7]
-    std::memcpy(sc, words, 16);
-    const auto one = [&](auto index) {
-      constexpr int j = decltype(index)::value;
-      const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc[j]));
-      const __m256 offset = _mm256_set1_ps(-dmin * static_cast<float>(sc[8 + j]));
-      bytes_dot<j % 2>(k_values<F, j>(p), scale, offset, scale, offset, e + 32 * j, s);
-    };
-    unroll8(one);
-  }
-}
-
-#endif
-
-// y[r][o] for the R activation rows of a tile and weight rows [o_begin, o_end); see `FloatArgs`.
-template <int F, int R>
-void float_rows(const FloatArgs& a, int64_t o_begin, int64_t o_end) {
-  constexpr int64_t bytes = block_bytes(F);
-  for (int64_t o = o_begin; o < o_end; ++o) {
-    const uint8_t* row = a.w + o * a.row_bytes;
-    RowSums<R> s(a.x, a.k);
-    if constexpr (is_k(F)) {
-      for (int64_t b = 0; b < a.nb; ++b) super_dot<F>(row + b * bytes, b * kSuper, s);
-    } else {
-      int64_t b = 0;
-      for (; b + 2 <= a.nb; b += 2) {
-        block_dot<F, 0>(row + b * bytes, b * kBlock, s);
-        block_dot<F, 1>(row + (b + 1) * bytes, (b + 1) * kBlock, s);
-      }
-      if (b < a.nb) block_dot<F, 0>(row + b * bytes, b * kBlock, s);
-    }
-    for (int r = 0; r < R; ++r) a.y[r * a.ldy + o] = s.total(r);
+    const __m256 d = half_splat(p), m = F == kQ5_0 ? _mm256_mul_ps(d, _mm256_set1_ps(-16.0f)) : half_splat(p + 2);
+    bytes_values(q5_values<F>(p), d, m, d, m, w);
   }
 }
 
 template <int F>
-FloatRowsFn float_pick(int rows) {
-  if constexpr (kFloatTile == 4) {
-    switch (rows) {
-      case 1: return float_rows<F, 1>;
-      case 2: return float_rows<F, 2>;
-      case 3: return float_rows<F, 3>;
-      default: return float_rows<F, 4>;
+struct Super {
+  const uint8_t* p;
+  float d, dmin;
+  uint8_t sc[16];  // Q4_K / Q5_K: sc[0..7], then m[0..7]
+
+  explicit QL_INLINE Super(const uint8_t* block) : p(block) {
+    if constexpr (F == kQ6_K) {
+      d = half_value(p + 208);
+      dmin = 0.0f;
+    } else {
+      d = half_value(p);
+      dmin = half_value(p + 2);
+      uint32_t words[4];
+      k_scale_words(p + 4, words);
+      std::memcpy(sc, words, 16);
+    }
+  }
+
+  template <int j>  // elements 32j .. 32j + 31
+  QL_INLINE void values(Group& w) const {
+    if constexpr (F == kQ6_K) {
+      const int8_t* scales = reinterpret_cast<const int8_t*>(p + 192);
+      const float s0 = d * static_cast<float>(scales[2 * j]), s1 = d * static_cast<float>(scales[2 * j + 1]);
+      // s * q - 32 s: both products exact, so one rounding of s * (q - 32), as gguf
+      bytes_values(k_values<F, j>(p), _mm256_set1_ps(s0), _mm256_set1_ps(-32.0f * s0), _mm256_set1_ps(s1),
+                   _mm256_set1_ps(-32.0f * s1), w);
+    } else {
+      const __m256 scale = _mm256_set1_ps(d * static_cast<float>(sc[j]));
+      const __m256 offset = _mm256_set1_ps(-dmin * static_cast<float>(sc[8 + j]));
+      bytes_values(k_values<F, j>(p), scale, offset, scale, offset, w);
+    }
+  }
+};
+
+#endif
+
+// O weight rows from `o` (O consecutive rows) times the R activation rows of a tile.
+template <int F, int O, int R>
+static QL_INLINE void float_pass(const FloatArgs& a, int64_t o) {
+  constexpr int64_t bytes = block_bytes(F);
+  const uint8_t* rows[O];
+  for (int i = 0; i < O; ++i) rows[i] = a.w + (o + i) * a.row_bytes;
+  Sums<O, R> s(a.x, a.k);
+  if constexpr (is_k(F)) {
+    for (int64_t b = 0; b < a.nb; ++b) {
+      static_assert(O <= 2);
+      const Super<F> first(rows[0] + b * bytes), second(rows[O - 1] + b * bytes);  // (O = 1: unused)
+      unroll8([&](auto index) {
+        constexpr int j = decltype(index)::value;
+        Group w[O];
+        first.template values<j>(w[0]);
+        if constexpr (O == 2) second.template values<j>(w[1]);
+        s.add(w, b * kSuper + 32 * j);
+      });
     }
   } else {
-    return rows == 1 ? float_rows<F, 1> : float_rows<F, 2>;
+    for (int64_t b = 0; b < a.nb; ++b) {
+      Group w[O];
+      for (int i = 0; i < O; ++i) block_values<F>(rows[i] + b * bytes, w[i]);
+      s.add(w, b * kBlock);
+    }
+  }
+  for (int i = 0; i < O; ++i)
+    for (int r = 0; r < R; ++r) a.y[r * a.ldy + o + i] = s.total(i, r);
+}
+
+// y[r][o] for the R activation rows of a tile and weight rows [o_begin, o_end); see `FloatArgs`.
+template <int F, int R>
+void float_rows(const FloatArgs& a, int64_t o_begin, int64_t o_end) {
+  int64_t o = o_begin;
+  for (; o + kOut <= o_end; o += kOut) float_pass<F, kOut, R>(a, o);
+  for (; o < o_end; ++o) float_pass<F, 1, R>(a, o);
+}
+
+template <int F>
+FloatRowsFn float_pick(int rows) {
+  static_assert(kFloatTile == 2 || kFloatTile == 4);
+  switch (rows) {
+    case 1: return float_rows<F, 1>;
+    case 2: return float_rows<F, 2>;
+    case 3: return float_rows<F, kFloatTile == 4 ? 3 : 2>;  // (a tile of 2 never has 3 rows)
+    default: return float_rows<F, kFloatTile>;
   }
 }
 

@@ -3,7 +3,11 @@ path of dequantized tiles) against the `gguf` package's dequantization followed 
 
 Tolerances, each derived from the one rounding a path adds to dequantize-then-matmul:
 
-- GEMV. Each activation row is quantized to int8 per block (32 elements for Q4_0/Q4_1/Q8_0, 256 for the
+- Float GEMV (the default for few rows; every format). The weights are decoded to gguf's float32 values
+  and multiplied with float32 activations (bfloat16 ones widened exactly), so only the float32
+  summation order differs: |y - y_ref| <= 1e-5 * sum_j |w_j * x_j| + 1e-6 (k * 2^-24 is the worst case;
+  random data stays far below, and 1e-5 still catches any wrong weight or activation).
+- int8 GEMV (`activations="int8"`; Q4_0, Q4_1, Q8_0 and the K-quants). Each activation row is quantized to int8 per block (32 elements for Q4_0/Q4_1/Q8_0, 256 for the
   K-quants; scale d_x = max|x| / 127, round to nearest) and multiplied in integers; nothing else is
   approximate. Rounding moves each x_j by at most d_x / 2, and it enters the result through the part of
   the weight that multiplies the rounded activations: w_j, or w_j - m for Q4_1 (whose block minimum m
@@ -45,7 +49,8 @@ from kernels import quantized as quant
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-QTYPES = {
+# the formats of the int8-activation GEMV, then those of the float paths only
+INT8_QTYPES = {
     "Q4_0": quant.Q4_0,
     "Q4_1": quant.Q4_1,
     "Q8_0": quant.Q8_0,
@@ -53,14 +58,26 @@ QTYPES = {
     "Q5_K": quant.Q5_K,
     "Q6_K": quant.Q6_K,
 }
+QTYPES = {**INT8_QTYPES, "Q5_0": quant.Q5_0, "Q5_1": quant.Q5_1, "F16": quant.F16, "BF16": quant.BF16}
 K_BYTES = {quant.Q4_K: 144, quant.Q5_K: 176, quant.Q6_K: 210}
 ROWS = [1, 3, 8, 9, 17, 33]
+FLOAT_GEMV_ROWS = [1, 2, 3, 4, 5, 8, 9, 13]  # every tile size of every path, and ragged last tiles
 U_BF16 = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
 
 
 def shapes(qtype: int) -> list[tuple[int, int]]:
     """(out_features, in_features): odd row counts; in_features a few blocks, and a ragged number of them."""
     return [(37, 256), (129, 768)] if qtype in K_BYTES else [(37, 96), (129, 608)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the float64 references are tiny matmuls, which two OpenMP threads on a busy
+    2-core machine slowed 400x (32 ms each); `test_batched_path_tiles_many_weight_rows` runs on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +128,13 @@ def weight(
     return torch.from_numpy(np.ascontiguousarray(blocks)), dense, minimum
 
 
+@functools.cache
+def dense64(qtype: int, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gguf's dequantized weight in float64, and its absolute values, transposed for `x @`."""
+    dense = weight(qtype, out_features, in_features)[1].double().T.contiguous()
+    return dense, dense.abs()
+
+
 def activation_step(x: torch.Tensor, block: int) -> torch.Tensor:
     """d_x of each element's block: max|x| / 127 over its `block` elements, as the kernels compute it."""
     blocks = x.float().reshape(x.shape[0], -1, block)
@@ -119,11 +143,14 @@ def activation_step(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def bound_for(path: str, x: torch.Tensor, qtype: int, out_features: int, in_features: int) -> torch.Tensor:
-    """The per-output error bound of `path` (module docstring), in float64, before any output rounding."""
+    """The per-output error bound of `path` (module docstring), in float64, before any output rounding:
+    "gemv" (float activations), "int8" (the int8-activation GEMV), "float32" / "bfloat16" (tiles)."""
     _, dense, minimum = weight(qtype, out_features, in_features)
-    xd, wd = x.double(), dense.double()
-    magnitude = xd.abs() @ wd.abs().T
+    magnitude = x.double().abs() @ dense64(qtype, out_features, in_features)[1]
     if path == "gemv":
+        return 1e-5 * magnitude + 1e-6
+    if path == "int8":
+        wd = dense.double()
         block = 256 if qtype in K_BYTES else 32
         return (
             (activation_step(x, block).double() / 2) @ (wd - minimum.double()).abs().T
@@ -136,9 +163,8 @@ def bound_for(path: str, x: torch.Tensor, qtype: int, out_features: int, in_feat
 
 def check(y: torch.Tensor, x: torch.Tensor, qtype: int, out_features: int, in_features: int, path: str):
     """Assert y is within `path`'s bound of gguf's dequantize-then-matmul; returns (error, bound)."""
-    _, dense, _ = weight(qtype, out_features, in_features)
     assert y.shape == (x.shape[0], out_features) and y.dtype == x.dtype
-    reference = x.double() @ dense.double().T
+    reference = x.double() @ dense64(qtype, out_features, in_features)[0]
     bound = bound_for(path, x, qtype, out_features, in_features)
     if y.dtype == torch.bfloat16:
         bound = bound * (1 + U_BF16) + U_BF16 * reference.abs()
@@ -157,16 +183,32 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=[
 
 @pytest.mark.parametrize("isa", quant.ISAS)
 @DTYPES
-@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("name", list(QTYPES))
-def test_gemv_is_within_the_activation_rounding_bound(isas, name, rows, dtype, isa):
+def test_float_gemv_differs_from_dequantize_then_matmul_by_the_summation_order_only(isas, name, dtype, isa):
+    _require(isa, isas)
+    qtype = QTYPES[name]
+    for out_features, in_features in shapes(qtype):
+        qweight, _, _ = weight(qtype, out_features, in_features)
+        for rows in FLOAT_GEMV_ROWS:
+            x = activations(rows, in_features, dtype, seed=rows + out_features)
+            y = kernels.quant_linear(x, qweight, qtype, out_features, in_features, isa=isa, path="gemv")
+            check(y, x, qtype, out_features, in_features, "gemv")
+
+
+@pytest.mark.parametrize("isa", quant.ISAS)
+@DTYPES
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("name", list(INT8_QTYPES))
+def test_int8_gemv_is_within_the_activation_rounding_bound(isas, name, rows, dtype, isa):
     _require(isa, isas)
     qtype = QTYPES[name]
     for out_features, in_features in shapes(qtype):
         qweight, _, _ = weight(qtype, out_features, in_features)
         x = activations(rows, in_features, dtype, seed=rows + out_features)
-        y = kernels.quant_linear(x, qweight, qtype, out_features, in_features, isa=isa, path="gemv")
-        error, bound = check(y, x, qtype, out_features, in_features, "gemv")
+        y = kernels.quant_linear(
+            x, qweight, qtype, out_features, in_features, isa=isa, path="gemv", activations="int8"
+        )
+        error, bound = check(y, x, qtype, out_features, in_features, "int8")
         if dtype == torch.float32:  # and far from the worst case on random data: rounding errors cancel
             assert error.mean() < 0.3 * bound.mean()
 
@@ -192,14 +234,14 @@ def test_batched_path_tiles_many_weight_rows(isas):
     qtype, out_features, in_features = quant.Q6_K, 1001, 512
     qweight, _, _ = weight(qtype, out_features, in_features)
     x = activations(20, in_features, torch.float32, seed=2)
-    check(
-        kernels.quant_linear(x, qweight, qtype, out_features, in_features),
-        x,
-        qtype,
-        out_features,
-        in_features,
-        "float32",
-    )
+    torch.set_num_threads(2)
+    try:
+        y = kernels.quant_linear(x, qweight, qtype, out_features, in_features, path="float32")
+        gemv = kernels.quant_linear(x, qweight, qtype, out_features, in_features, path="gemv")
+    finally:
+        torch.set_num_threads(1)
+    check(y, x, qtype, out_features, in_features, "float32")
+    check(gemv, x, qtype, out_features, in_features, "gemv")
 
 
 def grid_activations(rows: int, in_features: int, block: int, seed: int) -> torch.Tensor:
@@ -215,8 +257,8 @@ def grid_activations(rows: int, in_features: int, block: int, seed: int) -> torc
 
 
 @pytest.mark.parametrize("isa", quant.ISAS)
-@pytest.mark.parametrize("name", list(QTYPES))
-def test_gemv_is_exact_up_to_float_rounding_on_the_int8_grid(isas, name, isa):
+@pytest.mark.parametrize("name", list(INT8_QTYPES))
+def test_int8_gemv_is_exact_up_to_float_rounding_on_the_int8_grid(isas, name, isa):
     _require(isa, isas)
     qtype = QTYPES[name]
     block = 256 if qtype in K_BYTES else 32
@@ -232,21 +274,26 @@ def test_gemv_is_exact_up_to_float_rounding_on_the_int8_grid(isas, name, isa):
                 in_features,
                 isa=isa,
                 path="gemv",
+                activations="int8",
             )
             reference = x.double() @ dense.double().T
             scale = x.double().abs() @ dense.double().abs().T
             assert ((y.double() - reference).abs() <= 1e-5 * scale + 1e-6).all(), f"{rows} rows"
 
 
-@pytest.mark.parametrize("name", list(QTYPES))
-def test_gemv_paths_agree_with_each_other(isas, name):
-    # the integer sums are exact on every path; only the float32 summation order differs
+@pytest.mark.parametrize(
+    ("name", "mode"), [(name, "float") for name in QTYPES] + [(name, "int8") for name in INT8_QTYPES]
+)
+def test_gemv_paths_agree_with_each_other(isas, name, mode):
+    # the int8 path's integer sums are exact on every path; only the float32 summation order differs
     qtype = QTYPES[name]
     out_features, in_features = shapes(qtype)[1]
     qweight, _, _ = weight(qtype, out_features, in_features)
     x = activations(11, in_features, torch.float32, seed=1)
     results = [
-        kernels.quant_linear(x, qweight, qtype, out_features, in_features, isa=isa, path="gemv")
+        kernels.quant_linear(
+            x, qweight, qtype, out_features, in_features, isa=isa, path="gemv", activations=mode
+        )
         for isa in isas
     ]
     scale = x.abs() @ weight(qtype, out_features, in_features)[1].abs().T
@@ -278,6 +325,51 @@ def test_out_receives_the_result_in_place(isas, rows, dtype):
     torch.testing.assert_close(
         out, kernels.quant_linear(x, qweight, qtype, out_features, in_features), atol=0, rtol=0
     )
+
+
+def test_int8_activations_are_an_opt_in(isas):
+    """Float activations by default; int8 where asked (per call or process-wide), for the formats that
+    have that GEMV; the others run the float GEMV whatever is asked."""
+    x = activations(3, 256, torch.float32, seed=5)
+    for qtype in (quant.Q4_K, quant.Q5_0):
+        qweight, _, _ = weight(qtype, 37, 256)
+
+        def run(qweight=qweight, qtype=qtype, **options: str) -> torch.Tensor:
+            return kernels.quant_linear(x, qweight, qtype, 37, 256, isa=isas[-1], **options)
+
+        floats, int8 = run(path="gemv", activations="float"), run(path="gemv", activations="int8")
+        assert torch.equal(run(), floats)
+        assert quant.default_activations() == "float"
+        try:
+            quant.set_default_activations("int8")
+            assert torch.equal(run(), int8)
+        finally:
+            quant.set_default_activations("float")
+        assert torch.equal(int8, floats) == (qtype == quant.Q5_0)
+    with pytest.raises(ValueError, match="activations must be"):
+        quant.set_default_activations("int4")
+
+
+@pytest.mark.parametrize("isa", quant.ISAS)
+@pytest.mark.parametrize("name", ["Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K", "BF16"])
+def test_batch_invariant_mode_gives_a_row_the_same_bits_in_any_batch(isas, name, isa):
+    """A row alone and at every position of batches up to 33 rows (GEMV tiles of every size, and where
+    the default would take the batched path): bitwise equal, in float32 and bfloat16."""
+    _require(isa, isas)
+    qtype = QTYPES[name]
+    out_features, in_features = shapes(qtype)[1]
+    qweight, _, _ = weight(qtype, out_features, in_features)
+    for dtype in (torch.float32, torch.bfloat16):
+        batch = activations(33, in_features, dtype, seed=6)
+        with kernels.batch_invariant():
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return kernels.quant_linear(x, qweight, qtype, out_features, in_features, isa=isa)
+
+            alone = torch.cat([run(batch[i : i + 1]) for i in range(33)])
+            for size in (2, 3, 4, 5, 8, 9, 16, 33):
+                assert torch.equal(run(batch[:size]), alone[:size]), f"{size} rows"
+        check(alone, batch, qtype, out_features, in_features, "gemv")
 
 
 def test_torch_backend_uses_the_reference():
@@ -327,7 +419,7 @@ def test_refuses_bad_inputs_with_clear_errors(isas):
     with pytest.raises(RuntimeError, match="multiple of 32"):
         built.quant_linear(x[:, :150], flat, quant.Q4_0, 7, 150, -1)
     with pytest.raises(RuntimeError, match="not supported"):
-        built.quant_linear(x, flat, 6, 7, 160, -1)  # Q5_0
+        built.quant_linear(x, flat, 9, 7, 160, -1)  # Q8_1
     with pytest.raises(RuntimeError, match="multiple of 256"):
         built.quant_linear(x, flat, quant.Q4_K, 7, 160, -1)
     with pytest.raises(RuntimeError, match=r"x must be \[rows, in_features\]"):
@@ -336,8 +428,12 @@ def test_refuses_bad_inputs_with_clear_errors(isas):
         built.quant_linear(x, flat, quant.Q4_0, 7, 160, -1, 2)
     with pytest.raises(RuntimeError, match="out must be"):
         built.quant_linear(x, flat, quant.Q4_0, 7, 160, -1, -1, torch.empty(2, 8))
-    with pytest.raises(RuntimeError, match="unavailable for GGML type 6"):  # the public function, forced
-        kernels.quant_linear(x, flat, 6, 7, 160, path="gemv")
+    with pytest.raises(RuntimeError, match="unavailable for GGML type 9"):  # the public function, forced
+        kernels.quant_linear(x, flat, 9, 7, 160, path="gemv")
+    with pytest.raises(RuntimeError, match="activations must be"):
+        built.quant_linear(x, flat, quant.Q4_0, 7, 160, -1, -1, None, 2)
+    with pytest.raises(ValueError, match="activations must be"):
+        kernels.quant_linear(x, flat, quant.Q4_0, 7, 160, activations="int4")
     if len(isas) < len(quant.ISAS):
         with pytest.raises(RuntimeError, match="cannot run"):
             built.quant_linear(x, flat, quant.Q4_0, 7, 160, len(quant.ISAS) - 1)
@@ -360,5 +456,14 @@ def test_every_path_is_built_for_a_cpu_without_avx(tmp_path):
     if shutil.which("objdump"):
         listing = subprocess.run(["objdump", "-d", str(obj)], capture_output=True, text=True).stdout
         assert all(
-            op in listing for op in ("vpdpbusd", "vpdpwssd", "vpmaddubsw", "vpmaddwd", "vcvtneps2bf16")
+            op in listing
+            for op in (
+                "vpdpbusd",
+                "vpdpwssd",
+                "vpmaddubsw",
+                "vpmaddwd",
+                "vcvtneps2bf16",
+                "vpermt2ps",
+                "vfmadd",
+            )
         )
