@@ -130,23 +130,16 @@ def quant_linear(
             # one path for every row count: a row's float GEMV sums do not depend on the rows beside it
             path, activations = "gemv", "float"
         method = -1 if path is None else PATHS.index(path)
-        rows = x.reshape(-1, in_features)
-        flat_out = None if out is None else out.view(-1, out_features)
-        raw = qweight.reshape(-1)
-        if raw.dtype != torch.uint8:  # F16 / BF16 data as GGUFReader types it
-            raw = raw.view(torch.uint8)
-        y = built.quant_linear(
-            rows,
-            raw,
-            qtype,
-            out_features,
-            in_features,
-            forced,
-            method,
-            flat_out,
-            ACTIVATIONS.index(activations),
-        )
-        return y.reshape(*x.shape[:-1], out_features) if out is None else out
+        # the engine's calls are 2-D: no reshapes then (each costs ~1.5 µs, and a step makes ~120 calls)
+        flat = x.dim() == 2
+        rows = x if flat else x.reshape(-1, in_features)
+        flat_out = out if out is None or flat else out.view(-1, out_features)
+        raw = qweight if qweight.dtype == torch.uint8 else qweight.view(torch.uint8)  # F16/BF16 may be typed
+        mode = 0 if activations == "float" else 1
+        y = built.quant_linear(rows, raw, qtype, out_features, in_features, forced, method, flat_out, mode)
+        if out is not None:
+            return out
+        return y if flat else y.reshape(*x.shape[:-1], out_features)
     if isa is not None or path is not None:
         raise RuntimeError(
             f"the C++ quantized path {isa or path!r} is unavailable for GGML type {qtype} and "

@@ -76,7 +76,8 @@ struct Sums {
   QL_INLINE void add(const Group (&w)[O], int64_t e) {
     for (int v = 0; v < kVecs; ++v)
       for (int r = 0; r < R; ++r) {
-        const FV xv = fload(x + r * k + e + v * kLanes);
+        FV xv = fload(x + r * k + e + v * kLanes);
+        if constexpr (O > 1) __asm__("" : "+v"(xv));  // one load for the O FMAs (GCC would load again)
         for (int o = 0; o < O; ++o) acc[o][r][v] = ffma(w[o][v], xv, acc[o][r][v]);
       }
   }

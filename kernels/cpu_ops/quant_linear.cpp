@@ -383,8 +383,14 @@ int float_tile(int64_t isa) {
 
 void float_gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t k, int64_t isa, float* y) {
   const int64_t rows = x.size(0), nb = k / block_elements(type), row_bytes = nb * block_bytes(type);
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // bfloat16 widened once
-  const float* xs = xf.data_ptr<float>();
+  // bfloat16 widened once (here, not by x.to(): an ATen op costs microseconds, ~120 calls per step)
+  std::vector<float> widened;
+  const float* xs = x.scalar_type() == at::kFloat ? x.data_ptr<float>() : nullptr;
+  if (!xs) {
+    widened.resize(rows * k);
+    sansllm_cpu::load_row(x.data_ptr<at::BFloat16>(), widened.data(), rows * k);
+    xs = widened.data();
+  }
   const int64_t tile = float_tile(isa);
   // weight rows per task: ~32 KB of blocks, so small layers stay on one thread
   const int64_t grain = std::max<int64_t>(1, 32768 / row_bytes);
@@ -545,12 +551,18 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t 
     path = rows < batched_from ? 0 : (x.scalar_type() == at::kBFloat16 && bf16_gemm_is_fast() ? 2 : 1);
   }
   const uint8_t* w = qweight.data_ptr<uint8_t>();
-  const at::ScalarType compute = path == 0 || path == 1 ? at::kFloat : at::kBFloat16;
-  // float32 results go straight into y; bfloat16 ones from a float32 GEMV or GEMM through a copy
+  if (path == 0) {  // float32 sums, into y or (bfloat16 y) a buffer rounded into it
+    std::vector<float> buffer(y.scalar_type() == at::kFloat ? 0 : rows * out_features);
+    float* sums = buffer.empty() ? y.data_ptr<float>() : buffer.data();
+    if (int8) gemv(xc, w, type, out_features, in_features, isa, sums);
+    else float_gemv(xc, w, type, out_features, in_features, isa, sums);
+    if (!buffer.empty()) sansllm_cpu::store_row(sums, 1.0f, y.data_ptr<at::BFloat16>(), rows * out_features);
+    return y;
+  }
+  const at::ScalarType compute = path == 1 ? at::kFloat : at::kBFloat16;
+  // float32 results go straight into y; bfloat16 ones from a float32 GEMM through a copy
   at::Tensor result = y.scalar_type() == compute ? y : at::empty({rows, out_features}, x.options().dtype(compute));
-  if (path == 0 && int8) gemv(xc, w, type, out_features, in_features, isa, result.data_ptr<float>());
-  else if (path == 0) float_gemv(xc, w, type, out_features, in_features, isa, result.data_ptr<float>());
-  else batched(xc, w, type, out_features, in_features, compute, isa, result);
+  batched(xc, w, type, out_features, in_features, compute, isa, result);
   if (!result.is_same(y)) y.copy_(result);
   return y;
 }
