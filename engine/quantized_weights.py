@@ -18,9 +18,9 @@ import kernels
 from kernels.torch_ops.quantized import dequantize
 
 # GGML type ids kept quantized: what common GGUF files hold and the kernels run
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 8, 12, 13, 14
-KEPT_QUANTIZED = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K})
-_BLOCK_ELEMENTS = {Q4_0: 32, Q4_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256}
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14
+KEPT_QUANTIZED = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
+_BLOCK_ELEMENTS = {Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q8_0: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256}
 
 
 @dataclass(frozen=True)
