@@ -3,7 +3,8 @@ at 1 and 2 threads, for SmolLM2-135M's matmul shapes, against F.linear on float3
 cell) and bfloat16 weights and against torch's own weight-packed CPU matmuls.
 
     .venv/bin/python -m bench.quant_linear [--threads 1,2] [--rows 1,8,32] [--formats Q4_0,Q4_K]
-                                           [--shapes qkv,down] [--dtypes float32] [--record]
+                                           [--shapes qkv,down] [--dtypes float32] [--isa avx2]
+                                           [--no-packs] [--record [--heading TEXT]]
 
 Columns: `F.linear f32` (float32 x and weights: the ratios' base), `F.linear bf16` (bfloat16 x and
 weights), `int8pack` (`torch._weight_int8pack_mm`: int8 weights, one scale per row), `int4pack`
@@ -39,7 +40,18 @@ SHAPES = {
     "down": (1536, 576),
     "lm_head": (576, 49152),
 }
-FORMATS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q5_0": 6, "Q5_1": 7}
+FORMATS = {
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 8,
+    "Q4_K": 12,
+    "Q5_K": 13,
+    "Q6_K": 14,
+    "Q5_0": 6,
+    "Q5_1": 7,
+    "F16": 1,
+    "BF16": 30,
+}
 DEFAULT_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 INT8_FORMATS = frozenset({2, 3, 8, 12, 13, 14})  # those with an int8-activation GEMV
 K_BYTES = {12: 144, 13: 176, 14: 210}
@@ -64,6 +76,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--isa", default=None, help="force the kernels' instruction set (plain, avx2, avx512_vnni)"
     )
     parser.add_argument("--budget", type=float, default=0.03, help="seconds per timing round (3 rounds, min)")
+    parser.add_argument("--no-packs", action="store_true", help="leave out torch's int8/int4 pack columns")
+    parser.add_argument(
+        "--heading", default="Quantized linear kernels (issue 7)", help="bench/RESULTS.md section --record adds"
+    )
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     parser.add_argument("--results", default=str(RESULTS_PATH), help="file --record appends to")
     parser.add_argument("--note", default="", help="recorded with the results (e.g. 'machine busy')")
@@ -149,6 +165,7 @@ def shape_table(
     dtype: torch.dtype,
     budget: float,
     isa: str | None = None,
+    packs: bool = True,
 ) -> tuple[str, dict[tuple[str, str, int], float]]:
     """One markdown table (row counts x paths) for one shape at the current thread count, and its timings."""
     import kernels
@@ -157,12 +174,13 @@ def shape_table(
     rng = np.random.default_rng(0)
     dense = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
     dense_bf16 = dense.bfloat16()
-    packs = torch_packs(dense)
     columns: list[tuple[str, Callable[[torch.Tensor, torch.Tensor], object]]] = [
         ("F.linear bf16", lambda x, x32: F.linear(x.bfloat16(), dense_bf16)),
-        ("int8pack", lambda x, x32: packs["int8pack"](x)),
-        ("int4pack", lambda x, x32: packs["int4pack"](x)),
     ]
+    if packs:
+        packed = torch_packs(dense)
+        columns.append(("int8pack", lambda x, x32: packed["int8pack"](x)))
+        columns.append(("int4pack", lambda x, x32: packed["int4pack"](x)))
     # (label, path, activations)
     paths = [("gemv", "gemv", "float"), ("gemv int8", "gemv", "int8"), ("tiles", "float32", "float")]
     if dtype == torch.bfloat16:
@@ -242,7 +260,9 @@ def run(args: argparse.Namespace) -> str:
             sections.append(f"### {threads} thread{'s' if threads > 1 else ''}, x {dtype_name}")
             timings: dict[tuple[str, str, int], float] = {}
             for shape in args.shapes.split(","):
-                table, found = shape_table(shape, rows_list, formats, dtype, args.budget, args.isa)
+                table, found = shape_table(
+                    shape, rows_list, formats, dtype, args.budget, args.isa, not args.no_packs
+                )
                 timings.update(found)
                 print(table + "\n", file=sys.stderr, flush=True)  # progress while the rest runs
                 sections.append(table)
@@ -259,8 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = run(args)
     print(text)
     if args.record:
-        command = command_line("bench.quant_linear", argv, omit=("--note", "--results"))
-        append_section("Quantized linear kernels (issue 7)", command, args.note, text, Path(args.results))
+        command = command_line("bench.quant_linear", argv, omit=("--note", "--results", "--heading"))
+        append_section(args.heading, command, args.note, text, Path(args.results))
     return 0
 
 
