@@ -24,7 +24,7 @@ import kernels
 from engine.attention import PagedKVCache
 from engine.core import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineCore, EngineStats
 from engine.encoder_core import EncoderCore
-from engine.loader import LoadedModel, PoolingFacts, load_model, resolve_device
+from engine.loader import LoadedModel, PoolingFacts, load_model, resolve_device, resolve_weight_storage
 from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.model_runner import EncoderRunner
 from engine.registry import Convert
@@ -237,7 +237,7 @@ class Engine:
             source, config.dtype, config.device, config.progress, config.convert, config.keep_quantized
         )
         if not config.batch_invariant:
-            loaded.model.pack_weights()
+            loaded.model.pack_weights(resolve_weight_storage(config.dtype, loaded))
         kernels.prepare(next(loaded.model.parameters()).device)
         self.loaded = loaded
         self.tokenizer: HFTokenizer = loaded.tokenizer

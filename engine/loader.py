@@ -125,6 +125,20 @@ def resolve_dtype(
     return torch.bfloat16
 
 
+def resolve_weight_storage(dtype: str, loaded: LoadedModel) -> torch.dtype | None:
+    """`auto` on a CPU without native bfloat16 math (where the model computes in float32): keep the
+    float32 projection weights of a generating model in bfloat16, read by the quantized kernels and
+    widened to float32 in registers, since decode is bound by reading the weights. None elsewhere:
+    an explicit dtype, CPUs with bfloat16 math (the model is bfloat16 already), accelerators, pooling
+    models (float32 for ranking, see `resolve_dtype`), and where the C++ kernels did not build."""
+    parameter = next(loaded.model.parameters())
+    if dtype != "auto" or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        return None
+    if loaded.pooling is not None or cpu_has_native_bf16() or cpu_ops.load() is None:
+        return None
+    return torch.bfloat16
+
+
 def load_model(
     source: ModelSource,
     dtype: str = "auto",

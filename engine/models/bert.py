@@ -287,12 +287,14 @@ class BertModel(nn.Module):
             x = layer(x, layout)
         return x
 
-    def pack_weights(self) -> None:
+    def pack_weights(self, storage: torch.dtype | None = None) -> None:
         """Give every projection the device's faster weight layout (`kernels.pack_linear_weight`).
 
         For serving, after loading: the plain weights are freed, so a packed model cannot load weights again.
         float32 weights are packed too: an encoder step is hundreds of rows, where that pays.
+        `storage` is ignored: embeddings and scores keep float32 weights (see `resolve_dtype`).
         """
+        del storage
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack(keep_weight=False, float32=True)

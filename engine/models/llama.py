@@ -20,6 +20,9 @@ from engine.models import ops
 from engine.quantized_weights import QuantizedEmbedding, QuantizedMatrix, QuantizedTensor
 from engine.rope import cos_sin_cache, inverse_frequencies
 
+# 16-bit weight storage -> its GGML type id (the quantized kernels read these as they read blocks)
+_STORAGE_TYPES = {torch.float16: 1, torch.bfloat16: 30}
+
 # checkpoint name fragment -> (our parameter fragment, slice index in the stacked matrix)
 _STACKED = {
     ".q_proj.": (".qkv_proj.", 0),
@@ -67,11 +70,19 @@ class Linear(nn.Module):
             self.quant = QuantizedMatrix([part for part in self._quant_parts if part is not None])
             self._quant_parts = None
 
-    def pack(self, *, keep_weight: bool, float32: bool = False) -> None:
+    def pack(self, *, keep_weight: bool, float32: bool = False, storage: torch.dtype | None = None) -> None:
         """Switch to the packed layout where the device has one; drop the plain weight unless it is shared.
 
-        `float32`: pack float32 weights too (see `kernels.pack_linear_weight`)."""
+        `float32`: pack float32 weights too (see `kernels.pack_linear_weight`). `storage` (bfloat16 or
+        float16): keep a float32 weight in 16 bits instead, widened to float32 in registers by the
+        quantized kernels (`engine.loader.resolve_weight_storage` says when that is faster)."""
         if self.packed is not None or self.quant is not None:
+            return
+        if storage is not None and self.weight.dtype == torch.float32:
+            rows = self.weight.detach().to(storage).contiguous().view(torch.uint8)
+            self.quant = QuantizedMatrix([QuantizedTensor(rows, _STORAGE_TYPES[storage], *self.weight.shape)])
+            if not keep_weight:
+                self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
             return
         self.packed = ops.pack_linear_weight(self.weight, float32=float32)
         if self.packed is not None and not keep_weight:
@@ -197,8 +208,9 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.model.norm(x, residual)
         return x
 
-    def pack_weights(self) -> None:
-        """Give every projection the device's faster weight layout (`kernels.pack_linear_weight`).
+    def pack_weights(self, storage: torch.dtype | None = None) -> None:
+        """Give every projection the device's faster weight layout (`kernels.pack_linear_weight`), or
+        16-bit `storage` for float32 weights (see `Linear.pack`).
 
         For serving, after loading: the plain copies are freed (the tied lm_head keeps the embedding's),
         so the packed model cannot load weights or switch to batch-invariant mode afterwards.
@@ -206,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
         tied = self.lm_head.weight is getattr(self.model.embed_tokens, "weight", None)
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack(keep_weight=module is self.lm_head and tied)
+                module.pack(keep_weight=module is self.lm_head and tied, storage=storage)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""

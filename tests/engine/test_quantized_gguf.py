@@ -148,3 +148,29 @@ def test_greedy_output_on_the_blocks_matches_the_dequantized_model(model):
         report.append((prompt, at, gap))
     print(f"{len(PROMPTS) - len(report)}/{len(PROMPTS)} identical; divergences (prompt, token, gap): {report}")
     assert all(gap <= NEAR_TIE for *_, gap in report), report
+
+
+def test_float32_weights_kept_in_16_bits_compute_with_the_rounded_weights():
+    """The storage `--dtype auto` picks on CPUs without bfloat16 math: float32 activations, bfloat16
+    weights widened in registers; exact up to float32 summation order against the rounded weights."""
+    torch.manual_seed(0)
+    layer = Linear(96, 40, bias=True)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    rounded = layer.weight.detach().bfloat16().float()
+    x = torch.randn(5, 96)
+    expected = x @ rounded.T + layer.bias
+    layer.pack(keep_weight=False, storage=torch.bfloat16)
+    assert layer.weight.numel() == 0 and layer.quant.parts[0].data.numel() == 40 * 96 * 2
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_weight_storage_rule(monkeypatch):
+    from engine import loader
+
+    quantized = load_model(resolve_model(DEFAULT_MODEL), "float32", "cpu", progress=False, keep_quantized=False)
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda *args: False)
+    assert loader.resolve_weight_storage("auto", quantized) == torch.bfloat16
+    assert loader.resolve_weight_storage("float32", quantized) is None  # asked for by name: as asked
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda *args: True)
+    assert loader.resolve_weight_storage("auto", quantized) is None  # such CPUs run bfloat16 throughout
