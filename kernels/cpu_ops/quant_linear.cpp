@@ -1,23 +1,35 @@
-// `y = x @ dequant(W).T` on GGUF quantized blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), for the CPU.
-// Layouts: `quant_formats.h`. Two paths, picked per call by the number of activation rows:
+// `y = x @ dequant(W).T` on GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, BF16), for
+// the CPU. Layouts: `quant_formats.h`. Three paths, picked per call by the number of activation rows:
 //
-// GEMV (few rows: decode). Bound by reading the weights: float32 weights move 4 bytes per weight, Q8_0
-// 1.06, Q6_K 0.82, Q5_K 0.69, Q4_x 0.56-0.63. Each quantized block is read once per tile of up to 8
-// activation rows and never written out dequantized. The activations are quantized to int8 (scale
-// max|x| / 127, round to nearest) per block of 32 for the 32-element formats and per super-block of 256
-// for the K-quants, so that the dot products are integer sums of byte products (AVX-512 VNNI `vpdpbusd` /
-// `vpdpwssd`, or AVX2 `vpmaddubsw` + `vpmaddwd`), scaled in float32 once per block (once per super-block
-// for the K-quants, whose integer sub-block scales multiply the int16 pair sums). Q4_0's -8 and Q4_1's
-// minimum are per-block float terms (Q4_1's on the exact sum of x); the K-quants' minimums and Q6_K's
-// offset of 32 multiply int16 sums of the quantized activations per 16 elements. The result differs from
-// dequantize-then-matmul by the activations' rounding only: at most sum_j |w_j - m_j| * d_x(j) / 2 per
-// output, where m_j is Q4_1's block minimum and 0 otherwise (the tests check that bound).
+// Float GEMV (few rows: decode; the default, `quant_float_simd.h`). Bound by reading the weights: float32
+// weights move 4 bytes per weight, Q8_0 1.06, Q6_K 0.82, Q5_K 0.69, Q4_x 0.56-0.63. Each block is read
+// once per tile of activation rows and decoded in registers to gguf's float32 values; float32 FMAs, so
+// the result differs from dequantize-then-matmul by the summation order only.
 //
-// Batched (prefill, decode of many sequences): the GEMV's cost grows with the rows while a float GEMM's
-// grows far slower, so above a few rows each thread dequantizes a tile of weight rows (~1 MB, in cache)
+// int8 GEMV (`activations` = 1; Q4_0, Q4_1, Q8_0 and the K-quants; `quant_linear_simd.h`). The activations
+// are quantized to int8 (scale max|x| / 127, round to nearest) per block of 32 for the 32-element formats
+// and per super-block of 256 for the K-quants, so that the dot products are integer sums of byte products
+// (AVX-512 VNNI `vpdpbusd` / `vpdpwssd`, or AVX2 `vpmaddubsw` + `vpmaddwd`), scaled in float32 once per
+// block (once per super-block for the K-quants, whose integer sub-block scales multiply the int16 pair
+// sums). Q4_0's -8 and Q4_1's minimum are per-block float terms (Q4_1's on the exact sum of x); the
+// K-quants' minimums and Q6_K's offset of 32 multiply int16 sums of the quantized activations per 16
+// elements. The result differs from dequantize-then-matmul by the activations' rounding only: at most
+// sum_j |w_j - m_j| * d_x(j) / 2 per output, where m_j is Q4_1's block minimum and 0 otherwise (the
+// tests check that bound). With VNNI 1.2-1.5x faster than the float GEMV for the 32-element formats,
+// 1.8-2.5x for the K-quants.
+//
+// Batched (prefill, decode of many sequences): the GEMV's cost grows with the rows faster than a float
+// GEMM's, so from `batched_from` rows each thread dequantizes a tile of weight rows (~1 MB, in cache)
 // into float32, or bfloat16 when x is bfloat16 and the CPU has AVX512-BF16, and multiplies it with
 // at::mm into its columns of the output. Exact up to float32 rounding in float32 (the dequantized
 // values are gguf's, bit for bit); in bfloat16 the weights round to bfloat16 (2^-8 relative).
+//
+// Not torch's own weight-packed matmuls (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), measured
+// at the same shapes (bench/quant_linear.py, bench/RESULTS.md "Quantized linear kernels (issue 7)"): with
+// float32 activations they took 5-90x F.linear's time on this AVX-512 CPU (a slow path for float32 x);
+// with bfloat16 activations the int8 pack matches the int8 GEMV at 1-2 rows and falls behind from 4 (its
+// time grows in proportion to the rows), the int4 pack is slower at every row count; and both would hold
+// requantized weights (one int8 scale per row; bfloat16 group scales and zeros), not the file's values.
 //
 // GEMV paths, chosen at run time from the CPU's flags (`quant_linear_isa()`), each forcible by `isa`:
 // 2 = AVX-512 VNNI (with VL/BW, on 256-bit vectors), 1 = AVX2 + FMA + F16C, 0 = plain C++. The SIMD
@@ -36,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -501,10 +514,21 @@ void batched(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int64_t
   });
 }
 
-// Activation rows from which the batched path is faster than the GEMV (bench/quant_linear.py).
-constexpr int64_t kBatchedRows = 16;
-// The same for the float GEMV (bench/quant_linear.py, bench/RESULTS.md "float activations")
-constexpr int64_t kFloatBatchedRows = 16;
+// Activation rows from which the batched path beats the GEMV: measured with bench/quant_linear.py on
+// SmolLM2-135M's shapes at 1 and 2 threads on an AVX-512 VNNI + BF16 CPU, AVX2 and plain forced on it
+// (bench/RESULTS.md, "Quantized linear kernels (issue 7)"):
+// - float GEMV: float32 tiles from 32 rows with AVX-512 (16-64 by shape and format), bfloat16 tiles
+//   from 16 (8-32); with AVX2 from 16 (8-16); plain from 4 (1-16).
+// - int8 GEMV: float32 tiles never with VNNI (its integer products stay ahead of a float32 GEMM through
+//   512 rows, at 0.7-0.95x F.linear's time), from 64 rows with AVX2; bfloat16 tiles from 32 rows, 48 for
+//   the K-quants (32-64), whose int8 GEMV costs less per row (one float multiply per 256 elements).
+int64_t batched_from(int type, bool int8, int64_t isa, bool bf16_tiles) {
+  constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
+  if (isa == 0) return 4;
+  if (bf16_tiles) return int8 ? (is_k(type) ? 48 : 32) : 16;
+  if (isa == 1) return int8 ? 64 : 16;
+  return int8 ? kNever : 32;
+}
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t qtype, int64_t out_features,
                         int64_t in_features, int64_t isa, int64_t path, const c10::optional<at::Tensor>& out,
@@ -547,8 +571,8 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t 
   }
   if (rows == 0 || out_features == 0) return y;
   if (path < 0) {
-    const int64_t batched_from = int8 ? kBatchedRows : kFloatBatchedRows;
-    path = rows < batched_from ? 0 : (x.scalar_type() == at::kBFloat16 && bf16_gemm_is_fast() ? 2 : 1);
+    const bool bf16_tiles = x.scalar_type() == at::kBFloat16 && bf16_gemm_is_fast();
+    path = rows < batched_from(type, int8, isa, bf16_tiles) ? 0 : (bf16_tiles ? 2 : 1);
   }
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   if (path == 0) {  // float32 sums, into y or (bfloat16 y) a buffer rounded into it
