@@ -32,22 +32,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--idle-model", help="a second model loaded beside, idle while timing")
     parser.add_argument("--idle-thread", choices=("own", "shared"), default="shared")
-    parser.add_argument("--keep-quantized", action="store_true", help="run GGUF weights on their blocks")
+    parser.add_argument("--dequantize", action="store_true", help="GGUF weights dequantized at load")
     parser.add_argument(
         "--activations", choices=("float", "int8"), default="float", help="the quantized GEMV's activations"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's setting)")
     args = parser.parse_args(argv)
 
-    import kernels.quantized
-
-    kernels.quantized.set_default_activations(args.activations)
     options = {"model": args.model} if args.model else {}
     engine = Engine(
         EngineConfig(
             progress=False,
             dtype=args.dtype,
-            keep_quantized=args.keep_quantized,
+            keep_quantized=not args.dequantize,
+            quantized_activations=args.activations,
             num_threads=args.threads,
             **options,
         )
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.steps):
         engine.step_sync()
     step_ms = (time.perf_counter() - start) / args.steps * 1e3
-    weights = "GGUF blocks, " + args.activations + " GEMV" if args.keep_quantized else "dequantized"
+    weights = "dequantized" if args.dequantize else f"GGUF blocks, {args.activations} GEMV"
     dtype = engine.loaded.model.model.norm.weight.dtype
     print(f"decode step, {args.seqs} sequences, {dtype}, {weights}: {step_ms:.1f} ms")
     if args.profile:

@@ -13,11 +13,11 @@
 // costs one multiply (or FMA), as the fold's multiply per block does, and beyond one row the fold needs
 // a multiply per row and block where the table needs none; it also rounds worse where d * q and m cancel.
 //
-// AVX-512 passes over two weight rows at once: each activation vector loaded then feeds two FMAs (this
-// CPU class retires two 512-bit FMAs per cycle but loads one 512-bit vector, measured). Every (weight
-// row, activation row) pair has its own accumulators, one per vector of a 32-element group, whatever
-// the tile's row count or the weight rows beside it, so a row's result does not depend on the rows
-// around it (batch invariance).
+// AVX-512 passes over two weight rows at once, each activation vector loaded into a register once for
+// both (4-8 activation rows measured 1.25-1.6x faster than with a load folded into every FMA, as GCC
+// would compile it). Every (weight row, activation row) pair has its own accumulators, one per vector
+// of a 32-element group, whatever the tile's row count or the weight rows beside it, so a row's result
+// does not depend on the rows around it (batch invariance).
 
 #if QL_AVX512
 using FV = __m512;
