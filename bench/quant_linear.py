@@ -4,7 +4,7 @@ cell) and bfloat16 weights and against torch's own weight-packed CPU matmuls.
 
     .venv/bin/python -m bench.quant_linear [--threads 1,2] [--rows 1,8,32] [--formats Q4_0,Q4_K]
                                            [--shapes qkv,down] [--dtypes float32] [--isa avx2]
-                                           [--no-packs] [--record [--heading TEXT]]
+                                           [--no-packs] [--cold] [--record [--heading TEXT]]
 
 Columns: `F.linear f32` (float32 x and weights: the ratios' base), `F.linear bf16` (bfloat16 x and
 weights), `int8pack` (`torch._weight_int8pack_mm`: int8 weights, one scale per row), `int4pack`
@@ -15,12 +15,17 @@ dequantized to float32 for at::mm), and for bfloat16 x also `tiles bf16` (tiles 
 requantized weights (not the GGUF file's values): they are timed, not checked, and a pack's column stops
 (`-`) at larger row counts once one call took over 0.5 s. K-quants need
 in_features in multiples of 256, so of SmolLM2's shapes only `down` (1536 -> 576) takes them.
-Weights are random (timings do not depend on the values); x is random normal.
+Weights are random (timings do not depend on the values); x is random normal. By default every call
+reads the same weights, from cache where they fit; with `--cold` each call takes the next of enough
+copies (over 96 MB together, more than the L3) that its weights come from memory, as in a decode step,
+which reads every weight of a model larger than the L3 once (the torch packs stay warm).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +62,7 @@ INT8_FORMATS = frozenset({2, 3, 8, 12, 13, 14})  # those with an int8-activation
 K_BYTES = {12: 144, 13: 176, 14: 210}
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 SLOW_PACK_US = 5e5  # a torch pack column stops (`-`) after a call this slow: seconds per call at 512 rows
+COLD_BYTES = 96 << 20  # --cold: the copies of a weight add up to more than this (the L3 is 32 MB here)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -77,9 +83,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--budget", type=float, default=0.03, help="seconds per timing round (3 rounds, min)")
     parser.add_argument("--no-packs", action="store_true", help="leave out torch's int8/int4 pack columns")
-    parser.add_argument(
-        "--heading", default="Quantized linear kernels (issue 7)", help="bench/RESULTS.md section --record adds"
-    )
+    parser.add_argument("--cold", action="store_true", help="weights read from memory at every call")
+    parser.add_argument("--heading", default="Quantized linear kernels (issue 7)", help="--record's section")
     parser.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     parser.add_argument("--results", default=str(RESULTS_PATH), help="file --record appends to")
     parser.add_argument("--note", default="", help="recorded with the results (e.g. 'machine busy')")
@@ -158,6 +163,14 @@ def torch_packs(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torc
     }
 
 
+def copies_of(weight: torch.Tensor, cold: bool) -> Callable[[], torch.Tensor]:
+    """A function giving `weight` at every call; with `cold`, the next of copies over `COLD_BYTES`."""
+    if not cold:
+        return lambda: weight
+    count = max(2, math.ceil(COLD_BYTES / (weight.numel() * weight.element_size())))
+    return itertools.cycle([weight.clone() for _ in range(count)]).__next__
+
+
 def shape_table(
     shape: str,
     rows_list: Sequence[int],
@@ -166,6 +179,7 @@ def shape_table(
     budget: float,
     isa: str | None = None,
     packs: bool = True,
+    cold: bool = False,
 ) -> tuple[str, dict[tuple[str, str, int], float]]:
     """One markdown table (row counts x paths) for one shape at the current thread count, and its timings."""
     import kernels
@@ -173,9 +187,9 @@ def shape_table(
     in_features, out_features = SHAPES[shape]
     rng = np.random.default_rng(0)
     dense = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
-    dense_bf16 = dense.bfloat16()
+    dense_bf16 = copies_of(dense.bfloat16(), cold)
     columns: list[tuple[str, Callable[[torch.Tensor, torch.Tensor], object]]] = [
-        ("F.linear bf16", lambda x, x32: F.linear(x.bfloat16(), dense_bf16)),
+        ("F.linear bf16", lambda x, x32: F.linear(x.bfloat16(), dense_bf16())),
     ]
     if packs:
         packed = torch_packs(dense)
@@ -189,24 +203,32 @@ def shape_table(
         qtype = FORMATS[name]
         if in_features % (256 if qtype in K_BYTES else 32):
             continue
-        qweight = gguf_weight(qtype, out_features, in_features, rng)
+        qweight = copies_of(gguf_weight(qtype, out_features, in_features, rng), cold)
         for label, path, activations in paths:
             if activations == "int8" and qtype not in INT8_FORMATS:
                 continue
 
             def call(x, x32, qweight=qweight, qtype=qtype, path=path, activations=activations):
                 return kernels.quant_linear(
-                    x, qweight, qtype, out_features, in_features, isa=isa, path=path, activations=activations
+                    x,
+                    qweight(),
+                    qtype,
+                    out_features,
+                    in_features,
+                    isa=isa,
+                    path=path,
+                    activations=activations,
                 )
 
             columns.append((f"{name} {label}", call))
+    dense_f32 = copies_of(dense, cold)
     timings: dict[tuple[str, str, int], float] = {}
     lines = []
     too_slow: set[str] = set()
     for rows in rows_list:
         x32 = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
         x = x32.to(dtype)
-        base = timed(lambda x32=x32: F.linear(x32, dense), budget)
+        base = timed(lambda x32=x32: F.linear(x32, dense_f32()), budget)
         cells = [str(rows), f"{base:.0f}"]
         for label, fn in columns:
             if label in too_slow:
@@ -220,7 +242,8 @@ def shape_table(
         timings[(shape, "F.linear f32", rows)] = base
         lines.append(cells)
     headers = ["rows", "F.linear f32", *(label for label, _ in columns)]
-    title = f"`{shape}` {in_features} -> {out_features}: µs per call (x F.linear f32)"
+    weights = ", weights from memory" if cold else ""
+    title = f"`{shape}` {in_features} -> {out_features}: µs per call (x F.linear f32){weights}"
     return f"{title}\n\n{markdown_table(headers, lines)}", timings
 
 
@@ -261,7 +284,7 @@ def run(args: argparse.Namespace) -> str:
             timings: dict[tuple[str, str, int], float] = {}
             for shape in args.shapes.split(","):
                 table, found = shape_table(
-                    shape, rows_list, formats, dtype, args.budget, args.isa, not args.no_packs
+                    shape, rows_list, formats, dtype, args.budget, args.isa, not args.no_packs, args.cold
                 )
                 timings.update(found)
                 print(table + "\n", file=sys.stderr, flush=True)  # progress while the rest runs

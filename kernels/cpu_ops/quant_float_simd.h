@@ -13,17 +13,18 @@
 // costs one multiply (or FMA), as the fold's multiply per block does, and beyond one row the fold needs
 // a multiply per row and block where the table needs none; it also rounds worse where d * q and m cancel.
 //
-// AVX-512 passes over two weight rows at once, each activation vector loaded into a register once for
-// both (4-8 activation rows measured 1.25-1.6x faster than with a load folded into every FMA, as GCC
-// would compile it). Every (weight row, activation row) pair has its own accumulators, one per vector
-// of a 32-element group, whatever the tile's row count or the weight rows beside it, so a row's result
-// does not depend on the rows around it (batch invariance).
+// One weight row per pass (`kOut`): two rows per pass, each activation vector loaded once for both, were
+// 1.2x faster at 4 rows with the weights in cache, but 1.4-2.5x slower at one row with the weights read
+// from memory (as in a decode step, a model being larger than the L3; Q8_0, Q4_K, F16: the hardware
+// prefetcher keeps up with one stream of blocks, not with two). Every (weight row, activation row) pair
+// has its own accumulators, one per vector of a 32-element group, whatever the tile's row count or the
+// weight rows beside it, so a row's result does not depend on the rows around it (batch invariance).
 
 #if QL_AVX512
 using FV = __m512;
 constexpr int kLanes = 16;
-constexpr int kOut = 2;        // weight rows per pass
-constexpr int kFloatTile = 4;  // activation rows per pass: 2 x 4 x 2 accumulators of 32 registers
+constexpr int kOut = 1;        // weight rows per pass (see above)
+constexpr int kFloatTile = 4;  // activation rows per pass: 4 x 2 accumulators
 static inline FV fzero() { return _mm512_setzero_ps(); }
 static inline FV fload(const float* p) { return _mm512_loadu_ps(p); }
 static inline FV ffma(FV a, FV b, FV c) { return _mm512_fmadd_ps(a, b, c); }
@@ -35,7 +36,7 @@ static inline float fsum(FV v) {
 #else
 using FV = __m256;
 constexpr int kLanes = 8;
-constexpr int kOut = 1;        // two loads per cycle keep up with two FMAs
+constexpr int kOut = 1;
 constexpr int kFloatTile = 2;  // 2 x 4 accumulators of 16 registers, beside the decoded weights
 static inline FV fzero() { return _mm256_setzero_ps(); }
 static inline FV fload(const float* p) { return _mm256_loadu_ps(p); }
