@@ -29,11 +29,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
-import httpx
-
-from bench.server_process import HEALTH_POLL_INTERVAL_S, ServerFailed, free_port
+from bench.server_process import ManagedServer, free_port
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # pinned: its vendored llama.cpp is what the results describe
 VARIANTS = ("native", "avx2")
@@ -241,15 +238,12 @@ def server_command(
     return command
 
 
-class LlamaServer:
+class LlamaServer(ManagedServer):
     """A running `llama-server`, its output in a log file (shown if it fails to start)."""
 
-    def __init__(self, command: Sequence[str], port: int) -> None:
-        self.command = list(command)
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
-        self._process: subprocess.Popen[bytes] | None = None
+    label = "llama-server"
+    stop_signal = signal.SIGTERM  # llama-server shuts down cleanly on it
+    default_ready_timeout_s = 300.0  # /health answers 503 while the model loads
 
     @classmethod
     def for_model(
@@ -257,47 +251,6 @@ class LlamaServer:
     ) -> LlamaServer:
         port = free_port()
         return cls(server_command(binary, model, port, parallel, ctx_per_slot, alias=alias), port)
-
-    def start(self, ready_timeout_s: float = 300.0) -> None:
-        """Start, then poll /health until 200 (503 while the model loads)."""
-        self._process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise ServerFailed(f"llama-server exited with {self._process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=5.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(HEALTH_POLL_INTERVAL_S)  # polling a subprocess: there is nothing to wait on
-        self.stop()
-        raise ServerFailed(f"llama-server not healthy after {ready_timeout_s:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, max_chars: int = 4000) -> str:
-        self._log.flush()
-        return Path(self._log.name).read_text(errors="replace")[-max_chars:]
-
-    def stop(self) -> None:
-        """SIGTERM (llama-server shuts down cleanly on it), then kill if it lingers."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._log.close()
-        os.unlink(self._log.name)
-
-    def __enter__(self) -> LlamaServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def parse_variants(value: str) -> tuple[str, ...]:

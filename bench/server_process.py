@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import httpx
 
@@ -51,33 +52,31 @@ def sansllm_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from sansllm.cli import main; sys.exit(main())"]
 
 
-class ServerProcess:
-    """`sansllm serve MODEL --port P ...` with its output in a log file (shown if it fails to start)."""
+class ManagedServer:
+    """A server subprocess with its output in a log file (shown if it fails to start): started and
+    polled until `GET /health` answers 200, stopped by `stop_signal` (then killed if it lingers)."""
 
-    def __init__(self, model: str, args: Sequence[str] = (), port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            *sansllm_command(),
-            "serve",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *args,
-        ]
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="sansllm-bench-", suffix=".log", delete=False)
+    label = "server"
+    stop_signal = signal.SIGINT  # graceful shutdown, as Ctrl-C
+    default_ready_timeout_s = 600.0
+
+    def __init__(self, command: Sequence[str], port: int, env: dict[str, str] | None = None) -> None:
+        self.command = list(command)
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._env = env
+        self._log = tempfile.NamedTemporaryFile("w+", prefix=f"{self.label}-", suffix=".log", delete=False)
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self, ready_timeout_s: float = 600.0) -> None:
+    def start(self, ready_timeout_s: float | None = None) -> None:
+        timeout = self.default_ready_timeout_s if ready_timeout_s is None else ready_timeout_s
         self._process = subprocess.Popen(
-            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(), cwd=REPO_ROOT
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self._env, cwd=REPO_ROOT
         )
-        deadline = time.monotonic() + ready_timeout_s
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise ServerFailed(f"server exited with {self._process.returncode}:\n{self.log_tail()}")
+                raise ServerFailed(f"{self.label} exited with {self._process.returncode}:\n{self.log_tail()}")
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=5.0).status_code == 200:
                     return
@@ -85,7 +84,7 @@ class ServerProcess:
                 pass  # not listening yet
             time.sleep(HEALTH_POLL_INTERVAL_S)  # polling a subprocess: there is nothing to wait on
         self.stop()
-        raise ServerFailed(f"server not healthy after {ready_timeout_s:.0f}s:\n{self.log_tail()}")
+        raise ServerFailed(f"{self.label} not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
     @property
     def pid(self) -> int | None:
@@ -97,9 +96,8 @@ class ServerProcess:
         return Path(self._log.name).read_text(errors="replace")[-max_chars:]
 
     def stop(self) -> None:
-        """Graceful shutdown (SIGINT, as Ctrl-C), then kill if it lingers."""
         if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGINT)
+            self._process.send_signal(self.stop_signal)
             try:
                 self._process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -108,7 +106,7 @@ class ServerProcess:
         self._log.close()
         os.unlink(self._log.name)
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -116,3 +114,14 @@ class ServerProcess:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class ServerProcess(ManagedServer):
+    """`sansllm serve MODEL --port P ...`."""
+
+    label = "sansllm-bench"
+
+    def __init__(self, model: str, args: Sequence[str] = (), port: int | None = None) -> None:
+        port = port or free_port()
+        command = [*sansllm_command(), "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
+        super().__init__(command, port, env=server_environment())
