@@ -63,12 +63,13 @@ def _cases(dtype: str):
                 "queries_per_kv", "head_dim", "query_token_stride", "query_head_stride", "out_token_stride",
                 "out_head_stride", "key_block_stride", "key_slot_stride", "key_head_stride",
                 "value_block_stride", "value_slot_stride", "value_head_stride", "block_table_stride",
-                "tiles_per_seq",
+                "tiles_per_seq", "sliding_window",
             ],
             i,
         ), {
             "BLOCK_SIZE": 16, "BLOCK_Q": block_q, "GROUP_BLOCK": group_block, "HEAD_BLOCK": 64,
             "DOT_PRECISION": dot_precision, "DOT_UPCAST": False,
+            "WINDOWED": max_query_len > 1,  # both kinds compiled, one with each tile shape
         }
     for has_bias in (False, True):
         yield linear.linear_kernel, dict.fromkeys(["x_ptr", "weight_ptr", "bias_ptr", "out_ptr"], p) | dict.fromkeys(
