@@ -115,16 +115,5 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t row
 
 template <typename T>
 void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out) {
-  switch (type) {
-    case kF16: return dequantize_rows<kF16>(w, row_bytes, k, rows, out);
-    case kBF16: return dequantize_rows<kBF16>(w, row_bytes, k, rows, out);
-    case kQ8_0: return dequantize_rows<kQ8_0>(w, row_bytes, k, rows, out);
-    case kQ4_0: return dequantize_rows<kQ4_0>(w, row_bytes, k, rows, out);
-    case kQ4_1: return dequantize_rows<kQ4_1>(w, row_bytes, k, rows, out);
-    case kQ5_0: return dequantize_rows<kQ5_0>(w, row_bytes, k, rows, out);
-    case kQ5_1: return dequantize_rows<kQ5_1>(w, row_bytes, k, rows, out);
-    case kQ4_K: return dequantize_rows<kQ4_K>(w, row_bytes, k, rows, out);
-    case kQ5_K: return dequantize_rows<kQ5_K>(w, row_bytes, k, rows, out);
-    default: return dequantize_rows<kQ6_K>(w, row_bytes, k, rows, out);
-  }
+  with_format(type, [&](auto f) { dequantize_rows<decltype(f)::value>(w, row_bytes, k, rows, out); });
 }

@@ -369,18 +369,7 @@ FloatRowsFn float_pick(int rows) {
 
 // the kernel for `rows` (1 .. kFloatTile) activation rows of a tile
 FloatRowsFn float_kernel_for(int qtype, int rows) {
-  switch (qtype) {
-    case kF16: return float_pick<kF16>(rows);
-    case kBF16: return float_pick<kBF16>(rows);
-    case kQ8_0: return float_pick<kQ8_0>(rows);
-    case kQ4_0: return float_pick<kQ4_0>(rows);
-    case kQ4_1: return float_pick<kQ4_1>(rows);
-    case kQ5_0: return float_pick<kQ5_0>(rows);
-    case kQ5_1: return float_pick<kQ5_1>(rows);
-    case kQ4_K: return float_pick<kQ4_K>(rows);
-    case kQ5_K: return float_pick<kQ5_K>(rows);
-    default: return float_pick<kQ6_K>(rows);
-  }
+  return with_format(qtype, [rows](auto f) { return float_pick<decltype(f)::value>(rows); });
 }
 
 #undef QL_INLINE

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace ql {
 
@@ -33,6 +34,24 @@ constexpr int kBlock = 32;   // elements per block of the 32-element formats (an
 constexpr int kSuper = 256;  // elements per K-quant super-block
 
 constexpr bool is_k(int f) { return f == kQ4_K || f == kQ5_K || f == kQ6_K; }
+// fn(std::integral_constant<int, F>{}) for the float-path format `type` (Q6_K for any other id:
+// callers check the type first). The one switch from a run-time type id to each format's template.
+template <typename Fn>
+inline decltype(auto) with_format(int type, Fn&& fn) {
+  switch (type) {
+    case kF16: return fn(std::integral_constant<int, kF16>{});
+    case kBF16: return fn(std::integral_constant<int, kBF16>{});
+    case kQ8_0: return fn(std::integral_constant<int, kQ8_0>{});
+    case kQ4_0: return fn(std::integral_constant<int, kQ4_0>{});
+    case kQ4_1: return fn(std::integral_constant<int, kQ4_1>{});
+    case kQ5_0: return fn(std::integral_constant<int, kQ5_0>{});
+    case kQ5_1: return fn(std::integral_constant<int, kQ5_1>{});
+    case kQ4_K: return fn(std::integral_constant<int, kQ4_K>{});
+    case kQ5_K: return fn(std::integral_constant<int, kQ5_K>{});
+    default: return fn(std::integral_constant<int, kQ6_K>{});
+  }
+}
+
 constexpr bool is_float16(int f) { return f == kF16 || f == kBF16; }
 constexpr bool is_supported(int64_t f) {
   return f == kQ4_0 || f == kQ4_1 || f == kQ5_0 || f == kQ5_1 || f == kQ8_0 || f == kQ4_K || f == kQ5_K ||

@@ -167,18 +167,7 @@ void float_rows_plain(const FloatArgs& a, int rows, int64_t o_begin, int64_t o_e
 }
 
 void run_float_plain(int qtype, const FloatArgs& a, int rows, int64_t o_begin, int64_t o_end) {
-  switch (qtype) {
-    case kF16: return float_rows_plain<kF16>(a, rows, o_begin, o_end);
-    case kBF16: return float_rows_plain<kBF16>(a, rows, o_begin, o_end);
-    case kQ8_0: return float_rows_plain<kQ8_0>(a, rows, o_begin, o_end);
-    case kQ4_0: return float_rows_plain<kQ4_0>(a, rows, o_begin, o_end);
-    case kQ4_1: return float_rows_plain<kQ4_1>(a, rows, o_begin, o_end);
-    case kQ5_0: return float_rows_plain<kQ5_0>(a, rows, o_begin, o_end);
-    case kQ5_1: return float_rows_plain<kQ5_1>(a, rows, o_begin, o_end);
-    case kQ4_K: return float_rows_plain<kQ4_K>(a, rows, o_begin, o_end);
-    case kQ5_K: return float_rows_plain<kQ5_K>(a, rows, o_begin, o_end);
-    default: return float_rows_plain<kQ6_K>(a, rows, o_begin, o_end);
-  }
+  with_format(qtype, [&](auto f) { float_rows_plain<decltype(f)::value>(a, rows, o_begin, o_end); });
 }
 
 }  // namespace
@@ -454,18 +443,7 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t k, int64_t row
 
 template <typename T>
 void dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t k, int64_t rows, T* out) {
-  switch (type) {
-    case kF16: return dequantize_rows<kF16>(w, row_bytes, k, rows, out);
-    case kBF16: return dequantize_rows<kBF16>(w, row_bytes, k, rows, out);
-    case kQ8_0: return dequantize_rows<kQ8_0>(w, row_bytes, k, rows, out);
-    case kQ4_0: return dequantize_rows<kQ4_0>(w, row_bytes, k, rows, out);
-    case kQ4_1: return dequantize_rows<kQ4_1>(w, row_bytes, k, rows, out);
-    case kQ5_0: return dequantize_rows<kQ5_0>(w, row_bytes, k, rows, out);
-    case kQ5_1: return dequantize_rows<kQ5_1>(w, row_bytes, k, rows, out);
-    case kQ4_K: return dequantize_rows<kQ4_K>(w, row_bytes, k, rows, out);
-    case kQ5_K: return dequantize_rows<kQ5_K>(w, row_bytes, k, rows, out);
-    default: return dequantize_rows<kQ6_K>(w, row_bytes, k, rows, out);
-  }
+  with_format(type, [&](auto f) { dequantize_rows<decltype(f)::value>(w, row_bytes, k, rows, out); });
 }
 
 // Dequantization on the same instruction set as the GEMV path `isa` (the AVX2 code serves the AVX-512
