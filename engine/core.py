@@ -75,7 +75,7 @@ class EngineCore:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         tasks: frozenset[str] = frozenset({"generate"}),
-        max_step_ratio: float = 0.0,
+        max_step_ratio: float = 0.0,  # EngineConfig's default turns it on
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -91,7 +91,7 @@ class EngineCore:
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.kv_cache = self.runner.kv_cache
         self.kv = KVCacheManager(num_kv_blocks, block_size, enable_prefix_caching)
-        # while decodes run, a step may take at most max_step_ratio x a decode-only step (engine.step_budget)
+        # while decodes run, a step may take at most max_step_ratio x a loaded decode step (engine.step_budget)
         self.step_budget = StepBudget(max_num_batched_tokens, max_step_ratio)
         self.scheduler = Scheduler(
             self.kv,

@@ -40,11 +40,11 @@ _STOP = object()
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
 
-# Off by default (the fixed max_num_batched_tokens budget, as vLLM), because on a CPU every prefilled
-# token costs the decodes beside it: bounding the step bought ITL p99/p50 of 1.2-1.3x (from ~7x) but
-# cost 24-29% of output tok/s and TTFT p50 0.6 s -> 9-13 s at 32 closed-loop streams, and a ratio
-# loose enough to keep the throughput (8: 0.95x) bounds nothing (bench/RESULTS.md, Serving 13:4x).
-DEFAULT_MAX_STEP_RATIO = 0.0
+# On by default: with the step's fixed cost learned (engine.step_budget) and the ratio taken against
+# a decode step at the present load, 2.5 held ITL p99 at 2.5x its p50 (unbounded: 6.4x) for 5% of
+# output tok/s at 32 closed-loop streams on a 2-core CPU (bench/RESULTS.md, "Step budget"). 0 turns
+# it off (only max_num_batched_tokens bounds a step, as vLLM).
+DEFAULT_MAX_STEP_RATIO = 2.5
 
 
 @dataclass(kw_only=True)

@@ -110,8 +110,9 @@ class Scheduler:
         long_prefill_token_threshold: int = 0,
         prefill_limit: Callable[[int, int], int] | None = None,
     ) -> None:
-        """`prefill_limit(num_decodes, backlog)`: the most prompt tokens a step may prefill beside that
-        many decoding sequences while `backlog` prompt tokens wait to be computed
+        """`prefill_limit(num_decodes, load)`: the most prompt tokens a step may prefill beside that
+        many decoding sequences while `load` sequences run or wait (at most `max_num_seqs`: those
+        that will decode together)
         (`engine.step_budget.StepBudget.prefill_tokens`); None: the whole budget."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
@@ -189,7 +190,7 @@ class Scheduler:
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for position, seq in enumerate(decoding + prefilling):
             if position == len(decoding) and self.prefill_limit is not None:
-                budget = min(budget, self.prefill_limit(len(chunks), self._backlog(prefilling)))
+                budget = min(budget, self.prefill_limit(len(chunks), self._load()))
             if budget <= 0:
                 break
             if seq.status is not Status.RUNNING:
@@ -215,7 +216,7 @@ class Scheduler:
 
         # 2. Waiting sequences, best (priority, arrival) first, while budget, seats and blocks last.
         if not prefilling and self.prefill_limit is not None:  # the limit was not applied above
-            budget = min(budget, self.prefill_limit(len(chunks), self._backlog(prefilling)))
+            budget = min(budget, self.prefill_limit(len(chunks), self._load()))
         if not preempted:
             while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 *_, seq = self._waiting[0]
@@ -243,12 +244,10 @@ class Scheduler:
 
         return SchedulerOutput(chunks, preempted)
 
-    def _backlog(self, prefilling: list[Sequence]) -> int:
-        """Prompt tokens still to compute: of running prefills and of waiting sequences (counting a
-        waiting prompt whole: its prefix-cache hits are known only once it is scheduled)."""
-        running = sum(s.num_tokens - s.num_computed_tokens for s in prefilling)
-        waiting = sum(s.num_tokens for *_, s in self._waiting if s.status is Status.WAITING)
-        return running + waiting
+    def _load(self) -> int:
+        """Sequences running or waiting, at most `max_num_seqs`: those that will decode together."""
+        waiting = sum(1 for *_, s in self._waiting if s.status is Status.WAITING)
+        return min(len(self.running) + waiting, self.max_num_seqs)
 
     def advance(self, chunks: Seq[ScheduledChunk]) -> None:
         """Record that the scheduled tokens were computed (their blocks were published when scheduled)."""

@@ -3,30 +3,39 @@
 Every decoding sequence waits for the whole step it is in. A fixed token budget (vLLM's
 `max_num_batched_tokens`) lets a step that prefills 500 prompt tokens beside 32 decodes take
 several times as long as a decode-only step, and streams see that as inter-token latency spikes
-(1.5 s p99 at 32 streams on an AVX2 CPU). Instead, while decodes run, the prefill share of a step
-is sized so that the step is expected to take at most `max_step_ratio` times a decode-only step.
+(ITL p99 7x its p50 at 32 streams on a 2-core CPU). Instead, while decodes run, the prefill share
+of a step is sized so that the step is expected to take at most `max_step_ratio` times a decode
+step at the present load: every sequence running or waiting (up to `max_num_seqs`) decoding
+together, which is the step time streams see once the prompts in the queue are in. Measuring
+against the decodes running now instead starves a burst of arrivals: with 2 of 32 sequences
+decoding, a step may take only a few times a 2-row step, a few dozen prompt tokens, and the
+queue drains at half the rate a loaded step allows.
 
-The costs are learned online from the engine's own steps (no tuning per CPU): an exponential
-average of the time of decode-only steps, and of the extra time per prefilled token in mixed
-steps. With no running decodes, or before anything is learned, the full budget applies.
+The costs are learned online from the engine's own steps (no tuning per CPU):
 
-A bound alone starves prefill when prompts arrive faster than it lets them in: sequences queue,
-fewer of them decode at a time, and each step carries fewer tokens for the same fixed cost
-(measured: ratio 2.5 alone cost 29% of throughput at 32 streams). So the prefill share is also at
-least the backlog of prompt tokens spread over the next `DRAIN_STEPS` steps: in a steady stream of
-arrivals every step prefills about what arrives per step, and steps stay alike (the p99 of the
-inter-token latency is then close to its p50) with no loss of throughput; a burst of prompts is
-still taken in full-budget steps.
+- A step that prefills is modelled as `fixed + per_token x tokens` (tokens: decode rows plus
+  prompt tokens), fitted by exponentially weighted least squares. The fixed part is large on the
+  quantized CPU path: past 16 rows the linear layers leave the GEMV for dequantized weight tiles
+  and a matmul
+  (measured on SmolLM2-135M Q4_1, 2 cores: 45 ms fixed and 0.8 ms a token, while a 4-row
+  decode-only step on the GEMV path takes 14 ms). A model of "decode-only time plus a cost per
+  prompt token" misses that fixed part, sees each small mixed step as costly per token, and
+  starves prefill (measured: half the throughput).
+- A decode-only step's time, as a running average: when it is slower than the fitted line at the
+  same rows, it is the reference the ratio applies to.
+
+With no running decodes, or before anything is learned, the whole budget applies.
+
+Measured at 32 streams, 192 requests (bench/RESULTS.md): ratio 2.5 holds ITL p99 at 2.5x its p50
+(unbounded: 6.4x) for 5% of output tok/s. Spreading the backlog over several smaller steps as well
+made steps even more alike but delayed each prompt's first token, and cost 12%.
 """
 
 from __future__ import annotations
 
-# The weight of each new observation in the running averages: recent steps matter most (the
-# machine's speed drifts), but one noisy step cannot swing the budget.
-_SMOOTHING = 0.2
-
-# Steps over which the prompt tokens waiting to be prefilled are spread (see the module docstring).
-DRAIN_STEPS = 4
+# The weight of each new observation: recent steps matter most (the machine's speed drifts, the
+# number of decoding rows changes), but one noisy step cannot swing the budget.
+_SMOOTHING = 0.05
 
 
 class StepBudget:
@@ -37,33 +46,56 @@ class StepBudget:
         self.max_tokens = max_tokens
         self.max_step_ratio = max_step_ratio
         self.min_prefill_tokens = min(min_prefill_tokens, max_tokens)  # prompts always progress
-        # A decode-only step, whole: its time is mostly reading the weights and grows slowly with the
-        # number of sequences, and that number changes slowly, so the recent steps' time is the estimate.
-        self.decode_seconds: float | None = None
-        self.prefill_seconds: float | None = None  # the extra time of one prefilled token
+        self.decode_seconds: float | None = None  # running average of decode-only steps
+        self.prefill_steps = _WeightedLine(_SMOOTHING)  # seconds against tokens, steps that prefill
 
     @property
     def enabled(self) -> bool:
         return self.max_step_ratio > 1
 
-    def prefill_tokens(self, num_decodes: int, backlog: int = 0) -> int:
+    def prefill_tokens(self, num_decodes: int, load: int = 0) -> int:
         """Prompt tokens the next step may prefill beside `num_decodes` decoding sequences, while
-        `backlog` prompt tokens wait to be prefilled (running prefills and waiting prompts)."""
-        room = self.max_tokens - num_decodes
-        if not self.enabled or num_decodes == 0 or self.decode_seconds is None or not self.prefill_seconds:
-            return max(room, 0)
-        bounded = int((self.max_step_ratio - 1) * self.decode_seconds / self.prefill_seconds)
-        draining = -(-backlog // DRAIN_STEPS)
-        return max(min(max(bounded, draining), room), min(self.min_prefill_tokens, room), 0)
+        `load` sequences run or wait."""
+        room = max(self.max_tokens - num_decodes, 0)
+        line = self.prefill_steps.fit()
+        if not self.enabled or num_decodes == 0 or line is None:
+            return room
+        fixed, per_token = line
+        floor = fixed + per_token * num_decodes  # the fitted step with these decodes and no prompt
+        reference = max(fixed + per_token * max(num_decodes, load), self.decode_seconds or 0.0)
+        bounded = int((self.max_step_ratio * reference - floor) / per_token)
+        return max(min(bounded, room), min(self.min_prefill_tokens, room))
 
     def observe(self, num_decodes: int, num_prefill_tokens: int, seconds: float) -> None:
         """Learn from one step: how many decodes and prefilled tokens it ran, and how long it took."""
-        if num_decodes and not num_prefill_tokens:
-            self.decode_seconds = _average(self.decode_seconds, seconds)
-        elif num_prefill_tokens and num_decodes and self.decode_seconds is not None:
-            extra = max(seconds - self.decode_seconds, 0.0) / num_prefill_tokens
-            self.prefill_seconds = _average(self.prefill_seconds, extra)
+        if num_prefill_tokens:
+            self.prefill_steps.add(num_decodes + num_prefill_tokens, seconds)
+        elif num_decodes:
+            previous = self.decode_seconds
+            self.decode_seconds = seconds if previous is None else previous + _SMOOTHING * (seconds - previous)
 
 
-def _average(previous: float | None, value: float) -> float:
-    return value if previous is None else previous + _SMOOTHING * (value - previous)
+class _WeightedLine:
+    """Exponentially weighted least-squares line y = intercept + slope x, updated one point at a time."""
+
+    def __init__(self, smoothing: float) -> None:
+        self.keep = 1.0 - smoothing
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        k = self.keep
+        self.w, self.x, self.y = k * self.w + 1, k * self.x + x, k * self.y + y
+        self.xx, self.xy = k * self.xx + x * x, k * self.xy + x * y
+
+    def fit(self) -> tuple[float, float] | None:
+        """(intercept >= 0, slope > 0), or None while the points cannot tell a positive slope."""
+        if self.w == 0:
+            return None
+        mean_x, mean_y = self.x / self.w, self.y / self.w
+        var_x = self.xx / self.w - mean_x * mean_x
+        if var_x < 1.0:  # every point at (almost) the same x: no slope to tell
+            return None
+        slope = (self.xy / self.w - mean_x * mean_y) / var_x
+        if slope <= 0:
+            return None
+        return max(mean_y - slope * mean_x, 0.0), slope

@@ -277,9 +277,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     eng.add_argument(
         "--max-step-ratio",
         type=float,
-        help="while sequences decode, a step that also prefills may take at most this many times a "
-        "decode-only step (default 0: off, only --max-num-batched-tokens limits it; 2.5 bounds ITL "
-        "spikes at a cost in throughput and TTFT)",
+        help="while sequences decode, a step that also prefills prompts may take at most this many "
+        "times a decode step at the present load, so streams do not stall while prompts arrive "
+        "(default 2.5; 0: off, only --max-num-batched-tokens limits a step)",
     )
     eng.add_argument("--kv-cache-memory", type=human_readable_int, help="KV cache size in bytes, e.g. 2G")
     eng.add_argument(
