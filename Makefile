@@ -58,7 +58,7 @@ LLAMA ?= native
 bench-llama: $(STAMP)
 	$(BIN)/python -m bench.llama_server build $(LLAMA)
 	$(BIN)/python -m bench.serving --llama-server $(LLAMA) --concurrency 1 --num-prompts 8 $(ARGS)
-	$(BIN)/python -m bench.serving --llama-server $(LLAMA) --concurrency 32 --num-prompts 64 $(ARGS)
+	$(BIN)/python -m bench.serving --llama-server $(LLAMA) --concurrency 32 --num-prompts 192 $(ARGS)
 
 .PHONY: bench-embeddings
 bench-embeddings: $(STAMP)
