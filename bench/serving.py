@@ -14,6 +14,10 @@ with a unique salt in front of each copy (nothing cacheable: the "not cached" TT
 one request has warmed the cache, with the shared prompt as is. The second run's requests report
 `usage.prompt_tokens_details.cached_tokens`, and the table gives the TTFT ratio between the runs.
 
+`--request-args JSON` merges sampling fields into every request body (e.g. `{"temperature": 1.0}`
+for plain sampling), and each `--variant-request-args JSON` runs the same prompts again against the
+same server with those fields merged too: the cost of penalties, top_p or logprobs as a ratio.
+
 `--llama-server native` (or `avx2`, or `native,avx2`) adds llama.cpp's `llama-server` as a peer,
 after our server (one process at a time): the same GGUF, prompts, client and request bodies
 (greedy, ignore_eos, max_tokens), C slots; its rows get the same metrics and ratios against ours.
@@ -119,6 +123,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "own rows and its ratio to the main server",
     )
     parser.add_argument(
+        "--request-args",
+        type=json_object,
+        default={},
+        metavar="JSON",
+        help='fields merged into every request body, e.g. \'{"temperature": 1.0}\' (default: greedy)',
+    )
+    parser.add_argument(
+        "--variant-request-args",
+        type=json_object,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="after the main run, the same prompts against the same server with these fields merged "
+        "too (repeatable); each gets its own row and its ratio to the main run",
+    )
+    parser.add_argument(
         "--llama-server",
         type=llama_server.parse_variants,
         default=(),
@@ -133,6 +153,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.dtype = concrete_dtype(args.dtype)
     return args
+
+
+def json_object(text: str) -> dict:
+    """A JSON object from the command line (argparse type)."""
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def request_variant_name(name: str, fields: dict) -> str:
+    """The row name of a run whose requests carry the extra `fields`."""
+    return f"{name}, with {msgspec.json.encode(fields).decode()}"
 
 
 class PromptPlan(msgspec.Struct):
@@ -195,14 +231,20 @@ async def run_ours(
 ) -> tuple[list[Summary], list[int]]:
     """The plan's runs against an OpenAI-compatible server (ours or a peer), rows named as ours."""
     model = await served_model_name(base_url, prefer=args.model or DEFAULT_MODEL_NAME)
-    await run_clients(base_url, model, [plan.warmup], 1)
+    extra = getattr(args, "request_args", None) or {}
+    await run_clients(base_url, model, [plan.warmup], 1, extra)
     if plan.cold is None:
         print(
             f"[{label}] {len(plan.main)} requests, concurrency {args.concurrency}",
             file=sys.stderr,
             flush=True,
         )
-        return [summarize(OURS, await run_clients(base_url, model, plan.main, args.concurrency))], []
+        rows = [summarize(OURS, await run_clients(base_url, model, plan.main, args.concurrency, extra))]
+        for fields in getattr(args, "variant_request_args", ()) if label == "ours" else ():
+            print(f"[{label}] again, with request fields {fields}", file=sys.stderr, flush=True)
+            timings = await run_clients(base_url, model, plan.main, args.concurrency, {**extra, **fields})
+            rows.append(summarize(request_variant_name(OURS, fields), timings))
+        return rows, []
     print(f"[{label}] shared prefix, not cached (salted copies)", file=sys.stderr, flush=True)
     cold = await run_clients(base_url, model, plan.cold, args.concurrency)
     assert plan.warmer is not None
@@ -299,8 +341,9 @@ def render(args: argparse.Namespace, result: ServingResult) -> str:
     lo_in, hi_in = args.input_len
     lo_out, hi_out = args.output_len
     blocks = [
-        f"Model `{args.model or DEFAULT_MODEL_NAME}` ({args.dtype}), /v1/completions streamed, greedy, "
-        f"ignore_eos; {result.summaries[-1].requests} requests per run, "
+        f"Model `{args.model or DEFAULT_MODEL_NAME}` ({args.dtype}), /v1/completions streamed, "
+        + (f"with {msgspec.json.encode(args.request_args).decode()}" if getattr(args, "request_args", None) else "greedy")
+        + f", ignore_eos; {result.summaries[-1].requests} requests per run, "
         f"concurrency {result.concurrency}, prompts of {lo_in}-{hi_in} tokens"
         + (f" behind a shared {result.prefix_tokens}-token system prompt" if result.prefix_tokens else "")
         + f", {lo_out}-{hi_out} output tokens each. HF output tok/s counts only the requested tokens "
@@ -331,16 +374,21 @@ def render(args: argparse.Namespace, result: ServingResult) -> str:
             f"- cached prompt tokens per request in the cached run: min {min(cached)}, "
             f"max {max(cached)} (shared prefix: {result.prefix_tokens} tokens)"
         )
-    for variant in getattr(args, "variant_server_args", ()):
-        for plain in (OURS, OURS_COLD, OURS_WARM):
-            base, other = result.get(plain), result.get(variant_name(plain, variant))
-            if base and other:
-                lines.append(
-                    f"- output tok/s, {other.name} / {base.name}: {fmt(other.output_tok_s)} / "
-                    f"{fmt(base.output_tok_s)} = x{fmt(ratio(other.output_tok_s, base.output_tok_s), 3)}; "
-                    f"TPOT {ms(other.tpot_mean)} / {ms(base.tpot_mean)} ms; "
-                    f"TTFT p50 {ms(other.ttft_p50)} / {ms(base.ttft_p50)} ms"
-                )
+    pairs = [(OURS, variant_name(OURS, v)) for v in getattr(args, "variant_server_args", ())]
+    pairs += [(OURS, request_variant_name(OURS, f)) for f in getattr(args, "variant_request_args", ())]
+    pairs += [
+        (plain, variant_name(plain, v))
+        for v in getattr(args, "variant_server_args", ())
+        for plain in (OURS_COLD, OURS_WARM)
+    ]
+    for base, other in ((result.get(a), result.get(b)) for a, b in pairs):
+        if base and other:
+            lines.append(
+                f"- output tok/s, {other.name} / {base.name}: {fmt(other.output_tok_s)} / "
+                f"{fmt(base.output_tok_s)} = x{fmt(ratio(other.output_tok_s, base.output_tok_s), 3)}; "
+                f"TPOT {ms(other.tpot_mean)} / {ms(base.tpot_mean)} ms; "
+                f"TTFT p50 {ms(other.ttft_p50)} / {ms(base.ttft_p50)} ms"
+            )
     lines += llama_lines(args, result)
     if lines:
         blocks.append("Ratios:\n\n" + "\n".join(lines))

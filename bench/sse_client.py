@@ -25,8 +25,9 @@ class RequestFailed(RuntimeError):
     pass
 
 
-def completion_body(model: str, prompt: BenchPrompt) -> dict[str, Any]:
-    """Greedy, exactly `output_len` tokens (ignore_eos), streamed, with usage at the end."""
+def completion_body(model: str, prompt: BenchPrompt, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Greedy, exactly `output_len` tokens (ignore_eos), streamed, with usage at the end; `extra`
+    fields (sampling parameters) are merged over these."""
     return {
         "model": model,
         "prompt": prompt.text,
@@ -35,6 +36,7 @@ def completion_body(model: str, prompt: BenchPrompt) -> dict[str, Any]:
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
 
 
@@ -45,10 +47,13 @@ def _read_usage(timing: RequestTiming, usage: dict[str, Any]) -> None:
     timing.cached_tokens = details.get("cached_tokens") or 0
 
 
-async def stream_completion(client: httpx.AsyncClient, model: str, prompt: BenchPrompt) -> RequestTiming:
+async def stream_completion(
+    client: httpx.AsyncClient, model: str, prompt: BenchPrompt, extra: dict[str, Any] | None = None
+) -> RequestTiming:
     """One streamed /v1/completions request, timed from just before it is sent."""
     timing = RequestTiming(start=time.perf_counter())
-    async with client.stream("POST", "/v1/completions", json=completion_body(model, prompt)) as response:
+    body = completion_body(model, prompt, extra)
+    async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RequestFailed(f"HTTP {response.status_code}: {(await response.aread())[:500]!r}")
         async for line in response.aiter_lines():
@@ -68,7 +73,11 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: Bench
 
 
 async def run_clients(
-    base_url: str, model: str, prompts: Sequence[BenchPrompt], concurrency: int
+    base_url: str,
+    model: str,
+    prompts: Sequence[BenchPrompt],
+    concurrency: int,
+    extra: dict[str, Any] | None = None,
 ) -> list[RequestTiming]:
     """Every prompt, with at most `concurrency` requests in flight at any moment; timings in prompt order."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -77,7 +86,7 @@ async def run_clients(
 
         async def one(prompt: BenchPrompt) -> RequestTiming:
             async with gate:
-                return await stream_completion(client, model, prompt)
+                return await stream_completion(client, model, prompt, extra)
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
