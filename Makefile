@@ -60,6 +60,14 @@ bench-llama: $(STAMP)
 	$(BIN)/python -m bench.serving --llama-server $(LLAMA) --concurrency 1 --num-prompts 8 $(ARGS)
 	$(BIN)/python -m bench.serving --llama-server $(LLAMA) --concurrency 32 --num-prompts 192 $(ARGS)
 
+# The cost of the sampling surface: plain sampling against penalties + top_p + logprobs=5, same server.
+SAMPLED = '{"temperature": 1.0, "seed": 0}'
+COSTLY = '{"top_p": 0.9, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1, "logprobs": 5}'
+.PHONY: bench-sampling
+bench-sampling: $(STAMP)
+	$(BIN)/python -m bench.serving --no-hf --concurrency 32 --num-prompts 96 --input-len 64,512 \
+		--output-len 64,128 --request-args $(SAMPLED) --variant-request-args $(COSTLY) $(ARGS)
+
 .PHONY: bench-embeddings
 bench-embeddings: $(STAMP)
 	$(BIN)/python -m bench.embeddings --inputs-per-request 1,32 $(ARGS)
