@@ -1,9 +1,15 @@
 """Batched sampling with per-request parameters.
 
-One row of logits per sequence. Processing order follows vLLM: allowed tokens, logit bias, bad
-words, min_tokens (stop and EOS ids masked), penalties (repetition over prompt and output,
-frequency and presence over output), then greedy argmax for temperature 0, otherwise
-temperature, min_p, top_k, top_p and a draw (`kernels.sample`).
+One row of logits per sequence (or per verified position of one, see `SamplingRow.draft`).
+Everything that reshapes the distribution before temperature runs as a pipeline of stateful
+logits processors (`engine.processors`), in vLLM's order: allowed tokens, logit bias, bad words,
+min_tokens (stop and EOS ids masked), penalties (repetition over prompt and output, frequency and
+presence over output). Then greedy argmax for temperature 0, otherwise temperature, min_p, top_k,
+top_p and a draw (`kernels.sample`).
+
+The processors keep per-sequence state, so the engine tells the sampler about each sequence's
+life by its key (`admit`, `accept`, `fork`, `preempt`, `release`). A row without a key is served
+statelessly: admitted for the call from its prompt and output, released after it (tests, one-off use).
 
 Logprobs are vLLM's default "raw logprobs": log_softmax of the model's logits *before* any of
 the processing above, so they do not depend on temperature, penalties or bias.
@@ -15,12 +21,15 @@ so its output is the same whatever else shares the batch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import itertools
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 import kernels
+from engine.processors import Admission, LogitsPipeline, LogitsProcessor, RowRef, builtin_processors
 from protocol.engine_api import SamplingParams, TokenLogprobs
 
 _GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as in vLLM
@@ -28,13 +37,17 @@ _GREEDY_BELOW = 1e-5  # temperatures under this are greedy, as in vLLM
 
 @dataclass
 class SamplingRow:
-    """What the sampler needs to know about one sequence at this step."""
+    """What the sampler needs to know about one row of logits at this step."""
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     eos_token_ids: Collection[int] = ()
     generator: torch.Generator | None = None  # None: the sampler's shared generator
+    # The admitted sequence this row belongs to; None: admitted just for this call (stateless use).
+    key: str | None = None
+    # Speculative verification: the proposed tokens between the sequence's output and this row's position.
+    draft: tuple[int, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -49,30 +62,103 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator | None = None):
+    def __init__(
+        self, generator: torch.Generator | None = None, processors: Iterable[LogitsProcessor] | None = None
+    ):
         self.generator = generator
+        self.pipeline = LogitsPipeline(builtin_processors() if processors is None else processors)
+        self._keys: set[str] = set()  # admitted sequences
+        self._unkeyed = itertools.count()
+
+    # ---- a sequence's life, by its key (the scheduler's seq_id) ----
+
+    def admit(
+        self, key: str, params: SamplingParams, prompt_token_ids: Sequence[int], eos_token_ids: Collection[int] = ()
+    ) -> None:
+        """A new sequence; its rows may then carry `key`."""
+        self._keys.add(key)
+        self.pipeline.admit(key, Admission(params, prompt_token_ids, eos_token_ids))
+
+    def accept(self, key: str, token_ids: Sequence[int]) -> None:
+        """Tokens appended to the sequence's output this step."""
+        self.pipeline.accept(key, token_ids)
+
+    def fork(self, parent: str, child: str) -> None:
+        """`child` continues from `parent`'s state (a beam, a best_of copy)."""
+        self._keys.add(child)
+        self.pipeline.fork(parent, child)
+
+    def preempt(self, key: str) -> None:
+        self.pipeline.preempt(key)
+
+    def release(self, key: str) -> None:
+        """The sequence finished, was aborted or dropped; harmless for a key never admitted."""
+        if key in self._keys:
+            self._keys.discard(key)
+            self.pipeline.release(key)
+
+    # ---- a step ----
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         """Pick one token per row of float32 `logits` [rows, vocab]. `logits` is modified in place."""
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        process_logits(logits, rows)
+        self.process(logits, rows)
         tokens = choose(logits, rows, self.generator)
         chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        token_list = tokens.tolist()
-        tops: list[TokenLogprobs | None] = []
-        for i, row in enumerate(rows):
-            k = row.params.logprobs
-            tops.append(None if k is None else token_logprobs(raw_logprobs[i], token_list[i], k))
-        return SampleResult(token_list, chosen, tops)
+        tops = batched_token_logprobs(raw_logprobs, tokens, [row.params.logprobs for row in rows])
+        return SampleResult(tokens.tolist(), chosen, tops)
+
+    def process(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+        """Run the logits processors over `logits` [rows, vocab] in place (everything before temperature)."""
+        with self._refs(rows) as refs:
+            self.pipeline.apply(logits, refs)
+
+    def target_logits(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """What a row's draw samples from: `logits` processed (in place), then tempered and truncated
+        (min_p, top_k, top_p; dropped tokens -inf) into a new tensor. Its softmax is a sampled row's
+        target distribution (for verifying drafts); a greedy row keeps scale 1, so its argmax is the
+        greedy token."""
+        self.process(logits, rows)
+        return kernels.apply_sampling_masks(logits, *sampling_tensors(rows, logits.device))
+
+    @contextmanager
+    def _refs(self, rows: Sequence[SamplingRow]) -> Iterator[list[RowRef]]:
+        """Each row's RowRef; rows without a key are admitted (with their output accepted) for the call."""
+        refs: list[RowRef] = []
+        unkeyed: list[str] = []
+        for row in rows:
+            key = row.key
+            if key is None:
+                key = f"\x00unkeyed-{next(self._unkeyed)}"
+                unkeyed.append(key)
+                self.admit(key, row.params, row.prompt_token_ids, row.eos_token_ids)
+                if row.output_token_ids:
+                    self.accept(key, row.output_token_ids)
+            elif key not in self._keys:
+                raise KeyError(f"sampling row for sequence {key!r}, which the sampler never admitted")
+            refs.append(RowRef(key, tuple(row.draft)))
+        try:
+            yield refs
+        finally:
+            for key in unkeyed:
+                self.release(key)
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Everything that reshapes the distribution before temperature, in vLLM's order."""
-    apply_allowed_token_ids(logits, rows)
-    apply_logit_bias(logits, rows)
-    apply_bad_words(logits, rows)
-    apply_min_tokens(logits, rows)
-    apply_penalties(logits, rows)
+    """The processors over `logits` in place for rows without keys, each admitted from its prompt and
+    output for this call (nothing kept). The engine's `Sampler.process` keeps the state instead."""
+    Sampler().process(logits, rows)
+
+
+def sampling_tensors(
+    rows: Sequence[SamplingRow], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row temperature (0 for greedy rows), top_k, top_p and min_p, as `kernels.sample` takes them."""
+    temperature = torch.tensor([0.0 if row.greedy else row.params.temperature for row in rows], device=device)
+    top_k = torch.tensor([row.params.top_k for row in rows], device=device)
+    top_p = torch.tensor([row.params.top_p for row in rows], device=device)
+    min_p = torch.tensor([row.params.min_p for row in rows], device=device)
+    return temperature, top_k, top_p, min_p
 
 
 def choose(
@@ -80,112 +166,54 @@ def choose(
 ) -> torch.Tensor:
     """Greedy rows take the argmax; the others are tempered, truncated (min_p, top_k, top_p) and drawn
     by `kernels.sample` (triton on CUDA). A row without its own generator draws from `generator`."""
-    device = logits.device
-    params = [row.params for row in rows]
-    temperature = torch.tensor([0.0 if row.greedy else row.params.temperature for row in rows], device=device)
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
     generators = [row.generator or generator for row in rows]
-    return kernels.sample(logits, temperature, top_k, top_p, min_p, generators)
-
-
-# ---- individual processors (each modifies `logits` in place) ----
-
-
-def apply_allowed_token_ids(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    for i, row in enumerate(rows):
-        allowed = row.params.allowed_token_ids
-        if allowed is not None:
-            mask = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
-            mask[list(allowed)] = False
-            logits[i].masked_fill_(mask, float("-inf"))
-
-
-def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    for i, row in enumerate(rows):
-        bias = row.params.logit_bias
-        if bias:
-            ids = torch.tensor(list(bias.keys()), device=logits.device)
-            values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
-            logits[i].index_add_(0, ids, values)
-
-
-def apply_bad_words(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Ban a bad word's last token whenever the output so far ends with the rest of it."""
-    for i, row in enumerate(rows):
-        words = row.params.bad_words_token_ids
-        if not words:
-            continue
-        output = list(row.output_token_ids)
-        banned = []
-        for word in words:
-            prefix = list(word[:-1])
-            if not prefix or (len(output) >= len(prefix) and output[len(output) - len(prefix) :] == prefix):
-                banned.append(word[-1])
-        if banned:
-            logits[i, banned] = float("-inf")
-
-
-def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Until `min_tokens` are out, no token may end the sequence (stop ids, and EOS unless ignored)."""
-    for i, row in enumerate(rows):
-        if len(row.output_token_ids) >= row.params.min_tokens:
-            continue
-        stops = set(row.params.stop_token_ids)
-        if not row.params.ignore_eos:
-            stops.update(row.eos_token_ids)
-        if stops:
-            logits[i, sorted(stops)] = float("-inf")
-
-
-def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """Repetition (prompt + output, divides positive logits), frequency and presence (output only)."""
-    active = [
-        i
-        for i, row in enumerate(rows)
-        if row.params.repetition_penalty != 1.0 or row.params.frequency_penalty or row.params.presence_penalty
-    ]
-    if not active:
-        return
-    vocab, device = logits.shape[1], logits.device
-    for i in active:
-        p = rows[i].params
-        counts = torch.bincount(
-            torch.tensor(list(rows[i].output_token_ids), dtype=torch.long), minlength=vocab
-        )
-        counts = counts[:vocab].to(device=device, dtype=logits.dtype)
-        row = logits[i]
-        if p.repetition_penalty != 1.0:
-            seen = counts > 0
-            prompt = [t for t in rows[i].prompt_token_ids if 0 <= t < vocab]
-            if prompt:
-                seen[prompt] = True
-            penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-            row.copy_(torch.where(seen, penalised, row))
-        if p.frequency_penalty:
-            row.sub_(p.frequency_penalty * counts)
-        if p.presence_penalty:
-            row.sub_(p.presence_penalty * (counts > 0).to(logits.dtype))
+    return kernels.sample(logits, *sampling_tensors(rows, logits.device), generators)
 
 
 # ---- logprobs ----
 
 
+def batched_token_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, counts: Sequence[int | None]
+) -> list[TokenLogprobs | None]:
+    """For each row of `logprobs` [B, V] whose count is not None: the chosen token's logprob and
+    1-based rank, with the top-`count` alternatives (best first; a negative count asks for the whole
+    vocabulary, as vLLM's -1). One rank pass and one topk for all the rows that asked."""
+    asked = [i for i, k in enumerate(counts) if k is not None]
+    result: list[TokenLogprobs | None] = [None] * len(counts)
+    if not asked:
+        return result
+    if len(asked) < logprobs.shape[0]:
+        index = torch.tensor(asked, device=logprobs.device)
+        logprobs, token_ids = logprobs.index_select(0, index), token_ids.to(logprobs.device).index_select(0, index)
+    vocab = logprobs.shape[1]
+    wanted = [vocab if k < 0 else min(k, vocab) for k in (counts[i] for i in asked)]  # type: ignore[operator]
+    token_ids = token_ids.to(logprobs.device).long()
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+    chosen_ids, chosen_values = token_ids.tolist(), chosen[:, 0].tolist()
+    widest = max(wanted)
+    top_values: list[list[float]] = [[] for _ in asked]
+    top_ids: list[list[int]] = [[] for _ in asked]
+    if widest:
+        values, ids = logprobs.topk(widest, dim=1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, (i, k) in enumerate(zip(asked, wanted, strict=True)):
+        top = tuple(zip(top_ids[j][:k], top_values[j][:k], strict=True))
+        result[i] = TokenLogprobs(chosen_ids[j], chosen_values[j], ranks[j], top)
+    return result
+
+
 def token_logprobs(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
     """The chosen token's logprob and 1-based rank, with the top-k alternatives (best first), from one row."""
-    chosen = logprobs[token_id]
-    rank = int((logprobs > chosen).sum()) + 1
-    top: tuple[tuple[int, float], ...] = ()
-    if k != 0:  # a negative k asks for the whole vocabulary, as vLLM's -1
-        vocab = logprobs.shape[0]
-        values, ids = logprobs.topk(vocab if k < 0 else min(k, vocab))
-        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprobs(token_id, float(chosen), rank, top)
+    entry = batched_token_logprobs(logprobs[None], torch.tensor([token_id]), [k])[0]
+    assert entry is not None
+    return entry
 
 
 def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprobs]:
     """Logprob of each target token under the matching row of `logits` (the model's output one
     position earlier), with the top-k alternatives. The engine feeds a prompt in chunks of rows."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return [token_logprobs(logprobs[row], token, k) for row, token in enumerate(targets)]
+    entries = batched_token_logprobs(logprobs, torch.tensor(list(targets)), [k] * len(targets))
+    return [entry for entry in entries if entry is not None]

@@ -13,6 +13,7 @@ from kernels.mode import batch_invariant, is_batch_invariant, set_batch_invarian
 from kernels.ops import (
     apply_penalties,
     apply_sampling_masks,
+    apply_token_penalties,
     gelu_tanh_and_mul,
     linear,
     pack_linear_weight,
@@ -31,6 +32,7 @@ __all__ = [
     "allocate_kv_cache",
     "apply_penalties",
     "apply_sampling_masks",
+    "apply_token_penalties",
     "batch_invariant",
     "compute_cos_sin_cache",
     "gelu_tanh_and_mul",

@@ -220,3 +220,19 @@ def apply_penalties(
     if use_triton(logits):
         return _triton("penalties").apply_penalties(*args)
     return penalties.apply_penalties(*args)
+
+
+def apply_token_penalties(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    output_counts: torch.Tensor,
+    repetition_penalties: torch.Tensor,
+    frequency_penalties: torch.Tensor,
+    presence_penalties: torch.Tensor,
+) -> torch.Tensor:
+    """The same penalties, in place, from each row's seen tokens: distinct ids [B, K] (padded with ids
+    outside [0, V)) and their output counts [B, K]; the form a logits processor keeps incrementally."""
+    args = (logits, token_ids, output_counts, repetition_penalties, frequency_penalties, presence_penalties)
+    if use_triton(logits):
+        return _triton("penalties").apply_token_penalties(*args)
+    return penalties.apply_token_penalties(*args)

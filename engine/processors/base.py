@@ -11,7 +11,9 @@ sequence's id, and the engine tells it, in this order of a sequence's life:
   verification a sequence has several rows, one per position; each row's `RowRef.draft` is the
   proposed tokens between the accepted output and that position, so a stateful processor applies
   its state advanced by the draft (without keeping it: the draft may be rejected);
-- `accept`: the tokens a sequence accepted this step (one, or several after verification);
+- `accept`: the tokens a sequence accepted this step (one, or several after verification); a
+  processor that will never again change the sequence's logits (min_tokens reached) answers False
+  and is released from it, so later steps cost it nothing;
 - `fork`: a sequence was copied (a beam extended in two ways): the child starts from the parent's
   state;
 - `preempt`: the sequence lost its KV blocks and will be recomputed; its output tokens are kept, so
@@ -59,8 +61,10 @@ class LogitsProcessor:
     def apply(self, logits: torch.Tensor, rows: Sequence[int], refs: Sequence[RowRef]) -> None:
         """Reshape `logits[rows[i]]` for `refs[i]` in place; only admitted sequences are passed."""
 
-    def accept(self, key: str, token_ids: Sequence[int]) -> None:
-        """Sequence `key` accepted `token_ids` (appended to its output, in order)."""
+    def accept(self, key: str, token_ids: Sequence[int]) -> bool | None:
+        """Sequence `key` accepted `token_ids` (appended to its output, in order). False: done with it
+        for good (the pipeline releases it); None or True: keep it."""
+        return None
 
     def fork(self, parent: str, child: str) -> None:
         """Sequence `child` continues from `parent`'s state (admitted only if the parent was)."""
@@ -99,8 +103,9 @@ class LogitsPipeline:
 
     def accept(self, key: str, token_ids: Sequence[int]) -> None:
         for processor, users in zip(self.processors, self._users, strict=True):
-            if key in users:
-                processor.accept(key, token_ids)
+            if key in users and processor.accept(key, token_ids) is False:
+                processor.release(key)
+                users.discard(key)
 
     def fork(self, parent: str, child: str) -> None:
         for processor, users in zip(self.processors, self._users, strict=True):
