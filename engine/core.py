@@ -36,8 +36,11 @@ from engine.requests import (
 from engine.sampler import Sampler, SamplingRow, prompt_logprobs
 from engine.scheduler import ScheduledChunk, Scheduler
 from engine.scheduler import Sequence as ScheduledSequence
+from engine.spec_decode import DraftedRow, SpeculativeConfig, Speculator, verify
 from engine.step_budget import StepBudget
-from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled, Tokens
+from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled, TokenLogprobs, Tokens
+
+Draft = tuple[int, ...]  # speculative tokens proposed for a decoding sequence
 
 _PROMPT_LOGPROBS_CHUNK = 256  # prompt rows turned into logits at a time
 
@@ -59,6 +62,12 @@ class EngineStats(msgspec.Struct, frozen=True):
     prefix_cache_hits: int = 0  # of those, tokens found there
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # speculative decoding (vLLM's vllm:spec_decode_* counters); accepted tokens are draft tokens
+    # the model confirmed (not the token each verification adds after them)
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 class EngineCore:
@@ -76,6 +85,7 @@ class EngineCore:
         seed: int = 0,
         tasks: frozenset[str] = frozenset({"generate"}),
         max_step_ratio: float = 0.0,  # EngineConfig's default turns it on
+        speculative_config: SpeculativeConfig | None = None,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -100,6 +110,8 @@ class EngineCore:
             prefill_limit=self.step_budget.prefill_tokens if self.step_budget.enabled else None,
         )
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))
+        # n-gram speculative decoding (engine.spec_decode); None: off
+        self.speculator = Speculator(speculative_config, max_model_len) if speculative_config else None
         self.requests: dict[str, RequestState] = {}
         self.encodes: dict[str, tuple[Encode, ScheduledSequence]] = {}  # pooling requests in flight
         self._arrivals = itertools.count()
@@ -119,6 +131,7 @@ class EngineCore:
 
     def _refresh_stats(self) -> None:
         scheduler = self.scheduler
+        spec = self.speculator
         self._stats = EngineStats(
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting,
@@ -128,6 +141,10 @@ class EngineCore:
             prefix_cache_hits=scheduler.prefix_cache_hits,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            spec_decode_num_drafts=spec.num_drafts if spec else 0,
+            spec_decode_num_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_decode_num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            spec_decode_num_accepted_tokens_per_pos=tuple(spec.accepted_per_pos) if spec else (),
         )
 
     # ---- commands ----
@@ -259,10 +276,14 @@ class EngineCore:
     # ---- one step ----
 
     def step(self) -> list[Event]:
-        chunks = self.scheduler.schedule().chunks
+        drafts = None
+        if self.speculator is not None:  # draft tokens for decoding sequences (engine.spec_decode)
+            drafts = self.speculator.propose(self.scheduler.running, self._max_tokens_of)
+        chunks = self.scheduler.schedule(drafts).chunks
         events: list[Event] = []
         if chunks:
-            decodes = sum(1 for c in chunks if c.start >= c.seq.num_prompt_tokens)
+            # a drafted decode is 1 + k decode rows (engine.step_budget)
+            decodes = sum(1 + len(c.draft) for c in chunks if c.start >= c.seq.num_prompt_tokens)
             prefill_tokens = sum(c.num_tokens for c in chunks if c.start < c.seq.num_prompt_tokens)
             started = time.perf_counter()
             with torch.inference_mode():
@@ -272,18 +293,14 @@ class EngineCore:
         return events
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[Event]:
-        spans = [
-            SequenceSpan(
-                c.seq.token_ids(c.start, c.start + c.num_tokens), c.start, self.kv.block_ids(c.seq.seq_id)
-            )
-            for c in chunks
-        ]
+        spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
         step = self.runner.forward(spans)
         hidden = step.hidden
         self.scheduler.advance(chunks)
 
         events: list[Event] = []
         sampling: list[tuple[int, RequestState, SampleState]] = []  # (hidden row, owner)
+        verifying: list[tuple[int, RequestState, SampleState, Draft]] = []  # (first row, owner, draft)
         pooling: list[tuple[int, Encode]] = []  # (row of the last prompt token, request)
         for chunk, end in zip(chunks, step.ends, strict=True):
             encode = self.encodes.get(chunk.seq.request_id)
@@ -302,12 +319,17 @@ class EngineCore:
                 self._count_prompt(request)
                 self._drop(request)
                 events.extend(self._finish_without_tokens(request))
+            elif chunk.draft:
+                first = end - chunk.num_tokens
+                verifying.append((first, request, request.samples[chunk.seq.index], chunk.draft))
             else:
                 sampling.append((end - 1, request, request.samples[chunk.seq.index]))
         if pooling:
             events.extend(self._pool(hidden, pooling))
         if sampling:
             events.extend(self._sample(hidden, sampling))
+        if verifying:
+            events.extend(self._verify(hidden, verifying))
         return events
 
     def _pool(self, hidden: torch.Tensor, pooling: list[tuple[int, Encode]]) -> list[Event]:
@@ -327,25 +349,58 @@ class EngineCore:
         logits = self.runner.logits(hidden, [row for row, _, _ in sampling])
         result = self.sampler(logits, [self._row(request, sample) for _, request, sample in sampling])
         return [
-            self._advance(request, sample, token, logprob, top)
+            self._advance(request, sample, [token], [logprob], [top])
             for (_, request, sample), token, logprob, top in zip(
                 sampling, result.token_ids, result.logprobs, result.top_logprobs, strict=True
             )
         ]
 
-    def _advance(self, request: RequestState, sample: SampleState, token: int, logprob: float, top) -> Tokens:
-        sample.output_token_ids.append(token)
-        sample.cumulative_logprob += logprob
-        self._generation_tokens_total += 1
+    def _verify(
+        self, hidden: torch.Tensor, verifying: list[tuple[int, RequestState, SampleState, Draft]]
+    ) -> list[Event]:
+        """Decodes that carried a draft: k + 1 logits rows each, verified together (engine.spec_decode)."""
+        assert self.speculator is not None
+        rows = [first + i for first, _, _, draft in verifying for i in range(len(draft) + 1)]
+        logits = self.runner.logits(hidden, rows)
+        drafted = [DraftedRow(self._row(request, sample), draft) for _, request, sample, draft in verifying]
+        events: list[Event] = []
+        for (_, request, sample, draft), result in zip(
+            verifying, verify(logits, drafted, self.sampler.generator), strict=True
+        ):
+            self.speculator.record(len(draft), result.num_accepted)
+            tokens, logprobs, tops = result.token_ids, result.logprobs, result.top_logprobs
+            events.append(self._advance(request, sample, tokens, logprobs, tops))
+            self.scheduler.accept_draft(sample.seq, result.num_accepted)  # no-op once finished
+        return events
+
+    def _advance(
+        self,
+        request: RequestState,
+        sample: SampleState,
+        tokens: Sequence[int],
+        logprobs: Sequence[float],
+        tops: Sequence[TokenLogprobs | None],
+    ) -> Tokens:
+        """Append this step's tokens (several after speculative verification) in order, up to the
+        first that finishes the sample; tokens after it are dropped."""
+        finished = None
+        kept = 0
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            sample.output_token_ids.append(token)
+            sample.cumulative_logprob += logprob
+            kept += 1
+            finished = finish_check(token, sample, request, self.eos_token_ids)
+            if finished:
+                break
+        self._generation_tokens_total += kept
         self._count_prompt(request)
-        finished = finish_check(token, sample, request, self.eos_token_ids)
         event = Tokens(
             request.request_id,
             sample.index,
-            (token,),
+            tuple(tokens[:kept]),
             request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens or 0,
-            logprobs=None if top is None else (top,),
+            logprobs=None if tops[0] is None else tuple(tops[:kept]),
             prompt_logprobs=None if sample.sent_first_event else _frozen(request.prompt_logprobs),
             finish_reason=finished[0] if finished else None,
             stop_reason=finished[1] if finished else None,
@@ -403,6 +458,10 @@ class EngineCore:
         if not request.prompt_counted:
             request.prompt_counted = True
             self._prompt_tokens_total += request.num_prompt_tokens
+
+    def _max_tokens_of(self, seq: ScheduledSequence) -> int:
+        """The most output tokens `seq` may have (its request's max_tokens, capped by the context)."""
+        return self.requests[seq.request_id].max_tokens
 
     def _row(self, request: RequestState, sample: SampleState) -> SamplingRow:
         return SamplingRow(

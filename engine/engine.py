@@ -28,6 +28,7 @@ from engine.loader import LoadedModel, PoolingFacts, load_model, resolve_device,
 from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.model_runner import EncoderRunner
 from engine.registry import Convert
+from engine.spec_decode import SpeculativeConfig, parse_speculative_config
 from engine.tokenizer import HFTokenizer
 from kernels.quantized import set_default_activations
 from protocol.engine_api import Command, Encode, Event, Failed, Generate
@@ -80,6 +81,9 @@ class EngineConfig:
     # the quantized matmuls' activations for few rows: "float" (exact up to float32 rounding) or "int8"
     # (llama.cpp's scheme: faster with VNNI, but greedy output parts from the float model's); process-wide
     quantized_activations: Literal["float", "int8"] = "float"
+    # speculative decoding: a SpeculativeConfig, its JSON text or mapping in vLLM's shape
+    # ({"method": "ngram", "num_speculative_tokens": 4, ...}, see engine.spec_decode); None: off
+    speculative_config: SpeculativeConfig | str | dict[str, Any] | None = None
 
 
 # Tokens per encoder step. An encoder input runs whole, so the budget only bounds how many inputs
@@ -268,6 +272,7 @@ class Engine:
             seed=config.seed,
             tasks=self.tasks,
             max_step_ratio=config.max_step_ratio,
+            speculative_config=parse_speculative_config(config.speculative_config),
         )
 
     def _build_encoder(self, config: EngineConfig, loaded: LoadedModel) -> None:

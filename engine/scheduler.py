@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
@@ -86,9 +86,17 @@ class ScheduledChunk:
     start: int  # first token position computed this step
     num_tokens: int
     samples: bool = False  # the chunk reaches the end of the known tokens: a new token is sampled
+    # speculative decoding: proposed tokens computed after the known ones, verified after the step
+    # (engine.spec_decode); `num_tokens` counts them
+    draft: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+        self.samples = self.start + self.num_tokens - len(self.draft) == self.seq.num_tokens
+
+    def input_token_ids(self) -> list[int]:
+        """The token ids this chunk feeds the model: known tokens, then the draft."""
+        known = self.seq.token_ids(self.start, self.start + self.num_tokens - len(self.draft))
+        return known + list(self.draft) if self.draft else known
 
 
 @dataclass
@@ -177,7 +185,10 @@ class Scheduler:
         if self.kv.has_uncommitted(seq.seq_id, num_tokens):
             self.kv.commit(seq.seq_id, seq.all_token_ids, num_tokens)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: Mapping[str, Seq[int]] | None = None) -> SchedulerOutput:
+        """`drafts`: proposed tokens by seq_id for decoding sequences (speculative decoding); each
+        goes into its sequence's chunk as far as the token budget and free blocks allow (a draft
+        never preempts), and only its verified tokens ever reach the prefix cache."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
@@ -190,14 +201,18 @@ class Scheduler:
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for position, seq in enumerate(decoding + prefilling):
             if position == len(decoding) and self.prefill_limit is not None:
-                budget = min(budget, self.prefill_limit(len(chunks), self._load()))
+                budget = min(budget, self.prefill_limit(_rows(chunks), self._load()))
             if budget <= 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this step to make room for another
-            want = self._chunk(seq.num_tokens - seq.num_computed_tokens, budget)
+            draft = tuple(drafts.get(seq.seq_id, ())) if drafts and position < len(decoding) else ()
+            want = self._chunk(seq.num_tokens - seq.num_computed_tokens + len(draft), budget)
             if want <= 0:
                 continue
+            draft = draft[: want - 1]
+            if draft and not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + want):
+                draft, want = (), 1  # no free blocks for the draft: decode without it
             while not self.kv.allocate(seq.seq_id, seq.num_computed_tokens + want):
                 victim = max(
                     (s for s in self.running if id(s) not in scheduled),
@@ -209,14 +224,14 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue
-            self._publish(seq, seq.num_computed_tokens + want)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, want))
+            self._publish(seq, seq.num_computed_tokens + want - len(draft))
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, want, draft=draft))
             scheduled.add(id(seq))
             budget -= want
 
         # 2. Waiting sequences, best (priority, arrival) first, while budget, seats and blocks last.
         if not prefilling and self.prefill_limit is not None:  # the limit was not applied above
-            budget = min(budget, self.prefill_limit(len(chunks), self._load()))
+            budget = min(budget, self.prefill_limit(_rows(chunks), self._load()))
         if not preempted:
             while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 *_, seq = self._waiting[0]
@@ -253,5 +268,18 @@ class Scheduler:
         """Record that the scheduled tokens were computed (their blocks were published when scheduled)."""
         for chunk in chunks:
             seq = chunk.seq
-            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens - len(chunk.draft)  # see accept_draft
             self._publish(seq, seq.num_computed_tokens)
+
+    def accept_draft(self, seq: Sequence, num_accepted: int) -> None:
+        """After verification (the accepted tokens already appended to the output): their keys and
+        values, computed with the draft, stand. Those of rejected tokens are simply overwritten when
+        those positions are computed again; their blocks were never published."""
+        if seq.status is Status.RUNNING and num_accepted:
+            seq.num_computed_tokens += num_accepted
+            self._publish(seq, seq.num_computed_tokens)
+
+
+def _rows(chunks: Seq[ScheduledChunk]) -> int:
+    """Rows the decodes scheduled so far add to a step (a drafted decode adds one per token)."""
+    return sum(chunk.num_tokens for chunk in chunks)
