@@ -104,13 +104,17 @@ class Penalties(LogitsProcessor):
             self._add_drafts(ids, counts, drafts)
         if not covers_all(logits, rows):  # the other rows: no tokens, neutral penalties
             index = torch.tensor(rows, device=device)
-            ids = torch.full((logits.shape[0], width), -1, dtype=ids.dtype, device=device).index_copy_(0, index, ids)
+            ids = torch.full((logits.shape[0], width), -1, dtype=ids.dtype, device=device).index_copy_(
+                0, index, ids
+            )
             counts = torch.zeros_like(ids).index_copy_(0, index, counts)
             neutral = [(1.0, 0.0, 0.0)] * logits.shape[0]
             for row, penalty in zip(rows, penalties, strict=True):
                 neutral[row] = penalty
             penalties = neutral
-        repetition, frequency, presence = torch.tensor(penalties, dtype=logits.dtype, device=device).T.contiguous()
+        repetition, frequency, presence = torch.tensor(
+            penalties, dtype=logits.dtype, device=device
+        ).T.contiguous()
         kernels.apply_token_penalties(logits, ids, counts, repetition, frequency, presence)
 
     @staticmethod
@@ -137,7 +141,9 @@ class Penalties(LogitsProcessor):
         tokens = [token for placed, _ in drafts for _, token in placed]
         index = (torch.tensor(rows, device=ids.device), torch.tensor(columns, device=ids.device))
         ids.index_put_(index, torch.tensor(tokens, dtype=ids.dtype, device=ids.device))
-        counts.index_put_(index, torch.ones(len(rows), dtype=counts.dtype, device=counts.device), accumulate=True)
+        counts.index_put_(
+            index, torch.ones(len(rows), dtype=counts.dtype, device=counts.device), accumulate=True
+        )
 
     def _flush(self, device: torch.device) -> None:
         """Write the accepted tokens (and new sequences' prompts) into the slot tensors, in one go."""
@@ -160,7 +166,9 @@ class Penalties(LogitsProcessor):
             tokens = [token for seen in seqs for _, token, _ in seen.pending]
             added = [count for seen in seqs for _, _, count in seen.pending]
             self._ids.index_put_(index, torch.tensor(tokens, dtype=torch.int32, device=device))
-            self._counts.index_put_(index, torch.tensor(added, dtype=torch.int32, device=device), accumulate=True)
+            self._counts.index_put_(
+                index, torch.tensor(added, dtype=torch.int32, device=device), accumulate=True
+            )
         for seen in seqs:
             seen.pending.clear()
             seen.fresh = False

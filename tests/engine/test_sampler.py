@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow, prompt_logprobs
+from engine.sampler import Sampler, SamplingRow, batched_token_logprobs, prompt_logprobs, top_k_rows
 from protocol.engine_api import SamplingParams
 
 # probabilities 0.5, 0.3, 0.15, 0.05 for tokens 0..3, and two near-impossible tokens 4, 5
@@ -188,3 +188,28 @@ def test_negative_logprobs_count_asks_for_the_whole_vocabulary():
     (entry,) = prompt_logprobs(torch.tensor([LOGITS]), [2], k=-1)
     assert len(entry.top) == len(LOGITS)
     assert [t for t, _ in entry.top][:4] == [0, 1, 2, 3]  # 4 and 5 tie
+
+
+def test_batched_logprobs_give_each_row_its_rank_and_top_k():
+    """Chosen tokens at the top, inside and outside the top values, and a row that asked for none."""
+    logprobs = torch.log_softmax(torch.randn(6, 4096, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    order = logprobs.argsort(dim=1, descending=True)
+    positions = [0, 4, 5, 3000, 1, 7]  # rank - 1 of each row's chosen token
+    tokens = torch.tensor([int(order[row, p]) for row, p in enumerate(positions)])
+    counts = [5, 5, 5, 2, None, 0]
+    entries = batched_token_logprobs(logprobs, tokens, counts)
+    assert entries[4] is None
+    for row, (entry, k) in enumerate(zip(entries, counts, strict=True)):
+        if k is None:
+            continue
+        assert entry.token_id == int(tokens[row]) and entry.rank == positions[row] + 1
+        assert entry.logprob == pytest.approx(float(logprobs[row, tokens[row]]))
+        assert [t for t, _ in entry.top] == order[row, :k].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_top_k_rows_equals_torch_topk(k):
+    values = torch.randn(7, 49152, generator=torch.Generator().manual_seed(k))
+    top, ids = top_k_rows(values, k)
+    expected_top, expected_ids = values.topk(k, dim=1)
+    assert torch.equal(top, expected_top) and torch.equal(ids, expected_ids)
