@@ -365,7 +365,7 @@ class EngineCore:
         drafted = [DraftedRow(self._row(request, sample), draft) for _, request, sample, draft in verifying]
         events: list[Event] = []
         for (_, request, sample, draft), result in zip(
-            verifying, verify(logits, drafted, self.sampler.generator), strict=True
+            verifying, verify(self.sampler, logits, drafted), strict=True
         ):
             self.speculator.record(len(draft), result.num_accepted)
             tokens, logprobs, tops = result.token_ids, result.logprobs, result.top_logprobs

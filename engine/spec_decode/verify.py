@@ -13,12 +13,11 @@ token at its own row, as plain decoding reports them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-import kernels
-from engine.sampler import SamplingRow, process_logits, token_logprobs
+from engine.sampler import Sampler, SamplingRow, batched_token_logprobs
 from engine.spec_decode.rejection import greedy_accept, rejection_sample
 from kernels.torch_ops.sampling import argmax_rows
 from protocol.engine_api import TokenLogprobs
@@ -26,7 +25,7 @@ from protocol.engine_api import TokenLogprobs
 
 @dataclass(frozen=True)
 class DraftedRow:
-    """A sequence verified this step: its sampling context before the draft, and the draft."""
+    """A sequence verified this step: its sampling row before the draft, and the draft."""
 
     row: SamplingRow
     draft: tuple[int, ...]
@@ -40,55 +39,47 @@ class Verified:
     num_accepted: int = 0  # draft tokens accepted (the last token is never a draft token)
 
 
-def verify(
-    logits: torch.Tensor, drafted: Sequence[DraftedRow], generator: torch.Generator | None
-) -> list[Verified]:
+def verify(sampler: Sampler, logits: torch.Tensor, drafted: Sequence[DraftedRow]) -> list[Verified]:
     """`logits` [sum(len(draft) + 1), V] float32, each sequence's rows in draft order (modified in
-    place). A row without its own generator draws from `generator`."""
+    place). A row without its own generator draws from the sampler's."""
     raw_logprobs = torch.log_softmax(logits, dim=-1)
-    positions = [
-        SamplingRow(
-            d.row.params,
-            d.row.prompt_token_ids,
-            [*d.row.output_token_ids, *d.draft[:i]],
-            d.row.eos_token_ids,
-            d.row.generator,
-        )
-        for d in drafted
-        for i in range(len(d.draft) + 1)
-    ]
-    probs = _target_probs(logits, positions)
-    targets = argmax_rows(logits).tolist() if any(d.row.greedy for d in drafted) else None
+    positions = [replace(d.row, draft=d.draft[:i]) for d in drafted for i in range(len(d.draft) + 1)]
+    if all(d.row.greedy for d in drafted):
+        sampler.process(logits, positions)
+        probs = None
+    else:
+        probs = sampler.target_logits(logits, positions).softmax(dim=-1)
+    # greedy rows: the argmax of the processed logits, as the plain sampler takes it
+    targets = argmax_rows(logits).tolist() if any(d.row.greedy for d in drafted) else []
     results: list[Verified] = []
+    emitted_rows: list[int] = []
+    emitted: list[int] = []
     start = 0
     for d in drafted:
         stop = start + len(d.draft) + 1
         if d.row.greedy:
-            assert targets is not None
             accepted, token = greedy_accept(targets[start:stop], d.draft)
         else:
             assert probs is not None
-            accepted, token = rejection_sample(probs[start:stop], d.draft, d.row.generator or generator)
+            generator = d.row.generator or sampler.generator
+            accepted, token = rejection_sample(probs[start:stop], d.draft, generator)
         tokens = [*d.draft[:accepted], token]
-        rows = raw_logprobs[start : start + len(tokens)]
-        chosen = rows.gather(1, torch.tensor(tokens, device=rows.device)[:, None])[:, 0].tolist()
-        k = d.row.params.logprobs
-        tops = [None if k is None else token_logprobs(rows[i], t, k) for i, t in enumerate(tokens)]
-        results.append(Verified(tokens, chosen, tops, accepted))
+        emitted_rows.extend(range(start, start + len(tokens)))
+        emitted.extend(tokens)
+        results.append(Verified(tokens, [], [], accepted))
         start = stop
+    # logprobs of every emitted token at its own row, in one gather (and one top-k pass)
+    index = torch.tensor(emitted_rows, device=logits.device)
+    rows = raw_logprobs.index_select(0, index)
+    ids = torch.tensor(emitted, device=logits.device)
+    chosen = rows.gather(1, ids[:, None])[:, 0].tolist()
+    counts = [
+        d.row.params.logprobs for d, result in zip(drafted, results, strict=True) for _ in result.token_ids
+    ]
+    tops = batched_token_logprobs(rows, ids, counts)
+    offset = 0
+    for result in results:
+        n = len(result.token_ids)
+        result.logprobs, result.top_logprobs = chosen[offset : offset + n], tops[offset : offset + n]
+        offset += n
     return results
-
-
-def _target_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
-    """Process `logits` in place (what greedy takes the argmax of), and return the distribution the
-    plain sampler draws from for the sampled rows (None when every row is greedy)."""
-    process_logits(logits, rows)
-    if all(row.greedy for row in rows):
-        return None
-    device = logits.device
-    params = [row.params for row in rows]
-    temperature = torch.tensor([0.0 if row.greedy else row.params.temperature for row in rows], device=device)
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    return kernels.apply_sampling_masks(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
