@@ -22,6 +22,8 @@ import msgspec
 import torch
 
 from engine.attention import SequenceSpan
+from engine.beam_search import BeamSearch, BeamSearchDriver
+from engine.best_of import BestOfCollector
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import DecoderRunner
 from engine.models.llama import LlamaForCausalLM
@@ -31,6 +33,7 @@ from engine.requests import (
     SampleState,
     check_pooling,
     finish_check,
+    num_candidates,
     validate,
 )
 from engine.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -113,6 +116,8 @@ class EngineCore:
         # n-gram speculative decoding (engine.spec_decode); None: off
         self.speculator = Speculator(speculative_config, max_model_len) if speculative_config else None
         self.requests: dict[str, RequestState] = {}
+        self.beams = BeamSearchDriver(self)  # beam-search requests' rounds (engine.beam_search)
+        self._best_of: dict[str, BestOfCollector] = {}  # requests whose candidates' events are held back
         self.encodes: dict[str, tuple[Encode, ScheduledSequence]] = {}  # pooling requests in flight
         self._arrivals = itertools.count()
         self._prompt_tokens_total = 0
@@ -203,6 +208,9 @@ class EngineCore:
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
         params = command.params
+        # sequences to start: n samples, best_of candidates, or the first beam (beams fork later)
+        width = num_candidates(params)
+        started = 1 if params.use_beam_search else width
         request = RequestState(
             command.request_id,
             tuple(command.prompt_token_ids),
@@ -210,8 +218,12 @@ class EngineCore:
             command.priority,
             next(self._arrivals),
             max_tokens,
-            live_indices=set(range(params.n)),
+            live_indices=set(range(started if max_tokens > 0 else params.n)),
         )
+        if params.use_beam_search:
+            request.beam = BeamSearch(params, max_tokens, self.eos_token_ids)
+        elif width > params.n and max_tokens > 0:
+            request.best_of = self._best_of[request.request_id] = BestOfCollector(params.n, width)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         if max_tokens == 0 and not request.scoring_prompt:
@@ -219,7 +231,7 @@ class EngineCore:
             return self._finish_without_tokens(request)  # nothing to compute
         self.requests[request.request_id] = request
         # max_tokens=0: one prefill-only sequence scores the prompt; otherwise one sequence per sample.
-        indices = range(params.n) if max_tokens > 0 else [0]
+        indices = range(started) if max_tokens > 0 else [0]
         prompt = list(request.prompt_token_ids)
         for index in indices:
             seq = ScheduledSequence(
@@ -234,6 +246,8 @@ class EngineCore:
                 prefill_only=max_tokens == 0,
             )
             request.samples[index] = SampleState(seq, self._generator(request, index))
+            if max_tokens > 0:  # its logits processors' state, from now to its release
+                self.sampler.admit(seq.seq_id, params, prompt, self.eos_token_ids)
             self.scheduler.add(seq)
         return []
 
@@ -249,18 +263,23 @@ class EngineCore:
         if command.index is None:
             self._drop(request)
             return
+        if request.grouped:  # the client never saw these samples by index: nothing to abort
+            return
         request.live_indices.discard(command.index)
         sample = request.samples.pop(command.index, None)
         if sample is not None:
             self.scheduler.finish(sample.seq)
+            self.sampler.release(sample.seq.seq_id)
         if not request.live_indices:
             self._drop(request)
 
     def _drop(self, request: RequestState) -> None:
         for sample in request.samples.values():
             self.scheduler.finish(sample.seq)
+            self.sampler.release(sample.seq.seq_id)
         request.samples.clear()
         self.requests.pop(request.request_id, None)
+        self._best_of.pop(request.request_id, None)
 
     def fail_all(self, status: int, message: str) -> list[Event]:
         """Fail every live request (the engine is going away)."""
@@ -279,7 +298,10 @@ class EngineCore:
         drafts = None
         if self.speculator is not None:  # draft tokens for decoding sequences (engine.spec_decode)
             drafts = self.speculator.propose(self.scheduler.running, self._max_tokens_of)
-        chunks = self.scheduler.schedule(drafts).chunks
+        scheduled = self.scheduler.schedule(drafts)
+        for seq in scheduled.preempted:
+            self.sampler.preempt(seq.seq_id)
+        chunks = scheduled.chunks
         events: list[Event] = []
         if chunks:
             # a drafted decode is 1 + k decode rows (engine.step_budget)
@@ -294,6 +316,7 @@ class EngineCore:
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[Event]:
         spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
+        self.runner.copy_blocks(self.kv.take_copies())  # forked beams' copy on write, before any write
         step = self.runner.forward(spans)
         hidden = step.hidden
         self.scheduler.advance(chunks)
@@ -330,7 +353,21 @@ class EngineCore:
             events.extend(self._sample(hidden, sampling))
         if verifying:
             events.extend(self._verify(hidden, verifying))
-        return events
+        return self._hold_best_of(events) if self._best_of else events
+
+    def _hold_best_of(self, events: list[Event]) -> list[Event]:
+        """best_of candidates' events wait in their collector; the n chosen come out when all finish."""
+        out: list[Event] = []
+        for event in events:
+            collector = self._best_of.get(event.request_id) if isinstance(event, Tokens) else None
+            if collector is None:
+                out.append(event)
+                continue
+            chosen = collector.collect(event)
+            if chosen:
+                del self._best_of[event.request_id]
+                out.extend(chosen)
+        return out
 
     def _pool(self, hidden: torch.Tensor, pooling: list[tuple[int, Encode]]) -> list[Event]:
         vectors = self.runner.embed_last(hidden, [row for row, _ in pooling], [e.params for _, e in pooling])
@@ -346,9 +383,16 @@ class EngineCore:
         self, hidden: torch.Tensor, sampling: list[tuple[int, RequestState, SampleState]]
     ) -> list[Event]:
         """Logits only for the rows that sample; one token each."""
+        events: list[Event] = []
+        beam_rows = [entry for entry in sampling if entry[1].beam is not None]
+        if beam_rows:  # beam search ranks candidates instead of drawing (engine.beam_search)
+            sampling = [entry for entry in sampling if entry[1].beam is None]
+            events = self.beams.step(hidden, beam_rows)
+            if not sampling:
+                return events
         logits = self.runner.logits(hidden, [row for row, _, _ in sampling])
         result = self.sampler(logits, [self._row(request, sample) for _, request, sample in sampling])
-        return [
+        return events + [
             self._advance(request, sample, [token], [logprob], [top])
             for (_, request, sample), token, logprob, top in zip(
                 sampling, result.token_ids, result.logprobs, result.top_logprobs, strict=True
@@ -392,6 +436,7 @@ class EngineCore:
             finished = finish_check(token, sample, request, self.eos_token_ids)
             if finished:
                 break
+        self.sampler.accept(sample.seq.seq_id, tokens[:kept])
         self._generation_tokens_total += kept
         self._count_prompt(request)
         event = Tokens(
@@ -409,6 +454,7 @@ class EngineCore:
         sample.sent_first_event = True
         if finished:
             self.scheduler.finish(sample.seq)
+            self.sampler.release(sample.seq.seq_id)
             del request.samples[sample.index]
             request.live_indices.discard(sample.index)
             if not request.live_indices:
@@ -470,6 +516,7 @@ class EngineCore:
             sample.output_token_ids,
             self.eos_token_ids,
             sample.generator,
+            key=sample.seq.seq_id,
         )
 
     def _generator(self, request: RequestState, index: int) -> torch.Generator | None:

@@ -9,7 +9,11 @@ the model runner, laid out as `[num_blocks, block_size, num_kv_heads, head_dim]`
   different `cache_salt`s never share a block;
 - blocks whose reference count drops to zero go to the tail of an LRU free queue but keep their
   hash, so they can still be hit until they are reused for something else (evicted);
-- a sequence's blocks are freed tail-first, so the end of a prompt is evicted before its start.
+- a sequence's blocks are freed tail-first, so the end of a prompt is evicted before its start;
+- a sequence may be forked (a beam extended in two ways): the child shares every block of the
+  parent's table (reference counts raised, never a copy of the prefix); the partially filled last
+  block, which both will write into, is copied on write: the first of them to grow it gets a new
+  block and a pending copy of its rows (`take_copies`, run by the model runner before the step).
 """
 
 from __future__ import annotations
@@ -116,13 +120,14 @@ class BlockPool:
 class SequenceBlocks:
     """The block table of one sequence plus the hash chain of its full blocks."""
 
-    __slots__ = ("blocks", "block_ids", "hashes", "salt")
+    __slots__ = ("blocks", "block_ids", "hashes", "salt", "shared_tail")
 
     def __init__(self, salt: str | None = None) -> None:
         self.blocks: list[Block] = []
         self.block_ids: list[int] = []  # kept alongside `blocks`: the step builder reads it every step
         self.hashes: list[BlockHash] = []
         self.salt = salt
+        self.shared_tail = False  # the last block is partially filled and was shared by a fork
 
     def append(self, block: Block) -> None:
         self.blocks.append(block)
@@ -136,6 +141,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size
         self._tables: dict[str, SequenceBlocks] = {}
+        self._copies: list[tuple[int, int]] = []  # (src, dst) block copies the next step must run first
 
     def table(self, seq_id: str) -> SequenceBlocks:
         return self._tables[seq_id]
@@ -184,17 +190,65 @@ class KVCacheManager:
         return max(0, -(-num_tokens // self.block_size) - have)
 
     def allocate(self, seq_id: str, num_tokens: int) -> bool:
-        """Grow the sequence's table to hold `num_tokens` tokens; False (and no change) if out of blocks."""
-        need = self.blocks_needed(seq_id, num_tokens)
+        """Grow the sequence's table to hold `num_tokens` tokens; False (and no change) if out of blocks.
+
+        Called before every write, so a last block still shared with a fork is copied here first."""
+        table = self._tables[seq_id]
+        if table.shared_tail and table.blocks[-1].ref_count == 1:
+            table.shared_tail = False  # the others let go of it: write in place
+        need = self.blocks_needed(seq_id, num_tokens) + table.shared_tail
         if need == 0:
             return True
         blocks = self.pool.allocate(need)
         if blocks is None:
             return False
-        table = self._tables[seq_id]
+        if table.shared_tail:
+            self._copy_tail(table, blocks.pop(0))
         for block in blocks:
             table.append(block)
         return True
+
+    def _copy_tail(self, table: SequenceBlocks, block: Block) -> None:
+        shared = table.blocks[-1]
+        table.blocks[-1] = block
+        table.block_ids[-1] = block.block_id
+        table.shared_tail = False
+        self._copies.append((shared.block_id, block.block_id))
+        self.pool.release([shared])
+
+    def fork(self, parent_id: str, child_id: str, num_computed: int) -> None:
+        """Open `child_id` with `parent_id`'s blocks for its first `num_computed` tokens, shared.
+
+        Full blocks stay shared for good (they are never written again); a partially filled last
+        block is shared until one side grows into it (`allocate` copies it then)."""
+        parent = self._tables[parent_id]
+        keep = -(-num_computed // self.block_size)
+        if keep != len(parent.blocks):
+            raise ValueError(f"a fork at {num_computed} tokens needs the parent to hold exactly {keep} blocks")
+        child = SequenceBlocks(parent.salt)
+        for block in parent.blocks[:keep]:
+            self.pool.touch(block)
+            child.append(block)
+        child.hashes = parent.hashes[: min(len(parent.hashes), keep)]
+        if num_computed % self.block_size:
+            parent.shared_tail = child.shared_tail = True
+        self._tables[child_id] = child
+
+    def take_copies(self) -> list[list[tuple[int, int]]]:
+        """The pending block copies, in batches in which no destination is also a source (a block
+        freed and reused since may be both); run them in order before the next forward pass."""
+        batches: list[list[tuple[int, int]]] = []
+        sources: set[int] = set()
+        destinations: set[int] = set()
+        for src, dst in self._copies:
+            if not batches or dst in sources or src in destinations:
+                batches.append([])
+                sources, destinations = set(), set()
+            batches[-1].append((src, dst))
+            sources.add(src)
+            destinations.add(dst)
+        self._copies.clear()
+        return batches
 
     def has_uncommitted(self, seq_id: str, num_computed: int) -> bool:
         """Whether `commit(seq_id, ..., num_computed)` would publish a block (cheap; no token ids needed)."""
@@ -223,4 +277,7 @@ class KVCacheManager:
         """Release all blocks of a sequence at once (finish, abort, or preemption)."""
         table = self._tables.pop(seq_id, None)
         if table is not None:
+            if self._copies:  # a copy into a block this sequence no longer holds is not needed
+                mine = set(table.block_ids)
+                self._copies = [(src, dst) for src, dst in self._copies if dst not in mine]
             self.pool.release(list(reversed(table.blocks)))

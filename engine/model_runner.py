@@ -16,6 +16,7 @@ import torch
 from engine.attention import PagedKVCache, SequenceSpan, build_step
 from engine.models.llama import LlamaForCausalLM
 from engine.pooling import classifier_activation, embedding_output, pool
+from kernels.kv_cache import copy_blocks
 from protocol.engine_api import PoolingParams
 
 
@@ -41,6 +42,11 @@ class DecoderRunner:
         inputs = build_step(self.kv_cache, spans)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return DecoderStep(hidden, inputs.meta.query_ends)
+
+    def copy_blocks(self, batches: Sequence[Sequence[tuple[int, int]]]) -> None:
+        """Run the KV manager's pending block copies (copy on write of forked sequences), in order."""
+        for pairs in batches:
+            copy_blocks(self.kv_cache.layers, list(pairs))
 
     def logits(self, hidden: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
         """float32 logits of the chosen rows of `hidden` (all rows when `rows` is None)."""

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from engine.best_of import BestOfCollector
 from engine.scheduler import Sequence
 from protocol.engine_api import Encode, FinishReason, Generate, SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from engine.beam_search import BeamSearch
 
 
 class RequestRejected(ValueError):
@@ -26,6 +31,7 @@ class SampleState:
     generator: torch.Generator | None
     cumulative_logprob: float = 0.0
     sent_first_event: bool = False
+    beam_logprobs: list[TokenLogprobs] | None = None  # a beam's logprob entries, sent when it finishes
 
     @property
     def index(self) -> int:
@@ -51,6 +57,14 @@ class RequestState:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int | None = None  # prefix-cache hit of the first sample to be scheduled
     prompt_counted: bool = False  # its prompt tokens are in the engine's totals
+    best_of: BestOfCollector | None = None  # holds the candidates' events when best_of > n
+    beam: BeamSearch | None = None  # the beam-search state (its samples are the live beams)
+
+    @property
+    def grouped(self) -> bool:
+        """Its samples are candidates chosen among at the end (best_of, beam search): the client
+        sees only the chosen ones, so it cannot abort one sample of it."""
+        return self.best_of is not None or self.params.use_beam_search
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -66,18 +80,20 @@ def validate(command: Generate, vocab_size: int, max_model_len: int, max_num_seq
     """Refuse what the engine cannot do; return max_tokens capped to the context window."""
     p = command.params
     prompt = command.prompt_token_ids
-    if p.use_beam_search:
-        raise RequestRejected("beam search is not supported by this engine yet")
     if p.structured is not None:
         raise RequestRejected(
             "structured output (json, regex, choice, grammar) is not supported by this engine yet"
         )
-    if p.best_of is not None and p.best_of > p.n:
-        raise RequestRejected("best_of greater than n is not supported by this engine yet")
     if p.n < 1:
         raise RequestRejected(f"n must be at least 1, got {p.n}")
-    if p.n > max_num_seqs:
-        raise RequestRejected(f"n={p.n} exceeds the engine's max_num_seqs={max_num_seqs}")
+    if p.best_of is not None and p.best_of < p.n:
+        raise RequestRejected(f"best_of must be at least n={p.n}, got {p.best_of}")
+    width = num_candidates(p)
+    if width > max_num_seqs:
+        what = f"best_of={p.best_of}" if p.best_of is not None else f"n={p.n}"
+        raise RequestRejected(f"{what} exceeds the engine's max_num_seqs={max_num_seqs}")
+    if p.early_stopping not in (True, False, "never"):
+        raise RequestRejected(f"early_stopping must be true, false or 'never', got {p.early_stopping!r}")
     if p.max_tokens < 0:
         raise RequestRejected(f"max_tokens must be at least 0, got {p.max_tokens}")
     if not prompt:
@@ -99,6 +115,11 @@ def validate(command: Generate, vocab_size: int, max_model_len: int, max_num_seq
             raise RequestRejected("bad_words_token_ids holds an empty sequence")
         _check_ids("bad_words_token_ids", word, vocab_size)
     return min(p.max_tokens, room)
+
+
+def num_candidates(params: SamplingParams) -> int:
+    """Sequences a request runs at once: `best_of` if given, else `n` (also the beam width)."""
+    return params.n if params.best_of is None else params.best_of
 
 
 def check_pooling(

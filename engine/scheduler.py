@@ -164,6 +164,35 @@ class Scheduler:
         seq.status = Status.FINISHED
         self.kv.free(seq.seq_id)
 
+    def fork(self, parent: Sequence, index: int) -> Sequence:
+        """A copy of `parent` as sample `index` (a beam extended two ways), computed as far as it is.
+
+        A running parent's blocks are shared with the child (`KVCacheManager.fork`) and the child
+        runs at once, even past `max_num_seqs` (a beam-search request grows from one sequence to its
+        width); a parent without blocks (preempted) sends the child to the waiting queue, to be
+        recomputed (its prompt's full blocks still hit the prefix cache)."""
+        child = Sequence(
+            parent.request_id,
+            index,
+            parent.prompt_token_ids,
+            parent.params,
+            parent.priority,
+            arrival=parent.arrival,
+            salt=parent.salt,
+            output_token_ids=list(parent.output_token_ids),
+            num_cached_tokens=parent.num_cached_tokens,
+            first_scheduled=parent.first_scheduled,
+            read_prefix_cache=parent.read_prefix_cache,
+        )
+        if parent.status is Status.RUNNING:
+            self.kv.fork(parent.seq_id, child.seq_id, parent.num_computed_tokens)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = Status.RUNNING
+            self.running.append(child)
+        else:
+            self.add(child)
+        return child
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq.seq_id)
@@ -233,7 +262,10 @@ class Scheduler:
         if not prefilling and self.prefill_limit is not None:  # the limit was not applied above
             budget = min(budget, self.prefill_limit(_rows(chunks), self._load()))
         if not preempted:
-            while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            # a seat is a running sequence with tokens to compute: a beam waiting for its siblings'
+            # round (engine.beam_search) does not hold one, or they could wait for each other forever
+            seats = sum(1 for s in self.running if s.num_tokens > s.num_computed_tokens)
+            while self._waiting and budget > 0 and seats < self.max_num_seqs:
                 *_, seq = self._waiting[0]
                 if seq.status is not Status.WAITING:
                     heapq.heappop(self._waiting)
@@ -253,6 +285,7 @@ class Scheduler:
                 seq.num_computed_tokens = computed
                 seq.status = Status.RUNNING
                 self.running.append(seq)
+                seats += 1
                 self._publish(seq, computed + want)
                 chunks.append(ScheduledChunk(seq, computed, want))
                 budget -= want

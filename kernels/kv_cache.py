@@ -7,7 +7,12 @@ position p lives in block `block_table[p // block_size]` at offset `p % block_si
 
 from __future__ import annotations
 
+import importlib
+
 import torch
+
+from kernels.dispatch import use_triton
+from kernels.torch_ops import cache
 
 
 def allocate_kv_cache(
@@ -33,3 +38,21 @@ def allocate_kv_cache(
 def slot_mapping(block_table: list[int], positions: range | list[int], block_size: int) -> list[int]:
     """Flat cache slots of `positions` of one sequence, given its block table (a small host-side helper)."""
     return [block_table[p // block_size] * block_size + p % block_size for p in positions]
+
+
+def copy_blocks(caches: list[tuple[torch.Tensor, torch.Tensor]], pairs: list[tuple[int, int]]) -> None:
+    """Copy block `src` to block `dst` for each `(src, dst)` pair, in every layer's (key, value) caches.
+
+    A forked sequence's partially filled last block is copied before either side writes into it
+    (copy on write). No dst may also be a src among `pairs`."""
+    if not pairs or not caches:
+        return
+    device = caches[0][0].device
+    src = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=device)
+    dst = torch.tensor([d for _, d in pairs], dtype=torch.int64, device=device)
+    if use_triton(caches[0][0]):
+        copy = importlib.import_module("kernels.triton_ops.cache").copy_blocks
+    else:
+        copy = cache.copy_blocks
+    for key_cache, value_cache in caches:
+        copy(key_cache, value_cache, src, dst)

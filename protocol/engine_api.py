@@ -35,6 +35,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, frozen=True):
     best_of: int | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False  # beam search's stopping rule (see engine.beam_search)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
@@ -128,7 +129,9 @@ class Tokens(msgspec.Struct, tag=True, frozen=True):
     """New tokens for sample `index` of a request, produced in one engine step.
 
     `finish_reason` is set on the last event of a sample. `stop_reason` is the stop token id that
-    ended it, if any. `prompt_logprobs` comes once, on the first event (first entry None).
+    ended it, if any. `prompt_logprobs` comes once, on the first event (first entry None). A
+    `best_of` or beam-search request sends each returned sample once, finished, with its whole
+    output, when the engine has chosen which to return.
     """
 
     request_id: str
@@ -141,6 +144,9 @@ class Tokens(msgspec.Struct, tag=True, frozen=True):
     finish_reason: FinishReason | None = None
     stop_reason: int | None = None
     cumulative_logprob: float | None = None
+    # tokens generated for candidates that are not returned (best_of), counted in usage; set on one
+    # final event of the request
+    num_discarded_tokens: int = 0
 
 
 class Pooled(msgspec.Struct, tag=True, frozen=True):

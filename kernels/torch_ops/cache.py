@@ -25,3 +25,14 @@ def reshape_and_cache(
         slots, key, value = slots[keep], key[keep], value[keep]
     flat_keys.index_copy_(0, slots, key)
     flat_values.index_copy_(0, slots, value)
+
+
+def copy_blocks(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+) -> None:
+    """Copy whole blocks `src[i] -> dst[i]` of one layer's caches, in place (a forked beam's copy on write).
+
+    No dst may also be a src (`engine.kv_cache.KVCacheManager.take_copies` batches them so)."""
+    src, dst = src.long(), dst.long()
+    key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
+    value_cache.index_copy_(0, dst, value_cache.index_select(0, src))

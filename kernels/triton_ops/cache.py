@@ -68,3 +68,34 @@ def reshape_and_cache(
         token_width,
         BLOCK=triton.next_power_of_2(token_width),
     )
+
+
+@triton.jit
+def copy_blocks_kernel(key_cache_ptr, value_cache_ptr, src_ptr, dst_ptr, block_numel, BLOCK: tl.constexpr):
+    pair = tl.program_id(0)
+    part = tl.program_id(1).to(tl.int64)
+    src = tl.load(src_ptr + pair).to(tl.int64)
+    dst = tl.load(dst_ptr + pair).to(tl.int64)
+    cols = part * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < block_numel
+    key = tl.load(key_cache_ptr + src * block_numel + cols, mask=mask)
+    tl.store(key_cache_ptr + dst * block_numel + cols, key, mask=mask)
+    value = tl.load(value_cache_ptr + src * block_numel + cols, mask=mask)
+    tl.store(value_cache_ptr + dst * block_numel + cols, value, mask=mask)
+
+
+def copy_blocks(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+) -> None:
+    """Same contract as `kernels.torch_ops.cache.copy_blocks`."""
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        raise ValueError("key_cache and value_cache must be contiguous")
+    num_pairs = src.numel()
+    if num_pairs == 0:
+        return
+    block_numel = key_cache[0].numel()
+    chunk = min(4096, triton.next_power_of_2(block_numel))
+    grid = (num_pairs, triton.cdiv(block_numel, chunk))
+    copy_blocks_kernel[grid](
+        key_cache, value_cache, src.reshape(-1), dst.reshape(-1), block_numel, BLOCK=chunk
+    )

@@ -125,10 +125,10 @@ def test_engine_death_fails_pending_requests_and_later_submits(tiny_llama):
     engine.core.step = broken_step
     recorder = Recorder()
     engine.start(recorder)
-    engine.submit([gen("a", max_tokens=5), gen("bad", use_beam_search=True)])
+    engine.submit([gen("a", max_tokens=5), gen("bad", best_of=10**4)])
     _, events = recorder.calls.get(timeout=TIMEOUT)
     # the refusal made before the failing step still arrives, then the running request fails
-    assert events[0] == Failed("bad", 400, "beam search is not supported by this engine yet")
+    assert events[0] == Failed("bad", 400, "best_of=10000 exceeds the engine's max_num_seqs=256")
     assert events[1:] == [Failed("a", 500, "engine error: RuntimeError: kaboom")]
     assert engine.healthy is False
     # a later submit fails at once, on the submitting thread
@@ -300,9 +300,9 @@ def test_context_window_caps_generation(tiny_llama):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"use_beam_search": True}, "beam search is not supported"),
         ({"structured": StructuredOutput(regex="a+")}, "structured output"),
-        ({"best_of": 3}, "best_of"),
+        ({"n": 3, "best_of": 2}, "best_of must be at least n=3"),
+        ({"use_beam_search": True, "n": 10**4}, "n=10000 exceeds the engine's max_num_seqs"),
         ({"logit_bias": {10**6: 1.0}}, "logit_bias holds token ids outside the vocabulary"),
         ({"allowed_token_ids": (-1,)}, "allowed_token_ids"),
         ({"stop_token_ids": (10**6,)}, "stop_token_ids"),
@@ -356,5 +356,5 @@ def test_offline_llm_generates_text_for_each_prompt(engine):
             assert len(completion.token_ids) == 3 and completion.finish_reason == "length"
             assert completion.text == engine.tokenizer.decode(completion.token_ids)
             assert [lp.token_id for lp in completion.logprobs] == completion.token_ids
-    with pytest.raises(GenerationFailed, match="beam search"):
-        llm.generate(["x"], SamplingParams(use_beam_search=True))
+    with pytest.raises(GenerationFailed, match="best_of must be at least n"):
+        llm.generate(["x"], SamplingParams(n=2, best_of=1))
