@@ -85,6 +85,10 @@ class EngineConfig:
     # ({"method": "ngram", "num_speculative_tokens": 4, ...}, see engine.spec_decode); None: off
     speculative_config: SpeculativeConfig | str | dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        # checked here, before any weights load, so a bad setting fails at once with its reason
+        self.speculative_config = parse_speculative_config(self.speculative_config)
+
 
 # Tokens per encoder step. An encoder input runs whole, so the budget only bounds how many inputs
 # share a forward pass (and how long a step of a model sharing the thread waits).

@@ -38,6 +38,17 @@ _DECIMAL_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+def json_object(value: str) -> dict[str, Any]:
+    """A flag whose value is a JSON object (`--speculative-config`); the engine checks its keys."""
+    try:
+        mapping = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {value!r}: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a JSON object")
+    return mapping
+
+
 def human_readable_int(value: str) -> int:
     """`1k` = 1000, `1K` = 1024, `25.6k` = 25600 (vLLM's rule: no decimals with binary suffixes)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value.strip())
@@ -283,6 +294,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     )
     eng.add_argument("--kv-cache-memory", type=human_readable_int, help="KV cache size in bytes, e.g. 2G")
     eng.add_argument(
+        "--speculative-config",
+        type=json_object,
+        help="speculative decoding with n-gram proposals (prompt lookup), as vLLM's: "
+        '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+        "(and max_decoding_seqs, default 4: draft only while at most that many sequences decode)",
+    )
+    eng.add_argument(
         "--batch-invariant", action="store_true", help="results independent of batch composition"
     )
     eng.add_argument(
@@ -375,6 +393,8 @@ def config_tokens(mapping: Mapping[str, Any]) -> list[str]:
                 tokens.append(f"--no-{key}")
         elif isinstance(value, list):
             tokens += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):  # a JSON-valued flag (--speculative-config)
+            tokens += [f"--{key}", json.dumps(value)]
         else:
             tokens += [f"--{key}", str(value)]
     return tokens

@@ -60,6 +60,7 @@ def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Cal
         "batch_invariant": args.batch_invariant or None,  # process-wide
         "keep_quantized": False if getattr(args, "dequantize", False) else None,
         "quantized_activations": getattr(args, "quantized_activations", None),
+        "speculative_config": getattr(args, "speculative_config", None),  # process-wide
     }
     return _construct(config_cls, {key: value for key, value in wanted.items() if value is not None})
 
@@ -98,7 +99,10 @@ def load_engines(
         import engine  # torch is imported only when a model is served
 
         load, config_cls = load or engine.load_engines, config_cls or engine.EngineConfig
-    configs = engine_configs_from_args(args, config_cls)
+    try:
+        configs = engine_configs_from_args(args, config_cls)
+    except ValueError as exc:  # a setting the engine's config refuses (e.g. --speculative-config)
+        raise ModelLoadError(str(exc)) from exc
     for index, spec in enumerate(args.models, 1):
         logger.info(
             "loading model %d of %d: %s (served as %s)",

@@ -87,6 +87,10 @@ def parse_speculative_config(
         )
     if "method" not in settings:
         raise ValueError('speculative config: "method" is required (supported: ngram)')
+    if settings["method"] not in METHODS:
+        raise ValueError(
+            f"speculative config: unknown method {settings['method']!r}; supported: {', '.join(METHODS)}"
+        )
     if "num_speculative_tokens" not in settings:
         raise ValueError('speculative config: "num_speculative_tokens" is required')
     low, high = settings.get("prompt_lookup_min"), settings.get("prompt_lookup_max")

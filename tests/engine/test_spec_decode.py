@@ -332,3 +332,29 @@ def test_smollm2_greedy_output_is_identical_on_20_prompts(smollm):
     stats = spec.core.stats()
     assert stats.spec_decode_num_accepted_tokens > 100
     assert ours == theirs
+
+
+# ---- the flag ----
+
+
+def test_speculative_config_flag_reaches_the_engine_config_and_bad_values_fail_early(tmp_path, capsys):
+    from sansllm.args import parse_serve_args
+    from sansllm.assemble import ModelLoadError, engine_config_for, load_engines
+
+    flag = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+    args = parse_serve_args(["SmolLM2-135M-Instruct", "--speculative-config", flag])
+    config = engine_config_for(args.models[0], args, EngineConfig)
+    assert config.speculative_config == SpeculativeConfig("ngram", 3, 4, 2)
+    # the same from a config file, where it is a mapping
+    (tmp_path / "c.yaml").write_text("speculative-config:\n  method: ngram\n  num_speculative_tokens: 2\n")
+    args = parse_serve_args(["SmolLM2-135M-Instruct", "--config", str(tmp_path / "c.yaml")])
+    assert (
+        engine_config_for(args.models[0], args, EngineConfig).speculative_config.num_speculative_tokens == 2
+    )
+    # refused before any weights load, with the reason
+    args = parse_serve_args(["SmolLM2-135M-Instruct", "--speculative-config", '{"method": "eagle"}'])
+    with pytest.raises(ModelLoadError, match="unknown method 'eagle'"):
+        load_engines(args, load=lambda configs: pytest.fail("loaded"), config_cls=EngineConfig)
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--speculative-config", "{oops"])
+    assert "invalid JSON" in capsys.readouterr().err
