@@ -216,6 +216,7 @@ class ChatCompletionRequest(_GenerationRequest, kw_only=True):
     min_p: float | None = None
     repetition_penalty: float | None = None
     length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False  # beam search (vLLM v0's field)
     stop_token_ids: list[int] | None = msgspec.field(default_factory=list)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
@@ -270,6 +271,7 @@ class CompletionRequest(_GenerationRequest, kw_only=True):
     min_p: float | None = None
     repetition_penalty: float | None = None
     length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False  # beam search (vLLM v0's field)
     stop_token_ids: list[int] | None = msgspec.field(default_factory=list)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False

@@ -543,6 +543,8 @@ def _sampling_params(
         )
     if temperature < _GREEDY_EPS and n > 1 and not request.use_beam_search:
         raise _bad(f"n must be 1 when using greedy sampling, got {n}.", "n")
+    if temperature < _GREEDY_EPS and (request.best_of or 1) > 1 and not request.use_beam_search:
+        raise _bad(f"best_of must be 1 when using greedy sampling, got {request.best_of}.", "best_of")
 
     return SamplingParams(
         max_tokens=max_tokens,
@@ -550,6 +552,7 @@ def _sampling_params(
         best_of=request.best_of,
         use_beam_search=request.use_beam_search,
         length_penalty=request.length_penalty,
+        early_stopping=request.early_stopping,
         temperature=temperature,
         top_p=top_p,
         top_k=0 if top_k == -1 else top_k,

@@ -47,6 +47,7 @@ class EngineRequest:
         self.generate = generate
         self.prompt_index = prompt_index
         self.num_cached_tokens = 0
+        self.num_discarded_tokens = 0  # best_of candidates' tokens that no choice returns
         self.prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
     @property
@@ -59,6 +60,7 @@ class EngineRequest:
 
     def observe(self, event: Tokens) -> None:
         self.num_cached_tokens = max(self.num_cached_tokens, event.num_cached_tokens)
+        self.num_discarded_tokens += event.num_discarded_tokens
         if event.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = event.prompt_logprobs
 
@@ -136,9 +138,11 @@ class GenerationCall(EngineCall):
         raise NotImplementedError
 
     def usage(self, *, final: bool = True) -> UsageInfo:
-        """Exact usage so far: prompt tokens over all prompts, completion tokens over all samples."""
+        """Exact usage so far: prompt tokens over all prompts, completion tokens over all samples
+        (and over the best_of candidates not returned, as vLLM counts them)."""
         prompt_tokens = sum(len(request.prompt_token_ids) for request in self.requests.values())
         completion_tokens = sum(sample.num_tokens for sample in self.samples)
+        completion_tokens += sum(request.num_discarded_tokens for request in self.requests.values())
         usage = UsageInfo(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
