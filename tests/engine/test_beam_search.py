@@ -206,3 +206,16 @@ def test_smollm2_width_1_is_greedy_and_width_4_is_at_least_as_likely(smollm2):
         assert width_1[i].cumulative_logprob == pytest.approx(greedy[i].cumulative_logprob, abs=1e-3)
         assert width_4[i].cumulative_logprob >= greedy[i].cumulative_logprob - 1e-3
     assert any(width_4[i].cumulative_logprob > greedy[i].cumulative_logprob + 1e-3 for i in range(10))
+
+
+def test_few_seats_and_few_blocks_still_finish_every_search_with_the_same_result(engine, tiny_llama):
+    requests = [beam("x", n=3, max_tokens=20), beam("y", prompt=PROMPT[::-1], n=3, max_tokens=20)]
+    expected = engine.generate_sync(requests)
+    # three seats for six beams (idle beams hold none), and blocks so few that beams are preempted
+    tight = new_engine(tiny_llama, max_num_seqs=3, num_kv_blocks=5, max_model_len=64)
+    events = tight.generate_sync(requests)
+    assert tight.core.scheduler.num_preemptions > 0
+    assert {(e.request_id, e.index): e.token_ids for e in events} == {
+        (e.request_id, e.index): e.token_ids for e in expected
+    }
+    assert tight.core.kv.pool.usage() == 0
