@@ -310,7 +310,10 @@ class EngineCore:
             started = time.perf_counter()
             with torch.inference_mode():
                 events = self._run(chunks)
-            self.step_budget.observe(decodes, prefill_tokens, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.step_budget.observe(decodes, prefill_tokens, seconds)
+            if self.speculator is not None and not prefill_tokens:  # it learns what a row costs
+                self.speculator.observe(decodes, seconds)
         self._refresh_stats()
         return events
 

@@ -18,6 +18,16 @@ METHODS = ("ngram",)
 # Speculate only while a step has at most this many decoding sequences (vLLM has no such rule;
 # see `engine.spec_decode.speculator` for the measurements behind it).
 DEFAULT_MAX_DECODING_SEQS = 4
+DEFAULT_MAX_STEP_ROWS = 8
+
+
+_COUNTS = (
+    "num_speculative_tokens",
+    "prompt_lookup_max",
+    "prompt_lookup_min",
+    "max_decoding_seqs",
+    "max_step_rows",
+)
 
 
 @dataclass(frozen=True)
@@ -29,13 +39,16 @@ class SpeculativeConfig:
     # drafts only while at most this many sequences decode in a step: bigger batches are compute-bound
     # on a CPU, and verifying drafts there costs more than the accepted tokens save
     max_decoding_seqs: int = DEFAULT_MAX_DECODING_SEQS
+    # at most this many rows (decodes plus draft tokens) in a step that carries drafts: past ~16 rows
+    # the CPU's quantized matmuls leave the GEMV for tiles with a large fixed cost (engine.step_budget)
+    max_step_rows: int = DEFAULT_MAX_STEP_ROWS
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(
                 f"speculative config: unknown method {self.method!r}; supported: {', '.join(METHODS)}"
             )
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "max_decoding_seqs"):
+        for name in _COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(

@@ -69,6 +69,17 @@ def test_proposer_follows_a_growing_sequence_and_respects_the_limit():
     assert proposer.propose(seq, 0) == []
 
 
+def test_draft_length_pays_for_its_rows():
+    from engine.spec_decode.speculator import best_draft_length
+
+    # rows as costly as on a CPU's quantized GEMV (each extra row 40% of a one-row step)
+    assert best_draft_length(4, 0.95, 1.0, 0.4) == 4
+    assert best_draft_length(4, 0.3, 1.0, 0.4) == 0  # mostly rejected: no draft at all
+    assert best_draft_length(4, 0.95, 1.0, 0.01) == 4  # rows nearly free (a GPU)
+    assert best_draft_length(4, 0.5, 1.0, 0.01) == 4
+    assert 0 < best_draft_length(8, 0.7, 1.0, 0.2) < 8
+
+
 # ---- the config ----
 
 
@@ -310,7 +321,7 @@ def chat_ids(rendered) -> list[int]:
 
 
 def test_smollm2_greedy_output_is_identical_on_20_prompts(smollm):
-    """All 20 prompts in one batch, drafted whatever the load (max_decoding_seqs 32)."""
+    """All 20 prompts in one batch, drafted whatever the load (the load limits raised)."""
     tokenizer = smollm.tokenizer
     prompts = [
         tuple(
@@ -324,7 +335,7 @@ def test_smollm2_greedy_output_is_identical_on_20_prompts(smollm):
         Generate(f"p{i}", prompt, SamplingParams(temperature=0.0, max_tokens=48))
         for i, prompt in enumerate(prompts)
     ]
-    spec = smollm_engine(smollm, speculative_config={**SPEC, "max_decoding_seqs": 32})
+    spec = smollm_engine(smollm, speculative_config={**SPEC, "max_decoding_seqs": 32, "max_step_rows": 256})
     ours, theirs = (
         outputs(spec.generate_sync(commands)),
         outputs(smollm_engine(smollm).generate_sync(commands)),
