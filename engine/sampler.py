@@ -148,12 +148,6 @@ class Sampler:
                 self.release(key)
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """The processors over `logits` in place for rows without keys, each admitted from its prompt and
-    output for this call (nothing kept). The engine's `Sampler.process` keeps the state instead."""
-    Sampler().process(logits, rows)
-
-
 def sampling_tensors(
     rows: Sequence[SamplingRow], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
