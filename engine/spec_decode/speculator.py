@@ -15,8 +15,9 @@ is mostly rejected makes decoding slower. So the length of each draft is chosen,
   the chance that a draft token is accepted equals the chance the sampler draws it), weighted
   towards recent steps and starting from an optimistic prior, so a sequence that starts (or goes
   back to) copying its context is drafted again;
-- the draft length j (0 to the proposal's length) maximises expected tokens per second:
-  (1 + a + ... + a^j) / (base + per_row x j), a the acceptance rate, base the step without drafts.
+- the draft length j (0 to the proposal's length) maximises the step's expected tokens per second:
+  (R - 1 + 1 + a + ... + a^j) / (base + per_row x j), a the acceptance rate, R the decoding
+  sequences, base the step without drafts (so with more sequences a draft must do better to pay).
 
 Before the cost line can be fitted (every step so far had the same rows) proposals are drafted in
 full, which gives the fit its points. The line cannot see the jump where the quantized matmuls
@@ -73,10 +74,11 @@ class _Acceptance:
         return (self.hits + _PRIOR_RATE * _PRIOR_WEIGHT) / (self.trials + _PRIOR_WEIGHT)
 
 
-def best_draft_length(available: int, rate: float, base: float, per_row: float) -> int:
-    """The j in 0..available maximising expected tokens, 1 + rate + ... + rate^j, per step second."""
-    best, best_value = 0, 1.0 / base
-    expected, term = 1.0, 1.0
+def best_draft_length(available: int, rate: float, base: float, per_row: float, others: int = 0) -> int:
+    """The j in 0..available maximising the step's expected tokens per second: this sequence's
+    1 + rate + ... + rate^j plus the `others` tokens the rest of the step yields, over its time."""
+    best, best_value = 0, (1.0 + others) / base
+    expected, term = 1.0 + others, 1.0
     for j in range(1, available + 1):
         term *= rate
         expected += term
@@ -150,7 +152,8 @@ class Speculator:
             length = len(proposal)
             if line is not None and not seeded:
                 fixed, per_row = line
-                length = best_draft_length(length, acceptance.rate, fixed + per_row * len(decoding), per_row)
+                base = fixed + per_row * len(decoding)
+                length = best_draft_length(length, acceptance.rate, base, per_row, len(decoding) - 1)
             if length:
                 drafts[seq.seq_id] = tuple(proposal[:length])
                 rows_left -= 0 if seeded else length

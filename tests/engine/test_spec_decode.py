@@ -78,6 +78,8 @@ def test_draft_length_pays_for_its_rows():
     assert best_draft_length(4, 0.95, 1.0, 0.01) == 4  # rows nearly free (a GPU)
     assert best_draft_length(4, 0.5, 1.0, 0.01) == 4
     assert 0 < best_draft_length(8, 0.7, 1.0, 0.2) < 8
+    # among 4 sequences an extra row costs a quarter of the step, but yields tokens for one of them
+    assert best_draft_length(4, 0.6, 4.0, 1.0, others=3) == 0
 
 
 # ---- the config ----
