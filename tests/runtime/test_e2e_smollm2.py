@@ -214,3 +214,28 @@ def test_cli_serves_and_stops_gracefully_on_sigterm(command, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_beam_search_and_best_of_through_the_openai_client(client):
+    """The engine's beam search and best_of reach the official client whole, streamed and not."""
+    beams = client.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=8, n=2, temperature=0,
+        extra_body={"use_beam_search": True},
+    )  # fmt: skip
+    assert [c.index for c in beams.choices] == [0, 1]
+    assert beams.choices[0].text != beams.choices[1].text  # two distinct beams
+    streamed = list(
+        client.completions.create(
+            model=DEFAULT_MODEL, prompt="The capital of France is", max_tokens=8, n=2, temperature=0,
+            stream=True, extra_body={"use_beam_search": True},
+        )
+    )  # fmt: skip
+    assert {(c.choices[0].index, c.choices[0].text) for c in streamed if c.choices} == {
+        (c.index, c.text) for c in beams.choices
+    }
+    best = client.completions.create(
+        model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=6, n=1, best_of=3, seed=7,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert [c.index for c in best.choices] == [0]
+    assert best.usage.completion_tokens == 18  # every candidate's tokens are counted
