@@ -13,18 +13,26 @@
 // costs one multiply (or FMA), as the fold's multiply per block does, and beyond one row the fold needs
 // a multiply per row and block where the table needs none; it also rounds worse where d * q and m cancel.
 //
-// One weight row per pass (`kOut`): two rows per pass, each activation vector loaded once for both, were
-// 1.2x faster at 4 rows with the weights in cache, but 1.4-2.5x slower at one row with the weights read
-// from memory (as in a decode step, a model being larger than the L3; Q8_0, Q4_K, F16: the hardware
-// prefetcher keeps up with one stream of blocks, not with two). Every (weight row, activation row) pair
-// has its own accumulators, one per vector of a 32-element group, whatever the tile's row count or the
-// weight rows beside it, so a row's result does not depend on the rows around it (batch invariance).
+// Several activation rows per pass (`kFloatTile`, up to 8): each block is decoded once into registers and
+// FMA'd into the accumulators of every row of the tile, so the decoding (most of the work beside reading
+// the weights) is shared by the rows. Every activation row has its own accumulators, one per vector of a
+// 32-element group, whatever the tile's size, so a row's result does not depend on the rows beside it
+// (batch invariance). Where a tile's accumulators would not fit in the registers beside the decoded
+// weights (AVX2's 16 registers hold 3 rows x 4), the pass runs over the weight row once per slice of each
+// group's vectors (`slice_vecs`), each slice decoding only its own vectors; the weight row (<= 4 KB for
+// the models here) is in L1 for the second slice, and each accumulator sums the same products in the same
+// order as in one pass, so the bits are the same.
+//
+// One weight row per pass: two rows per pass, each activation vector loaded once for both, were 1.2x
+// faster at 4 rows with the weights in cache, but 1.4-2.5x slower at one row with the weights read from
+// memory (as in a decode step, a model being larger than the L3; Q8_0, Q4_K, F16: the hardware prefetcher
+// keeps up with one stream of blocks, not with two).
 
 #if QL_AVX512
 using FV = __m512;
 constexpr int kLanes = 16;
-constexpr int kOut = 1;        // weight rows per pass (see above)
-constexpr int kFloatTile = 4;  // activation rows per pass: 4 x 2 accumulators
+constexpr int kFloatTile = 8;  // activation rows per pass: 8 x 2 accumulators of 32 registers
+constexpr int kAccBudget = 16; // accumulator registers a pass may hold
 static inline FV fzero() { return _mm512_setzero_ps(); }
 static inline FV fload(const float* p) { return _mm512_loadu_ps(p); }
 static inline FV ffma(FV a, FV b, FV c) { return _mm512_fmadd_ps(a, b, c); }
@@ -36,8 +44,8 @@ static inline float fsum(FV v) {
 #else
 using FV = __m256;
 constexpr int kLanes = 8;
-constexpr int kOut = 1;
-constexpr int kFloatTile = 2;  // 2 x 4 accumulators of 16 registers, beside the decoded weights
+constexpr int kFloatTile = 8;  // activation rows per pass (3 x 4 accumulators; beyond, two or four slices)
+constexpr int kAccBudget = 12; // of 16 registers: the rest hold decoded weights and an activation vector
 static inline FV fzero() { return _mm256_setzero_ps(); }
 static inline FV fload(const float* p) { return _mm256_loadu_ps(p); }
 static inline FV ffma(FV a, FV b, FV c) { return _mm256_fmadd_ps(a, b, c); }
@@ -59,35 +67,6 @@ template <typename Fn>  // fn(std::integral_constant<int, j>) for j = 0 .. 7
 static QL_INLINE void unroll8(Fn&& fn) {
   unroll(fn, std::make_integer_sequence<int, 8>{});
 }
-
-// Accumulators of O weight rows by R activation rows.
-template <int O, int R>
-struct Sums {
-  FV acc[O][R][kVecs];
-  const float* x;
-  int64_t k;
-
-  Sums(const float* x_, int64_t k_) : x(x_), k(k_) {
-    for (int o = 0; o < O; ++o)
-      for (int r = 0; r < R; ++r)
-        for (int v = 0; v < kVecs; ++v) acc[o][r][v] = fzero();
-  }
-
-  // the decoded groups of the O weight rows at element e, times every activation row
-  QL_INLINE void add(const Group (&w)[O], int64_t e) {
-    for (int v = 0; v < kVecs; ++v)
-      for (int r = 0; r < R; ++r) {
-        FV xv = fload(x + r * k + e + v * kLanes);
-        if constexpr (O > 1) __asm__("" : "+v"(xv));  // one load for the O FMAs (GCC would load again)
-        for (int o = 0; o < O; ++o) acc[o][r][v] = ffma(w[o][v], xv, acc[o][r][v]);
-      }
-  }
-
-  float total(int o, int r) const {
-    if constexpr (kVecs == 2) return fsum(fadd(acc[o][r][0], acc[o][r][1]));
-    else return fsum(fadd(fadd(acc[o][r][0], acc[o][r][1]), fadd(acc[o][r][2], acc[o][r][3])));
-  }
-};
 
 // The fp16 at p in every lane. Not `half_value`: its `vpinsrw` merges into a register whose last value
 // GCC may take from the previous block, a dependency chain through every block (measured 2x slower).
@@ -318,52 +297,111 @@ struct Super {
 
 #endif
 
-// O weight rows from `o` (O consecutive rows) times the R activation rows of a tile.
-template <int F, int O, int R>
-static QL_INLINE void float_pass(const FloatArgs& a, int64_t o) {
+// Vectors per group a pass over the weight row covers for R activation rows: all (kVecs) where their
+// accumulators fit in kAccBudget registers, else half or a quarter (see the header).
+template <int R>
+constexpr int slice_vecs() {
+  int nv = kVecs;
+  while (nv > 1 && R * nv > kAccBudget) nv /= 2;
+  return nv;
+}
+
+// Vectors [V, V + NV) of every group of weight row `o`, times the R activation rows at x: their sums into
+// parts[r][V ..]. Only those vectors of each group are used, so the compiler drops the others' decoding.
+template <int F, int R, int V, int NV>
+static QL_INLINE void float_slice(const FloatArgs& a, const uint8_t* row, FV (&parts)[R][kVecs]) {
   constexpr int64_t bytes = block_bytes(F);
-  const uint8_t* rows[O];
-  for (int i = 0; i < O; ++i) rows[i] = a.w + (o + i) * a.row_bytes;
-  Sums<O, R> s(a.x, a.k);
+  FV acc[R][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = fzero();
+  const auto add = [&](const Group& w, int64_t e) __attribute__((always_inline)) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][v] = ffma(w[V + v], fload(a.x + r * a.k + e + (V + v) * kLanes), acc[r][v]);
+  };
   if constexpr (is_k(F)) {
     for (int64_t b = 0; b < a.nb; ++b) {
-      static_assert(O <= 2);
-      const Super<F> first(rows[0] + b * bytes), second(rows[O - 1] + b * bytes);  // (O = 1: unused)
+      const Super<F> super(row + b * bytes);
       unroll8([&](auto index) {
         constexpr int j = decltype(index)::value;
-        Group w[O];
-        first.template values<j>(w[0]);
-        if constexpr (O == 2) second.template values<j>(w[1]);
-        s.add(w, b * kSuper + 32 * j);
+        Group w;
+        super.template values<j>(w);
+        add(w, b * kSuper + 32 * j);
       });
     }
   } else {
     for (int64_t b = 0; b < a.nb; ++b) {
-      Group w[O];
-      for (int i = 0; i < O; ++i) block_values<F>(rows[i] + b * bytes, w[i]);
-      s.add(w, b * kBlock);
+      Group w;
+      block_values<F>(row + b * bytes, w);
+      add(w, b * kBlock);
     }
   }
-  for (int i = 0; i < O; ++i)
-    for (int r = 0; r < R; ++r) a.y[r * a.ldy + o + i] = s.total(i, r);
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) parts[r][V + v] = acc[r][v];
+}
+
+template <typename V>  // v as it is: -ffast-math may not reassociate the sum across this point
+static QL_INLINE V pin(V v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+
+// A row's accumulators summed in one fixed order. Pinned at every step: under -ffast-math GCC otherwise
+// vectorised the sums of several rows together in an order of its own for some R (7 on AVX2), so that a
+// row's bits depended on the tile's size.
+static QL_INLINE float row_total(const FV (&p)[kVecs]) {
+  FV v;
+  if constexpr (kVecs == 2) v = pin(fadd(p[0], p[1]));
+  else v = pin(fadd(pin(fadd(p[0], p[1])), pin(fadd(p[2], p[3]))));
+#if QL_AVX512
+  const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  const __m256 half = pin(_mm256_add_ps(_mm512_castps512_ps256(v), high));
+#else
+  const __m256 half = v;
+#endif
+  __m128 s = pin(_mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1)));
+  s = pin(_mm_add_ps(s, _mm_movehl_ps(s, s)));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Weight row `o` times the R activation rows of a tile: y[r][o].
+template <int F, int R>
+static QL_INLINE void float_pass(const FloatArgs& a, int64_t o) {
+  constexpr int nv = slice_vecs<R>();
+  const uint8_t* row = a.w + o * a.row_bytes;
+  FV parts[R][kVecs];
+  unroll(
+      [&](auto index) {
+        constexpr int slice = decltype(index)::value;
+        float_slice<F, R, slice * nv, nv>(a, row, parts);
+      },
+      std::make_integer_sequence<int, kVecs / nv>{});
+  for (int r = 0; r < R; ++r) a.y[r * a.ldy + o] = row_total(parts[r]);
 }
 
 // y[r][o] for the R activation rows of a tile and weight rows [o_begin, o_end); see `FloatArgs`.
 template <int F, int R>
 void float_rows(const FloatArgs& a, int64_t o_begin, int64_t o_end) {
-  int64_t o = o_begin;
-  for (; o + kOut <= o_end; o += kOut) float_pass<F, kOut, R>(a, o);
-  for (; o < o_end; ++o) float_pass<F, 1, R>(a, o);
+  for (int64_t o = o_begin; o < o_end; ++o) float_pass<F, R>(a, o);
 }
 
 template <int F>
 FloatRowsFn float_pick(int rows) {
-  static_assert(kFloatTile == 2 || kFloatTile == 4);
+  static_assert(kFloatTile == 8);
   switch (rows) {
     case 1: return float_rows<F, 1>;
     case 2: return float_rows<F, 2>;
-    case 3: return float_rows<F, kFloatTile == 4 ? 3 : 2>;  // (a tile of 2 never has 3 rows)
-    default: return float_rows<F, kFloatTile>;
+    case 3: return float_rows<F, 3>;
+    case 4: return float_rows<F, 4>;
+    case 5: return float_rows<F, 5>;
+    case 6: return float_rows<F, 6>;
+    case 7: return float_rows<F, 7>;
+    default: return float_rows<F, 8>;
   }
 }
 

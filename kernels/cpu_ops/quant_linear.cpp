@@ -393,7 +393,9 @@ void float_gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int6
     sansllm_cpu::load_row(x.data_ptr<at::BFloat16>(), widened.data(), rows * k);
     xs = widened.data();
   }
-  const int64_t tile = float_tile(isa);
+  // tiles of at most float_tile(isa) rows, of even sizes (9 rows: 5 + 4, not 8 + 1: a one-row pass has
+  // nothing to share its decoding with)
+  const int64_t tiles = (rows + float_tile(isa) - 1) / float_tile(isa), base = rows / tiles, extra = rows % tiles;
   // weight rows per task: ~32 KB of blocks, so small layers stay on one thread
   const int64_t grain = std::max<int64_t>(1, 32768 / row_bytes);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
@@ -401,8 +403,9 @@ void float_gemv(const at::Tensor& x, const uint8_t* w, int type, int64_t n, int6
     const int64_t chunk = std::max<int64_t>(1, 16384 / row_bytes);
     for (int64_t o = begin; o < end; o += chunk) {
       const int64_t o_end = std::min(end, o + chunk);
-      for (int64_t t = 0; t < rows; t += tile) {
-        const int count = static_cast<int>(std::min<int64_t>(tile, rows - t));
+      for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t t = i * base + std::min(i, extra);  // the tile's first row
+        const int count = static_cast<int>(base + (i < extra));
         const FloatArgs args{w, row_bytes, nb, k, xs + t * k, y + t * n, n};
 #if QL_X86
         if (isa == 2) {

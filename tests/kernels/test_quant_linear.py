@@ -61,7 +61,9 @@ INT8_QTYPES = {
 QTYPES = {**INT8_QTYPES, "Q5_0": quant.Q5_0, "Q5_1": quant.Q5_1, "F16": quant.F16, "BF16": quant.BF16}
 K_BYTES = {quant.Q4_K: 144, quant.Q5_K: 176, quant.Q6_K: 210}
 ROWS = [1, 3, 8, 9, 17, 33]
-FLOAT_GEMV_ROWS = [1, 2, 3, 4, 5, 8, 9, 13]  # every tile size of every path, and ragged last tiles
+# every tile size of the multi-row float GEMV (1..8 rows a pass, in one, two or four slices of each
+# group on AVX2), more than a tile, and a ragged count split into uneven tiles (19: 7 + 6 + 6)
+FLOAT_GEMV_ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 19]
 U_BF16 = 2.0**-8  # bfloat16's unit roundoff (8 significant bits)
 
 
@@ -367,7 +369,7 @@ def test_batch_invariant_mode_gives_a_row_the_same_bits_in_any_batch(isas, name,
                 return kernels.quant_linear(x, qweight, qtype, out_features, in_features, isa=isa)
 
             alone = torch.cat([run(batch[i : i + 1]) for i in range(33)])
-            for size in (2, 3, 4, 5, 8, 9, 16, 33):
+            for size in (2, 3, 4, 5, 6, 7, 8, 9, 16, 19, 33):
                 assert torch.equal(run(batch[:size]), alone[:size]), f"{size} rows"
         check(alone, batch, qtype, out_features, in_features, "gemv")
 
