@@ -1,6 +1,6 @@
 """Time (and optionally profile) steady-state decode steps of N sequences on the engine's own thread.
 
-    python -m bench.decode_step --seqs 32 --prompt-len 128 [--dtype float32] [--profile]
+    python -m bench.decode_step --seqs 1,2,4,8,16,32 --prompt-len 128 [--dtype float32] [--profile]
         [--idle-model all-MiniLM-L6-v2 --idle-thread own|shared]
 
 The per-step view behind bench/RESULTS.md's "where the time goes": it runs N greedy requests past
@@ -19,12 +19,12 @@ import argparse
 import time
 
 from engine import Engine, EngineConfig
-from protocol.engine_api import Encode, Generate, PoolingParams, SamplingParams, Tokens
+from protocol.engine_api import Abort, Encode, Generate, PoolingParams, SamplingParams, Tokens
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.decode_step", description=__doc__.splitlines()[0])
-    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--seqs", default="32", help="comma-separated sequence counts, each timed in turn")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto")
@@ -58,24 +58,31 @@ def main(argv: list[str] | None = None) -> None:
         print(f"idle model beside: {args.idle_model} on the {args.idle_thread} thread")
     vocab = engine.vocab_size
     params = SamplingParams(max_tokens=args.steps + 200, ignore_eos=True, temperature=0.0)
-    requests = [
-        Generate(f"r{i}", tuple((i * 7 + j) % (vocab - 100) + 100 for j in range(args.prompt_len)), params)
-        for i in range(args.seqs)
-    ]
-    started: set[str] = set()  # requests past their prefill (they have produced a token)
-    events = engine.step_sync(requests)
-    while True:
-        started.update(event.request_id for event in events if isinstance(event, Tokens))
-        if len(started) == args.seqs:
+    for seqs in [int(count) for count in args.seqs.split(",")]:
+        # one engine for every count (a model load each would cost seconds); each count's requests are
+        # aborted before the next count's start
+        ids = [f"s{seqs}-r{i}" for i in range(seqs)]
+        requests = [
+            Generate(ids[i], tuple((i * 7 + j) % (vocab - 100) + 100 for j in range(args.prompt_len)), params)
+            for i in range(seqs)
+        ]
+        started: set[str] = set()  # requests past their prefill (they have produced a token)
+        events = engine.step_sync(requests)
+        while True:
+            started.update(event.request_id for event in events if isinstance(event, Tokens))
+            if len(started) == seqs:
+                break
+            events = engine.step_sync()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step_sync()
+        step_ms = (time.perf_counter() - start) / args.steps * 1e3
+        weights = "dequantized" if args.dequantize else f"GGUF blocks, {args.activations} GEMV"
+        dtype = engine.loaded.model.model.norm.weight.dtype
+        print(f"decode step, {seqs} sequences, {dtype}, {weights}: {step_ms:.1f} ms", flush=True)
+        if args.profile:
             break
-        events = engine.step_sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step_sync()
-    step_ms = (time.perf_counter() - start) / args.steps * 1e3
-    weights = "dequantized" if args.dequantize else f"GGUF blocks, {args.activations} GEMV"
-    dtype = engine.loaded.model.model.norm.weight.dtype
-    print(f"decode step, {args.seqs} sequences, {dtype}, {weights}: {step_ms:.1f} ms")
+        engine.step_sync([Abort(request_id) for request_id in ids])
     if args.profile:
         from torch.profiler import profile
 
