@@ -84,10 +84,10 @@ def _cases(dtype: str):
             "top_p_ptr": "*fp32", "min_p_ptr": "*fp32", "vocab": i, "logits_row_stride": i,
             "out_row_stride": i, "greedy_temperature": f,
         }, {"BLOCK": 4096}
-        yield penalties.penalties_kernel, {
-            "logits_ptr": "*fp32", "prompt_counts_ptr": "*i32", "output_counts_ptr": "*i32",
+        yield penalties.token_penalties_kernel, {
+            "logits_ptr": "*fp32", "token_ids_ptr": "*i64", "counts_ptr": "*i32",
             "repetition_ptr": "*fp32", "frequency_ptr": "*fp32", "presence_ptr": "*fp32", "vocab": i,
-            "logits_row_stride": i, "prompt_row_stride": i, "output_row_stride": i,
+            "width": i, "logits_row_stride": i, "token_ids_row_stride": i, "counts_row_stride": i,
         }, {"BLOCK": 1024}
 
 
