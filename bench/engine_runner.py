@@ -2,7 +2,8 @@
 
 A closed loop keeps at most `concurrency` requests in flight: all at once when the prompt count
 equals the concurrency, one at a time when it is 1. Every request is greedy with `ignore_eos` and a
-fixed `max_tokens`, so it yields exactly the tokens the HF baseline yields.
+fixed `max_tokens`, so it yields exactly the tokens the HF baseline yields, unless `sampling` asks
+for more (a temperature and seed, penalties, logprobs).
 """
 
 from __future__ import annotations
@@ -62,9 +63,18 @@ def build_engine_config(config_type: type, options: dict[str, Any]) -> Any:
 class EngineRunner:
     """Owns one started engine; `run` may be called repeatedly (warm-up, then each batch size)."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", **options: Any) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        sampling: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
         from engine import Engine, EngineConfig  # deferred: importing it loads torch models code
 
+        # Extra SamplingParams fields for every request (a `seed` is offset by the request's number,
+        # so two runners give their i-th requests the same seed).
+        self.sampling = dict(sampling or {})
         self.engine = Engine(
             build_engine_config(EngineConfig, {"model": model_path, "dtype": dtype, **options})
         )
@@ -92,8 +102,14 @@ class EngineRunner:
                 self._finished.put(event.request_id)
 
     def _submit(self, prompt: Sequence[int], output_len: int) -> str:
-        request_id = f"bench-{next(self._ids)}"
-        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        number = next(self._ids)
+        request_id = f"bench-{number}"
+        extra = dict(self.sampling)
+        if "seed" in extra:
+            extra["seed"] += number
+        params = SamplingParams(
+            **{"max_tokens": output_len, "temperature": 0.0, "ignore_eos": True, **extra}
+        )
         self._timings[request_id] = RequestTiming(start=time.perf_counter())
         self.engine.submit([Generate(request_id=request_id, prompt_token_ids=tuple(prompt), params=params)])
         return request_id

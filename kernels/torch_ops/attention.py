@@ -165,60 +165,66 @@ def paged_attention(
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
-    decode_seqs: list[int] = []
+    rows = _DecodeRows()
     for seq, seq_len in enumerate(lengths):
         start, end = starts[seq], starts[seq + 1]
-        if end - start == 1:
-            decode_seqs.append(seq)
-        elif end > start:
+        if end - start <= DECODE_ROWS_UP_TO:
+            rows.add(seq, start, end, seq_len)
+        else:
             out[start:end] = _attend_one_sequence(
                 query[start:end], key_cache, value_cache, block_tables[seq], seq_len, scale, sliding_window
             )
-    _decode_rows_of(
-        decode_seqs,
-        decode,
-        out,
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
-        scale,
-        sliding_window,
-    )
+    rows.attend(decode, out, query, key_cache, value_cache, block_tables, scale, sliding_window)
     return out
 
 
-def _decode_rows_of(
-    seqs: list[int],
-    decode: DecodeAttention,
-    out: torch.Tensor,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    scale: float,
-    sliding_window: int | None,
-) -> None:
-    """Fill `out` for the single-token sequences `seqs` of a mixed batch with one `decode` call."""
-    if not seqs:
-        return
-    seq_index = torch.tensor(seqs, device=query.device)
-    token_index = query_start_loc[:-1].to(query.device)[seq_index].long()
-    decode_lens = seq_lens.to(query.device)[seq_index]
-    out[token_index] = decode(
-        query[token_index],
-        key_cache,
-        value_cache,
-        block_tables[seq_index],
-        decode_lens,
-        scale,
-        int(decode_lens.max()),
-        sliding_window,
-    )
+# A sequence with at most this many new tokens (a verified draft, a short chunk) has them computed
+# as decode rows, token i seeing the context up to itself: one batched kernel call for all of them
+# instead of one SDPA per sequence (which on the CPU costs about as much as the kernel call for a
+# whole batch), and a verified draft's rows computed exactly as plain decoding computes them.
+DECODE_ROWS_UP_TO = 16
+
+
+class _DecodeRows:
+    """The tokens of a ragged batch that run as decode rows: where each is, its sequence, its context."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.seqs: list[int] = []
+        self.lens: list[int] = []
+
+    def add(self, seq: int, start: int, end: int, seq_len: int) -> None:
+        """Tokens start..end of sequence `seq`, whose context is `seq_len` with all of them."""
+        self.tokens.extend(range(start, end))
+        self.seqs.extend([seq] * (end - start))
+        self.lens.extend(range(seq_len - (end - start) + 1, seq_len + 1))
+
+    def attend(
+        self,
+        decode: DecodeAttention,
+        out: torch.Tensor,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        scale: float,
+        sliding_window: int | None,
+    ) -> None:
+        """Fill `out` at these tokens with one `decode` call."""
+        if not self.tokens:
+            return
+        token_index = torch.tensor(self.tokens, device=query.device)
+        lens = torch.tensor(self.lens, dtype=torch.int32, device=query.device)
+        out[token_index] = decode(
+            query[token_index],
+            key_cache,
+            value_cache,
+            block_tables[torch.tensor(self.seqs, device=block_tables.device)],
+            lens,
+            scale,
+            max(self.lens),
+            sliding_window,
+        )
 
 
 def paged_attention_batch_invariant(
@@ -243,20 +249,11 @@ def paged_attention_batch_invariant(
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
     if decode:
-        single = [seq for seq in range(len(lengths)) if starts[seq + 1] - starts[seq] == 1]
-        _decode_rows_of(
-            single,
-            decode,
-            out,
-            query,
-            key_cache,
-            value_cache,
-            block_tables,
-            seq_lens,
-            query_start_loc,
-            scale,
-            sliding_window,
-        )
+        single = _DecodeRows()
+        for seq, seq_len in enumerate(lengths):
+            if starts[seq + 1] - starts[seq] == 1:
+                single.add(seq, starts[seq], starts[seq + 1], seq_len)
+        single.attend(decode, out, query, key_cache, value_cache, block_tables, scale, sliding_window)
     for seq, seq_len in enumerate(lengths):
         start, end = starts[seq], starts[seq + 1]
         if end - start > 1 or (end - start == 1 and not decode):

@@ -82,6 +82,54 @@ def test_draft_length_pays_for_its_rows():
     assert best_draft_length(4, 0.6, 4.0, 1.0, others=3) == 0
 
 
+class DecodingSeq:
+    """What the speculator reads of a scheduler Sequence that is decoding."""
+
+    def __init__(self, seq_id: str, prompt: list[int], **params) -> None:
+        self.seq_id, self.prompt_token_ids, self.output_token_ids = seq_id, prompt, []
+        self.params = SamplingParams(max_tokens=200, **params)
+        self.prefill_only = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_computed_tokens(self) -> int:
+        return self.num_tokens - 1
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        return [*self.prompt_token_ids, *self.output_token_ids][start:stop]
+
+
+def test_seeded_sequence_drafts_by_its_own_acceptance_alone():
+    """A seeded sampled sequence whose drafts keep failing stops drafting, one that copies its
+    context keeps drafting, and neither depends on how many others decode beside it."""
+    from engine.spec_decode.speculator import Speculator
+
+    def draft_lengths(others: int, copies: bool) -> list[int]:
+        speculator = Speculator(SpeculativeConfig(**SPEC), max_model_len=4096)
+        for rows in (1, 1, 5, 5, 9, 9):  # a cost line that makes drafting look cheap or dear
+            speculator.observe(rows, 0.01 + 0.01 * rows)
+        seq = DecodingSeq("seeded", REPEATING, temperature=1.0, seed=7)
+        crowd = [DecodingSeq(f"o{i}", REPEATING, temperature=1.0) for i in range(others)]
+        lengths = []
+        for step in range(40):
+            draft = speculator.propose([seq, *crowd], lambda s: s.params.max_tokens).get("seeded", ())
+            lengths.append(len(draft))
+            (first, *_) = NgramProposer(4, 1, 3).propose(seq, 4)
+            # the sampler either follows the context (the proposal's first token) or draws another
+            # token of the context, so that proposals keep coming and keep failing
+            seq.output_token_ids.append(first if copies else next(t for t in REPEATING if t != first))
+        return lengths
+
+    rejected = draft_lengths(others=0, copies=False)
+    assert rejected[0] > 0 and sum(rejected[-20:]) == 0  # tried, then given up
+    assert draft_lengths(others=8, copies=False) == rejected
+    copied = draft_lengths(others=0, copies=True)
+    assert min(copied[1:]) > 0 and copied == draft_lengths(others=8, copies=True)
+
+
 # ---- the config ----
 
 
