@@ -114,7 +114,7 @@ def test_seeded_sequence_drafts_by_its_own_acceptance_alone():
         seq = DecodingSeq("seeded", REPEATING, temperature=1.0, seed=7)
         crowd = [DecodingSeq(f"o{i}", REPEATING, temperature=1.0) for i in range(others)]
         lengths = []
-        for step in range(40):
+        for _ in range(40):
             draft = speculator.propose([seq, *crowd], lambda s: s.params.max_tokens).get("seeded", ())
             lengths.append(len(draft))
             (first, *_) = NgramProposer(4, 1, 3).propose(seq, 4)
