@@ -16,7 +16,10 @@ one request has warmed the cache, with the shared prompt as is. The second run's
 
 `--request-args JSON` merges sampling fields into every request body (e.g. `{"temperature": 1.0}`
 for plain sampling), and each `--variant-request-args JSON` runs the same prompts again against the
-same server with those fields merged too: the cost of penalties, top_p or logprobs as a ratio.
+same server with those fields merged too: the cost of penalties, top_p or logprobs as a ratio. So
+that no run finds the one before it in the prefix cache, each then sends its own copy of the
+prompts behind a short salt ("Run 2 (session)."), and an untimed rehearsal of the baseline goes
+first (the first run after start-up otherwise pays for new prefill shapes: 1.5x slower measured).
 
 `--llama-server native` (or `avx2`, or `native,avx2`) adds llama.cpp's `llama-server` as a peer,
 after our server (one process at a time): the same GGUF, prompts, client and request bodies
@@ -179,19 +182,29 @@ class PromptPlan(msgspec.Struct):
     cold: list[BenchPrompt] | None = None
     warmer: BenchPrompt | None = None  # warms the shared prefix before the cached run
     prefix_tokens: int | None = None
+    # with request variants: each run's salted copy of `main` (rehearsal, baseline, variants...)
+    salted_runs: list[list[BenchPrompt]] | None = None
 
 
 def plan_prompts(args: argparse.Namespace, encode: Encode) -> PromptPlan:
     bodies = make_prompts(
         encode, args.num_prompts or args.concurrency, args.input_len, args.output_len, seed=args.seed
     )
-    if not args.shared_prefix:
-        return PromptPlan(main=bodies, warmup=warmup_prompt(encode, max(len(p.token_ids) for p in bodies)))
-    prefix = shared_system_prompt(encode, args.prefix_len)
-    main = [with_prefix(encode, body, prefix) for body in bodies]
     # A fresh salt per process: against a long-running server (--base-url), an earlier run's
     # salted prefixes must not be cached either.
     session = uuid.uuid4().hex[:8]
+    if not args.shared_prefix:
+        salted = None
+        if getattr(args, "variant_request_args", None):
+            runs = 2 + len(args.variant_request_args)
+            salted = [[with_prefix(encode, b, f"Run {i} ({session}). ") for b in bodies] for i in range(runs)]
+        return PromptPlan(
+            main=bodies,
+            warmup=warmup_prompt(encode, max(len(p.token_ids) for p in bodies)),
+            salted_runs=salted,
+        )
+    prefix = shared_system_prompt(encode, args.prefix_len)
+    main = [with_prefix(encode, body, prefix) for body in bodies]
     cold = [
         with_prefix(
             encode, body, shared_system_prompt(encode, args.prefix_len, salt=f"Visitor {i}, {session}.")
@@ -239,10 +252,16 @@ async def run_ours(
             file=sys.stderr,
             flush=True,
         )
-        rows = [summarize(OURS, await run_clients(base_url, model, plan.main, args.concurrency, extra))]
-        for fields in getattr(args, "variant_request_args", ()) if label == "ours" else ():
+        variants = getattr(args, "variant_request_args", ()) if label == "ours" else ()
+        runs = plan.salted_runs if variants and plan.salted_runs else [plan.main]
+        if len(runs) > 1:
+            print(f"[{label}] rehearsal (untimed)", file=sys.stderr, flush=True)
+            await run_clients(base_url, model, runs[0], args.concurrency, extra)
+            runs = runs[1:]
+        rows = [summarize(OURS, await run_clients(base_url, model, runs[0], args.concurrency, extra))]
+        for fields, prompts in zip(variants, runs[1:], strict=False):
             print(f"[{label}] again, with request fields {fields}", file=sys.stderr, flush=True)
-            timings = await run_clients(base_url, model, plan.main, args.concurrency, {**extra, **fields})
+            timings = await run_clients(base_url, model, prompts, args.concurrency, {**extra, **fields})
             rows.append(summarize(request_variant_name(OURS, fields), timings))
         return rows, []
     print(f"[{label}] shared prefix, not cached (salted copies)", file=sys.stderr, flush=True)

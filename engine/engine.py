@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 import kernels
+from engine.allocator import keep_step_buffers
 from engine.attention import PagedKVCache
 from engine.core import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineCore, EngineStats
 from engine.encoder_core import EncoderCore
@@ -235,6 +236,7 @@ class Engine:
 
     def _build(self, config: EngineConfig, loaded: LoadedModel | None) -> None:
         _set_threads(config)
+        keep_step_buffers()
         if config.batch_invariant:
             kernels.set_batch_invariant(True)
         set_default_activations(config.quantized_activations)

@@ -33,6 +33,8 @@ made steps even more alike but delayed each prompt's first token, and cost 12%.
 
 from __future__ import annotations
 
+from engine.weighted_line import WeightedLine
+
 # The weight of each new observation: recent steps matter most (the machine's speed drifts, the
 # number of decoding rows changes), but one noisy step cannot swing the budget.
 _SMOOTHING = 0.05
@@ -47,7 +49,7 @@ class StepBudget:
         self.max_step_ratio = max_step_ratio
         self.min_prefill_tokens = min(min_prefill_tokens, max_tokens)  # prompts always progress
         self.decode_seconds: float | None = None  # running average of decode-only steps
-        self.prefill_steps = _WeightedLine(_SMOOTHING)  # seconds against tokens, steps that prefill
+        self.prefill_steps = WeightedLine(_SMOOTHING)  # seconds against tokens, steps that prefill
 
     @property
     def enabled(self) -> bool:
@@ -73,29 +75,3 @@ class StepBudget:
         elif num_decodes:
             previous = self.decode_seconds
             self.decode_seconds = seconds if previous is None else previous + _SMOOTHING * (seconds - previous)
-
-
-class _WeightedLine:
-    """Exponentially weighted least-squares line y = intercept + slope x, updated one point at a time."""
-
-    def __init__(self, smoothing: float) -> None:
-        self.keep = 1.0 - smoothing
-        self.w = self.x = self.y = self.xx = self.xy = 0.0
-
-    def add(self, x: float, y: float) -> None:
-        k = self.keep
-        self.w, self.x, self.y = k * self.w + 1, k * self.x + x, k * self.y + y
-        self.xx, self.xy = k * self.xx + x * x, k * self.xy + x * y
-
-    def fit(self) -> tuple[float, float] | None:
-        """(intercept >= 0, slope > 0), or None while the points cannot tell a positive slope."""
-        if self.w == 0:
-            return None
-        mean_x, mean_y = self.x / self.w, self.y / self.w
-        var_x = self.xx / self.w - mean_x * mean_x
-        if var_x < 1.0:  # every point at (almost) the same x: no slope to tell
-            return None
-        slope = (self.xy / self.w - mean_x * mean_y) / var_x
-        if slope <= 0:
-            return None
-        return max(mean_y - slope * mean_x, 0.0), slope

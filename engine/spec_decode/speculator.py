@@ -43,7 +43,7 @@ import msgspec
 
 from engine.spec_decode.config import SpeculativeConfig
 from engine.spec_decode.ngram import NgramProposer
-from engine.step_budget import _WeightedLine
+from engine.weighted_line import WeightedLine
 
 _SMOOTHING = 0.05  # weight of each new step in the cost line (as engine.step_budget)
 _ACCEPTANCE_DECAY = 0.8  # weight kept by a sequence's past proposals at each new one
@@ -117,7 +117,7 @@ class Speculator:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * config.num_speculative_tokens
-        self.step_costs = _WeightedLine(_SMOOTHING)  # decode-only step seconds against rows
+        self.step_costs = WeightedLine(_SMOOTHING)  # decode-only step seconds against rows
         self._acceptance: WeakKeyDictionary[object, _Acceptance] = WeakKeyDictionary()
 
     def propose(self, running: Iterable, max_tokens_of: Callable) -> dict[str, tuple[int, ...]]:
