@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 import kernels
+from engine.allocator import keep_step_buffers
 from engine.sampler import Sampler, SamplingRow, batched_token_logprobs, sampling_tensors
 from protocol.engine_api import SamplingParams
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_step_buffers()  # as the engine does: otherwise glibc's page faults are half of a step
     plain = step_ms(PLAIN, args.rows, args.vocab, args.steps)
     costly = step_ms(COSTLY, args.rows, args.vocab, args.steps)
     print(

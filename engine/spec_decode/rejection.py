@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.torch_ops.sampling import draw_from_weights
+
 
 def rejection_sample(
     probs: torch.Tensor, draft: Sequence[int], generator: torch.Generator | None
@@ -44,10 +46,9 @@ def rejection_sample(
 
 
 def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from unnormalised `probs` [V] by the exponential race argmax(p / E), E ~ Exp(1)."""
-    noise = torch.empty_like(probs).uniform_(generator=generator)
-    # U in [0, 1) makes E in (0, inf]: a token of probability 0 is never picked
-    return int(torch.argmax(probs / noise.log_().neg_()))
+    """One token from unnormalised `probs` [V], as the plain sampler draws (a token of
+    probability 0 is never picked)."""
+    return int(draw_from_weights(probs[None].clone(), [generator])[0])
 
 
 def greedy_accept(targets: Sequence[int], draft: Sequence[int]) -> tuple[int, int]:

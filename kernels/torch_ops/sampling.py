@@ -16,11 +16,35 @@ import torch
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 
-# top-p first looks for its cut among each row's largest logits; only rows whose kept set reaches past
-# them pay for a sort of the whole vocabulary.
+# top-p first looks for its cut among each row's 32 largest logits (found with `top_k_rows`, ~0.5 ms
+# for 32 x 49152 where torch's topk of 256 takes 5.4); rows whose kept set reaches past them look
+# among their 256 largest, and only rows past those too pay for a sort of the whole vocabulary.
+TOP_P_FIRST_CANDIDATES = 32
 TOP_P_CANDIDATES = 256
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+_TOP_K_CHUNK = 128  # vocabulary entries per chunk in `top_k_rows`
+
+
+def top_k_rows(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values.topk(k, dim=1)` (values, indices) of [B, V], faster for small k.
+
+    Why: torch's CPU topk over a [32, 49152] batch measured ~1.8 ms for k=5, most of a logprobs
+    step. The k largest of a row lie in the k chunks of the row with the largest maxima (a token
+    outside them would be beaten by those k maxima), so one vectorised max per chunk and a topk over
+    k chunks give the same values (ties may name other indices of equal value).
+    """
+    batch, vocab = values.shape
+    if vocab % _TOP_K_CHUNK or k * _TOP_K_CHUNK * 4 > vocab:
+        return values.topk(k, dim=1)
+    chunks = values.view(batch, vocab // _TOP_K_CHUNK, _TOP_K_CHUNK)
+    best = chunks.amax(dim=2).topk(k, dim=1).indices  # [B, k]
+    candidates = chunks.gather(1, best[:, :, None].expand(batch, k, _TOP_K_CHUNK)).reshape(batch, -1)
+    top, position = candidates.topk(k, dim=1)
+    ids = best.gather(1, position // _TOP_K_CHUNK) * _TOP_K_CHUNK + position % _TOP_K_CHUNK
+    return top, ids
 
 
 def _top_p_threshold(
@@ -46,20 +70,30 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     if not (any_k or any_p):
         return logits
     max_k = int(top_k[k_active].max()) if any_k else 1
-    width = min(vocab, max(max_k, TOP_P_CANDIDATES if any_p else 1))
-    candidates = logits.topk(width, dim=-1).values  # descending
+    width = min(vocab, max(max_k, TOP_P_FIRST_CANDIDATES if any_p else 1))
+    candidates = top_k_rows(logits, width)[0]  # descending
     kth = (top_k.clamp(1, width) - 1).long().unsqueeze(1)
     threshold = candidates.gather(1, kth).masked_fill_(~k_active.unsqueeze(1), float("-inf"))
     if any_p:
         row_max = candidates[:, :1]
-        total = torch.exp(logits - row_max).masked_fill_(logits < threshold, 0.0).sum(dim=-1, keepdim=True)
+        weights = torch.exp(logits - row_max)
+        if any_k:
+            weights.masked_fill_(logits < threshold, 0.0)
+        total = weights.sum(dim=-1, keepdim=True)
         p_threshold, found = _top_p_threshold(candidates, row_max, total, threshold, top_p)
-        missing = p_active & ~found
-        if width < vocab and bool(missing.any()):
+        # rows whose cut lies past the candidates look further, a few rows at a time
+        for wider in (TOP_P_CANDIDATES, vocab):
+            missing = p_active & ~found
+            if width >= vocab or not bool(missing.any()):
+                break
+            width = max(width, min(wider, vocab))
             rows = missing.nonzero().flatten()
-            full = logits[rows].sort(dim=-1, descending=True).values
+            if width < vocab:
+                more = logits[rows].topk(width, dim=-1).values
+            else:
+                more = logits[rows].sort(dim=-1, descending=True).values
             p_threshold[rows], found[rows] = _top_p_threshold(
-                full, row_max[rows], total[rows], threshold[rows], top_p[rows]
+                more, row_max[rows], total[rows], threshold[rows], top_p[rows]
             )
         # Rounding can leave the running mass a hair short of p: then every survivor is kept.
         use_p = (p_active & found).unsqueeze(1)
@@ -101,25 +135,41 @@ def argmax_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 def draw(masked_logits: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row from softmax(masked_logits), by the exponential race `argmax(p / E)`, E ~ Exp(1).
+    """One token per row from softmax(masked_logits), by inverting the row's cumulative distribution
+    at one uniform number.
 
-    A row with its own generator draws its noise from it alone, so a seeded row samples the same token
-    whatever the other rows of the batch are.
+    A row with its own generator draws its number from it alone, so a seeded row samples the same
+    token whatever the other rows of the batch are. A token whose probability is 0 (masked to -inf)
+    has an empty interval of the cumulative sum and is never picked.
+
+    Why not the exponential race (`argmax(p / E)`, E ~ Exp(1), as vLLM's GPU sampler does): it
+    needs a random number and a log per token; measured on the CPU for 32 x 49152 rows, 7.96 ms
+    against 2.58 ms for this, most of a sampled step beside the model.
     """
-    probs = masked_logits.softmax(dim=-1)
-    # E = -log(U): torch's exponential_() is several times slower than uniform_() on CPU.
-    noise = torch.empty_like(probs)
+    return draw_from_weights(masked_logits.softmax(dim=-1), generators)
+
+
+def draw_from_weights(weights: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """`draw` from non-negative, unnormalised `weights` [B, V] (overwritten): the inverse of each
+    row's cumulative sum at one uniform number (from the row's generator, or the global one)."""
+    cumulative = weights.cumsum_(dim=-1)
+    totals = cumulative[:, -1:]
+    uniform = torch.empty(len(generators), 1, dtype=weights.dtype, device=weights.device)
     unseeded = [row for row, generator in enumerate(generators) if generator is None]
     if len(unseeded) == len(generators):
-        noise.uniform_()
+        uniform.uniform_()
     else:
         if unseeded:
-            noise[unseeded] = torch.rand(len(unseeded), noise.shape[1], dtype=noise.dtype, device=noise.device)
+            uniform[unseeded] = torch.rand(len(unseeded), 1, dtype=weights.dtype, device=weights.device)
         for row, generator in enumerate(generators):
             if generator is not None:
-                noise[row].uniform_(generator=generator)
-    # U in [0, 1) makes E in (0, inf]: never 0, so a masked token's 0 / E stays 0 and is never picked.
-    return argmax_rows(probs.div_(noise.log_().neg_()))
+                uniform[row].uniform_(generator=generator)
+    tokens = torch.searchsorted(cumulative, uniform.mul_(totals), right=True)[:, 0]
+    past_end = tokens >= cumulative.shape[1]  # u x total rounded up to the total itself
+    if bool(past_end.any()):
+        last = torch.searchsorted(cumulative, totals, right=False)[:, 0]  # the last token with mass
+        tokens = torch.where(past_end, last, tokens)
+    return tokens
 
 
 def sample_with(

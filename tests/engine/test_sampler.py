@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow, batched_token_logprobs, prompt_logprobs, top_k_rows
+from engine.sampler import Sampler, SamplingRow, batched_token_logprobs, prompt_logprobs
+from kernels.torch_ops.sampling import top_k_rows
 from protocol.engine_api import SamplingParams
 
 # probabilities 0.5, 0.3, 0.15, 0.05 for tokens 0..3, and two near-impossible tokens 4, 5
