@@ -75,21 +75,27 @@ def test_top_p_reaching_past_the_candidate_window_falls_back_to_a_full_sort():
 
 def test_top_p_cut_found_in_each_window_of_a_large_vocabulary():
     # A vocabulary large enough for the chunked search of the 32 largest: a peaked row (cut among
-    # the first 32), one whose kept set is ~100 tokens (among the 256), and a flat one (full sort).
+    # the first 32), rows whose kept sets are ~100 and ~1000 tokens (among the 256, the 4096), and
+    # a flat one (full sort).
     vocab = 16384
-    logits = _logits(3, vocab, seed=5)
+    logits = _logits(4, vocab, seed=5)
     logits[0] *= 8
     logits[1, :100] = 12 + 0.1 * logits[1, :100]
-    logits[2] *= 0.01
-    rows = [(1.0, 0, 0.9, 0.0)] * 3
+    logits[2, :1000] = 12 + 0.1 * logits[2, :1000]
+    logits[3] *= 0.01
+    rows = [(1.0, 0, 0.9, 0.0)] * 4
     masked = torch_sampling.apply_sampling_masks(logits, *_params(rows))
     sizes = []
-    for row in range(3):
+    for row in range(4):
         kept = set(torch.isfinite(masked[row]).nonzero().flatten().tolist())
         assert kept == _expected_kept(logits[row], *rows[row]), f"row {row}"
         sizes.append(len(kept))
-    assert sizes[0] <= torch_sampling.TOP_P_FIRST_CANDIDATES
-    assert torch_sampling.TOP_P_FIRST_CANDIDATES < sizes[1] <= torch_sampling.TOP_P_CANDIDATES < sizes[2]
+    windows = [
+        torch_sampling.TOP_P_FIRST_CANDIDATES,
+        torch_sampling.TOP_P_CANDIDATES,
+        torch_sampling.TOP_P_WIDE_CANDIDATES,
+    ]
+    assert sizes[0] <= windows[0] < sizes[1] <= windows[1] < sizes[2] <= windows[2] < sizes[3]
 
 
 def test_top_k_keeps_ties_with_the_kth_value():
