@@ -26,3 +26,15 @@ def test_error_frame_is_openai_shaped():
 
 def test_headers_declare_an_event_stream():
     assert dict(SSE_HEADERS)[b"content-type"].startswith(b"text/event-stream")
+
+
+def test_unicode_line_breaks_in_text_do_not_split_the_data_line():
+    """httpx's `aiter_lines` (str.splitlines) ends lines at NEL, U+2028 and U+2029 too: a token's
+    text holding one must not cut the event in two for such a client."""
+    import msgspec
+
+    text = "a\x85b\u2028c\u2029d é"
+    frame = data_frame(msgspec.json.encode({"choices": [{"text": text}]}))
+    lines = frame.decode().splitlines()
+    assert lines == [lines[0], ""] and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:]) == {"choices": [{"text": text}]}
