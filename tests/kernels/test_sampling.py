@@ -128,24 +128,25 @@ def test_sampled_tokens_are_never_masked_tokens():
         assert torch.isfinite(masked.gather(1, tokens[:, None])).all()
 
 
-def test_a_seeded_row_samples_the_same_token_whatever_else_is_in_the_batch():
-    logits = _logits(6, 1000)
+@pytest.mark.parametrize("seed", range(0, 300, 10))
+def test_a_seeded_row_samples_the_same_token_whatever_else_is_in_the_batch(seed):
+    # Rows kept small (drawn among their candidates) and large (drawn over the whole vocabulary),
+    # alone and beside rows whose top_k widens the candidates every row gets.
+    logits = _logits(7, 1000)
     rows = [(1.0, 0, 1.0, 0.0), (0.8, 50, 0.95, 0.0), (1.2, 0, 0.9, 0.02), (0.0, 0, 1.0, 0.0), (1.0, 5, 1.0, 0.0),
-            (1.5, 0, 1.0, 0.0)]
-    alone = []
-    for row in range(6):
-        params = _params([rows[row]])
-        alone.append(
-            [torch_sampling.sample(logits[row : row + 1], *params, [torch.Generator().manual_seed(42)]).item()
-             for _ in range(1)]
-        )
-    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 4, 0, 2]):
+            (1.5, 0, 1.0, 0.0), (1.0, 0, 0.3, 0.0)]
+    alone = [
+        torch_sampling.sample(logits[row : row + 1], *_params([rows[row]]), [torch.Generator().manual_seed(seed)])
+        .item()
+        for row in range(len(rows))
+    ]
+    for order in ([0, 1, 2, 3, 4, 5, 6], [5, 3, 1, 4, 0, 2, 6], [6, 4, 2, 0]):
         params = _params([rows[row] for row in order])
-        generators = [torch.Generator().manual_seed(42) if row % 2 == 0 else None for row in order]
+        generators = [torch.Generator().manual_seed(seed) if row % 2 == 0 else None for row in order]
         tokens = torch_sampling.sample(logits[order], *params, generators).tolist()
         for position, row in enumerate(order):
             if row % 2 == 0:
-                assert tokens[position] == alone[row][0]
+                assert tokens[position] == alone[row], (order, row)
 
 
 def test_same_seed_same_tokens_step_after_step():
