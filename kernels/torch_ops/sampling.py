@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
@@ -49,6 +50,21 @@ def top_k_rows(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     top, position = candidates.topk(k, dim=1)
     ids = best.gather(1, position // _TOP_K_CHUNK) * _TOP_K_CHUNK + position % _TOP_K_CHUNK
     return top, ids
+
+
+def _largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest of each row of `values` [R, V], descending.
+
+    Why numpy for wide k on the CPU: its partition and its SIMD sort (x86-simd-sort, AVX-512 or
+    AVX2) took 0.33 ms a row for k = 4096 of 49152 and 1.0 ms for a whole row, where torch's topk
+    and sort took 0.59 and 3.5; for narrow k (256) torch's topk is the faster (0.17 vs 0.28)."""
+    vocab = values.shape[-1]
+    if values.device.type != "cpu" or values.dtype != torch.float32 or k <= TOP_P_CANDIDATES:
+        return values.topk(k, dim=-1).values if k < vocab else values.sort(dim=-1, descending=True).values
+    array = values.contiguous().numpy()
+    if k < vocab:
+        array = np.partition(array, vocab - k, axis=-1)[:, vocab - k :]
+    return torch.from_numpy(np.ascontiguousarray(np.sort(array, axis=-1)[:, ::-1]))
 
 
 def _top_p_threshold(
@@ -106,10 +122,7 @@ def _cut(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> _Cut
                 break
             searched = max(searched, min(wider, vocab))
             rows = missing.nonzero().flatten()
-            if searched < vocab:
-                more = logits[rows].topk(searched, dim=-1).values
-            else:
-                more = logits[rows].sort(dim=-1, descending=True).values
+            more = _largest(logits[rows], searched)
             p_threshold[rows], found[rows] = _top_p_threshold(
                 more, row_max[rows], total[rows], threshold[rows], top_p[rows]
             )
