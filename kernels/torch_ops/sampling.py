@@ -20,12 +20,12 @@ GREEDY_TEMPERATURE = 1e-5
 
 # top-p first looks for its cut among each row's 32 largest logits (found with `top_k_rows`, ~0.5 ms
 # for 32 x 49152 where torch's topk of 256 takes 5.4); rows whose kept set reaches past them look
-# among their 256 largest, then their 4096 largest (a small model's flat rows at temperature 1 often
-# keep more than 256 tokens: topk of 4096 takes 0.6 ms a row where a sort takes 3.4), and only rows
-# past those too pay for a sort of the whole vocabulary.
+# among their 4096 largest, and only rows past those too pay for a sort of the whole vocabulary
+# (`_largest`). SmolLM2-135M at temperature 1 with top_p 0.9 (`make bench-sampling`): of the rows
+# past 32, three in four kept more than 256 tokens, so a 256 tier before 4096 cost more than it saved.
 TOP_P_FIRST_CANDIDATES = 32
-TOP_P_CANDIDATES = 256
 TOP_P_WIDE_CANDIDATES = 4096
+_TORCH_TOPK_UP_TO = 256  # `_largest` takes torch's topk up to this k, numpy's partition past it
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,7 +59,7 @@ def _largest(values: torch.Tensor, k: int) -> torch.Tensor:
     AVX2) took 0.33 ms a row for k = 4096 of 49152 and 1.0 ms for a whole row, where torch's topk
     and sort took 0.59 and 3.5; for narrow k (256) torch's topk is the faster (0.17 vs 0.28)."""
     vocab = values.shape[-1]
-    if values.device.type != "cpu" or values.dtype != torch.float32 or k <= TOP_P_CANDIDATES:
+    if values.device.type != "cpu" or values.dtype != torch.float32 or k <= _TORCH_TOPK_UP_TO:
         return values.topk(k, dim=-1).values if k < vocab else values.sort(dim=-1, descending=True).values
     array = values.contiguous().numpy()
     if k < vocab:
@@ -116,7 +116,7 @@ def _cut(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> _Cut
         p_threshold, found = _top_p_threshold(candidates, row_max, total, threshold, top_p)
         # rows whose cut lies past the candidates look further, a few rows at a time
         searched = width
-        for wider in (TOP_P_CANDIDATES, TOP_P_WIDE_CANDIDATES, vocab):
+        for wider in (TOP_P_WIDE_CANDIDATES, vocab):
             missing = p_active & ~found
             if searched >= vocab or not bool(missing.any()):
                 break

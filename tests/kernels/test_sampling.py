@@ -70,13 +70,13 @@ def test_top_p_reaching_past_the_candidate_window_falls_back_to_a_full_sort():
     for row in range(2):
         kept = set(torch.isfinite(masked[row]).nonzero().flatten().tolist())
         assert kept == _expected_kept(logits[row], *rows[row])
-    assert torch.isfinite(masked[0]).sum() > torch_sampling.TOP_P_CANDIDATES
+    assert torch.isfinite(masked[0]).sum() > 256
 
 
 def test_top_p_cut_found_in_each_window_of_a_large_vocabulary():
     # A vocabulary large enough for the chunked search of the 32 largest: a peaked row (cut among
-    # the first 32), rows whose kept sets are ~100 and ~1000 tokens (among the 256, the 4096), and
-    # a flat one (full sort).
+    # the first 32), rows whose kept sets are ~100 and ~1000 tokens (among the 4096 largest, by
+    # torch's topk and numpy's partition), and a flat one (full sort).
     vocab = 16384
     logits = _logits(4, vocab, seed=5)
     logits[0] *= 8
@@ -90,12 +90,8 @@ def test_top_p_cut_found_in_each_window_of_a_large_vocabulary():
         kept = set(torch.isfinite(masked[row]).nonzero().flatten().tolist())
         assert kept == _expected_kept(logits[row], *rows[row]), f"row {row}"
         sizes.append(len(kept))
-    windows = [
-        torch_sampling.TOP_P_FIRST_CANDIDATES,
-        torch_sampling.TOP_P_CANDIDATES,
-        torch_sampling.TOP_P_WIDE_CANDIDATES,
-    ]
-    assert sizes[0] <= windows[0] < sizes[1] <= windows[1] < sizes[2] <= windows[2] < sizes[3]
+    first, wide = torch_sampling.TOP_P_FIRST_CANDIDATES, torch_sampling.TOP_P_WIDE_CANDIDATES
+    assert sizes[0] <= first < sizes[1] < sizes[2] <= wide < sizes[3]
 
 
 def test_top_k_keeps_ties_with_the_kth_value():
