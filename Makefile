@@ -66,7 +66,7 @@ COSTLY = '{"top_p": 0.9, "presence_penalty": 0.5, "frequency_penalty": 0.5, "rep
 .PHONY: bench-sampling
 bench-sampling: $(STAMP)
 	$(BIN)/python -m bench.serving --no-hf --concurrency 32 --num-prompts 96 --input-len 64,512 \
-		--output-len 64,128 --request-args $(SAMPLED) --variant-request-args $(COSTLY) $(ARGS)
+		--output-len 64,128 --request-args $(SAMPLED) --variant-request-args $(COSTLY) --rounds 3 $(ARGS)
 
 .PHONY: bench-embeddings
 bench-embeddings: $(STAMP)

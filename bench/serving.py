@@ -20,6 +20,8 @@ same server with those fields merged too: the cost of penalties, top_p or logpro
 that no run finds the one before it in the prefix cache, each then sends its own copy of the
 prompts behind a short salt ("Run 2 (session)."), and an untimed rehearsal of the baseline goes
 first (the first run after start-up otherwise pays for new prefill shapes: 1.5x slower measured).
+`--rounds N` runs the baseline and the variants N times each in alternating order and reports each
+round's ratio and their median: on a shared 2-core machine one pair's ratio moved by +-8%.
 
 `--llama-server native` (or `avx2`, or `native,avx2`) adds llama.cpp's `llama-server` as a peer,
 after our server (one process at a time): the same GGUF, prompts, client and request bodies
@@ -133,6 +135,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help='fields merged into every request body, e.g. \'{"temperature": 1.0}\' (default: greedy)',
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --variant-request-args: run the baseline and the variants this many times each, "
+        "alternating their order, and report every round's ratio and the median",
+    )
+    parser.add_argument(
         "--variant-request-args",
         type=json_object,
         action="append",
@@ -169,6 +178,11 @@ def json_object(text: str) -> dict:
     return value
 
 
+def round_name(name: str, number: int) -> str:
+    """A row's name in round `number` (0-based) of a `--rounds` run: the first round keeps the name."""
+    return name if number == 0 else f"{name} (round {number + 1})"
+
+
 def request_variant_name(name: str, fields: dict) -> str:
     """The row name of a run whose requests carry the extra `fields`."""
     return f"{name}, with {msgspec.json.encode(fields).decode()}"
@@ -196,7 +210,7 @@ def plan_prompts(args: argparse.Namespace, encode: Encode) -> PromptPlan:
     if not args.shared_prefix:
         salted = None
         if getattr(args, "variant_request_args", None):
-            runs = 2 + len(args.variant_request_args)
+            runs = 1 + getattr(args, "rounds", 1) * (1 + len(args.variant_request_args))
             salted = [[with_prefix(encode, b, f"Run {i} ({session}). ") for b in bodies] for i in range(runs)]
         return PromptPlan(
             main=bodies,
@@ -253,16 +267,20 @@ async def run_ours(
             flush=True,
         )
         variants = getattr(args, "variant_request_args", ()) if label == "ours" else ()
-        runs = plan.salted_runs if variants and plan.salted_runs else [plan.main]
-        if len(runs) > 1:
-            print(f"[{label}] rehearsal (untimed)", file=sys.stderr, flush=True)
-            await run_clients(base_url, model, runs[0], args.concurrency, extra)
-            runs = runs[1:]
-        rows = [summarize(OURS, await run_clients(base_url, model, runs[0], args.concurrency, extra))]
-        for fields, prompts in zip(variants, runs[1:], strict=False):
-            print(f"[{label}] again, with request fields {fields}", file=sys.stderr, flush=True)
-            timings = await run_clients(base_url, model, prompts, args.concurrency, {**extra, **fields})
-            rows.append(summarize(request_variant_name(OURS, fields), timings))
+        if not (variants and plan.salted_runs):
+            return [summarize(OURS, await run_clients(base_url, model, plan.main, args.concurrency, extra))], []
+        runs = iter(plan.salted_runs)
+        print(f"[{label}] rehearsal (untimed)", file=sys.stderr, flush=True)
+        await run_clients(base_url, model, next(runs), args.concurrency, extra)
+        rows = []
+        for number in range(getattr(args, "rounds", 1)):
+            # alternate which goes first, so a machine that drifts favours none of them
+            order = [{}, *variants] if number % 2 == 0 else [*variants, {}]
+            for fields in order:
+                name = request_variant_name(OURS, fields) if fields else OURS
+                print(f"[{label}] round {number + 1}: {name}", file=sys.stderr, flush=True)
+                timings = await run_clients(base_url, model, next(runs), args.concurrency, {**extra, **fields})
+                rows.append(summarize(round_name(name, number), timings))
         return rows, []
     print(f"[{label}] shared prefix, not cached (salted copies)", file=sys.stderr, flush=True)
     cold = await run_clients(base_url, model, plan.cold, args.concurrency)
@@ -407,6 +425,20 @@ def render(args: argparse.Namespace, result: ServingResult) -> str:
                 f"{fmt(base.output_tok_s)} = x{fmt(ratio(other.output_tok_s, base.output_tok_s), 3)}; "
                 f"TPOT {ms(other.tpot_mean)} / {ms(base.tpot_mean)} ms; "
                 f"TTFT p50 {ms(other.ttft_p50)} / {ms(base.ttft_p50)} ms"
+            )
+    rounds = getattr(args, "rounds", 1)
+    for fields in getattr(args, "variant_request_args", ()) if rounds > 1 else ():
+        other = request_variant_name(OURS, fields)
+        per_round = [
+            ratio(result.get(round_name(other, r)).output_tok_s, result.get(round_name(OURS, r)).output_tok_s)
+            for r in range(rounds)
+            if result.get(round_name(other, r)) and result.get(round_name(OURS, r))
+        ]
+        if per_round:
+            lines.append(
+                f"- output tok/s, {other} / {OURS}, per round (alternating order): "
+                + ", ".join(f"x{fmt(v, 3)}" for v in per_round)
+                + f"; median x{fmt(statistics.median(per_round), 3)}"
             )
     lines += llama_lines(args, result)
     if lines:

@@ -138,12 +138,17 @@ def test_serving_benchmark_runs_request_variants_against_the_same_server(tiny_mo
     sampled = '{"temperature": 1.0, "seed": 1}'
     costly = '{"top_p": 0.9, "presence_penalty": 0.5, "frequency_penalty": 0.5, "logprobs": 5}'
     argv = ["--model", tiny_model, "--no-hf", "--concurrency", "2", "--num-prompts", "3", "--input-len", "8,16",
-            "--output-len", "3,5", "--request-args", sampled, "--variant-request-args", costly]  # fmt: skip
+            "--output-len", "3,5", "--request-args", sampled, "--variant-request-args", costly,
+            "--rounds", "2"]  # fmt: skip
     result, text = serving.run_and_report(argv)
     variant = serving.request_variant_name(serving.OURS, serving.json_object(costly))
-    assert [s.name for s in result.summaries] == [serving.OURS, variant]
+    # the second round runs them in the other order
+    assert [s.name for s in result.summaries] == [
+        serving.OURS, variant, f"{variant} (round 2)", f"{serving.OURS} (round 2)"
+    ]
     assert result.get(variant).output_tokens == result.get(serving.OURS).output_tokens > 0
     assert f"output tok/s, {variant} / sansllm:" in text and '/v1/completions streamed, with {"temperature"' in text
+    assert f"output tok/s, {variant} / sansllm, per round (alternating order): x" in text and "; median x" in text
 
 
 def test_decode_step_tool_times_and_profiles_a_tiny_model(tiny_model: str, capsys) -> None:
