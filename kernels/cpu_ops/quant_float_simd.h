@@ -13,7 +13,7 @@
 // costs one multiply (or FMA), as the fold's multiply per block does, and beyond one row the fold needs
 // a multiply per row and block where the table needs none; it also rounds worse where d * q and m cancel.
 //
-// Several activation rows per pass (`kFloatTile`, up to 8): each block is decoded once into registers and
+// Several activation rows per pass (`kFloatTile`: 8 with AVX-512, 6 with AVX2): each block is decoded once into registers and
 // FMA'd into the accumulators of every row of the tile, so the decoding (most of the work beside reading
 // the weights) is shared by the rows. Every activation row has its own accumulators, one per vector of a
 // 32-element group, whatever the tile's size, so a row's result does not depend on the rows beside it
@@ -44,7 +44,11 @@ static inline float fsum(FV v) {
 #else
 using FV = __m256;
 constexpr int kLanes = 8;
-constexpr int kFloatTile = 8;  // activation rows per pass (3 x 4 accumulators; beyond, two or four slices)
+// activation rows per pass: 3 x 4 accumulators fit, 6 rows take two slices. Not 8 as on AVX-512: eight
+// rows take four slices, each a pass over the tile's activations, which at 1536 inputs (48 KB for 8
+// rows) no longer stay in L1: SmolLM2's `down` took 514 us at 8 rows against 122 at 4 and 352 at 12
+// (6 + 6), with Q4_1 on the 2-core EPYC under --isa avx2 (bench.quant_linear).
+constexpr int kFloatTile = 6;
 constexpr int kAccBudget = 12; // of 16 registers: the rest hold decoded weights and an activation vector
 static inline FV fzero() { return _mm256_setzero_ps(); }
 static inline FV fload(const float* p) { return _mm256_loadu_ps(p); }
@@ -392,7 +396,7 @@ void float_rows(const FloatArgs& a, int64_t o_begin, int64_t o_end) {
 
 template <int F>
 FloatRowsFn float_pick(int rows) {
-  static_assert(kFloatTile == 8);
+  static_assert(kFloatTile <= 8);
   switch (rows) {
     case 1: return float_rows<F, 1>;
     case 2: return float_rows<F, 2>;
