@@ -10,7 +10,7 @@ import engine
 ROOT = Path(__file__).resolve().parents[2]
 OUTSIDE = ["sansllm", "runtime_asyncio", "runtime_trio", "bench", "examples", "protocol", "fuzz", "tests/runtime"]
 # Micro-benchmarks that time one engine part alone, on purpose, and what they may reach.
-MICRO_BENCHMARKS = {"bench/sampler_step.py": {"engine.sampler"}}
+MICRO_BENCHMARKS = {"bench/sampler_step.py": {"engine.sampler", "engine.allocator"}}
 
 
 def test_the_public_surface_is_what_it_says():
