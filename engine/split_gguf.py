@@ -13,12 +13,22 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from engine.model_files import ModelNotFoundError, cache_dir, package_file
 
 _CHUNK = 8 << 20
+
+
+class _Named(Protocol):
+    @property
+    def filename(self) -> str: ...
+
+
+_Entry = TypeVar("_Entry", bound=_Named)
 
 
 @dataclass(frozen=True)
@@ -49,17 +59,28 @@ SPLIT_GGUF = {
 }
 
 
+def named(model: str, table: Mapping[str, _Entry]) -> tuple[str, _Entry] | None:
+    """(served name, entry) of `table` for a served name or the entry's file name (with or without
+    `.gguf`), else None. `engine.wheel_gguf` looks its models up the same way."""
+    for name, entry in table.items():
+        if model in (name, entry.filename, entry.filename.removesuffix(".gguf")):
+            return name, entry
+    return None
+
+
 def split_gguf_named(model: str) -> tuple[str, SplitGGUF] | None:
     """(served name, parts) for a served name or its file's name (with or without `.gguf`), else None."""
-    for name, split in SPLIT_GGUF.items():
-        if model in (name, split.filename, split.filename.removesuffix(".gguf")):
-            return name, split
-    return None
+    return named(model, SPLIT_GGUF)
+
+
+def cached_model_path(filename: str) -> Path:
+    """Where a joined model file lives in the cache (present or not)."""
+    return cache_dir() / "models" / filename
 
 
 def assembled_path(split: SplitGGUF) -> Path:
     """The joined file in the cache (present or not)."""
-    return cache_dir() / "models" / split.filename
+    return cached_model_path(split.filename)
 
 
 def assemble(split: SplitGGUF) -> Path:
@@ -73,11 +94,11 @@ def assemble(split: SplitGGUF) -> Path:
     target = assembled_path(split)
     record = target.with_name(target.name + ".verified.json")
     expected = {"sha256": split.sha256, "parts": [_signature(part) for part in parts]}
-    if target.is_file() and _read_record(record) == {**expected, "file": _signature(target)}:
+    if target.is_file() and read_record(record) == {**expected, "file": _signature(target)}:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     _join(parts, target, split.sha256)
-    _write_record(record, {**expected, "file": _signature(target)})
+    write_record(record, {**expected, "file": _signature(target)})
     return target
 
 
@@ -109,14 +130,15 @@ def _signature(path: Path) -> list[str | int]:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def _read_record(path: Path) -> object:
+def read_record(path: Path) -> object:
+    """The JSON record beside a joined file, or None where it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_record(path: Path, record: dict[str, object]) -> None:
+def write_record(path: Path, record: dict[str, object]) -> None:
     """Best effort: without a record the next start checks the file again."""
     staging = path.with_name(f".{path.name}.{os.getpid()}")
     try:

@@ -12,7 +12,6 @@ once; serving the model by name afterwards needs no network.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.model_files import ModelNotFoundError, cache_dir
+from engine.split_gguf import cached_model_path, named, read_record, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +64,12 @@ WHEEL_GGUF = {
 
 def wheel_gguf_named(model: str) -> tuple[str, WheelGGUF] | None:
     """(served name, wheels) for a served name or its file's name (with or without `.gguf`), else None."""
-    for name, split in WHEEL_GGUF.items():
-        if model in (name, split.filename, split.filename.removesuffix(".gguf")):
-            return name, split
-    return None
+    return named(model, WHEEL_GGUF)
 
 
 def fetched_path(split: WheelGGUF) -> Path:
     """The joined file in the cache (present or not)."""
-    return cache_dir() / "models" / split.filename
+    return cached_model_path(split.filename)
 
 
 def _record_path(target: Path) -> Path:
@@ -87,12 +84,8 @@ def _expected_record(split: WheelGGUF, target: Path) -> dict[str, object]:
 def fetched(split: WheelGGUF) -> Path:
     """The joined, checked file, without fetching: a clear error that says how to get it otherwise."""
     target = fetched_path(split)
-    if target.is_file():
-        try:
-            if json.loads(_record_path(target).read_text()) == _expected_record(split, target):
-                return target
-        except (OSError, ValueError):
-            pass
+    if target.is_file() and read_record(_record_path(target)) == _expected_record(split, target):
+        return target
     raise ModelNotFoundError(
         f"{split.filename} has not been fetched (or changed since): run `make fetch-models` "
         f"(or `python -m engine.wheel_gguf {split.filename.removesuffix('.gguf')}`) once; it downloads "
@@ -124,10 +117,7 @@ def fetch(split: WheelGGUF, download: object = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("joining %s from %d wheels", split.filename, len(wheels))
     _join(split, wheels, target)
-    record = _record_path(target)
-    staging = record.with_name(f".{record.name}.{os.getpid()}")
-    staging.write_text(json.dumps(_expected_record(split, target)))
-    os.replace(staging, record)
+    write_record(_record_path(target), _expected_record(split, target))
     return target
 
 
