@@ -197,8 +197,7 @@ def _draw_masked(
 ) -> torch.Tensor:
     """`draw` with the rows' uniform numbers given, from `logits` (overwritten, no new [B, V]
     tensor) with the tokens below `threshold` [B, 1] (if given) or at -inf dropped."""
-    dropped = None if threshold is None else logits < threshold
-    return invert_cumulative(_weights(logits, dropped).cumsum_(dim=-1), uniform)
+    return invert_cumulative(_weights(logits, threshold).cumsum_(dim=-1), uniform)
 
 
 # exp() is slow on the CPU where it underflows or meets -inf: 16 and 5.3 ms for 32 x 49152 values
@@ -209,13 +208,14 @@ def _draw_masked(
 _EXP_FLOOR = -87.0
 
 
-def _weights(logits: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
-    """exp(logits - row max) in place, 0 where `dropped` or where logits are -inf."""
-    if dropped is None:
-        dropped = logits == float("-inf")
-        dropped = dropped if bool(dropped.any()) else None
+def _weights(logits: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(logits - row max) in place, 0 below `threshold` [B, 1] and at -inf (a processor's mask:
+    the floor would otherwise give it e^-87, which a uniform number of 0 could land on)."""
+    lowest = torch.finfo(logits.dtype).min
+    floor = torch.full((logits.shape[0], 1), lowest, device=logits.device, dtype=logits.dtype)
+    dropped = logits < (floor if threshold is None else threshold.clamp_min(lowest))
     weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(_EXP_FLOOR).exp_()
-    return weights if dropped is None else weights.masked_fill_(dropped, 0.0)
+    return weights.masked_fill_(dropped, 0.0) if bool(dropped.any()) else weights
 
 
 def draw_from_weights(weights: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
@@ -301,7 +301,7 @@ def sample(
         if rows.numel():
             ids, order = cut.candidate_ids[rows].sort(dim=1)
             values = cut.candidates[rows].gather(1, order)
-            weights = _weights(values, values < cut.threshold[rows])
+            weights = _weights(values, cut.threshold[rows])
             tokens[rows] = ids.gather(1, invert_cumulative(weights.cumsum_(dim=1), uniform[rows])[:, None])[:, 0]
     rows = (~small).nonzero().flatten()
     if rows.numel() == len(generators):  # every row over the whole vocabulary: no row copies

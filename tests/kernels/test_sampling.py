@@ -212,3 +212,14 @@ def test_row_argmax_is_torchs_argmax_with_first_maximum_on_ties():
     assert torch.equal(got, values.argmax(dim=-1))
     assert got[3] == 7 and got[5] == 9
     assert torch.equal(argmax_rows(values[:, ::2]), values[:, ::2].argmax(dim=-1))  # strided rows
+
+
+def test_a_token_at_minus_infinity_is_never_drawn_even_at_a_uniform_of_zero(monkeypatch):
+    # Processors (allowed tokens, bad words) mask with -inf; rows filtered by top-k and not at all
+    # share the batch, so both the candidate draw and the whole-vocabulary draw are taken.
+    monkeypatch.setattr(torch_sampling, "uniforms", lambda generators, device: torch.zeros(len(generators), 1))
+    logits = _logits(3, 300)
+    logits[:, :150] = float("-inf")
+    params = _params([(1.0, 0, 1.0, 0.0), (1.0, 200, 1.0, 0.0), (1.0, 5, 1.0, 0.0)])
+    tokens = torch_sampling.sample(logits, *params, [None] * 3)
+    assert (tokens >= 150).all(), tokens
