@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import msgspec
 import torch
@@ -26,6 +27,7 @@ from engine.beam_search import BeamSearch, BeamSearchDriver
 from engine.best_of import BestOfCollector
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import DecoderRunner
+from engine.processors import builtin_processors
 from engine.models.llama import LlamaForCausalLM
 from engine.requests import (
     RequestRejected,
@@ -41,6 +43,7 @@ from engine.scheduler import ScheduledChunk, Scheduler
 from engine.scheduler import Sequence as ScheduledSequence
 from engine.spec_decode import DraftedRow, SpeculativeConfig, Speculator, verify
 from engine.step_budget import StepBudget
+from engine.structured import CompiledGuide, ConstraintError, GuideCompiler
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled, TokenLogprobs, Tokens
 
 Draft = tuple[int, ...]  # speculative tokens proposed for a decoding sequence
@@ -89,6 +92,7 @@ class EngineCore:
         tasks: frozenset[str] = frozenset({"generate"}),
         max_step_ratio: float = 0.0,  # EngineConfig's default turns it on
         speculative_config: SpeculativeConfig | None = None,
+        guides: GuideCompiler | None = None,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -112,7 +116,11 @@ class EngineCore:
             max_num_batched_tokens,
             prefill_limit=self.step_budget.prefill_tokens if self.step_budget.enabled else None,
         )
-        self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed))
+        # structured output: guides compile off this thread; a request waits here until its guide is
+        # ready (future done), while the others keep stepping (engine.structured.compiler)
+        self.guides = guides
+        self.awaiting_guides: dict[str, tuple[Generate, int, Future[CompiledGuide]]] = {}
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed), builtin_processors(guides))
         # n-gram speculative decoding (engine.spec_decode); None: off
         self.speculator = Speculator(speculative_config, max_model_len) if speculative_config else None
         self.requests: dict[str, RequestState] = {}
@@ -128,7 +136,16 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.requests) or bool(self.encodes)
+        return bool(self.requests) or bool(self.encodes) or self._guide_ready()
+
+    def _guide_ready(self) -> bool:
+        return any(future.done() for _, _, future in self.awaiting_guides.values())
+
+    def wait_for_guides(self, timeout: float | None = None) -> None:
+        """Block until some awaited guide is compiled (offline use: nothing else to do meanwhile)."""
+        futures = [future for _, _, future in self.awaiting_guides.values()]
+        if futures:
+            wait(futures, timeout, return_when=FIRST_COMPLETED)
 
     def stats(self) -> EngineStats:
         """The numbers as of the end of the last `add` or `step` (safe to read from another thread)."""
@@ -139,7 +156,7 @@ class EngineCore:
         spec = self.speculator
         self._stats = EngineStats(
             num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
+            num_waiting=scheduler.num_waiting + len(self.awaiting_guides),
             kv_cache_usage=self.kv.pool.usage(),
             num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=scheduler.prefix_cache_queries,
@@ -168,7 +185,7 @@ class EngineCore:
         return events
 
     def _running(self, request_id: str) -> list[Event]:
-        if request_id in self.requests or request_id in self.encodes:
+        if request_id in self.requests or request_id in self.encodes or request_id in self.awaiting_guides:
             return [Failed(request_id, 400, f"request id {request_id!r} is already running")]
         return []
 
@@ -207,6 +224,28 @@ class EngineCore:
             max_tokens = validate(command, self.config.vocab_size, self.max_model_len, self.max_num_seqs)
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
+        if command.params.structured is not None:
+            if self.guides is None:
+                return [Failed(command.request_id, 400, "this model does not support structured output")]
+            future = self.guides.compile(command.params.structured)
+            if not future.done():
+                self.awaiting_guides[command.request_id] = (command, max_tokens, future)
+                return []
+            if (refused := _compile_failure(command.request_id, future)) is not None:
+                return [refused]
+        return self._start_generate(command, max_tokens)
+
+    def _admit_compiled(self) -> list[Event]:
+        """Start the requests whose guide is now compiled (or fail those whose guide cannot be)."""
+        events: list[Event] = []
+        for request_id, (command, max_tokens, future) in list(self.awaiting_guides.items()):
+            if future.done():
+                del self.awaiting_guides[request_id]
+                refused = _compile_failure(request_id, future)
+                events.extend([refused] if refused is not None else self._start_generate(command, max_tokens))
+        return events
+
+    def _start_generate(self, command: Generate, max_tokens: int) -> list[Event]:
         params = command.params
         # sequences to start: n samples, best_of candidates, or the first beam (beams fork later)
         width = num_candidates(params)
@@ -253,6 +292,8 @@ class EngineCore:
 
     def _abort(self, command: Abort) -> None:
         """Drop a request or one sample, silently (the protocol side already knows); blocks free at once."""
+        if self.awaiting_guides.pop(command.request_id, None) is not None:
+            return
         encode = self.encodes.pop(command.request_id, None)
         if encode is not None:
             self.scheduler.finish(encode[1])
@@ -283,7 +324,10 @@ class EngineCore:
 
     def fail_all(self, status: int, message: str) -> list[Event]:
         """Fail every live request (the engine is going away)."""
-        events: list[Event] = [Failed(rid, status, message) for rid in [*self.requests, *self.encodes]]
+        events: list[Event] = [
+            Failed(rid, status, message) for rid in [*self.requests, *self.encodes, *self.awaiting_guides]
+        ]
+        self.awaiting_guides.clear()
         for request in list(self.requests.values()):
             self._drop(request)
         for _, seq in self.encodes.values():
@@ -295,6 +339,7 @@ class EngineCore:
     # ---- one step ----
 
     def step(self) -> list[Event]:
+        admitted = self._admit_compiled() if self.awaiting_guides else []
         drafts = None
         if self.speculator is not None:  # draft tokens for decoding sequences (engine.spec_decode)
             drafts = self.speculator.propose(self.scheduler.running, self._max_tokens_of)
@@ -315,7 +360,7 @@ class EngineCore:
             if self.speculator is not None and not prefill_tokens:  # it learns what a row costs
                 self.speculator.observe(decodes, seconds)
         self._refresh_stats()
-        return events
+        return admitted + events
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[Event]:
         spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
@@ -531,3 +576,12 @@ class EngineCore:
 
 def _frozen(entries: Sequence | None) -> tuple | None:
     return None if entries is None else tuple(entries)
+
+
+def _compile_failure(request_id: str, future: Future[CompiledGuide]) -> Failed | None:
+    """The 400 for a constraint that cannot compile (None: it compiled)."""
+    error = future.exception()
+    if error is None:
+        return None
+    status = 400 if isinstance(error, ConstraintError) else 500
+    return Failed(request_id, status, str(error))

@@ -30,6 +30,7 @@ from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.model_runner import EncoderRunner
 from engine.registry import Convert
 from engine.spec_decode import SpeculativeConfig, parse_speculative_config
+from engine.structured import GuideCompiler
 from engine.tokenizer import HFTokenizer
 from kernels.quantized import set_default_activations
 from protocol.engine_api import Command, Encode, Event, Failed, Generate
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[list[Event]], None]
 _STOP = object()
+_WAKE = object()  # a compiler worker's nudge: a guide is ready
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~23k tokens of SmolLM2-135M in float32
 
@@ -131,6 +133,8 @@ class EngineThread:
                 items = self._drain(block=not any(engine.core.has_work for engine in active))
                 commands: dict[Engine, list[Command]] = {}
                 for engine, item in items:
+                    if item is _WAKE:
+                        continue  # a guide is ready: this turn's has_work check admits it
                     if item is _STOP:
                         commands.pop(engine, None)
                         if engine in active:
@@ -171,7 +175,7 @@ class EngineThread:
         for engine in self.engines:
             engine._alive = False
             engine._refusal = (500, message)
-            pending = [item for owner, item in leftovers if owner is engine and item is not _STOP]
+            pending = [item for owner, item in leftovers if owner is engine and item not in (_STOP, _WAKE)]
             events = undelivered.get(engine, []) + engine.core.fail_all(500, message) + _fail(pending, 500, message)
             if events and engine._on_events is not None:
                 try:
@@ -279,6 +283,7 @@ class Engine:
             tasks=self.tasks,
             max_step_ratio=config.max_step_ratio,
             speculative_config=parse_speculative_config(config.speculative_config),
+            guides=GuideCompiler(self.tokenizer, on_ready=self._wake),
         )
 
     def _build_encoder(self, config: EngineConfig, loaded: LoadedModel) -> None:
@@ -354,9 +359,20 @@ class Engine:
 
     def _run_to_completion(self, commands: list[Command]) -> list[Event]:
         events = self.core.add(commands)
-        while self.core.has_work:
+        while self.core.has_work or self._awaits_guides():
+            if not self.core.has_work:
+                self.core.wait_for_guides()
             events += self.core.step()
         return events
+
+    def _awaits_guides(self) -> bool:
+        return bool(getattr(self.core, "awaiting_guides", None))
+
+    def _wake(self) -> None:
+        """A guide finished compiling (called on a compiler worker): let the loop run a turn."""
+        with self._thread.lock:
+            if self._alive and self._thread.alive and self._thread.started:
+                self._thread.inbox.put((self, _WAKE))
 
     def step_sync(self, commands: Iterable[Command] = ()) -> list[Event]:
         """Take commands and run a single step (on the engine's thread); returns that step's events."""

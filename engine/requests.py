@@ -80,10 +80,6 @@ def validate(command: Generate, vocab_size: int, max_model_len: int, max_num_seq
     """Refuse what the engine cannot do; return max_tokens capped to the context window."""
     p = command.params
     prompt = command.prompt_token_ids
-    if p.structured is not None:
-        raise RequestRejected(
-            "structured output (json, regex, choice, grammar) is not supported by this engine yet"
-        )
     if p.n < 1:
         raise RequestRejected(f"n must be at least 1, got {p.n}")
     if p.best_of is not None and p.best_of < p.n:

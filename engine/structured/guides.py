@@ -1,0 +1,233 @@
+"""A constraint compiled into a guide, and the per-sequence matchers that walk it.
+
+Two backends, both through outlines' stack:
+- JSON schema, regex, choice and json_object compile with outlines-core into an `Index` (a DFA over
+  token ids, shared by every sequence that uses the constraint); a sequence's state is a `Guide`.
+- Lark and EBNF grammars go to llguidance, the library outlines' own grammar support runs on
+  (`outlines.backends.llguidance`). We call it directly because outlines' wrapper is a whole-batch
+  HF logits processor tied to a model object, while we need one matcher per sequence that can
+  fork, roll back a rejected draft and write its mask into our batched bitmask.
+
+Masks are bitmasks of 32-bit words, one bit per token id, as both libraries write them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.structured.vocabulary import ConstraintVocabulary
+from protocol.engine_api import StructuredOutput
+
+# how many accepted tokens a matcher can take back (speculative drafts are at most this long)
+MAX_ROLLBACK = 32
+
+
+class ConstraintError(ValueError):
+    """The constraint cannot be compiled; the message says why (the client gets it in a 400)."""
+
+
+def words(vocab_size: int) -> int:
+    """32-bit words in one row of a bitmask over `vocab_size` tokens."""
+    return (vocab_size + 31) // 32
+
+
+class Matcher:
+    """One sequence's position in a guide."""
+
+    def fill(self, row: torch.Tensor) -> None:
+        """Write the bitmask of the tokens allowed next into `row` (int32, contiguous)."""
+        raise NotImplementedError
+
+    def advance(self, token_id: int) -> bool:
+        """Take `token_id`; False (and no move) when the guide does not allow it."""
+        raise NotImplementedError
+
+    def rollback(self, count: int) -> None:
+        """Take back the last `count` tokens (a rejected draft)."""
+        raise NotImplementedError
+
+    def copy(self) -> Matcher:
+        raise NotImplementedError
+
+
+class CompiledGuide:
+    """What a constraint compiles to; `matcher()` starts a sequence at its beginning."""
+
+    def matcher(self) -> Matcher:
+        raise NotImplementedError
+
+
+# ---- outlines-core ----
+
+
+class _OutlinesMatcher(Matcher):
+    def __init__(self, index: Any, history: Sequence[int] = ()) -> None:
+        from outlines_core import Guide
+
+        self._index = index
+        self._guide = Guide(index, max_rollback=MAX_ROLLBACK)
+        self._history: list[int] = []
+        for token_id in history:
+            self.advance(token_id)
+
+    def fill(self, row: torch.Tensor) -> None:
+        self._guide.write_mask_into(row.data_ptr(), row.numel(), 4)
+
+    def advance(self, token_id: int) -> bool:
+        if not self._guide.accepts_tokens([token_id]):
+            return False
+        self._guide.advance(token_id, return_tokens=False)
+        self._history.append(token_id)
+        return True
+
+    def rollback(self, count: int) -> None:
+        if count:
+            self._guide.rollback_state(count)
+            del self._history[-count:]
+
+    def copy(self) -> Matcher:
+        return _OutlinesMatcher(self._index, self._history)
+
+
+@dataclass(frozen=True)
+class OutlinesGuide(CompiledGuide):
+    index: Any  # outlines_core.Index
+
+    def matcher(self) -> Matcher:
+        return _OutlinesMatcher(self.index)
+
+
+# ---- llguidance (grammars) ----
+
+
+class _GrammarMatcher(Matcher):
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+
+    def fill(self, row: torch.Tensor) -> None:
+        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+
+    def advance(self, token_id: int) -> bool:
+        if self._matcher.is_stopped():
+            return False
+        ok = bool(self._matcher.consume_token(token_id))
+        if not ok or self._matcher.is_error():
+            return False
+        return True
+
+    def rollback(self, count: int) -> None:
+        if count:
+            self._matcher.rollback(count)
+
+    def copy(self) -> Matcher:
+        return _GrammarMatcher(self._matcher.deep_copy())
+
+
+@dataclass(frozen=True)
+class GrammarGuide(CompiledGuide):
+    tokenizer: Any  # llguidance.LLTokenizer
+    grammar: str  # llguidance's serialized grammar
+
+    def matcher(self) -> Matcher:
+        import llguidance
+
+        return _GrammarMatcher(llguidance.LLMatcher(self.tokenizer, self.grammar))
+
+
+# ---- compiling ----
+
+
+def constraint_regex(constraint: StructuredOutput) -> str | None:
+    """The regex outlines-core compiles for a JSON schema, regex, choice or json_object; None for a grammar."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    whitespace = constraint.whitespace_pattern
+    if constraint.disable_any_whitespace:
+        whitespace = ""
+    if constraint.regex is not None:
+        return constraint.regex
+    if constraint.choice is not None:
+        return "|".join(_escape(choice) for choice in constraint.choice)
+    if constraint.json is not None or constraint.json_object:
+        schema = constraint.json if constraint.json is not None else '{"type": "object"}'
+        if constraint.disable_additional_properties:
+            schema = json.dumps(_no_additional_properties(json.loads(schema)))
+        try:
+            return build_regex_from_schema(schema, whitespace)
+        except (ValueError, TypeError, RecursionError) as error:
+            raise ConstraintError(f"The JSON schema is not supported: {_first_line(error)}") from None
+    return None
+
+
+def compile_constraint(constraint: StructuredOutput, vocabulary: ConstraintVocabulary, tokenizer: Any) -> CompiledGuide:
+    """Compile (seconds for a big schema over a big vocabulary; run it off the engine thread)."""
+    if constraint.grammar is not None:
+        return _compile_grammar(constraint.grammar, vocabulary, tokenizer)
+    regex = constraint_regex(constraint)
+    assert regex is not None
+    from outlines_core import Index
+
+    try:
+        return OutlinesGuide(Index(regex, vocabulary.outlines()))
+    except (ValueError, TypeError) as error:
+        what = "regex" if constraint.regex is not None else "constraint"
+        message = _first_line(error)
+        if "building NFA" in message or "DFA" in message:
+            message += " (outlines-core regexes have no look-around and no back-references)"
+        raise ConstraintError(f"The {what} cannot be compiled: {message}") from None
+
+
+_LLG_TOKENIZERS: dict[str, Any] = {}
+
+
+def _llg_tokenizer(vocabulary: ConstraintVocabulary, tokenizer: Any) -> Any:
+    cached = _LLG_TOKENIZERS.get(vocabulary.fingerprint)
+    if cached is None:
+        import llguidance.hf
+
+        cached = llguidance.hf.from_tokenizer(
+            tokenizer.hf, n_vocab=vocabulary.vocab_size, eos_token=sorted(vocabulary.eos_token_ids)
+        )
+        _LLG_TOKENIZERS[vocabulary.fingerprint] = cached
+    return cached
+
+
+def _compile_grammar(text: str, vocabulary: ConstraintVocabulary, tokenizer: Any) -> CompiledGuide:
+    import llguidance
+
+    kind = "gbnf" if "::=" in text else "lark"
+    try:
+        grammar = llguidance.grammar_from(kind, text)
+    except (ValueError, RuntimeError) as error:
+        raise ConstraintError(f"The grammar cannot be parsed as {kind.upper()}: {_first_line(error)}") from None
+    llg_tokenizer = _llg_tokenizer(vocabulary, tokenizer)
+    message = llguidance.LLMatcher.validate_grammar(grammar, llg_tokenizer)
+    if message:
+        raise ConstraintError(f"The grammar cannot be compiled: {_first_line(message)}")
+    return GrammarGuide(llg_tokenizer, grammar)
+
+
+def _escape(text: str) -> str:
+    """A literal for outlines-core's regex syntax (Rust `regex`): escape every meta character."""
+    return "".join("\\" + char if char in r"\.+*?()|[]{}^$#&-~" else char for char in text)
+
+
+def _no_additional_properties(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        result = {key: _no_additional_properties(value) for key, value in schema.items()}
+        if result.get("type") == "object" or "properties" in result:
+            result.setdefault("additionalProperties", False)
+        return result
+    if isinstance(schema, list):
+        return [_no_additional_properties(item) for item in schema]
+    return schema
+
+
+def _first_line(error: object) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
