@@ -540,13 +540,20 @@ def _normalize_content(content: Any, content_format: ContentFormat, where: str) 
 
 
 def _parse_arguments(arguments: Any, where: str) -> Any:
-    """OpenAI sends arguments as a JSON string; templates expect the decoded object (HF convention)."""
-    if not arguments:
+    """OpenAI sends arguments as a JSON string; templates expect the decoded object (HF convention).
+
+    Absent, null, empty or blank arguments are `{}` (vLLM's rule for the first three; a blank string is
+    what a model that called a function without arguments may have streamed). Already decoded objects
+    and arrays pass through; anything else that is not a string is the request's error, not `{}`.
+    """
+    if arguments is None:
         return {}
     if isinstance(arguments, (dict, list)):
-        return _plain(arguments)
+        return _plain(arguments) if arguments else {}
     if not isinstance(arguments, str):
         raise _bad(f"{where} must be a JSON string.")
+    if not arguments.strip():
+        return {}
     try:
         return msgspec.json.decode(arguments)
     except msgspec.DecodeError as exc:
@@ -556,6 +563,11 @@ def _parse_arguments(arguments: Any, where: str) -> Any:
 
 
 def _normalize_tool_calls(tool_calls: Any, where: str) -> list[dict]:
+    """Each call is copied with its arguments decoded; the fields templates print are checked here.
+
+    A call without a string `function.name` (or with an `id` that is not a string) would otherwise
+    reach the template and fail there with a message about the template, not about the request.
+    """
     if not isinstance(tool_calls, list):
         raise _bad(f"{where} must be a list.")
     normalized = []
@@ -563,6 +575,15 @@ def _normalize_tool_calls(tool_calls: Any, where: str) -> list[dict]:
         call_where = f"{where}[{index}]"
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
             raise _bad(f"{call_where} must be an object with a 'function' object.")
+        name = call["function"].get("name")
+        if not isinstance(name, str):
+            raise _bad(
+                f"{call_where}.function.name must be a string."
+                if name is not None
+                else f"{call_where}.function has no 'name'."
+            )
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise _bad(f"{call_where}.id must be a string.")
         call = _plain(call)
         call["function"]["arguments"] = _parse_arguments(
             call["function"].get("arguments"), f"{call_where}.function.arguments"
@@ -572,6 +593,9 @@ def _normalize_tool_calls(tool_calls: Any, where: str) -> list[dict]:
 
 
 def _normalize_message(message: Any, content_format: ContentFormat, where: str) -> dict:
+    """One message as templates expect it: content normalized; assistant tool calls decoded; a tool
+    message's `tool_call_id` kept when it is set (a null one is left out, so `is defined` in a template
+    means there is an id to print); `name` kept when it is a string."""
     if not isinstance(message, dict):
         raise _bad(f"{where} must be an object.")
     role = message.get("role")
@@ -589,8 +613,8 @@ def _normalize_message(message: Any, content_format: ContentFormat, where: str) 
             if not isinstance(reasoning, str):
                 raise _bad(f"{where}.reasoning must be a string.")
             result["reasoning"] = result["reasoning_content"] = reasoning
-    elif role == "tool" and "tool_call_id" in message:
-        if not isinstance(message["tool_call_id"], str | None):
+    elif role == "tool" and message.get("tool_call_id") is not None:
+        if not isinstance(message["tool_call_id"], str):
             raise _bad(f"{where}.tool_call_id must be a string.")
         result["tool_call_id"] = message["tool_call_id"]
     if isinstance(message.get("name"), str):
