@@ -1,0 +1,151 @@
+"""Hermes 2 Pro / Qwen2.5 / Qwen3 tool calls: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+
+Text outside the blocks is content, verbatim, except that whitespace-only stretches next to calls
+are dropped (so a message that is only calls has no content). A call is released as soon as its
+name is known and its arguments then stream as the model's raw JSON text. "arguments" written
+before "name" is held until the name arrives; arguments given as a JSON string are released at
+the string's end, as its content; a missing or null "arguments" is `{}`.
+
+A block whose JSON is not a call (invalid JSON, no name, arguments neither object nor string) is
+returned as content, markers included, when it was seen whole before anything of it was released:
+always in the non-streaming result. Streamed in pieces, a block is released from its name on and
+what went out cannot be taken back: if its JSON breaks later, the rest of the block is dropped.
+A block the output ends inside (no `</tool_call>`) is a call if its JSON object is complete, so a
+model that stops at end-of-sequence right after the object still calls the tool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from protocol.output.deltas import MessageDelta
+from protocol.output.tool_parsers._common import (
+    BROKEN,
+    DONE,
+    INVALID,
+    CallReader,
+    Calls,
+    Content,
+    Out,
+    StreamedCall,
+    partial_suffix,
+    skip_whitespace,
+)
+from protocol.output.tool_parsers.base import ToolParser, ToolSpec, default_call_id
+from protocol.output.tool_parsers.registry import register_tool_parser
+
+START = "<tool_call>"
+END = "</tool_call>"
+
+_TEXT, _BLOCK, _AFTER, _BAD = range(4)
+
+
+@register_tool_parser("hermes")
+class HermesToolParser(ToolParser):
+    """`<tool_call>` JSON `</tool_call>` blocks anywhere in the output; the rest is content."""
+
+    skip_special_tokens = False  # Qwen's <tool_call> and </tool_call> are special tokens
+
+    def __init__(self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id) -> None:
+        super().__init__(tools, new_id)
+        self._calls = Calls(self.new_id)
+        self._content = Content()
+        self._buffer = ""
+        self._state = _TEXT
+        self._call: StreamedCall | None = None
+        self._invalid = False  # the block after the object is not a call: it becomes content
+        self._keep_bad = False  # a broken block's text is content (True) or dropped (released already)
+
+    def feed(self, text: str) -> MessageDelta:
+        """Release content and call deltas that `text` completes."""
+        self._buffer += text
+        out = Out()
+        self._run(out)
+        return out.delta()
+
+    def _run(self, out: Out) -> None:
+        while True:
+            if self._state == _TEXT:
+                at = self._buffer.find(START)
+                if at < 0:
+                    keep = len(self._buffer) - partial_suffix(self._buffer, START)
+                    self._content.add(self._buffer[:keep], out)
+                    self._buffer = self._buffer[keep:]
+                    return
+                self._content.add(self._buffer[:at], out)
+                self._buffer = self._buffer[at + len(START) :]
+                self._call = StreamedCall(self._calls, CallReader())
+                self._state = _BLOCK
+            elif self._state == _BLOCK:
+                call = self._call
+                assert call is not None
+                chunk, self._buffer = self._buffer, ""
+                if not chunk:
+                    return
+                was_started = call.started
+                status = call.step(chunk, out)
+                if call.started and not was_started:
+                    self._content.call_started()
+                if status == DONE:
+                    self._buffer, self._invalid, self._state = call.reader.scanner.leftover, False, _AFTER
+                elif status == INVALID and call.reader.done:  # a complete object that is no call
+                    self._buffer, self._invalid, self._state = call.reader.scanner.leftover, True, _AFTER
+                elif status in (INVALID, BROKEN):
+                    self._buffer, self._keep_bad, self._state = call.reader.scanner.text, status == INVALID, _BAD
+                else:
+                    return
+            elif self._state == _AFTER:  # the object ended: `</tool_call>` may follow
+                start = skip_whitespace(self._buffer, 0)
+                rest = self._buffer[start:]
+                if rest.startswith(END):
+                    self._end_block(self._buffer[: start + len(END)], out)
+                    self._buffer = rest[len(END) :]
+                elif rest == END[: len(rest)]:  # nothing yet, or a partial `</tool_call>`
+                    return
+                else:  # the block ends without its closing marker
+                    self._end_block("", out)
+            else:  # _BAD: a block that is not JSON, up to its `</tool_call>`
+                at = self._buffer.find(END)
+                if at < 0:
+                    return
+                if self._keep_bad:
+                    self._content.add(START + self._buffer[: at + len(END)], out)
+                self._buffer = self._buffer[at + len(END) :]
+                self._state = _TEXT
+
+    def _end_block(self, closing: str, out: Out) -> None:
+        """The block is over: a call's closing text goes, a non-call block is content with it."""
+        if self._invalid:
+            call = self._call
+            assert call is not None
+            scanner = call.reader.scanner
+            self._content.add(START + scanner.text[: scanner.end] + closing, out)
+        self._state = _TEXT
+
+    def finish(self) -> MessageDelta:
+        """Release the rest: an unclosed block is a call if its object was complete, else content."""
+        out = Out()
+        self._run(out)
+        if self._state == _BLOCK:
+            call = self._call
+            assert call is not None
+            if not call.started:  # an unfinished object, never released: content
+                self._content.add(START + call.reader.scanner.text, out)
+            # else: the output ended inside a released call (max_tokens); its arguments stay incomplete
+        elif self._state == _AFTER:
+            if self._invalid:
+                self._end_block("", out)
+            self._content.add(self._buffer, out)
+        elif self._state == _BAD:
+            if self._keep_bad:
+                self._content.add(START + self._buffer, out)
+        else:
+            self._content.add(self._buffer, out)
+        self._buffer = ""
+        self._state = _TEXT
+        self._content.finish(self.called, out)
+        return out.delta()
+
+    @property
+    def called(self) -> bool:
+        return self._calls.count > 0
