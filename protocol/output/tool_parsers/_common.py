@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protocol.output.deltas import MessageDelta, ToolCallDelta
@@ -122,6 +122,7 @@ class ValueScanner:
         self._value: _Value | None = None
 
     def feed(self, text: str) -> None:
+        """Take the next piece of text and scan it."""
         self.text = grow(self, "text", text)
         if self._value is None:
             start = skip_whitespace(self.text, 0)
@@ -154,7 +155,9 @@ class ValueScanner:
         """The value's text so far, from `offset` on."""
         if self._value is None:
             return ""
-        return self.text[self._value.start + offset : self._value.end if self._value.end >= 0 else self._value.pos]
+        return self.text[
+            self._value.start + offset : self._value.end if self._value.end >= 0 else self._value.pos
+        ]
 
     @property
     def leftover(self) -> str:
@@ -192,6 +195,7 @@ class ObjectScanner:
         self._value: _Value | None = None
 
     def feed(self, text: str) -> None:
+        """Take the next piece of text and scan it (nothing past the closing brace)."""
         self.text = grow(self, "text", text)
         self._run()
 
@@ -299,19 +303,16 @@ class CallReader:
     """One `{"name": ..., "arguments": {...}}` object as it arrives: the name once known, the arguments text.
 
     `arguments_keys` are the keys taken for the arguments (the first present wins); with
-    `require_arguments` an object without them is no call; with `names`, only those names are calls.
+    `require_arguments` an object without them is no call (for formats where a bare JSON answer
+    could look like a call).
     """
 
     def __init__(
-        self,
-        arguments_keys: Sequence[str] = ("arguments", "parameters"),
-        require_arguments: bool = False,
-        names: Collection[str] | None = None,
+        self, arguments_keys: Sequence[str] = ("arguments", "parameters"), require_arguments: bool = False
     ) -> None:
         self.scanner = ObjectScanner()
         self._keys = tuple(arguments_keys)
         self._require = require_arguments
-        self._names = None if names is None else frozenset(names)
         self._name: str | None = None
 
     def feed(self, text: str) -> None:
@@ -335,7 +336,7 @@ class CallReader:
                         name = json.loads(self.scanner.text[member.start : member.end])
                     except ValueError:
                         return None
-                    if isinstance(name, str) and name and (self._names is None or name in self._names):
+                    if isinstance(name, str) and name:
                         self._name = name
                     break
         return self._name
@@ -423,6 +424,7 @@ class StreamedCall:
         self.started = False
 
     def step(self, text: str, out: Out) -> str:
+        """Feed the call's next text; what can be released goes to `out`; returns the status."""
         reader = self.reader
         reader.feed(text)
         if reader.done:
@@ -434,7 +436,9 @@ class StreamedCall:
                 out.call(self.calls.start(*result))
                 return DONE
             sent = self.calls.sent
-            out.call(self.calls.more(result[1][sent:] if result is not None else reader.arguments_so_far(sent)))
+            out.call(
+                self.calls.more(result[1][sent:] if result is not None else reader.arguments_so_far(sent))
+            )
             return DONE
         if reader.error:
             return BROKEN if self.started else INVALID

@@ -46,7 +46,9 @@ class HermesToolParser(ToolParser):
 
     skip_special_tokens = False  # Qwen's <tool_call> and </tool_call> are special tokens
 
-    def __init__(self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id) -> None:
+    def __init__(
+        self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id
+    ) -> None:
         super().__init__(tools, new_id)
         self._calls = Calls(self.new_id)
         self._content = Content()
@@ -91,7 +93,11 @@ class HermesToolParser(ToolParser):
                 elif status == INVALID and call.reader.done:  # a complete object that is no call
                     self._buffer, self._invalid, self._state = call.reader.scanner.leftover, True, _AFTER
                 elif status in (INVALID, BROKEN):
-                    self._buffer, self._keep_bad, self._state = call.reader.scanner.text, status == INVALID, _BAD
+                    self._buffer, self._keep_bad, self._state = (
+                        call.reader.scanner.text,
+                        status == INVALID,
+                        _BAD,
+                    )
                 else:
                     return
             elif self._state == _AFTER:  # the object ended: `</tool_call>` may follow

@@ -40,7 +40,9 @@ _START, _CALL, _AFTER, _NEXT, _TEXT, _DROP = range(6)
 class Llama3JsonToolParser(ToolParser):
     """One or more `;`-separated JSON call objects making up the output, else plain content."""
 
-    def __init__(self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id) -> None:
+    def __init__(
+        self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id
+    ) -> None:
         super().__init__(tools, new_id)
         self._calls = Calls(self.new_id)
         self._content = Content()
@@ -133,7 +135,9 @@ class Llama3JsonToolParser(ToolParser):
             call = self._call
             assert call is not None
             if not call.started:
-                self._content.add((call.reader.scanner.text + self._buffer) if self.called else self._raw, out)
+                self._content.add(
+                    (call.reader.scanner.text + self._buffer) if self.called else self._raw, out
+                )
             # else: the output ended inside a released call (max_tokens); its arguments stay incomplete
         elif self._state in (_AFTER, _NEXT):
             self._content.add(self._buffer, out)

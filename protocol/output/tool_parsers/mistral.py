@@ -76,7 +76,9 @@ class MistralToolParser(ToolParser):
 
     skip_special_tokens = False  # [TOOL_CALLS] and [ARGS] are control tokens
 
-    def __init__(self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id) -> None:
+    def __init__(
+        self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id
+    ) -> None:
         super().__init__(tools, new_id)
         self._calls = Calls(lambda index: mistral_call_id(new_id(index)))
         self._content = Content()
@@ -133,8 +135,7 @@ class MistralToolParser(ToolParser):
             return self._step_name(out)
         pos = skip_whitespace(section, self._pos)
         if pos >= len(section):
-            self._pos = pos
-            return False
+            return False  # `_pos` stays before the whitespace: after a lone object it may be content
         char = section[pos]
         if state == _SECTION:
             if char == "[":

@@ -85,7 +85,9 @@ def parse_call(text: str) -> tuple[str, str] | None:
 class PythonicToolParser(ToolParser):
     """A Python list of keyword-argument calls making up the output, else plain content."""
 
-    def __init__(self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id) -> None:
+    def __init__(
+        self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id
+    ) -> None:
         super().__init__(tools, new_id)
         self._calls = Calls(self.new_id)
         self._content = Content()
@@ -188,6 +190,7 @@ class PythonicToolParser(ToolParser):
                 elif PYTHON_END.startswith(buffer[pos:]):
                     return
                 self._state, self._buffer, self._raw = _TEXT, "", ""
+                self._release(out)  # the list is whole and valid; its calls go out before the text after it
                 self._content.add(buffer, out)
                 return
             else:

@@ -55,7 +55,9 @@ CASES = [(DeepSeekR1ReasoningParser, case) for case in DEEPSEEK_R1] + [
 
 
 @pytest.mark.parametrize(("cls", "case"), CASES, ids=lambda value: repr(value)[:40])
-def test_every_chunking_gives_the_table_result(cls: type[ReasoningParser], case: tuple[str, str, str]) -> None:
+def test_every_chunking_gives_the_table_result(
+    cls: type[ReasoningParser], case: tuple[str, str, str]
+) -> None:
     output, reasoning, content = case
     expected = (content, reasoning, [])
     assert whole(cls, output) == expected

@@ -64,11 +64,19 @@ HERMES: list[tuple[str, str, Calls]] = [
     (f'<tool_call>{{"name":"f","arguments":{TRICKY_ASCII}}}</tool_call>', "", [("f", TRICKY)]),
     ('<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>', "", [("now", {})]),
     ('Sure<tool_call>{"name": "f", "arguments": {"a": "b"}}</tool_call>', "Sure", [("f", {"a": "b"})]),
-    ('<tool_call>{"arguments": {"a": {"b": 1}}, "name": "late"}</tool_call>', "", [("late", {"a": {"b": 1}})]),
+    (
+        '<tool_call>{"arguments": {"a": {"b": 1}}, "name": "late"}</tool_call>',
+        "",
+        [("late", {"a": {"b": 1}})],
+    ),
     ('<tool_call>{"name": "s", "arguments": "{\\"a\\": 1}"}</tool_call>', "", [("s", {"a": 1})]),
     ('<tool_call>{"name": "bare"}</tool_call>', "", [("bare", {})]),
     ('<tool_call>{"name": "n", "arguments": null}</tool_call>', "", [("n", {})]),
-    ('<tool_call>{"id": 3, "name": "x", "arguments": {"k": -1e3}, "more": [1, "}"]}</tool_call>', "", [("x", {"k": -1e3})]),
+    (
+        '<tool_call>{"id": 3, "name": "x", "arguments": {"k": -1e3}, "more": [1, "}"]}</tool_call>',
+        "",
+        [("x", {"k": -1e3})],
+    ),
     ('<tool_call>\n{"name": "eos", "arguments": {"a": 1}}\n', "", [("eos", {"a": 1})]),
     ('<tool_call>{"name": "eos", "arguments": {}}', "", [("eos", {})]),
     (
@@ -80,7 +88,11 @@ HERMES: list[tuple[str, str, Calls]] = [
     ('<tool_call>{"name": "a", "arguments": {}}\nThen text', "\nThen text", [("a", {})]),
     ("<tool_call>not json</tool_call> ok", "<tool_call>not json</tool_call> ok", []),
     ('<tool_call>[{"name": "f"}]</tool_call>', '<tool_call>[{"name": "f"}]</tool_call>', []),
-    ('<tool_call>{"tool": "f", "arguments": {}}</tool_call>', '<tool_call>{"tool": "f", "arguments": {}}</tool_call>', []),
+    (
+        '<tool_call>{"tool": "f", "arguments": {}}</tool_call>',
+        '<tool_call>{"tool": "f", "arguments": {}}</tool_call>',
+        [],
+    ),
     ("a <tool_", "a <tool_", []),
     ("x < y, <tool>, </tool_call>", "x < y, <tool>, </tool_call>", []),
     ("\n", "\n", []),
@@ -90,15 +102,25 @@ HERMES: list[tuple[str, str, Calls]] = [
 
 MISTRAL: list[tuple[str, str, Calls]] = [
     ("Hello, world!", "Hello, world!", []),
-    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]', "", [("get_weather", {"city": "Paris"})]),
+    (
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+        "",
+        [("get_weather", {"city": "Paris"})],
+    ),
     (
         '[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]',
         "",
         [("a", {"x": 1}), ("b", {})],
     ),
-    ('Let me look.\n[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}]', "Let me look.\n", [("f", {"a": 1})]),
+    (
+        'Let me look.\n[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}]',
+        "Let me look.\n",
+        [("f", {"a": 1})],
+    ),
     (f'[TOOL_CALLS] [{{"name": "f", "arguments": {TRICKY_JSON}}}]', "", [("f", TRICKY)]),
     ('[TOOL_CALLS] {"name": "lone", "arguments": {"a": [1]}}', "", [("lone", {"a": [1]})]),
+    ('[TOOL_CALLS] {"name": "f", "arguments": {}}\n\nDone.', "\n\nDone.", [("f", {})]),
+    ('[TOOL_CALLS] {"name": "f", "arguments": {}} [TOOL_CALLS]g[ARGS]{}', "", [("f", {}), ("g", {})]),
     ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "", [("get_weather", {"city": "Paris"})]),
     ('[TOOL_CALLS]a[ARGS]{"x": 1}[TOOL_CALLS]b_2.v-3[ARGS]{}', "", [("a", {"x": 1}), ("b_2.v-3", {})]),
     (f"Checking.[TOOL_CALLS]f[ARGS]{TRICKY_ASCII}", "Checking.", [("f", TRICKY)]),
@@ -154,6 +176,7 @@ PYTHONIC: list[tuple[str, str, Calls]] = [
     ("[f(a=true, b=null, c=false)]", "", [("f", {"a": True, "b": None, "c": False})]),
     (" [ f ( a = 1 ) , g ( ) ] \n", "", [("f", {"a": 1}), ("g", {})]),
     ("[f(a=1)]\nDone.", "\nDone.", [("f", {"a": 1})]),
+    ("[a()]\n? ", "\n? ", [("a", {})]),
     ("[1, 2, 3]", "[1, 2, 3]", []),
     ("[Note] see below", "[Note] see below", []),
     ("[f(1)]", "[f(1)]", []),
@@ -300,9 +323,15 @@ def test_special_tokens_are_kept_for_formats_whose_markers_are_special() -> None
 # Generated calls, rendered in each format: every chunking must give them back.
 
 _KEY = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(lambda key: not keyword.iskeyword(key))
-_TEXT = st.text(alphabet=st.sampled_from(list('ab "\'\\{}[](),;:<>/\n\té🎉日') + ["\x00", "\u2028"]), max_size=12)
+_TEXT = st.text(
+    alphabet=st.sampled_from(list("ab \"'\\{}[](),;:<>/\n\té🎉日") + ["\x00", "\u2028"]), max_size=12
+)
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=False, allow_infinity=False) | _TEXT,
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TEXT,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
     max_leaves=8,
 )
@@ -310,37 +339,48 @@ _CALLS = st.lists(st.tuples(_KEY, st.dictionaries(_KEY, _JSON, max_size=4)), min
 _PROSE = st.text(alphabet=st.sampled_from(list("ab .,!?\n<>[]{}é")), max_size=10)
 
 
+_TAIL = st.text(alphabet=st.sampled_from(list("ab .,!?\né")), max_size=6)
+
+
 def _render(name: str, calls: Calls, prose: str, ascii_only: bool) -> tuple[str, str]:
-    """(output, expected content) for `calls` in parser `name`'s format."""
+    """(output, expected content) for `calls` in format `name`, with `prose` before them if the
+    format allows it."""
     dump = lambda value: json.dumps(value, ensure_ascii=ascii_only)  # noqa: E731
+    before = prose if prose.strip() else ""
     if name == "hermes":
         blocks = [f"<tool_call>\n{dump({'name': f, 'arguments': a})}\n</tool_call>" for f, a in calls]
-        return prose + "\n".join(blocks) + "\n", prose if prose.strip() else ""
+        return prose + "\n".join(blocks), before
     if name == "mistral_v3":
-        return prose + "[TOOL_CALLS] " + dump([{"name": f, "arguments": a} for f, a in calls]), (
-            prose if prose.strip() else ""
-        )
+        return prose + "[TOOL_CALLS] " + dump([{"name": f, "arguments": a} for f, a in calls]), before
+    if name == "mistral_lone":
+        (f, a) = calls[0]
+        return prose + "[TOOL_CALLS] " + dump({"name": f, "arguments": a}), before
     if name == "mistral":
-        return prose + "".join(f"[TOOL_CALLS]{f}[ARGS]{dump(a)}" for f, a in calls), prose if prose.strip() else ""
+        return prose + "".join(f"[TOOL_CALLS]{f}[ARGS]{dump(a)}" for f, a in calls), before
     if name == "llama3_json":
         return "; ".join(dump({"name": f, "parameters": a}) for f, a in calls), ""
     rendered = ", ".join(f"{f}({', '.join(f'{k}={v!r}' for k, v in a.items())})" for f, a in calls)
     return f"[{rendered}]", ""
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
-    name=st.sampled_from(["hermes", "mistral", "mistral_v3", "llama3_json", "pythonic"]),
+    name=st.sampled_from(["hermes", "mistral", "mistral_v3", "mistral_lone", "llama3_json", "pythonic"]),
     calls=_CALLS,
     prose=_PROSE,
+    tail=_TAIL,
     ascii_only=st.booleans(),
     seed=st.integers(0, 10**6),
 )
 def test_generated_calls_stream_as_they_parse_whole(
-    name: str, calls: Calls, prose: str, ascii_only: bool, seed: int
+    name: str, calls: Calls, prose: str, tail: str, ascii_only: bool, seed: int
 ) -> None:
     output, content = _render(name, calls, prose, ascii_only)
-    cls = tool_parser(name.removesuffix("_v3"))
+    output += "\n" + tail  # text after the calls is content, unless it is only whitespace
+    content += "\n" + tail if tail.strip() else ""
+    if name == "mistral_lone":
+        calls = calls[:1]
+    cls = tool_parser(name.partition("_")[0] if name.startswith("mistral") else name)
     reference = whole(cls, output)
     assert summary(reference) == (content, "", [(f, json.loads(json.dumps(a))) for f, a in calls])
     for chunks in (list(output), random_chunks(output, seed, longest=5)):
@@ -380,7 +420,9 @@ def test_registry_names_the_built_ins() -> None:
     assert tool_parser("mistral") is MistralToolParser
     assert tool_parser("llama3_json") is Llama3JsonToolParser
     assert tool_parser("pythonic") is PythonicToolParser
-    with pytest.raises(KeyError, match="unknown tool parser 'nope'; known: hermes, llama3_json, mistral, pythonic"):
+    with pytest.raises(
+        KeyError, match="unknown tool parser 'nope'; known: hermes, llama3_json, mistral, pythonic"
+    ):
         tool_parser("nope")
 
 
