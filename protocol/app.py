@@ -79,6 +79,10 @@ class AppConfig(msgspec.Struct, kw_only=True):
     version: str = "0.1.0"
     allow_priority: bool = False
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    enable_auto_tool_choice: bool = False
+    exclude_tools_when_tool_choice_none: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +133,7 @@ class App:
             content_format=config.chat_template_content_format,
             trust_request_template=config.trust_request_chat_template,
             clock=clock,
+            exclude_tools_when_tool_choice_none=config.exclude_tools_when_tool_choice_none,
         )
         self._settings = CallSettings(
             response_role=config.response_role,
@@ -137,6 +142,9 @@ class App:
             return_tokens_as_token_ids=config.return_tokens_as_token_ids,
             enable_force_include_usage=config.enable_force_include_usage,
             enable_prompt_tokens_details=config.enable_prompt_tokens_details,
+            enable_auto_tool_choice=config.enable_auto_tool_choice,
+            tool_call_parser=config.tool_call_parser,
+            reasoning_parser=config.reasoning_parser,
         )
 
     def handle(

@@ -164,6 +164,16 @@ def check_tool_usage(request: ChatCompletionRequest | TokenizeChatRequest) -> No
         )
 
 
+def check_auto_tool_choice(request: ChatCompletionRequest, *, enabled: bool) -> None:
+    """`tool_choice: "auto"` (the default when `tools` are given) needs a tool parser, as in vLLM:
+    answering without one would silently drop every call the model makes."""
+    if request.tool_choice == "auto" and request.tools is not None and not enabled:
+        raise _bad(
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            "tool_choice",
+        )
+
+
 def check_stop(stop: str | list[str] | None) -> None:
     if stop == "" or (isinstance(stop, list) and "" in stop):
         raise _bad("stop cannot contain an empty string.", "stop")
@@ -310,6 +320,7 @@ def structured_output(request: ChatCompletionRequest | CompletionRequest) -> Str
         for key, value in _response_format_constraint(request).items():
             _add_constraint(constraints, key, value)
     whitespace = request.guided_whitespace_pattern or params.whitespace_pattern
+    _check_backend(request.guided_decoding_backend)
     if not constraints:
         return None
     if "structural_tag" in constraints:
@@ -331,6 +342,21 @@ def structured_output(request: ChatCompletionRequest | CompletionRequest) -> Str
     if kind == "grammar":
         return StructuredOutput(grammar=value, **options)
     return StructuredOutput(json_object=True, **options)
+
+
+# outlines-core compiles JSON schemas, regexes and choices; llguidance (outlines' grammar backend)
+# compiles grammars, whatever backend is named. vLLM's backend names are accepted so its clients work
+# unchanged (the output obeys the same constraint); an unknown name is a typo worth a 400.
+GUIDED_DECODING_BACKENDS = ("auto", "outlines", "guidance", "llguidance", "xgrammar", "lm-format-enforcer")
+
+
+def _check_backend(backend: str | None) -> None:
+    if backend is not None and backend not in GUIDED_DECODING_BACKENDS:
+        raise _bad(
+            f"guided_decoding_backend {backend!r} is not available on this server; "
+            f"use one of {', '.join(GUIDED_DECODING_BACKENDS)} (all run on outlines here).",
+            "guided_decoding_backend",
+        )
 
 
 def _add_constraint(constraints: dict[str, Any], key: str, value: Any) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from sansllm.parser_plugins import check_parser_args
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # the packaged generative model
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # the packaged embedding model
 DEFAULT_MODELS = (DEFAULT_MODEL, DEFAULT_EMBEDDING_MODEL)  # served when no model is named
@@ -270,6 +272,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument("--enable-force-include-usage", action="store_true")
     api.add_argument("--return-tokens-as-token-ids", action="store_true")
     api.add_argument("--enable-request-id-headers", action="store_true")
+    api.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='parse tool calls from the output when tool_choice is "auto" (needs --tool-call-parser)',
+    )
+    api.add_argument(
+        "--exclude-tools-when-tool-choice-none",
+        action="store_true",
+        help='leave `tools` out of the chat template when tool_choice is "none" (small models otherwise '
+        "keep calling a tool that is listed)",
+    )
+    api.add_argument(
+        "--tool-call-parser",
+        help="the model's tool-call format: hermes (Hermes, Qwen 2.5), mistral, llama3_json, pythonic, "
+        "or a name registered by --tool-parser-plugin",
+    )
+    api.add_argument(
+        "--tool-parser-plugin", help="a Python file that registers a tool parser (register_tool_parser)"
+    )
+    api.add_argument(
+        "--reasoning-parser",
+        help="split <think>...</think> reasoning into `reasoning`: deepseek_r1, qwen3, or a plugin's name",
+    )
+    api.add_argument(
+        "--reasoning-parser-plugin",
+        help="a Python file that registers a reasoning parser (register_reasoning_parser)",
+    )
 
     eng = parser.add_argument_group("engine")
     eng.add_argument(
@@ -357,6 +386,7 @@ def parse_serve_args(
         parser.error("--ssl-keyfile needs --ssl-certfile")
     try:
         args.models = resolve_models(args)
+        check_parser_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     args.model = args.models[0].model

@@ -79,6 +79,10 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_request_id_headers=args.enable_request_id_headers,
         root_path=args.root_path,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         version=_version(),
     )
 

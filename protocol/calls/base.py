@@ -32,6 +32,9 @@ class CallSettings:
     return_tokens_as_token_ids: bool = False
     enable_force_include_usage: bool = False
     enable_prompt_tokens_details: bool = False
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # a name in protocol.output.tool_parsers.TOOL_PARSERS
+    reasoning_parser: str | None = None  # a name in protocol.output.reasoning.REASONING_PARSERS
 
 
 @dataclass(frozen=True, slots=True)

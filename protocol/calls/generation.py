@@ -81,6 +81,7 @@ class GenerationCall(EngineCall):
         created: int,
         headers: Headers = (),
         discard_output: bool = False,
+        text_options: TextOptions | None = None,
     ) -> None:
         """One engine request per prompt; choice `prompt_index * n + i` is its sample i."""
         self.model = model.name
@@ -101,7 +102,7 @@ class GenerationCall(EngineCall):
         self.requests = {
             generate.request_id: EngineRequest(generate, index) for index, generate in enumerate(generates)
         }
-        options = TextOptions.of(request)
+        options = text_options or TextOptions.of(request)
         self.samples = [
             Sample(
                 choice_index=prompt_index * generate.params.n + i,

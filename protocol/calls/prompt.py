@@ -41,8 +41,10 @@ class ChatRenderer:
         content_format: str,
         trust_request_template: bool,
         clock: Callable[[], float],
+        exclude_tools_when_tool_choice_none: bool = False,
     ) -> None:
         self._server_template = server_template
+        self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
         self._content_format = content_format
         self._trust_request_template = trust_request_template
         self._clock = clock
@@ -56,6 +58,8 @@ class ChatRenderer:
         content_format = template.content_format if self._content_format == "auto" else self._content_format
         messages = normalize_messages(request.messages, content_format)
         request_tools = getattr(request, "tools", None)  # the pooling endpoints take no tools
+        if self._exclude_tools_when_none and getattr(request, "tool_choice", None) == "none":
+            request_tools = None  # `--exclude-tools-when-tool-choice-none`: the template sees no tools
         tools = [msgspec.to_builtins(tool) for tool in request_tools] if request_tools is not None else None
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
         tokenizer = model.tokenizer

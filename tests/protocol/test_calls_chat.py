@@ -512,12 +512,12 @@ def test_server_chat_template_and_kwargs():
     assert bytes(client.generate.prompt_token_ids) == b"Yo: hi"
 
 
-def test_tools_reach_the_template_and_output_stays_content():
+def test_tools_reach_the_template_and_tool_choice_none_keeps_output_content():
     app = make_app(
         chat_template="{% for t in tools %}<{{ t.function.name }}>{% endfor %}{{ messages[0]['content'] }}"
     )
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    client = chat(app=app, tools=tools)
+    client = chat(app=app, tools=tools, tool_choice="none")
     assert bytes(client.generate.prompt_token_ids) == b"<get_weather>hi"
     client.feed(*script(client.generate.request_id, "sunny"))
     message = client.json()["choices"][0]["message"]

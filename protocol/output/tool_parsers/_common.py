@@ -308,11 +308,15 @@ class CallReader:
     """
 
     def __init__(
-        self, arguments_keys: Sequence[str] = ("arguments", "parameters"), require_arguments: bool = False
+        self,
+        arguments_keys: Sequence[str] = ("arguments", "parameters"),
+        require_arguments: bool = False,
+        names: frozenset[str] | None = None,
     ) -> None:
         self.scanner = ObjectScanner()
         self._keys = tuple(arguments_keys)
         self._require = require_arguments
+        self._names = names  # when given, only these names make a call
         self._name: str | None = None
 
     def feed(self, text: str) -> None:
@@ -336,7 +340,7 @@ class CallReader:
                         name = json.loads(self.scanner.text[member.start : member.end])
                     except ValueError:
                         return None
-                    if isinstance(name, str) and name:
+                    if isinstance(name, str) and name and (self._names is None or name in self._names):
                         self._name = name
                     break
         return self._name

@@ -12,6 +12,11 @@ always in the non-streaming result. Streamed in pieces, a block is released from
 what went out cannot be taken back: if its JSON breaks later, the rest of the block is dropped.
 A block the output ends inside (no `</tool_call>`) is a call if its JSON object is complete, so a
 model that stops at end-of-sequence right after the object still calls the tool.
+
+An output that opens with a bare call object, without the tags, is a call too when the object has
+"arguments" and names one of the request's tools: Qwen2.5-Coder answers this way although its
+template asks for the tags (and vLLM's hermes parser then returns the call as content). Such an
+opening object is held until its name shows whether it is a call; one that is not is content.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from protocol.output.tool_parsers._common import (
     BROKEN,
     DONE,
     INVALID,
+    OPEN,
     CallReader,
     Calls,
     Content,
@@ -38,6 +44,18 @@ START = "<tool_call>"
 END = "</tool_call>"
 
 _TEXT, _BLOCK, _AFTER, _BAD = range(4)
+
+
+class _BareCallReader(CallReader):
+    """An untagged object is released only once its arguments began as an object: a bare JSON
+    answer must not become a call that later turns out not to be one."""
+
+    def startable(self) -> bool:
+        if not super().startable():
+            return False
+        member = self._arguments()
+        text = self.scanner.text
+        return member is not None and member.start < len(text) and text[member.start] == "{"
 
 
 @register_tool_parser("hermes")
@@ -57,6 +75,8 @@ class HermesToolParser(ToolParser):
         self._call: StreamedCall | None = None
         self._invalid = False  # the block after the object is not a call: it becomes content
         self._keep_bad = False  # a broken block's text is content (True) or dropped (released already)
+        self._bare = False  # the current block is a bare object at the start of the output (no tags)
+        self._opening = True  # nothing but whitespace seen yet: a bare call object may come
 
     def feed(self, text: str) -> MessageDelta:
         """Release content and call deltas that `text` completes."""
@@ -68,6 +88,16 @@ class HermesToolParser(ToolParser):
     def _run(self, out: Out) -> None:
         while True:
             if self._state == _TEXT:
+                if self._opening:
+                    start = skip_whitespace(self._buffer, 0)
+                    if start == len(self._buffer):
+                        return  # only whitespace so far
+                    self._opening = False
+                    if self._buffer[start] == "{":
+                        names = frozenset(tool.name for tool in self.tools) or None
+                        self._call = StreamedCall(self._calls, _BareCallReader(require_arguments=True, names=names))
+                        self._buffer, self._bare, self._state = self._buffer[start:], True, _BLOCK
+                        continue
                 at = self._buffer.find(START)
                 if at < 0:
                     keep = len(self._buffer) - partial_suffix(self._buffer, START)
@@ -88,7 +118,9 @@ class HermesToolParser(ToolParser):
                 status = call.step(chunk, out)
                 if call.started and not was_started:
                     self._content.call_started()
-                if status == DONE:
+                if self._bare and status != OPEN:
+                    self._end_bare(status, out)
+                elif status == DONE:
                     self._buffer, self._invalid, self._state = call.reader.scanner.leftover, False, _AFTER
                 elif status == INVALID and call.reader.done:  # a complete object that is no call
                     self._buffer, self._invalid, self._state = call.reader.scanner.leftover, True, _AFTER
@@ -119,6 +151,22 @@ class HermesToolParser(ToolParser):
                 self._buffer = self._buffer[at + len(END) :]
                 self._state = _TEXT
 
+    def _end_bare(self, status: str, out: Out) -> None:
+        """A bare opening object ended: a call, or content (what no call released is kept)."""
+        call = self._call
+        assert call is not None
+        scanner = call.reader.scanner
+        if status == DONE:
+            self._buffer = scanner.leftover
+        elif status == INVALID and call.reader.done:  # a JSON answer that is no call
+            self._content.add(scanner.text[: scanner.end], out)
+            self._buffer = scanner.leftover
+        elif status == INVALID:  # not JSON after all: read the text again as plain output
+            self._buffer = scanner.text
+        else:  # BROKEN after release: the rest of the object is dropped
+            self._buffer = ""
+        self._bare, self._state = False, _TEXT
+
     def _end_block(self, closing: str, out: Out) -> None:
         """The block is over: a call's closing text goes, a non-call block is content with it."""
         if self._invalid:
@@ -136,7 +184,7 @@ class HermesToolParser(ToolParser):
             call = self._call
             assert call is not None
             if not call.started:  # an unfinished object, never released: content
-                self._content.add(START + call.reader.scanner.text, out)
+                self._content.add(("" if self._bare else START) + call.reader.scanner.text, out)
             # else: the output ended inside a released call (max_tokens); its arguments stay incomplete
         elif self._state == _AFTER:
             if self._invalid:

@@ -44,6 +44,16 @@ TRICKY_ASCII = json.dumps(TRICKY, ensure_ascii=True).replace("\\u00e9", "\\u00E9
 
 HERMES: list[tuple[str, str, Calls]] = [
     ("Hello, world!", "Hello, world!", []),
+    # a bare call object opening the output, without the tags (Qwen2.5-Coder answers so)
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', "", [("get_weather", {"city": "Paris"})]),
+    (
+        ' \n{"name": "f", "arguments": {"a": [1, "}"]}}\n<tool_call>{"name": "g", "arguments": {}}</tool_call>',
+        "",
+        [("f", {"a": [1, "}"]}), ("g", {})],
+    ),
+    ('{"answer": 42, "name": "x"}', '{"answer": 42, "name": "x"}', []),
+    ('{"name": "f", "arguments": 3} and more', '{"name": "f", "arguments": 3} and more', []),
+    ("Sure: {\"name\": \"f\", \"arguments\": {}}", "Sure: {\"name\": \"f\", \"arguments\": {}}", []),
     (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
         "",
@@ -212,6 +222,16 @@ def test_every_chunking_gives_the_table_result(cls: type[ToolParser], case: tupl
         assert join(deltas) == reference, chunks
         check_shapes(deltas)
         assert parser.called == bool(calls)
+
+
+def test_hermes_bare_object_is_a_call_only_when_it_names_an_offered_tool() -> None:
+    tools = [ToolSpec("get_weather", {"type": "object"})]
+    text = '{"name": "get_time", "arguments": {}}'
+    for chunks in chunkings(text):
+        assert summary(join(run(HermesToolParser(tools), chunks))) == (text, "", [])
+    call = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+    for chunks in chunkings(call):
+        assert summary(join(run(HermesToolParser(tools), chunks))) == ("", "", [("get_weather", {"city": "Rome"})])
 
 
 def test_hermes_streams_arguments_as_they_arrive() -> None:
