@@ -20,7 +20,6 @@ from sansllm.args import parse_serve_args
 from sansllm.assemble import build_asgi_app, engine_config_from_args
 from tests.runtime.server import BRIDGES, ServerThread
 
-
 MODEL = "qwen2.5-coder-0.5b-instruct"
 FLAGS = [
     "--max-model-len",
