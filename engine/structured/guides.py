@@ -14,6 +14,7 @@ Masks are bitmasks of 32-bit words, one bit per token id, as both libraries writ
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,10 +68,14 @@ class CompiledGuide:
 
 class _OutlinesMatcher(Matcher):
     def __init__(self, index: Any, history: Sequence[int] = ()) -> None:
+        self._index = index
+        self._replay(history)
+
+    def _replay(self, history: Sequence[int]) -> None:
+        """Start over at the guide's beginning and take `history` again."""
         from outlines_core import Guide
 
-        self._index = index
-        self._guide = Guide(index, max_rollback=MAX_ROLLBACK)
+        self._guide = Guide(self._index, max_rollback=MAX_ROLLBACK)
         self._history: list[int] = []
         for token_id in history:
             self.advance(token_id)
@@ -86,9 +91,13 @@ class _OutlinesMatcher(Matcher):
         return True
 
     def rollback(self, count: int) -> None:
-        if count:
+        if not count:
+            return
+        if count <= self._guide.get_allowed_rollback():
             self._guide.rollback_state(count)
             del self._history[-count:]
+        else:  # a draft longer than the guide keeps states for (it raises): replay what is kept
+            self._replay(self._history[:-count])
 
     def copy(self) -> Matcher:
         return _OutlinesMatcher(self._index, self._history)
@@ -113,12 +122,11 @@ class _GrammarMatcher(Matcher):
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
     def advance(self, token_id: int) -> bool:
-        if self._matcher.is_stopped():
+        # checked first: consuming a refused token puts an LLMatcher in an error state it never
+        # leaves (not even by rollback), and a speculative draft may well hold one
+        if self._matcher.is_stopped() or self._matcher.validate_tokens([token_id]) != 1:
             return False
-        ok = bool(self._matcher.consume_token(token_id))
-        if not ok or self._matcher.is_error():
-            return False
-        return True
+        return bool(self._matcher.consume_token(token_id)) and not self._matcher.is_error()
 
     def rollback(self, count: int) -> None:
         if count:
@@ -156,7 +164,10 @@ def constraint_regex(constraint: StructuredOutput) -> str | None:
     if constraint.json is not None or constraint.json_object:
         schema = constraint.json if constraint.json is not None else '{"type": "object"}'
         if constraint.disable_additional_properties:
-            schema = json.dumps(_no_additional_properties(json.loads(schema)))
+            try:
+                schema = json.dumps(_no_additional_properties(json.loads(schema)))
+            except ValueError as error:
+                raise ConstraintError(f"The JSON schema is not valid JSON: {_first_line(error)}") from None
         try:
             return build_regex_from_schema(schema, whitespace)
         except (ValueError, TypeError, RecursionError) as error:
@@ -178,8 +189,30 @@ def compile_constraint(constraint: StructuredOutput, vocabulary: ConstraintVocab
         what = "regex" if constraint.regex is not None else "constraint"
         message = _first_line(error)
         if "building NFA" in message or "DFA" in message:
-            message += " (outlines-core regexes have no look-around and no back-references)"
+            # outlines-core says no more than that: name the problem where Python's parser can
+            message = _regex_problem(regex) or (
+                message + " (outlines-core regexes have no look-around and no back-references)"
+            )
         raise ConstraintError(f"The {what} cannot be compiled: {message}") from None
+
+
+# a back-reference or a look-around, not escaped (an even run of backslashes before it)
+_UNSUPPORTED_REGEX = re.compile(r"(?<!\\)(?:\\\\)*(\\[1-9]|\\k<|\(\?(?:[=!]|<[=!]|P=))")
+
+
+def _regex_problem(regex: str) -> str | None:
+    """Why a regex outlines-core refused is wrong, as far as Python's `re` (a close dialect) tells."""
+    try:
+        re.compile(regex)
+    except re.error as error:
+        return f"{error.msg} at position {error.pos}" if error.pos is not None else error.msg
+    except (OverflowError, RecursionError, ValueError) as error:
+        return _first_line(error)
+    found = _UNSUPPORTED_REGEX.search(regex)
+    if found is not None:
+        what, where = found.group(1), found.start(1)
+        return f"{what!r} at position {where}: look-around and back-references are not supported"
+    return None
 
 
 _LLG_TOKENIZERS: dict[str, Any] = {}
@@ -217,15 +250,31 @@ def _escape(text: str) -> str:
     return "".join("\\" + char if char in r"\.+*?()|[]{}^$#&-~" else char for char in text)
 
 
+# where a JSON schema holds subschemas: one, a list of them, or a mapping of names to them; the other
+# keywords hold values (enum, const, default, examples) that must stay as they are
+_SUBSCHEMA = (
+    *("additionalItems", "additionalProperties", "contains", "else", "if", "items", "not"),
+    *("propertyNames", "then", "unevaluatedItems", "unevaluatedProperties"),
+)
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("$defs", "definitions", "dependentSchemas", "patternProperties", "properties")
+
+
 def _no_additional_properties(schema: Any) -> Any:
-    if isinstance(schema, dict):
-        result = {key: _no_additional_properties(value) for key, value in schema.items()}
-        if result.get("type") == "object" or "properties" in result:
-            result.setdefault("additionalProperties", False)
-        return result
-    if isinstance(schema, list):
-        return [_no_additional_properties(item) for item in schema]
-    return schema
+    """`additionalProperties: false` on every object schema that does not set it (subschemas only)."""
+    if not isinstance(schema, dict):
+        return schema
+    result = dict(schema)
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            result[key] = {name: _no_additional_properties(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            result[key] = [_no_additional_properties(sub) for sub in value]
+        elif key in _SUBSCHEMA:
+            result[key] = _no_additional_properties(value)
+    if result.get("type") == "object" or "properties" in result:
+        result.setdefault("additionalProperties", False)
+    return result
 
 
 def _first_line(error: object) -> str:
