@@ -25,6 +25,9 @@ class StructuredOutput(msgspec.Struct, omit_defaults=True, frozen=True):
     whitespace_pattern: str | None = None
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
+    # "outlines": compile a JSON schema with outlines-core (the request's guided_decoding_backend);
+    # None: the engine's choice (engine.structured.guides.uses_outlines_core)
+    backend: str | None = None
 
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, frozen=True):

@@ -330,6 +330,7 @@ def structured_output(request: ChatCompletionRequest | CompletionRequest) -> Str
         "whitespace_pattern": whitespace,
         "disable_any_whitespace": params.disable_any_whitespace,
         "disable_additional_properties": params.disable_additional_properties,
+        "backend": "outlines" if request.guided_decoding_backend == "outlines" else None,
     }
     if kind == "json":
         return StructuredOutput(json=_schema_text(value), **options)

@@ -1,10 +1,15 @@
 """Compiling constraints off the engine thread, once per (constraint, tokenizer).
 
-A JSON schema over a 150k-token vocabulary can take seconds to compile; vLLM once stalled every
-running request while one compiled. Here the engine thread never compiles: it asks for a guide,
-gets a future, and keeps stepping the other requests; the request waits (not scheduled) until its
-future is done. The workers run at the lowest CPU priority, so on a small machine the decode
-threads keep their cores while a compile runs; both libraries release the GIL while compiling.
+A JSON schema over a 150k-token vocabulary can take seconds to compile with outlines-core; vLLM
+once stalled every running request while one compiled. Here the engine thread never compiles: it
+asks for a guide, gets a future, and keeps stepping the other requests; the request waits (not
+scheduled) until its future is done. Both libraries release the GIL while compiling.
+
+The workers run at normal priority. At nice 10 or 19 a compile made no progress at all while the
+decode threads kept both cores of a 2-core machine busy (a constrained request waited > 120 s);
+the price of normal priority is that a seconds-long compile slows the decode steps it shares the
+cores with (bench.structured_output measures it), which is why JSON schemas compile with
+llguidance (milliseconds) unless the request asks for outlines.
 
 One compiler serves one tokenizer, so its cache is keyed by the constraint alone; failures are
 cached too (a bad schema sent again is answered at once).
@@ -13,7 +18,6 @@ cached too (a bad schema sent again is answered at once).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -47,14 +51,6 @@ def _kind(constraint: StructuredOutput) -> str:
     return "json_object"
 
 
-def _lower_priority() -> None:
-    """Give this worker thread the lowest CPU priority (Linux threads have their own nice value)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: compile at normal priority
-        pass
-
-
 class GuideCompiler:
     """Futures of compiled guides for one tokenizer; `on_ready` is called (on a worker) when one is done."""
 
@@ -67,7 +63,7 @@ class GuideCompiler:
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         self._tokenizer = tokenizer
-        self._pool = ThreadPoolExecutor(workers, "sansllm-guides", initializer=_lower_priority)
+        self._pool = ThreadPoolExecutor(workers, "sansllm-guides")
         self._cache: OrderedDict[StructuredOutput, Future[CompiledGuide]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()

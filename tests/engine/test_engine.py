@@ -18,7 +18,6 @@ from protocol.engine_api import (
     Generate,
     PoolingParams,
     SamplingParams,
-    StructuredOutput,
     Tokens,
 )
 
@@ -300,7 +299,6 @@ def test_context_window_caps_generation(tiny_llama):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"structured": StructuredOutput(regex="a+")}, "structured output"),
         ({"n": 3, "best_of": 2}, "best_of must be at least n=3"),
         ({"use_beam_search": True, "n": 10**4}, "n=10000 exceeds the engine's max_num_seqs"),
         ({"logit_bias": {10**6: 1.0}}, "logit_bias holds token ids outside the vocabulary"),

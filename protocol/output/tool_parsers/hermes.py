@@ -14,13 +14,15 @@ A block the output ends inside (no `</tool_call>`) is a call if its JSON object 
 model that stops at end-of-sequence right after the object still calls the tool.
 
 An output that opens with a bare call object, without the tags, is a call too when the object has
-"arguments" and names one of the request's tools: Qwen2.5-Coder answers this way although its
-template asks for the tags (and vLLM's hermes parser then returns the call as content). Such an
-opening object is held until its name shows whether it is a call; one that is not is content.
+"arguments" and names one of the request's tools, also inside a ```json fence: Qwen2.5-Coder
+answers so (bare in bfloat16, fenced in float32) although its template asks for the tags, and
+vLLM's hermes parser then returns the call as content. Such an opening object is held until its
+name shows whether it is a call; one that is not is content, fence included.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from protocol.output.deltas import MessageDelta
@@ -44,6 +46,14 @@ START = "<tool_call>"
 END = "</tool_call>"
 
 _TEXT, _BLOCK, _AFTER, _BAD = range(4)
+
+
+# an output opening with a call object, bare or in a ```json fence; and what may still become one
+_OPENING = re.compile(r"\s*(```(?:json)?\s*)?\{")
+_OPENING_PREFIX = re.compile(r"\s*(`{1,3}|```j|```js|```jso|```json|```(?:json)?\s+)?")
+# the fence's end after a fenced call
+_CLOSING_FENCE = re.compile(r"\s*```")
+_CLOSING_FENCE_PREFIX = re.compile(r"\s*`{0,2}")
 
 
 class _BareCallReader(CallReader):
@@ -77,6 +87,8 @@ class HermesToolParser(ToolParser):
         self._keep_bad = False  # a broken block's text is content (True) or dropped (released already)
         self._bare = False  # the current block is a bare object at the start of the output (no tags)
         self._opening = True  # nothing but whitespace seen yet: a bare call object may come
+        self._fence = ""  # the ```json fence before a bare call object (dropped when it is a call)
+        self._closing_fence = False  # after a fenced bare call: its closing ``` may follow
 
     def feed(self, text: str) -> MessageDelta:
         """Release content and call deltas that `text` completes."""
@@ -89,15 +101,25 @@ class HermesToolParser(ToolParser):
         while True:
             if self._state == _TEXT:
                 if self._opening:
-                    start = skip_whitespace(self._buffer, 0)
-                    if start == len(self._buffer):
-                        return  # only whitespace so far
-                    self._opening = False
-                    if self._buffer[start] == "{":
+                    opening = _OPENING.match(self._buffer)
+                    if opening is None:
+                        if _OPENING_PREFIX.fullmatch(self._buffer):
+                            return  # whitespace, or a fence still arriving
+                        self._opening = False
+                    else:
+                        self._opening = False
                         names = frozenset(tool.name for tool in self.tools) or None
                         self._call = StreamedCall(self._calls, _BareCallReader(require_arguments=True, names=names))
-                        self._buffer, self._bare, self._state = self._buffer[start:], True, _BLOCK
+                        self._fence = opening.group(1) or ""
+                        self._buffer, self._bare, self._state = self._buffer[opening.end() - 1 :], True, _BLOCK
                         continue
+                if self._closing_fence:
+                    if _CLOSING_FENCE_PREFIX.fullmatch(self._buffer):
+                        return  # whitespace, or part of the closing ```
+                    self._closing_fence = False
+                    closing = _CLOSING_FENCE.match(self._buffer)
+                    if closing is not None:
+                        self._buffer = self._buffer[closing.end() :]
                 at = self._buffer.find(START)
                 if at < 0:
                     keep = len(self._buffer) - partial_suffix(self._buffer, START)
@@ -157,12 +179,12 @@ class HermesToolParser(ToolParser):
         assert call is not None
         scanner = call.reader.scanner
         if status == DONE:
-            self._buffer = scanner.leftover
+            self._buffer, self._closing_fence = scanner.leftover, bool(self._fence)
         elif status == INVALID and call.reader.done:  # a JSON answer that is no call
-            self._content.add(scanner.text[: scanner.end], out)
+            self._content.add(self._fence + scanner.text[: scanner.end], out)
             self._buffer = scanner.leftover
         elif status == INVALID:  # not JSON after all: read the text again as plain output
-            self._buffer = scanner.text
+            self._buffer = self._fence + scanner.text
         else:  # BROKEN after release: the rest of the object is dropped
             self._buffer = ""
         self._bare, self._state = False, _TEXT
@@ -184,7 +206,7 @@ class HermesToolParser(ToolParser):
             call = self._call
             assert call is not None
             if not call.started:  # an unfinished object, never released: content
-                self._content.add(("" if self._bare else START) + call.reader.scanner.text, out)
+                self._content.add((self._fence if self._bare else START) + call.reader.scanner.text, out)
             # else: the output ended inside a released call (max_tokens); its arguments stay incomplete
         elif self._state == _AFTER:
             if self._invalid:

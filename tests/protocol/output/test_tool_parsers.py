@@ -52,6 +52,12 @@ HERMES: list[tuple[str, str, Calls]] = [
         [("f", {"a": [1, "}"]}), ("g", {})],
     ),
     ('{"answer": 42, "name": "x"}', '{"answer": 42, "name": "x"}', []),
+    # ... also in a ```json fence (Qwen2.5-Coder in float32)
+    ('```json\n{\n  "name": "f",\n  "arguments": {"city": "Paris"}\n}\n```', "", [("f", {"city": "Paris"})]),
+    ('```\n{"name": "f", "arguments": {}}\n``` Done.', " Done.", [("f", {})]),
+    ('```json\n{"answer": 1}\n```', '```json\n{"answer": 1}\n```', []),
+    ("```python\nprint(1)\n```", "```python\nprint(1)\n```", []),
+    ("``not a fence", "``not a fence", []),
     ('{"name": "f", "arguments": 3} and more', '{"name": "f", "arguments": 3} and more', []),
     ("Sure: {\"name\": \"f\", \"arguments\": {}}", "Sure: {\"name\": \"f\", \"arguments\": {}}", []),
     (
