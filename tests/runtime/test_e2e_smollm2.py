@@ -7,6 +7,7 @@ The CLI entry points run as real processes (they load the model themselves) and 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -239,3 +240,54 @@ def test_beam_search_and_best_of_through_the_openai_client(client):
     )  # fmt: skip
     assert [c.index for c in best.choices] == [0]
     assert best.usage.completion_tokens == 18  # every candidate's tokens are counted
+
+
+def test_structured_output_through_the_openai_client(client):
+    """Every spelling reaches the engine's guides, streamed or not, on chat and completions."""
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+        },
+        "required": ["city", "population"],
+    }
+    chat = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=QUESTION,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+        temperature=0,
+        max_tokens=60,
+    )
+    assert chat.choices[0].finish_reason == "stop", chat.choices[0].message.content
+    place = json.loads(chat.choices[0].message.content)
+    assert 0 <= place["population"] <= 99999999
+    assert isinstance(place["city"], str) and isinstance(place["population"], int)
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=QUESTION,
+        extra_body={"structured_outputs": {"choice": ["Paris", "London", "Rome"]}},
+        temperature=1.0,
+        seed=3,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in ("Paris", "London", "Rome")
+    completion = client.completions.create(
+        model=DEFAULT_MODEL,
+        prompt="The year the Eiffel Tower opened:",
+        extra_body={"guided_regex": r" 1[0-9]{3}\."},
+        max_tokens=8,
+        temperature=0,
+    )
+    assert re.fullmatch(r" 1[0-9]{3}\.", completion.choices[0].text)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_constraint_that_cannot_compile_is_a_400_naming_why(client, stream):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=QUESTION, extra_body={"guided_regex": "(unclosed"}, stream=stream
+        )
+    assert "The regex cannot be compiled: missing ), unterminated subpattern" in str(caught.value)
