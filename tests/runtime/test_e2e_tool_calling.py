@@ -54,13 +54,11 @@ TOOL_ANSWER = "22 degrees Celsius and sunny"
 
 
 def _fetched() -> bool:
-    from engine.wheel_gguf import fetched, wheel_gguf_named
+    from engine import ModelNotFoundError, resolve_model
 
-    found = wheel_gguf_named(MODEL)
-    assert found is not None
     try:
-        fetched(found[1])
-    except Exception:  # noqa: BLE001 - any reason: the model is not there
+        resolve_model(MODEL)
+    except ModelNotFoundError:
         return False
     return True
 
