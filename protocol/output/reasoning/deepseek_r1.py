@@ -8,7 +8,7 @@ that never closes `</think>` is all reasoning (vLLM does the same).
 from __future__ import annotations
 
 from protocol.output.deltas import MessageDelta
-from protocol.output.reasoning._split import split_at
+from protocol.output.markers import split_at
 from protocol.output.reasoning.base import ReasoningParser
 from protocol.output.reasoning.registry import register_reasoning_parser
 

@@ -14,22 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protocol.output.deltas import MessageDelta, ToolCallDelta
+from protocol.output.tool_parsers.base import ToolParser, ToolSpec, default_call_id
 
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 _STRUCTURE = re.compile(r'["{}\[\]]')
 _STRING = re.compile(r'["\\]')
 _SCALAR_END = re.compile(r"[ \t\r\n,}\]]")
-
-
-def partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `marker`.
-
-    That end is held back: the next chunk may complete the marker (a tag split across tokens).
-    """
-    for size in range(min(len(text), len(marker) - 1), 0, -1):
-        if text.endswith(marker[:size]):
-            return size
-    return 0
 
 
 def grow(owner: object, attribute: str, text: str) -> str:
@@ -505,3 +495,17 @@ class Content:
         if not called:
             out.text(self._pending)
         self._pending = ""
+
+
+class CallParser(ToolParser):
+    """What the built-in parsers keep: the released calls, the content around them, unread text."""
+
+    def __init__(self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id) -> None:
+        super().__init__(tools, new_id)
+        self._calls = Calls(self.new_id)
+        self._content = Content()
+        self._buffer = ""
+
+    @property
+    def called(self) -> bool:
+        return self._calls.count > 0

@@ -26,20 +26,19 @@ import re
 from collections.abc import Callable, Sequence
 
 from protocol.output.deltas import MessageDelta
+from protocol.output.markers import split_at
 from protocol.output.tool_parsers._common import (
     BROKEN,
     DONE,
     INVALID,
     OPEN,
+    CallParser,
     CallReader,
-    Calls,
-    Content,
     Out,
     StreamedCall,
-    partial_suffix,
     skip_whitespace,
 )
-from protocol.output.tool_parsers.base import ToolParser, ToolSpec, default_call_id
+from protocol.output.tool_parsers.base import ToolSpec, default_call_id
 from protocol.output.tool_parsers.registry import register_tool_parser
 
 START = "<tool_call>"
@@ -69,7 +68,7 @@ class _BareCallReader(CallReader):
 
 
 @register_tool_parser("hermes")
-class HermesToolParser(ToolParser):
+class HermesToolParser(CallParser):
     """`<tool_call>` JSON `</tool_call>` blocks anywhere in the output; the rest is content."""
 
     skip_special_tokens = False  # Qwen's <tool_call> and </tool_call> are special tokens
@@ -78,9 +77,6 @@ class HermesToolParser(ToolParser):
         self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id
     ) -> None:
         super().__init__(tools, new_id)
-        self._calls = Calls(self.new_id)
-        self._content = Content()
-        self._buffer = ""
         self._state = _TEXT
         self._call: StreamedCall | None = None
         self._invalid = False  # the block after the object is not a call: it becomes content
@@ -120,14 +116,10 @@ class HermesToolParser(ToolParser):
                     closing = _CLOSING_FENCE.match(self._buffer)
                     if closing is not None:
                         self._buffer = self._buffer[closing.end() :]
-                at = self._buffer.find(START)
-                if at < 0:
-                    keep = len(self._buffer) - partial_suffix(self._buffer, START)
-                    self._content.add(self._buffer[:keep], out)
-                    self._buffer = self._buffer[keep:]
+                text, self._buffer, found = split_at(self._buffer, START)
+                self._content.add(text, out)
+                if not found:
                     return
-                self._content.add(self._buffer[:at], out)
-                self._buffer = self._buffer[at + len(START) :]
                 self._call = StreamedCall(self._calls, CallReader())
                 self._state = _BLOCK
             elif self._state == _BLOCK:
@@ -222,6 +214,3 @@ class HermesToolParser(ToolParser):
         self._content.finish(self.called, out)
         return out.delta()
 
-    @property
-    def called(self) -> bool:
-        return self._calls.count > 0

@@ -20,15 +20,14 @@ from protocol.output.deltas import MessageDelta
 from protocol.output.tool_parsers._common import (
     DONE,
     OPEN,
+    CallParser,
     CallReader,
-    Calls,
-    Content,
     Out,
     StreamedCall,
     grow,
     skip_whitespace,
 )
-from protocol.output.tool_parsers.base import ToolParser, ToolSpec, default_call_id
+from protocol.output.tool_parsers.base import ToolSpec, default_call_id
 from protocol.output.tool_parsers.registry import register_tool_parser
 
 PYTHON_TAG = "<|python_tag|>"
@@ -37,16 +36,13 @@ _START, _CALL, _AFTER, _NEXT, _TEXT, _DROP = range(6)
 
 
 @register_tool_parser("llama3_json")
-class Llama3JsonToolParser(ToolParser):
+class Llama3JsonToolParser(CallParser):
     """One or more `;`-separated JSON call objects making up the output, else plain content."""
 
     def __init__(
         self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id
     ) -> None:
         super().__init__(tools, new_id)
-        self._calls = Calls(self.new_id)
-        self._content = Content()
-        self._buffer = ""
         self._raw = ""  # the whole output, while no call was released (the content if none is)
         self._state = _START
         self._call: StreamedCall | None = None
@@ -145,6 +141,3 @@ class Llama3JsonToolParser(ToolParser):
         self._content.finish(self.called, out)
         return out.delta()
 
-    @property
-    def called(self) -> bool:
-        return self._calls.count > 0

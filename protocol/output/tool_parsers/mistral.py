@@ -25,20 +25,20 @@ import re
 from collections.abc import Callable, Sequence
 
 from protocol.output.deltas import MessageDelta
+from protocol.output.markers import split_at
 from protocol.output.tool_parsers._common import (
     DONE,
     OPEN,
+    CallParser,
     CallReader,
     Calls,
-    Content,
     Out,
     StreamedCall,
     ValueScanner,
     grow,
-    partial_suffix,
     skip_whitespace,
 )
-from protocol.output.tool_parsers.base import ToolParser, ToolSpec, default_call_id
+from protocol.output.tool_parsers.base import ToolSpec, default_call_id
 from protocol.output.tool_parsers.registry import register_tool_parser
 
 MARKER = "[TOOL_CALLS]"
@@ -71,7 +71,7 @@ def mistral_call_id(call_id: str) -> str:
 
 
 @register_tool_parser("mistral")
-class MistralToolParser(ToolParser):
+class MistralToolParser(CallParser):
     """`[TOOL_CALLS]` followed by a JSON array of calls, or by `name[ARGS]{...}`."""
 
     skip_special_tokens = False  # [TOOL_CALLS] and [ARGS] are control tokens
@@ -81,8 +81,6 @@ class MistralToolParser(ToolParser):
     ) -> None:
         super().__init__(tools, new_id)
         self._calls = Calls(lambda index: mistral_call_id(new_id(index)))
-        self._content = Content()
-        self._buffer = ""  # text not yet consumed, in _TEXT
         self._state = _TEXT
         self._section = ""  # the text after the current marker (the content if it proves broken)
         self._pos = 0  # how far into `_section` was consumed
@@ -109,14 +107,12 @@ class MistralToolParser(ToolParser):
         while True:
             state = self._state
             if state == _TEXT:
-                at = self._buffer.find(MARKER)
-                if at < 0:
-                    keep = len(self._buffer) - partial_suffix(self._buffer, MARKER)
-                    self._content.add(self._buffer[:keep], out)
-                    self._buffer = self._buffer[keep:]
+                text, rest, found = split_at(self._buffer, MARKER)
+                self._content.add(text, out)
+                if not found:
+                    self._buffer = rest
                     return
-                self._content.add(self._buffer[:at], out)
-                self._section, self._buffer = self._buffer[at + len(MARKER) :], ""
+                self._section, self._buffer = rest, ""
                 self._pos, self._released, self._state = 0, False, _SECTION
             elif state in (_CONTENT, _DROP):
                 return
@@ -267,6 +263,3 @@ class MistralToolParser(ToolParser):
         self._content.finish(self.called, out)
         return out.delta()
 
-    @property
-    def called(self) -> bool:
-        return self._calls.count > 0

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from protocol.output.deltas import MessageDelta
-from protocol.output.tool_parsers._common import Calls, Content, Out, grow, skip_whitespace
-from protocol.output.tool_parsers.base import ToolParser, ToolSpec, default_call_id
+from protocol.output.tool_parsers._common import CallParser, Out, grow, skip_whitespace
+from protocol.output.tool_parsers.base import ToolSpec, default_call_id
 from protocol.output.tool_parsers.registry import register_tool_parser
 
 PYTHON_START = "<|python_start|>"
@@ -82,16 +82,13 @@ def parse_call(text: str) -> tuple[str, str] | None:
 
 
 @register_tool_parser("pythonic")
-class PythonicToolParser(ToolParser):
+class PythonicToolParser(CallParser):
     """A Python list of keyword-argument calls making up the output, else plain content."""
 
     def __init__(
         self, tools: Sequence[ToolSpec] = (), new_id: Callable[[int], str] = default_call_id
     ) -> None:
         super().__init__(tools, new_id)
-        self._calls = Calls(self.new_id)
-        self._content = Content()
-        self._buffer = ""
         self._raw = ""  # the whole output, while no call was released (the content if none is)
         self._state = _START
         self._pending: list[tuple[str, str]] = []  # calls completed in this feed, released at its end
@@ -260,6 +257,3 @@ class PythonicToolParser(ToolParser):
         self._content.finish(self.called, out)
         return out.delta()
 
-    @property
-    def called(self) -> bool:
-        return self._calls.count > 0

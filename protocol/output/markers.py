@@ -1,4 +1,5 @@
-"""Splitting streamed text on a tag: the part of a chunk that may be a tag still arriving is held back."""
+"""Splitting streamed text on a marker (`</think>`, `<tool_call>`, `[TOOL_CALLS]`): the part of a
+chunk that may be a marker still arriving is held back. Shared by the reasoning and tool parsers."""
 
 from __future__ import annotations
 
