@@ -345,6 +345,9 @@ class Engine:
         if was_alive and self._thread.started and self._thread.alive:
             self._thread.inbox.put((self, _STOP))
         self._thread.close(timeout)
+        guides = getattr(self.core, "guides", None)
+        if guides is not None:  # queued compiles are dropped; one running finishes on its own
+            guides.close()
 
     # ---- offline use ----
 
