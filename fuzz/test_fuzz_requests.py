@@ -36,6 +36,7 @@ from fuzz.strategies import (
     valid_chat_bodies,
     valid_completion_bodies,
 )
+from protocol.app import OPEN_PATHS
 
 EXAMPLES = harness.EXAMPLES
 SMALLER = max(EXAMPLES // 4, 50)  # for the narrower properties, which cost two requests each
@@ -118,20 +119,23 @@ def _authorized(request: FuzzRequest) -> bool:
     ),
     script=engine_scripts(),
 )
-def _api_key_guards_v1(request: FuzzRequest, script: EngineScript) -> None:
+def _api_key_guards_every_model_route(request: FuzzRequest, script: EngineScript) -> None:
     transcript = harness.exchange(request, script, harness.APP_WITH_KEY)
     check_exchange(request, transcript, harness.EXPECTATIONS)
     path = request.path.split("?", 1)[0]
-    if path.startswith(("/v1", "/v2")) and request.method.upper() != "OPTIONS" and not _authorized(request):
+    if path not in OPEN_PATHS and request.method.upper() != "OPTIONS" and not _authorized(request):
         expect(
             transcript.status == 401, f"{request.method} {path} without the key answered {transcript.status}"
         )
+        reached = transcript.generates or transcript.encodes
+        expect(not reached, f"{request.method} {path} without the key reached the engine")
 
 
-def test_api_key_guards_every_v1_route() -> None:
-    """With --api-key, /v1 and /v2 answer 401 to anything without the right bearer token; the rest stays well-formed."""
+def test_api_key_guards_every_model_route() -> None:
+    """With --api-key, every path but /health, /ping and /version answers 401 to anything without the
+    right bearer token, and nothing of it reaches the engine; the rest stays well-formed."""
     before = sum(harness.EXERCISED.values())
-    _api_key_guards_v1()
+    _api_key_guards_every_model_route()
     _assert_exercised(before, SMALLER)
 
 

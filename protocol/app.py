@@ -59,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
-_AUTH_PREFIXES = ("/v1", "/v2")
+# With API keys set, every path needs one except these (liveness and version for load balancers and
+# orchestrators, which carry no key). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
+# and /classify stay open to anyone who can reach the port.
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
 
 
 class AppConfig(msgspec.Struct, kw_only=True):
@@ -176,7 +179,7 @@ class App:
 
     def _route(self, method: str, target: str, request: _Request) -> Call:
         path = self._strip_root(target.split("?", 1)[0])
-        if method != "OPTIONS" and self._key_digests and path.startswith(_AUTH_PREFIXES):
+        if method != "OPTIONS" and self._key_digests and path not in OPEN_PATHS:
             if not self._authorized(request.headers.get(b"authorization")):
                 return ImmediateCall(
                     401, b'{"error":"Unauthorized"}', JSON_CONTENT_TYPE + request.response_headers

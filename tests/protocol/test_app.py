@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import App, AppConfig, Body, EndResponse, Generate, ServedModel, StartResponse, Submit, Tokens
+from protocol.app import _ROUTES, OPEN_PATHS
 from protocol.testing import BOS_ID, ByteTokenizer, tiny_pooling_model, tiny_served_model
 
 NOW = 1_700_000_000.0
@@ -208,7 +209,7 @@ def test_unknown_model_is_404():
 # ---- auth ----
 
 
-def test_api_key_guards_v1_paths():
+def test_api_key_guards_every_path_that_serves_a_model():
     app = make_app(api_keys=["k1", "k2"])
     status, headers, body = respond(app, "GET", "/v1/models", headers=())
     assert (status, json.loads(body)) == (401, {"error": "Unauthorized"})
@@ -219,23 +220,28 @@ def test_api_key_guards_v1_paths():
     assert respond(app, "GET", "/v1/nope", headers=())[0] == 401  # auth comes before routing
 
 
-def test_api_key_leaves_other_paths_and_options_open():
+def test_api_key_leaves_liveness_version_and_preflight_open():
     app = make_app(api_keys=["k"])
-    assert respond(app, "GET", "/health", headers=())[0] == 200
-    assert respond(app, "POST", "/tokenize", {"prompt": "a"})[0] == 200
+    for method, path in [("GET", "/health"), ("GET", "/ping"), ("POST", "/ping"), ("GET", "/version")]:
+        assert respond(app, method, path, headers=())[0] == 200, path
     status, headers, _ = respond(app, "OPTIONS", "/v1/chat/completions", headers=())
     assert status == 200 and b"POST" in headers[b"allow"]
 
 
-def test_api_key_guards_v2_paths_too():
-    app = make_app([tiny_pooling_model()], api_keys=["k"])
-    body = {"query": "q", "documents": ["a"]}
-    assert respond(app, "POST", "/v2/rerank", body, headers=(JSON,))[0] == 401
-    assert isinstance(
-        respond(app, "POST", "/v2/rerank", body, headers=(JSON, (b"authorization", b"Bearer k"))), Submit
-    )
-    assert isinstance(respond(app, "POST", "/rerank", body), Submit)  # outside /v1 and /v2: open
-    assert respond(app, "POST", "/v1/rerank", body)[0] == 401
+@pytest.mark.parametrize(
+    ("method", "path"),
+    sorted((method, path) for path, methods in _ROUTES.items() if path not in OPEN_PATHS for method in methods),
+)
+def test_api_key_guards_every_route_outside_the_open_ones(method, path):
+    """vLLM leaves /tokenize, /pooling, /score, /rerank, /classify open; nothing here reaches a model
+    (no Submit, no tokenizer) without a key."""
+    app = make_app([tiny_served_model(), tiny_pooling_model()], api_keys=["k"])
+    for headers in [(JSON,), (JSON, (b"authorization", b"Bearer wrong")), (JSON, (b"authorization", b"k"))]:
+        answer = respond(app, method, path, {"model": "x"}, headers=headers)
+        assert not isinstance(answer, Submit) and answer[0] == 401, (path, headers)
+        assert json.loads(answer[2]) == {"error": "Unauthorized"}
+    authorized = respond(app, method, path, {"model": "x"}, headers=(JSON, (b"authorization", b"Bearer k")))
+    assert isinstance(authorized, Submit) or authorized[0] != 401
 
 
 def test_api_key_is_checked_after_stripping_the_root_path():

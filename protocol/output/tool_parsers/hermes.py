@@ -83,7 +83,7 @@ class HermesToolParser(CallParser):
         self._keep_bad = False  # a broken block's text is content (True) or dropped (released already)
         self._bare = False  # the current block is a bare object at the start of the output (no tags)
         self._opening = True  # nothing but whitespace seen yet: a bare call object may come
-        self._fence = ""  # the ```json fence before a bare call object (dropped when it is a call)
+        self._fence = ""  # whitespace and ```json fence before a bare call object (dropped when it is a call)
         self._closing_fence = False  # after a fenced bare call: its closing ``` may follow
 
     def feed(self, text: str) -> MessageDelta:
@@ -106,7 +106,8 @@ class HermesToolParser(CallParser):
                         self._opening = False
                         names = frozenset(tool.name for tool in self.tools) or None
                         self._call = StreamedCall(self._calls, _BareCallReader(require_arguments=True, names=names))
-                        self._fence = opening.group(1) or ""
+                        # what came before the object (whitespace, a fence): content if it is no call
+                        self._fence = self._buffer[: opening.end() - 1]
                         self._buffer, self._bare, self._state = self._buffer[opening.end() - 1 :], True, _BLOCK
                         continue
                 if self._closing_fence:
@@ -171,7 +172,7 @@ class HermesToolParser(CallParser):
         assert call is not None
         scanner = call.reader.scanner
         if status == DONE:
-            self._buffer, self._closing_fence = scanner.leftover, bool(self._fence)
+            self._buffer, self._closing_fence = scanner.leftover, "`" in self._fence
         elif status == INVALID and call.reader.done:  # a JSON answer that is no call
             self._content.add(self._fence + scanner.text[: scanner.end], out)
             self._buffer = scanner.leftover
