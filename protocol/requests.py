@@ -365,7 +365,11 @@ def decode_request(body: bytes, kind: type[T]) -> T:
 
 @functools.cache
 def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
-    return msgspec.json.Decoder(kind)
+    """Lax scalars, as vLLM's pydantic models take them: `"2"` for an int, `"0.5"` for a float,
+    `"true"`/`"false"`/`"1"`/`"0"` and 1/0 for a bool, 2.0 for an int. Non-finite floats that a
+    string can now spell (`"nan"`, `"inf"`) are refused where they would reach the engine
+    (`protocol.validation`)."""
+    return msgspec.json.Decoder(kind, strict=False)
 
 
 def decode_tokenize_request(body: bytes) -> TokenizeRequest:

@@ -10,6 +10,7 @@ request; the app calls them once it knows the prompt length.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -454,6 +455,8 @@ def logit_bias_ids(logit_bias: dict[str, float] | None, vocab_size: int) -> dict
             token_id = int(key)
         except ValueError:
             raise _bad(f"logit_bias keys must be token ids, got {key!r}.", "logit_bias") from None
+        if math.isnan(bias):  # lax decoding reads "nan"; clamping keeps +-inf finite
+            raise _bad(f"logit_bias values must be numbers, got {bias}.", "logit_bias")
         parsed[token_id] = min(_LOGIT_BIAS_LIMIT, max(-_LOGIT_BIAS_LIMIT, bias))
     invalid = [token_id for token_id in parsed if not 0 <= token_id < vocab_size]
     if invalid:
@@ -543,6 +546,17 @@ def _sampling_params(
     frequency_penalty = 0.0 if request.frequency_penalty is None else request.frequency_penalty
     vocab_size = model.tokenizer.vocab_size
 
+    for name, value in (
+        ("temperature", temperature),
+        ("top_p", top_p),
+        ("min_p", min_p),
+        ("repetition_penalty", repetition_penalty),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+        ("length_penalty", request.length_penalty),
+    ):
+        if not math.isfinite(value):  # lax decoding reads "nan" and "inf" from strings
+            raise _bad(f"{name} must be a finite number, got {value}.", name)
     if not -2.0 <= presence_penalty <= 2.0:
         raise _bad(f"presence_penalty must be in [-2, 2], got {presence_penalty}.", "presence_penalty")
     if not -2.0 <= frequency_penalty <= 2.0:

@@ -567,3 +567,32 @@ def test_request_id_from_header_then_body_then_factory():
 def test_cache_salt_reaches_the_engine_request():
     assert chat(cache_salt="tenant-7").generate.cache_salt == "tenant-7"
     assert chat().generate.cache_salt is None
+
+
+# ---- lax scalars, as vLLM's pydantic models take them ----
+
+
+def test_scalars_written_as_strings_are_accepted_as_vllm_does():
+    client = chat(max_tokens="2", temperature="0", stream="false", logprobs="true", top_logprobs=2.0, n="1")
+    params = client.generate.params
+    assert (params.max_tokens, params.temperature, params.logprobs, params.n) == (2, 0.0, 2, 1)
+    client.feed(*script(client.generate.request_id, "ok"))
+    assert client.status == 200 and client.json()["choices"][0]["message"]["content"] == "ok"  # not a stream
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("temperature", "nan", "temperature must be a finite number"),
+        ("top_p", "inf", "top_p must be a finite number"),
+        ("presence_penalty", "-inf", "presence_penalty must be a finite number"),
+        ("max_tokens", "two", "max_tokens"),
+        ("max_tokens", 2.5, "max_tokens"),
+        ("stream", "maybe", "stream"),
+    ],
+)
+def test_scalars_that_are_not_numbers_are_400s(field, value, fragment):
+    client = chat(**{field: value})
+    assert client.status == 400 and not client.commands
+    error = client.json()["error"]
+    assert fragment in error["message"] and error["param"] == field, error
