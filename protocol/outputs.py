@@ -32,3 +32,12 @@ class Submit(msgspec.Struct, frozen=True):
 
 
 Output = StartResponse | Body | EndResponse | Submit
+
+
+def whole_response(
+    status: int, headers: tuple[tuple[bytes, bytes], ...], body: bytes
+) -> list[StartResponse | Body | EndResponse]:
+    """A response whose body is known before it starts: sent with its `Content-Length`, so it does
+    not go out chunked (proxies and clients that read the length before the body want it)."""
+    length = (b"content-length", str(len(body)).encode())
+    return [StartResponse(status, (*headers, length)), *([Body(body)] if body else []), EndResponse()]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from protocol.engine_api import Command, Event
 from protocol.errors import ProtocolError
-from protocol.outputs import Body, EndResponse, Output, StartResponse
+from protocol.outputs import Body, Output, whole_response
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +147,7 @@ class ImmediateCall(Call):
 
     def start(self) -> list[Output]:
         self._started = True
-        outputs: list[Output] = [StartResponse(self.status, self.headers)]
-        if self.body:
-            outputs.append(Body(self.body))
-        outputs.append(EndResponse())
-        return outputs
+        return list(whole_response(self.status, tuple(self.headers), self.body))
 
     @property
     def finished(self) -> bool:

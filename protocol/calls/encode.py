@@ -19,7 +19,7 @@ from protocol.calls.base import JSON_CONTENT_TYPE, CallIdentity, EngineCall, Hea
 from protocol.calls.pooling_inputs import EngineInput
 from protocol.engine_api import Abort, Encode, Event, Failed, Pooled, PoolingParams
 from protocol.errors import ProtocolError
-from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.outputs import Output, Submit, whole_response
 from protocol.pooling_responses import (
     ClassificationResponse,
     EmbeddingResponse,
@@ -115,7 +115,7 @@ class EncodeCall(EngineCall):
         except ProtocolError as error:
             return self._fail(error, None)
         self._done = True
-        return [StartResponse(200, reply.headers + self._extra_headers), Body(reply.body), EndResponse()]
+        return list(whole_response(200, reply.headers + self._extra_headers, reply.body))
 
     def _fail(self, error: ProtocolError, failed_request_id: str | None) -> list[Output]:
         self._done = True
@@ -123,11 +123,7 @@ class EncodeCall(EngineCall):
         aborts = self._aborts(exclude=failed_request_id)
         if aborts:
             outputs.append(Submit(tuple(aborts)))
-        outputs += [
-            StartResponse(error.status, JSON_CONTENT_TYPE + self._extra_headers),
-            Body(error.to_json()),
-            EndResponse(),
-        ]
+        outputs += whole_response(error.status, JSON_CONTENT_TYPE + self._extra_headers, error.to_json())
         return outputs
 
     def _aborts(self, exclude: str | None) -> list[Abort]:

@@ -18,7 +18,7 @@ from protocol.engine_api import Abort, Event, Failed, Generate, TokenLogprobs, T
 from protocol.errors import ProtocolError
 from protocol.logprobs import TokenNames
 from protocol.model import ServedModel
-from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit, whole_response
 from protocol.requests import ChatCompletionRequest, CompletionRequest
 from protocol.responses import PromptTokenUsageInfo, UsageInfo, encode, usage_chunk
 from protocol.sse import DONE_FRAME, SSE_HEADERS, data_frame, error_frame
@@ -199,11 +199,7 @@ class GenerationCall(EngineCall):
     def _complete(self) -> list[Output]:
         self._done = True
         if not self.stream:
-            return [
-                StartResponse(200, JSON_CONTENT_TYPE + self.extra_headers),
-                Body(self._response_body()),
-                EndResponse(),
-            ]
+            return list(whole_response(200, JSON_CONTENT_TYPE + self.extra_headers, self._response_body()))
         outputs: list[Output] = []
         if self.usage_options.include_usage:
             chunk = usage_chunk(self.response_id, self.chunk_object, self.created, self.model, self.usage())
@@ -223,11 +219,7 @@ class GenerationCall(EngineCall):
         if self._committed:
             outputs += [Body(error_frame(error)), Body(DONE_FRAME), EndResponse()]
         else:
-            outputs += [
-                StartResponse(error.status, JSON_CONTENT_TYPE + self.extra_headers),
-                Body(error.to_json()),
-                EndResponse(),
-            ]
+            outputs += whole_response(error.status, JSON_CONTENT_TYPE + self.extra_headers, error.to_json())
         return outputs
 
     def _aborts(self, exclude: str | None) -> list[Abort]:

@@ -125,9 +125,22 @@ def test_query_strings_and_root_path():
     assert respond(app, "GET", "/api/health")[0] == 200
 
 
+def test_whole_responses_carry_their_content_length():
+    """Known-length bodies are not sent chunked: errors, model lists, finished completions."""
+    app = make_app()
+    for answer in [respond(app, "GET", "/v1/models"), respond(app, "GET", "/nope"), respond(app, "GET", "/version")]:
+        status, headers, body = answer
+        assert headers[b"content-length"] == str(len(body)).encode(), (status, headers)
+    call = app.handle("POST", "/v1/chat/completions", [JSON], json.dumps(CHAT).encode())
+    (submit,) = call.start()
+    (generate,) = submit.commands
+    start, body, _ = call.feed([Tokens(generate.request_id, 0, (1,), 3, finish_reason="length")])
+    assert dict(start.headers)[b"content-length"] == str(len(body.data)).encode()
+
+
 def test_health_ping_version():
     app = make_app(version="9.9")
-    assert respond(app, "GET", "/health") == (200, {}, b"")
+    assert respond(app, "GET", "/health") == (200, {b"content-length": b"0"}, b"")
     assert respond(app, "GET", "/health", healthy=False)[0] == 503
     assert respond(app, "POST", "/ping", headers=())[0] == 200
     assert respond(app, "GET", "/ping", healthy=False)[0] == 503

@@ -6,6 +6,7 @@ The CLI entry points run as real processes (they load the model themselves) and 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -291,3 +292,29 @@ def test_a_constraint_that_cannot_compile_is_a_400_naming_why(client, stream):
             model=DEFAULT_MODEL, messages=QUESTION, extra_body={"guided_regex": "(unclosed"}, stream=stream
         )
     assert "The regex cannot be compiled: missing ), unterminated subpattern" in str(caught.value)
+
+
+def test_whole_json_responses_carry_content_length_not_chunks(server):
+    import socket as socket_module
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    body = b'{"model": "%s", "prompt": "Hi", "max_tokens": 2}' % DEFAULT_MODEL.encode()
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    ) + body
+    with socket_module.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(request)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += sock.recv(65536)
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.split(b"\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(b":") for line in header_lines)}
+        while len(payload) < int(headers.get(b"content-length", b"0")):
+            payload += sock.recv(65536)
+    assert status_line.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in headers
+    assert int(headers[b"content-length"]) == len(payload)
+    assert json.loads(payload)["choices"][0]["finish_reason"] == "length"
