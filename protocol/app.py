@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote
 
 import msgspec
 
@@ -28,7 +29,14 @@ from protocol.calls.base import (
 )
 from protocol.calls.chat import build_chat_call
 from protocol.calls.completion import build_completion_call
-from protocol.calls.info import detokenize_call, health_call, models_call, tokenize_call, version_call
+from protocol.calls.info import (
+    detokenize_call,
+    health_call,
+    model_call,
+    models_call,
+    tokenize_call,
+    version_call,
+)
 from protocol.calls.pooling import build_classification_call, build_embedding_call, build_pooling_call
 from protocol.calls.prompt import ChatRenderer
 from protocol.calls.score import build_rerank_call, build_score_call
@@ -185,6 +193,10 @@ class App:
                     401, b'{"error":"Unauthorized"}', JSON_CONTENT_TYPE + request.response_headers
                 )
         methods = _ROUTES.get(path)
+        if methods is None and path.startswith(_MODEL_PREFIX):  # ids may hold slashes (org/name)
+            if method == "GET":
+                return self._model(request, unquote(path[len(_MODEL_PREFIX) :]))
+            methods = {"GET": App._models}
         if methods is None:
             raise ProtocolError("Not Found", status=404)
         if method == "OPTIONS":
@@ -301,6 +313,12 @@ class App:
     def _models(self, request: _Request) -> Call:
         return models_call(self.models, self._created(), request.response_headers)
 
+    def _model(self, request: _Request, model_id: str) -> Call:
+        model = resolve_model(model_id, self.models) if model_id else None
+        if model is None:
+            raise ProtocolError("The model `` does not exist.", status=404, param="model")
+        return model_call(model, self._created(), request.response_headers)
+
     def _health(self, request: _Request) -> Call:
         return health_call(request.healthy, request.response_headers)
 
@@ -336,6 +354,7 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/v1/rerank": {"POST": App._rerank},
     "/v2/rerank": {"POST": App._rerank},
 }
+_MODEL_PREFIX = "/v1/models/"
 _JSON_POSTS = frozenset(
     {
         "/v1/chat/completions",

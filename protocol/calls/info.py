@@ -35,6 +35,17 @@ def models_call(models: Sequence[ServedModel], now: int, headers: Headers = ()) 
     return json_call(encode(listing), extra_headers=headers)
 
 
+def model_call(model: ServedModel, now: int, headers: Headers = ()) -> ImmediateCall:
+    """GET /v1/models/{id}: the model's card, as OpenAI serves one (`id` is the model's first name,
+    whichever of its names was asked)."""
+    (card,) = model_list([model]).data
+    if not card.created:
+        card.created = now
+        for permission in card.permission:
+            permission.created = now
+    return json_call(encode(card), extra_headers=headers)
+
+
 def version_call(version: str, headers: Headers = ()) -> ImmediateCall:
     return json_call(encode(_Version(version)), extra_headers=headers)
 

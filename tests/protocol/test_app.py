@@ -403,3 +403,22 @@ def test_no_request_produces_a_500(method, path, body):
     outputs = call.start()
     if isinstance(outputs[0], StartResponse):
         assert outputs[0].status < 500
+
+
+# ---- GET /v1/models/{id} ----
+
+
+def test_one_model_card_by_any_of_its_names():
+    model = tiny_served_model()
+    model.names = ("org/tiny", "tiny")
+    app = make_app([model])
+    listed = json.loads(respond(app, "GET", "/v1/models")[2])["data"][0]
+    for path in ["/v1/models/org/tiny", "/v1/models/tiny", "/v1/models/org%2Ftiny"]:
+        status, _, body = respond(app, "GET", path)
+        assert status == 200 and json.loads(body) == listed, path
+    status, error = error_of(respond(app, "GET", "/v1/models/nope"))
+    assert status == 404 and error["message"] == "The model `nope` does not exist."
+    assert error_of(respond(app, "GET", "/v1/models/"))[0] == 404
+    status, headers, _ = respond(app, "POST", "/v1/models/tiny")
+    assert status == 405 and headers[b"allow"] == b"GET"
+    assert respond(make_app([model], api_keys=["k"]), "GET", "/v1/models/tiny", headers=())[0] == 401
