@@ -61,16 +61,17 @@ from protocol.requests import (
     decode_request,
     decode_tokenize_request,
 )
+from protocol.state import PROMETHEUS_CONTENT_TYPE, ServerState
 from protocol.validation import resolve_model
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
-# With API keys set, every path needs one except these (liveness and version for load balancers and
-# orchestrators, which carry no key). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
+# With API keys set, every path needs one except these (liveness, version and metrics for load
+# balancers, orchestrators and Prometheus, which carry no key; vLLM leaves /metrics open too). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
 # and /classify stay open to anyone who can reach the port.
-OPEN_PATHS = frozenset({"/health", "/ping", "/version"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
 
 
 class AppConfig(msgspec.Struct, kw_only=True):
@@ -133,11 +134,13 @@ class App:
         *,
         clock: Callable[[], float],
         new_id: Callable[[], str],
+        state: ServerState | None = None,
     ) -> None:
         self.config = config
         self.models = list(models)
         self.clock = clock
         self.new_id = new_id
+        self.state = state  # what only the running server knows (metrics); None: no /metrics
         self._key_digests = [hashlib.sha256(key.encode()).digest() for key in config.api_keys]
         self._renderer = ChatRenderer(
             server_template=config.chat_template,
@@ -319,6 +322,12 @@ class App:
             raise ProtocolError("The model `` does not exist.", status=404, param="model")
         return model_call(model, self._created(), request.response_headers)
 
+    def _metrics(self, request: _Request) -> Call:
+        if self.state is None:
+            raise ProtocolError("Not Found", status=404)
+        headers = ((b"content-type", PROMETHEUS_CONTENT_TYPE), *request.response_headers)
+        return ImmediateCall(200, self.state.metrics(), headers)
+
     def _health(self, request: _Request) -> Call:
         return health_call(request.healthy, request.response_headers)
 
@@ -343,6 +352,7 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/health": {"GET": App._health},
     "/ping": {"GET": App._health, "POST": App._health},
     "/version": {"GET": App._version},
+    "/metrics": {"GET": App._metrics},
     "/tokenize": {"POST": App._tokenize},
     "/detokenize": {"POST": App._detokenize},
     "/v1/embeddings": {"POST": App._embeddings},

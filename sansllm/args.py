@@ -256,7 +256,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
 
     api = parser.add_argument_group("API")
     api.add_argument(
-        "--api-key", nargs="+", help=f"bearer keys required on every path but /health, /ping and /version (default: ${API_KEY_ENV_VARS[0]})"
+        "--api-key", nargs="+", help=f"bearer keys required on every path but /health, /ping, /version and /metrics (default: ${API_KEY_ENV_VARS[0]})"
     )
     api.add_argument(
         "--served-model-name",

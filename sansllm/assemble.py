@@ -24,6 +24,7 @@ from protocol.model import PoolingInfo, ServedModel
 from sansllm.args import DEFAULT_MODELS, ModelSpec
 from sansllm.chat_template import load_chat_template
 from sansllm.lifecycle import BridgeFactory, EngineLifecycle
+from sansllm.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +203,8 @@ def build_asgi_app(
             model.max_model_len,
         )
     app_config = app_config_from_args(args)
-    app = App(app_config, models, clock=clock, new_id=new_id)
     by_name = {model.name: engine for model, engine in zip(models, engines, strict=True)}
+    app = App(app_config, models, clock=clock, new_id=new_id, state=ServerMetrics(by_name))
     lifecycle = EngineLifecycle(by_name, bridge_factory)
     return AsgiApp(
         app,

@@ -422,3 +422,19 @@ def test_one_model_card_by_any_of_its_names():
     status, headers, _ = respond(app, "POST", "/v1/models/tiny")
     assert status == 405 and headers[b"allow"] == b"GET"
     assert respond(make_app([model], api_keys=["k"]), "GET", "/v1/models/tiny", headers=())[0] == 401
+
+
+# ---- /metrics ----
+
+
+class _State:
+    def metrics(self) -> bytes:
+        return b"vllm:num_requests_running 0.0\n"
+
+
+def test_metrics_come_from_the_injected_server_state_and_need_no_key():
+    app = App(AppConfig(api_keys=["k"]), [tiny_served_model()], clock=lambda: NOW, new_id=lambda: "x", state=_State())
+    status, headers, body = respond(app, "GET", "/metrics", headers=())
+    assert status == 200 and body == b"vllm:num_requests_running 0.0\n"
+    assert headers[b"content-type"].startswith(b"text/plain; version=0.0.4")
+    assert error_of(respond(make_app(), "GET", "/metrics"))[0] == 404  # a core without a server

@@ -318,3 +318,19 @@ def test_whole_json_responses_carry_content_length_not_chunks(server):
     assert b"transfer-encoding" not in headers
     assert int(headers[b"content-length"]) == len(payload)
     assert json.loads(payload)["choices"][0]["finish_reason"] == "length"
+
+
+def test_metrics_report_the_served_work_under_vllm_names(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    samples = {
+        (sample.name, sample.labels.get("model_name")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("vllm:generation_tokens_total", DEFAULT_MODEL)] >= 3
+    assert samples[("vllm:prompt_tokens_total", DEFAULT_MODEL)] >= 1
+    assert samples[("vllm:num_requests_running", DEFAULT_MODEL)] == 0
+    assert 0 <= samples[("vllm:kv_cache_usage_perc", DEFAULT_MODEL)] <= 1
