@@ -26,6 +26,7 @@ from engine.attention import SequenceSpan
 from engine.beam_search import BeamSearch, BeamSearchDriver
 from engine.best_of import BestOfCollector
 from engine.kv_cache import KVCacheManager
+from engine.latency import LatencyObserver
 from engine.model_runner import DecoderRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.processors import builtin_processors
@@ -120,6 +121,9 @@ class EngineCore:
         # ready (future done), while the others keep stepping (engine.structured.compiler)
         self.guides = guides
         self.awaiting_guides: dict[str, tuple[Generate, int, Future[CompiledGuide]]] = {}
+        self.latency: LatencyObserver | None = None  # request latencies for metrics (engine.latency)
+        self._arrived_at: dict[str, float] = {}  # requests waiting for a guide: when they arrived
+        self._step_at = 0.0  # when this step's tokens were produced (one clock read per step)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed), builtin_processors(guides))
         # n-gram speculative decoding (engine.spec_decode); None: off
         self.speculator = Speculator(speculative_config, max_model_len) if speculative_config else None
@@ -224,6 +228,7 @@ class EngineCore:
             max_tokens = validate(command, self.config.vocab_size, self.max_model_len, self.max_num_seqs)
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
+        self._arrived_at[command.request_id] = time.perf_counter()
         if command.params.structured is not None:
             if self.guides is None:
                 return [Failed(command.request_id, 400, "this model does not support structured output")]
@@ -232,6 +237,7 @@ class EngineCore:
                 self.awaiting_guides[command.request_id] = (command, max_tokens, future)
                 return []
             if (refused := _compile_failure(command.request_id, future)) is not None:
+                self._arrived_at.pop(command.request_id, None)
                 return [refused]
         return self._start_generate(command, max_tokens)
 
@@ -242,6 +248,8 @@ class EngineCore:
             if future.done():
                 del self.awaiting_guides[request_id]
                 refused = _compile_failure(request_id, future)
+                if refused is not None:
+                    self._arrived_at.pop(request_id, None)
                 events.extend([refused] if refused is not None else self._start_generate(command, max_tokens))
         return events
 
@@ -258,6 +266,7 @@ class EngineCore:
             next(self._arrivals),
             max_tokens,
             live_indices=set(range(started if max_tokens > 0 else params.n)),
+            added_at=self._arrived_at.pop(command.request_id, time.perf_counter()),
         )
         if params.use_beam_search:
             request.beam = BeamSearch(params, max_tokens, self.eos_token_ids)
@@ -293,6 +302,7 @@ class EngineCore:
     def _abort(self, command: Abort) -> None:
         """Drop a request or one sample, silently (the protocol side already knows); blocks free at once."""
         if self.awaiting_guides.pop(command.request_id, None) is not None:
+            self._arrived_at.pop(command.request_id, None)
             return
         encode = self.encodes.pop(command.request_id, None)
         if encode is not None:
@@ -328,6 +338,7 @@ class EngineCore:
             Failed(rid, status, message) for rid in [*self.requests, *self.encodes, *self.awaiting_guides]
         ]
         self.awaiting_guides.clear()
+        self._arrived_at.clear()
         for request in list(self.requests.values()):
             self._drop(request)
         for _, seq in self.encodes.values():
@@ -363,9 +374,12 @@ class EngineCore:
         return admitted + events
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[Event]:
+        if self.latency is not None:
+            self._observe_scheduled(chunks, time.perf_counter())
         spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
         self.runner.copy_blocks(self.kv.take_copies())  # forked beams' copy on write, before any write
         step = self.runner.forward(spans)
+        self._step_at = time.perf_counter()  # the tokens of this step exist from here (engine.latency)
         hidden = step.hidden
         self.scheduler.advance(chunks)
 
@@ -500,6 +514,8 @@ class EngineCore:
             cumulative_logprob=sample.cumulative_logprob,
         )
         sample.sent_first_event = True
+        if self.latency is not None and kept:
+            self._observe_tokens(request, sample)
         if finished:
             self.scheduler.finish(sample.seq)
             self.sampler.release(sample.seq.seq_id)
@@ -507,7 +523,25 @@ class EngineCore:
             request.live_indices.discard(sample.index)
             if not request.live_indices:
                 self.requests.pop(request.request_id, None)
+                if self.latency is not None:
+                    self.latency.end_to_end(self._step_at - request.added_at)
         return event
+
+    def _observe_scheduled(self, chunks: list[ScheduledChunk], now: float) -> None:
+        for chunk in chunks:
+            request = self.requests.get(chunk.seq.request_id)
+            if request is not None and request.scheduled_at is None:
+                request.scheduled_at = now
+                self.latency.queue_time(now - request.added_at)
+
+    def _observe_tokens(self, request: RequestState, sample: SampleState) -> None:
+        now = self._step_at
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.latency.time_to_first_token(now - request.added_at)
+        if sample.last_token_at is not None:
+            self.latency.inter_token(now - sample.last_token_at)
+        sample.last_token_at = now
 
     def _finish_without_tokens(self, request: RequestState) -> list[Event]:
         return [

@@ -317,6 +317,12 @@ class Engine:
         """Scheduler and KV cache numbers for metrics, as of the last step (any thread may call it)."""
         return self.core.stats()
 
+    def observe_latency(self, observer: Any) -> None:
+        """Report request latencies (`engine.latency.LatencyObserver`) from now on; called on the
+        engine thread. Pooling engines have none to report."""
+        if hasattr(self.core, "latency"):
+            self.core.latency = observer
+
     def start(self, on_events: EventCallback) -> None:
         """Start serving; `on_events` is called on the engine thread once per step with this model's events."""
         if self._started:

@@ -32,6 +32,7 @@ class SampleState:
     cumulative_logprob: float = 0.0
     sent_first_event: bool = False
     beam_logprobs: list[TokenLogprobs] | None = None  # a beam's logprob entries, sent when it finishes
+    last_token_at: float | None = None  # engine.latency: when its last step gave it tokens
 
     @property
     def index(self) -> int:
@@ -59,6 +60,10 @@ class RequestState:
     prompt_counted: bool = False  # its prompt tokens are in the engine's totals
     best_of: BestOfCollector | None = None  # holds the candidates' events when best_of > n
     beam: BeamSearch | None = None  # the beam-search state (its samples are the live beams)
+    # engine.latency stamps (time.perf_counter): arrival, first scheduled, first token
+    added_at: float = 0.0
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
 
     @property
     def grouped(self) -> bool:

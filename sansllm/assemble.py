@@ -204,7 +204,11 @@ def build_asgi_app(
         )
     app_config = app_config_from_args(args)
     by_name = {model.name: engine for model, engine in zip(models, engines, strict=True)}
-    app = App(app_config, models, clock=clock, new_id=new_id, state=ServerMetrics(by_name))
+    metrics = ServerMetrics(by_name)
+    for name, engine in by_name.items():
+        if hasattr(engine, "observe_latency"):  # test fakes may not report latencies
+            engine.observe_latency(metrics.observer(name))
+    app = App(app_config, models, clock=clock, new_id=new_id, state=metrics)
     lifecycle = EngineLifecycle(by_name, bridge_factory)
     return AsgiApp(
         app,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -65,13 +65,63 @@ class EngineStatsCollector(Collector):
         yield per_position
 
 
+# vLLM's buckets, so dashboards' quantile panels read the same
+_TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+_ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+_REQUEST_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
+
+class _Observer:
+    """`engine.latency.LatencyObserver` for one model: its children of the histograms."""
+
+    def __init__(self, histograms: dict[str, Histogram], model_name: str) -> None:
+        labels = {"model_name": model_name, "engine": "0"}
+        self._queue = histograms["queue"].labels(**labels)
+        self._ttft = histograms["ttft"].labels(**labels)
+        self._itl = histograms["itl"].labels(**labels)
+        self._e2e = histograms["e2e"].labels(**labels)
+
+    def queue_time(self, seconds: float) -> None:
+        self._queue.observe(seconds)
+
+    def time_to_first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
+
+    def end_to_end(self, seconds: float) -> None:
+        self._e2e.observe(seconds)
+
+
 class ServerMetrics:
     """The `protocol.state.ServerState` the served app gets: its own registry (tests and several
-    apps in one process never share one), rendered on each scrape."""
+    apps in one process never share one), rendered on each scrape, and the latency histograms each
+    engine observes into (`observer(model_name)`)."""
 
     def __init__(self, engines: Mapping[str, Any]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineStatsCollector(engines))
+        self._histograms = {
+            key: Histogram(name, help_text, LABELS, registry=self.registry, buckets=buckets)
+            for key, name, help_text, buckets in (
+                ("queue", "vllm:request_queue_time_seconds", "Time spent waiting before first scheduled.", _REQUEST_BUCKETS),
+                ("ttft", "vllm:time_to_first_token_seconds", "Time to first token in seconds.", _TTFT_BUCKETS),
+                ("itl", "vllm:inter_token_latency_seconds", "Inter-token latency in seconds.", _ITL_BUCKETS),
+                ("e2e", "vllm:e2e_request_latency_seconds", "End to end request latency in seconds.", _REQUEST_BUCKETS),
+            )
+        }  # fmt: skip
+
+    def observer(self, model_name: str) -> _Observer:
+        return _Observer(self._histograms, model_name)
 
     def metrics(self) -> bytes:
         return generate_latest(self.registry)

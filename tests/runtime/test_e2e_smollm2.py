@@ -334,3 +334,5 @@ def test_metrics_report_the_served_work_under_vllm_names(server, client):
     assert samples[("vllm:prompt_tokens_total", DEFAULT_MODEL)] >= 1
     assert samples[("vllm:num_requests_running", DEFAULT_MODEL)] == 0
     assert 0 <= samples[("vllm:kv_cache_usage_perc", DEFAULT_MODEL)] <= 1
+    for histogram in ("time_to_first_token", "e2e_request_latency", "request_queue_time", "inter_token_latency"):
+        assert samples[(f"vllm:{histogram}_seconds_count", DEFAULT_MODEL)] >= 1, histogram

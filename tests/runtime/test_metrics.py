@@ -56,7 +56,7 @@ def test_each_model_reports_vllm_metric_names_with_its_label():
     assert samples[("vllm:prefix_cache_queries_total", labels)] == 100
     assert samples[("vllm:prefix_cache_hits_total", labels)] == 40
     assert samples[("vllm:spec_decode_num_accepted_tokens_total", labels)] == 9
-    assert samples[("vllm:spec_decode_num_accepted_tokens_per_pos_total", (*labels, ("position", "2")))] == 2
+    assert samples[("vllm:spec_decode_num_accepted_tokens_per_pos_total", tuple(sorted((*labels, ("position", "2")))))] == 2
     assert samples[("vllm:generation_tokens_total", (("engine", "0"), ("model_name", "embed")))] == 0
 
 
@@ -69,3 +69,21 @@ def test_a_scrape_reads_the_engines_at_that_moment():
     after = scrape(metrics)
     assert after[("vllm:num_requests_running", labels)] == 0
     assert after[("vllm:generation_tokens_total", labels)] == 7
+
+
+def test_latency_histograms_per_model_with_vllm_names():
+    metrics = ServerMetrics({"m": _Engine(EngineStats())})
+    observer = metrics.observer("m")
+    observer.time_to_first_token(0.03)
+    observer.inter_token(0.02)
+    observer.inter_token(0.06)
+    observer.end_to_end(1.2)
+    observer.queue_time(0.001)
+    samples = scrape(metrics)
+    labels = (("engine", "0"), ("model_name", "m"))
+    assert samples[("vllm:time_to_first_token_seconds_count", labels)] == 1
+    assert samples[("vllm:inter_token_latency_seconds_count", labels)] == 2
+    assert abs(samples[("vllm:inter_token_latency_seconds_sum", labels)] - 0.08) < 1e-9
+    assert samples[("vllm:inter_token_latency_seconds_bucket", tuple(sorted((*labels, ("le", "0.05")))))] == 1
+    assert samples[("vllm:e2e_request_latency_seconds_count", labels)] == 1
+    assert samples[("vllm:request_queue_time_seconds_count", labels)] == 1
