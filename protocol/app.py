@@ -257,6 +257,20 @@ class App:
         from_client = base_id != request.base_id or b"x-request-id" in request.headers
         return CallIdentity(base_id, created, headers, f"-{self.new_id()}" if from_client else "")
 
+    def _invocations(self, request: _Request) -> Call:
+        """SageMaker's one route: the endpoint is chosen by the body's shape, as vLLM's /invocations."""
+        try:
+            document = msgspec.json.decode(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            document = None
+        if not isinstance(document, dict):
+            raise ProtocolError("The /invocations body must be a JSON object.", status=400)
+        for keys, handler in _INVOCATION_SHAPES:
+            if all(key in document for key in keys):
+                return handler(self, request)
+        shapes = "; ".join(" and ".join(f"`{key}`" for key in keys) for keys, _ in _INVOCATION_SHAPES)
+        raise ProtocolError(f"Cannot tell which API the /invocations body is for: it needs {shapes}.", status=400)
+
     def _chat(self, request: _Request) -> Call:
         body = decode_request(request.body, ChatCompletionRequest)
         model = self._generative_model(body.model, "Chat Completions")
@@ -364,6 +378,16 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/v1/rerank": {"POST": App._rerank},
     "/v2/rerank": {"POST": App._rerank},
 }
+# (keys the body has, handler), first match wins: chat before completions (a chat body may carry a
+# prompt-like field), rerank before score
+_INVOCATION_SHAPES: tuple[tuple[tuple[str, ...], _Handler], ...] = (
+    (("messages",), App._chat),
+    (("prompt",), App._completion),
+    (("input",), App._embeddings),
+    (("query", "documents"), App._rerank),
+    (("text_1", "text_2"), App._score),
+)
+_ROUTES["/invocations"] = {"POST": App._invocations}
 _MODEL_PREFIX = "/v1/models/"
 _JSON_POSTS = frozenset(
     {
@@ -379,5 +403,6 @@ _JSON_POSTS = frozenset(
         "/rerank",
         "/v1/rerank",
         "/v2/rerank",
+        "/invocations",
     }
 )

@@ -438,3 +438,33 @@ def test_metrics_come_from_the_injected_server_state_and_need_no_key():
     assert status == 200 and body == b"vllm:num_requests_running 0.0\n"
     assert headers[b"content-type"].startswith(b"text/plain; version=0.0.4")
     assert error_of(respond(make_app(), "GET", "/metrics"))[0] == 404  # a core without a server
+
+
+# ---- SageMaker's /invocations ----
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "chat"),
+        ({"prompt": "hi", "max_tokens": 2}, "completion"),
+    ],
+)
+def test_invocations_dispatch_generation_by_the_body_shape(body, kind):
+    submit = respond(make_app(), "POST", "/invocations", body)
+    (generate,) = submit.commands
+    assert generate.request_id.startswith("chatcmpl-" if kind == "chat" else "cmpl-")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"input": "hi"}, {"query": "q", "documents": ["a"]}, {"text_1": "a", "text_2": "b"}],
+)
+def test_invocations_dispatch_pooling_by_the_body_shape(body):
+    assert isinstance(respond(make_app([tiny_pooling_model()]), "POST", "/invocations", body), Submit)
+
+
+def test_invocations_with_a_body_of_no_known_shape_is_a_400():
+    status, error = error_of(respond(make_app(), "POST", "/invocations", {"model": "x"}))
+    assert status == 400 and "`messages`" in error["message"] and "`prompt`" in error["message"]
+    assert error_of(respond(make_app(), "POST", "/invocations", b"[1]"))[0] == 400
