@@ -40,6 +40,7 @@ from protocol.calls.info import (
 from protocol.calls.pooling import build_classification_call, build_embedding_call, build_pooling_call
 from protocol.calls.prompt import ChatRenderer
 from protocol.calls.score import build_rerank_call, build_score_call
+from protocol.cors import CorsPolicy
 from protocol.errors import ProtocolError
 from protocol.model import ServedModel, Task
 from protocol.pooling_requests import (
@@ -93,6 +94,10 @@ class AppConfig(msgspec.Struct, kw_only=True):
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     enable_auto_tool_choice: bool = False
     exclude_tools_when_tool_choice_none: bool = False
+    allowed_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
 
@@ -141,6 +146,9 @@ class App:
         self.clock = clock
         self.new_id = new_id
         self.state = state  # what only the running server knows (metrics); None: no /metrics
+        self._cors = CorsPolicy(
+            config.allowed_origins, config.allowed_methods, config.allowed_headers, config.allow_credentials
+        )
         self._key_digests = [hashlib.sha256(key.encode()).digest() for key in config.api_keys]
         self._renderer = ChatRenderer(
             server_template=config.chat_template,
@@ -178,6 +186,10 @@ class App:
             base_id = request_header_id.decode("latin-1") if request_header_id else self.new_id()
             if self.config.enable_request_id_headers:
                 response_headers = ((b"x-request-id", base_id.encode("latin-1", "replace")),)
+            response_headers += self._cors.response_headers(header_map)
+            if method.upper() == "OPTIONS" and (preflight := self._cors.preflight(header_map)) is not None:
+                status, text, headers = preflight
+                return ImmediateCall(status, text, headers)
             request = _Request(header_map, body, healthy, base_id, response_headers)
             return self._route(method.upper(), path, request)
         except ProtocolError as error:

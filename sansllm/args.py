@@ -51,6 +51,17 @@ def json_object(value: str) -> dict[str, Any]:
     return mapping
 
 
+def json_string_list(value: str) -> list[str]:
+    """A JSON list of strings, as vLLM's CORS flags take them (`'["https://a.example"]'`)."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a JSON list: {value!r}") from None
+    if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+    return parsed
+
+
 def human_readable_int(value: str) -> int:
     """`1k` = 1000, `1K` = 1024, `25.6k` = 25600 (vLLM's rule: no decimals with binary suffixes)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value.strip())
@@ -272,6 +283,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument("--enable-force-include-usage", action="store_true")
     api.add_argument("--return-tokens-as-token-ids", action="store_true")
     api.add_argument("--enable-request-id-headers", action="store_true")
+    for flag, what in (("--allowed-origins", "origins"), ("--allowed-methods", "methods"), ("--allowed-headers", "headers")):
+        api.add_argument(flag, type=json_string_list, default=["*"], help=f'CORS: allowed {what}, a JSON list (default ["*"])')
+    api.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     api.add_argument(
         "--enable-auto-tool-choice",
         action="store_true",

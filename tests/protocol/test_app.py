@@ -468,3 +468,37 @@ def test_invocations_with_a_body_of_no_known_shape_is_a_400():
     status, error = error_of(respond(make_app(), "POST", "/invocations", {"model": "x"}))
     assert status == 400 and "`messages`" in error["message"] and "`prompt`" in error["message"]
     assert error_of(respond(make_app(), "POST", "/invocations", b"[1]"))[0] == 400
+
+
+# ---- CORS (vLLM's defaults: any origin, method and header; no credentials) ----
+
+ORIGIN = (b"origin", b"https://app.example")
+
+
+def test_cors_lets_any_origin_read_by_default():
+    status, headers, _ = respond(make_app(), "GET", "/v1/models", headers=(ORIGIN,))
+    assert status == 200 and headers[b"access-control-allow-origin"] == b"*"
+    assert b"access-control-allow-origin" not in respond(make_app(), "GET", "/v1/models", headers=())[1]
+
+
+def test_cors_preflight_is_answered_before_auth():
+    app = make_app(api_keys=["k"])
+    asking = (ORIGIN, (b"access-control-request-method", b"POST"), (b"access-control-request-headers", b"authorization, content-type"))
+    status, headers, body = respond(app, "OPTIONS", "/v1/chat/completions", headers=asking)
+    assert (status, body) == (200, b"OK")
+    assert headers[b"access-control-allow-origin"] == b"*"
+    assert b"POST" in headers[b"access-control-allow-methods"]
+    assert headers[b"access-control-allow-headers"] == b"authorization, content-type"
+
+
+def test_cors_with_listed_origins_and_credentials():
+    app = make_app(allowed_origins=["https://app.example"], allow_credentials=True, allowed_methods=["POST"])
+    status, headers, _ = respond(app, "GET", "/v1/models", headers=(ORIGIN,))
+    assert headers[b"access-control-allow-origin"] == b"https://app.example"
+    assert headers[b"access-control-allow-credentials"] == b"true" and headers[b"vary"] == b"Origin"
+    other = ((b"origin", b"https://evil.example"),)
+    assert b"access-control-allow-origin" not in respond(app, "GET", "/v1/models", headers=other)[1]
+    refused = respond(app, "OPTIONS", "/v1/models", headers=(*other, (b"access-control-request-method", b"POST")))
+    assert refused[0] == 400 and b"origin" in refused[2]
+    wrong_method = respond(app, "OPTIONS", "/v1/models", headers=(ORIGIN, (b"access-control-request-method", b"PUT")))
+    assert wrong_method[0] == 400 and b"method" in wrong_method[2]

@@ -546,3 +546,11 @@ def test_launch_stops_with_the_load_error_before_serving(monkeypatch, caplog):
     assert exit_info.value.code == 1
     assert served == []
     assert "could not load model 1 of 1, 'x': boom" in caplog.text
+
+
+def test_cors_flags_take_json_lists_as_vllm_does():
+    args = parse_serve_args(["--allowed-origins", '["https://a.example"]', "--allow-credentials"], environ={})
+    assert args.allowed_origins == ["https://a.example"] and args.allowed_methods == ["*"]
+    assert app_config_from_args(args).allow_credentials is True
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--allowed-origins", "https://a.example"], environ={})
