@@ -94,6 +94,8 @@ class EngineCore:
         max_step_ratio: float = 0.0,  # EngineConfig's default turns it on
         speculative_config: SpeculativeConfig | None = None,
         guides: GuideCompiler | None = None,
+        max_num_queued_requests: int | None = None,
+        max_num_queued_tokens: int | None = None,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -121,6 +123,8 @@ class EngineCore:
         # ready (future done), while the others keep stepping (engine.structured.compiler)
         self.guides = guides
         self.awaiting_guides: dict[str, tuple[Generate, int, Future[CompiledGuide]]] = {}
+        self.max_num_queued_requests = max_num_queued_requests
+        self.max_num_queued_tokens = max_num_queued_tokens
         self.latency: LatencyObserver | None = None  # request latencies for metrics (engine.latency)
         self._arrived_at: dict[str, float] = {}  # requests waiting for a guide: when they arrived
         self._step_at = 0.0  # when this step's tokens were produced (one clock read per step)
@@ -228,6 +232,8 @@ class EngineCore:
             max_tokens = validate(command, self.config.vocab_size, self.max_model_len, self.max_num_seqs)
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
+        if (busy := self._over_capacity(len(command.prompt_token_ids))) is not None:
+            return [Failed(command.request_id, 503, busy)]
         self._arrived_at[command.request_id] = time.perf_counter()
         if command.params.structured is not None:
             if self.guides is None:
@@ -240,6 +246,28 @@ class EngineCore:
                 self._arrived_at.pop(command.request_id, None)
                 return [refused]
         return self._start_generate(command, max_tokens)
+
+    def _over_capacity(self, prompt_tokens: int) -> str | None:
+        """Why a new request is refused (admission control), or None: a queue past its limit is
+        answered at once with a 503 rather than grown into latency nobody waits for."""
+        if self.max_num_queued_requests is not None:
+            queued = self.scheduler.num_waiting + len(self.awaiting_guides)
+            if queued >= self.max_num_queued_requests:
+                return (
+                    f"The server is at capacity: {queued} requests are waiting to be scheduled "
+                    f"(--max-num-queued-requests {self.max_num_queued_requests}). Retry shortly."
+                )
+        if self.max_num_queued_tokens is not None:
+            tokens = self.scheduler.num_waiting_tokens + sum(
+                len(command.prompt_token_ids) for command, _, _ in self.awaiting_guides.values()
+            )
+            if tokens + prompt_tokens > self.max_num_queued_tokens:
+                return (
+                    f"The server is at capacity: {tokens} prompt tokens are waiting to be scheduled and this "
+                    f"request adds {prompt_tokens} (--max-num-queued-tokens {self.max_num_queued_tokens}). "
+                    "Retry shortly."
+                )
+        return None
 
     def _admit_compiled(self) -> list[Event]:
         """Start the requests whose guide is now compiled (or fail those whose guide cannot be)."""

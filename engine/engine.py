@@ -87,6 +87,10 @@ class EngineConfig:
     # speculative decoding: a SpeculativeConfig, its JSON text or mapping in vLLM's shape
     # ({"method": "ngram", "num_speculative_tokens": 4, ...}, see engine.spec_decode); None: off
     speculative_config: SpeculativeConfig | str | dict[str, Any] | None = None
+    # admission control: a request that finds this many requests (or prompt tokens) already waiting
+    # to be scheduled is refused at once with a 503 (None: no limit)
+    max_num_queued_requests: int | None = None
+    max_num_queued_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # checked here, before any weights load, so a bad setting fails at once with its reason
@@ -284,6 +288,8 @@ class Engine:
             max_step_ratio=config.max_step_ratio,
             speculative_config=parse_speculative_config(config.speculative_config),
             guides=GuideCompiler(self.tokenizer, on_ready=self._wake),
+            max_num_queued_requests=config.max_num_queued_requests,
+            max_num_queued_tokens=config.max_num_queued_tokens,
         )
 
     def _build_encoder(self, config: EngineConfig, loaded: LoadedModel) -> None:

@@ -145,6 +145,11 @@ class Scheduler:
         return sum(1 for *_, s in self._waiting if s.status is Status.WAITING)
 
     @property
+    def num_waiting_tokens(self) -> int:
+        """Prompt tokens of the sequences waiting to be scheduled (admission control)."""
+        return sum(len(s.prompt_token_ids) for *_, s in self._waiting if s.status is Status.WAITING)
+
+    @property
     def num_running(self) -> int:
         return len(self.running)
 

@@ -335,6 +335,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         "times a decode step at the present load, so streams do not stall while prompts arrive "
         "(default 2.5; 0: off, only --max-num-batched-tokens limits a step)",
     )
+    eng.add_argument(
+        "--max-num-queued-requests",
+        type=int,
+        help="refuse a request at once with a 503 and Retry-After while this many sequences wait to be "
+        "scheduled (per model; default: no limit)",
+    )
+    eng.add_argument(
+        "--max-num-queued-tokens",
+        type=human_readable_int,
+        help="the same, for prompt tokens waiting to be scheduled (e.g. 64k)",
+    )
     eng.add_argument("--kv-cache-memory", type=human_readable_int, help="KV cache size in bytes, e.g. 2G")
     eng.add_argument(
         "--speculative-config",

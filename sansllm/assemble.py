@@ -62,6 +62,8 @@ def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Cal
         "keep_quantized": False if getattr(args, "dequantize", False) else None,
         "quantized_activations": getattr(args, "quantized_activations", None),
         "speculative_config": getattr(args, "speculative_config", None),  # process-wide
+        "max_num_queued_requests": getattr(args, "max_num_queued_requests", None),  # per model, same limit
+        "max_num_queued_tokens": getattr(args, "max_num_queued_tokens", None),
     }
     return _construct(config_cls, {key: value for key, value in wanted.items() if value is not None})
 

@@ -158,9 +158,17 @@ def json_call(body: bytes, status: int = 200, extra_headers: Headers = ()) -> Im
     return ImmediateCall(status, body, JSON_CONTENT_TYPE + extra_headers)
 
 
+RETRY_AFTER_SECONDS = b"1"
+
+
+def retry_after(status: int) -> Headers:
+    """`Retry-After` for a 503 (over capacity, engine restarting): clients and proxies back off and retry."""
+    return ((b"retry-after", RETRY_AFTER_SECONDS),) if status == 503 else ()
+
+
 def error_call(error: ProtocolError, extra_headers: Headers = ()) -> ImmediateCall:
     """An OpenAI-shaped error: `{"error": {message, type, param, code}}` with status == code."""
-    return json_call(error.to_json(), error.status, extra_headers)
+    return json_call(error.to_json(), error.status, extra_headers + retry_after(error.status))
 
 
 def internal_error(exc: BaseException) -> ProtocolError:

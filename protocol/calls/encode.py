@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.calls.base import JSON_CONTENT_TYPE, CallIdentity, EngineCall, Headers
+from protocol.calls.base import JSON_CONTENT_TYPE, CallIdentity, EngineCall, Headers, retry_after
 from protocol.calls.pooling_inputs import EngineInput
 from protocol.engine_api import Abort, Encode, Event, Failed, Pooled, PoolingParams
 from protocol.errors import ProtocolError
@@ -123,7 +123,8 @@ class EncodeCall(EngineCall):
         aborts = self._aborts(exclude=failed_request_id)
         if aborts:
             outputs.append(Submit(tuple(aborts)))
-        outputs += whole_response(error.status, JSON_CONTENT_TYPE + self._extra_headers, error.to_json())
+        headers = JSON_CONTENT_TYPE + self._extra_headers + retry_after(error.status)
+        outputs += whole_response(error.status, headers, error.to_json())
         return outputs
 
     def _aborts(self, exclude: str | None) -> list[Abort]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from protocol.calls.base import JSON_CONTENT_TYPE, CallSettings, EngineCall, Headers
+from protocol.calls.base import JSON_CONTENT_TYPE, CallSettings, EngineCall, Headers, retry_after
 from protocol.calls.sample import Sample, Step, TextOptions
 from protocol.engine_api import Abort, Event, Failed, Generate, TokenLogprobs, Tokens
 from protocol.errors import ProtocolError
@@ -219,7 +219,8 @@ class GenerationCall(EngineCall):
         if self._committed:
             outputs += [Body(error_frame(error)), Body(DONE_FRAME), EndResponse()]
         else:
-            outputs += whole_response(error.status, JSON_CONTENT_TYPE + self.extra_headers, error.to_json())
+            headers = JSON_CONTENT_TYPE + self.extra_headers + retry_after(error.status)
+            outputs += whole_response(error.status, headers, error.to_json())
         return outputs
 
     def _aborts(self, exclude: str | None) -> list[Abort]:

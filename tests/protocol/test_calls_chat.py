@@ -596,3 +596,10 @@ def test_scalars_that_are_not_numbers_are_400s(field, value, fragment):
     assert client.status == 400 and not client.commands
     error = client.json()["error"]
     assert fragment in error["message"] and error["param"] == field, error
+
+
+def test_an_engine_at_capacity_is_a_503_with_retry_after():
+    client = chat()
+    client.feed(Failed(client.generate.request_id, 503, "The server is at capacity: retry shortly."))
+    assert client.status == 503 and client.headers[b"retry-after"] == b"1"
+    assert client.json()["error"]["message"] == "The server is at capacity: retry shortly."
