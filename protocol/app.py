@@ -26,6 +26,7 @@ from protocol.calls.base import (
     ImmediateCall,
     error_call,
     internal_error,
+    json_call,
 )
 from protocol.calls.chat import build_chat_call
 from protocol.calls.completion import build_completion_call
@@ -43,6 +44,7 @@ from protocol.calls.score import build_rerank_call, build_score_call
 from protocol.cors import CorsPolicy
 from protocol.errors import ProtocolError
 from protocol.model import ServedModel, Task
+from protocol.openapi import openapi_document
 from protocol.pooling_requests import (
     ClassificationChatRequest,
     ClassificationCompletionRequest,
@@ -72,7 +74,7 @@ UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is all
 # With API keys set, every path needs one except these (liveness, version and metrics for load
 # balancers, orchestrators and Prometheus, which carry no key; vLLM leaves /metrics open too). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
 # and /classify stay open to anyone who can reach the port.
-OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json"})
 
 
 class AppConfig(msgspec.Struct, kw_only=True):
@@ -348,6 +350,9 @@ class App:
             raise ProtocolError("The model `` does not exist.", status=404, param="model")
         return model_call(model, self._created(), request.response_headers)
 
+    def _openapi(self, request: _Request) -> Call:
+        return json_call(openapi_document("sansllm", self.config.version), extra_headers=request.response_headers)
+
     def _metrics(self, request: _Request) -> Call:
         if self.state is None:
             raise ProtocolError("Not Found", status=404)
@@ -379,6 +384,7 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/ping": {"GET": App._health, "POST": App._health},
     "/version": {"GET": App._version},
     "/metrics": {"GET": App._metrics},
+    "/openapi.json": {"GET": App._openapi},
     "/tokenize": {"POST": App._tokenize},
     "/detokenize": {"POST": App._detokenize},
     "/v1/embeddings": {"POST": App._embeddings},

@@ -1,0 +1,125 @@
+"""`/openapi.json`: the API described from the same msgspec structs that decode the requests and
+encode the responses, so the description cannot drift from what the server does. Clients generate
+code from it and fuzzers (schemathesis) drive the server with it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import msgspec
+
+from protocol.pooling_requests import (
+    ClassificationCompletionRequest,
+    EmbeddingCompletionRequest,
+    PoolingCompletionRequest,
+    RerankRequest,
+    ScoreRequest,
+)
+from protocol.pooling_responses import (
+    ClassificationResponse,
+    EmbeddingResponse,
+    PoolingResponse,
+    RerankResponse,
+    ScoreResponse,
+)
+from protocol.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from protocol.responses import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+)
+
+# (path, summary, request body types (any of), response body type)
+_POSTS: tuple[tuple[str, str, tuple[type, ...], type], ...] = (
+    ("/v1/chat/completions", "Chat completion (streamed as SSE with `stream: true`)", (ChatCompletionRequest,), ChatCompletionResponse),
+    ("/v1/completions", "Text completion (streamed as SSE with `stream: true`)", (CompletionRequest,), CompletionResponse),
+    ("/v1/embeddings", "Embeddings", (EmbeddingCompletionRequest,), EmbeddingResponse),
+    ("/pooling", "Pooled hidden states", (PoolingCompletionRequest,), PoolingResponse),
+    ("/classify", "Classification", (ClassificationCompletionRequest,), ClassificationResponse),
+    ("/score", "Scores of text pairs", (ScoreRequest,), ScoreResponse),
+    ("/v1/score", "Scores of text pairs", (ScoreRequest,), ScoreResponse),
+    ("/rerank", "Rerank documents (Jina's shape)", (RerankRequest,), RerankResponse),
+    ("/v1/rerank", "Rerank documents (Jina's shape)", (RerankRequest,), RerankResponse),
+    ("/v2/rerank", "Rerank documents (Cohere's shape)", (RerankRequest,), RerankResponse),
+    ("/tokenize", "Tokenize a prompt or a chat", (TokenizeCompletionRequest, TokenizeChatRequest), TokenizeResponse),
+    ("/detokenize", "Token ids to text", (DetokenizeRequest,), DetokenizeResponse),
+)  # fmt: skip
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": "integer"},
+            },
+            "required": ["message", "type", "param", "code"],
+        }
+    },
+    "required": ["error"],
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+@cache
+def openapi_document(title: str, version: str) -> bytes:
+    """The OpenAPI 3.1 document, encoded (cached: the structs do not change while serving)."""
+    types: list[type] = [ModelList, ModelCard]
+    for _, _, requests, response in _POSTS:
+        types.extend(requests)
+        types.append(response)
+    refs, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    schema_of = dict(zip(types, refs, strict=True))
+    errors = {
+        str(status): {"description": description, "content": _json({"$ref": "#/components/schemas/ErrorResponse"})}
+        for status, description in ((400, "Bad request"), (401, "Missing or wrong API key"), (404, "Unknown model"), (503, "Over capacity, or the engine is not running"))
+    }  # fmt: skip
+    paths: dict[str, Any] = {}
+    for path, summary, requests, response in _POSTS:
+        body = schema_of[requests[0]] if len(requests) == 1 else {"anyOf": [schema_of[r] for r in requests]}
+        paths[path] = {
+            "post": {
+                "summary": summary,
+                "requestBody": {"required": True, "content": _json(body)},
+                "responses": {"200": {"description": "OK", "content": _json(schema_of[response])}, **errors},
+            }
+        }
+    paths["/v1/models"] = {"get": {"summary": "The served models", "responses": {"200": {"description": "OK", "content": _json(schema_of[ModelList])}}}}
+    paths["/v1/models/{model}"] = {
+        "get": {
+            "summary": "One served model",
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "OK", "content": _json(schema_of[ModelCard])}, **errors},
+        }
+    }
+    for path, summary in (("/health", "200, or 503 while the engine is not running"), ("/ping", "As /health (SageMaker)")):
+        paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "Healthy"}, "503": {"description": "Not healthy"}}}}
+    paths["/version"] = {"get": {"summary": "The server's version", "responses": {"200": {"description": "OK"}}}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics under vLLM's names", "responses": {"200": {"description": "OK"}}}}
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": {**components, "ErrorResponse": _ERROR_SCHEMA},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }  # fmt: skip
+    return msgspec.json.encode(document)
