@@ -407,6 +407,8 @@ _INVOCATION_SHAPES: tuple[tuple[tuple[str, ...], _Handler], ...] = (
 )
 _ROUTES["/invocations"] = {"POST": App._invocations}
 _MODEL_PREFIX = "/v1/models/"
+# the paths the server answers, as metrics label them (one model's card: `/v1/models/{model}`)
+ROUTE_PATHS = frozenset({*_ROUTES, _MODEL_PREFIX + "{model}"})
 _JSON_POSTS = frozenset(
     {
         "/v1/chat/completions",

@@ -30,6 +30,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 LifespanHook = Callable[[], Awaitable[None]]
+ResponseHook = Callable[[str, str, int, float], None]
 
 _JSON_HEADERS = ((b"content-type", b"application/json"),)
 
@@ -79,8 +80,10 @@ class AsgiApp:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         on_startup: Sequence[LifespanHook] = (),
         on_shutdown: Sequence[LifespanHook] = (),
+        on_response: ResponseHook | None = None,
     ) -> None:
         self.app = app
+        self.on_response = on_response  # (method, path, status, seconds) once a response has ended
         self.engines = engines
         self.max_body_bytes = max_body_bytes
         self.on_startup = list(on_startup)
@@ -143,9 +146,22 @@ class _Exchange:
         self.response_started = False
         self.response_ended = False
         self.client_gone = False
+        self.status: int | None = None  # sent in http.response.start
         self.events_in, self.events_out = anyio.create_memory_object_stream[Event](math.inf)
 
     async def run(self) -> None:
+        started = anyio.current_time()
+        try:
+            await self._run()
+        finally:
+            hook = self.shell.on_response
+            if hook is not None and self.status is not None:
+                try:
+                    hook(self.scope.get("method", ""), self.scope.get("path", ""), self.status, anyio.current_time() - started)
+                except Exception:  # noqa: BLE001 - metrics must never break a response
+                    logger.exception("the response hook failed")
+
+    async def _run(self) -> None:
         try:
             body = await self._read_body()
             if body is None:
@@ -248,6 +264,7 @@ class _Exchange:
     async def _play(self, outputs: Sequence[Output]) -> None:
         for output in outputs:
             if isinstance(output, StartResponse):
+                self.status = output.status
                 await self.send(
                     {"type": "http.response.start", "status": output.status, "headers": list(output.headers)}
                 )
@@ -295,6 +312,7 @@ class _Exchange:
         headers = list(_JSON_HEADERS)
         if close and self.scope.get("http_version", "1.1").startswith("1"):
             headers.append((b"connection", b"close"))  # HTTP/2 forbids the header; it resets instead
+        self.status = error.status
         await self.send({"type": "http.response.start", "status": error.status, "headers": headers})
         self.response_started = True
         await self.send({"type": "http.response.body", "body": error.to_json(), "more_body": False})

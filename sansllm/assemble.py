@@ -222,6 +222,7 @@ def build_asgi_app(
         max_body_bytes=app_config.max_request_body_bytes,
         on_startup=[lifecycle.startup],
         on_shutdown=[lifecycle.shutdown],
+        on_response=metrics.observe_http,
     )
 
 

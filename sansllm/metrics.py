@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from protocol.app import ROUTE_PATHS
 
 LABELS = ["model_name", "engine"]
 
@@ -119,6 +121,23 @@ class ServerMetrics:
                 ("e2e", "vllm:e2e_request_latency_seconds", "End to end request latency in seconds.", _REQUEST_BUCKETS),
             )
         }  # fmt: skip
+
+        # HTTP metrics under the names vLLM's instrumentator uses, by route (never by raw path: an
+        # unknown path is "other", so scanners cannot blow up the label set)
+        self._http_requests = Counter(
+            "http_requests", "Total number of requests by method, status and handler.",
+            ["method", "status", "handler"], registry=self.registry,
+        )  # fmt: skip
+        self._http_duration = Histogram(
+            "http_request_duration_seconds", "Latency with only few buckets by handler.",
+            ["method", "handler"], registry=self.registry, buckets=(0.1, 0.5, 1.0, 5.0, 30.0, 120.0),
+        )  # fmt: skip
+
+    def observe_http(self, method: str, path: str, status: int, seconds: float) -> None:
+        """`protocol.asgi.ResponseHook`: one finished HTTP response."""
+        handler = path if path in ROUTE_PATHS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+        self._http_requests.labels(method, f"{status // 100}xx", handler).inc()
+        self._http_duration.labels(method, handler).observe(seconds)
 
     def observer(self, model_name: str) -> _Observer:
         return _Observer(self._histograms, model_name)

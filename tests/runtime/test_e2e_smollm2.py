@@ -325,11 +325,17 @@ def test_metrics_report_the_served_work_under_vllm_names(server, client):
 
     client.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=3, temperature=0)
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    families = list(text_string_to_metric_families(text))
     samples = {
-        (sample.name, sample.labels.get("model_name")): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
+        (sample.name, sample.labels.get("model_name")): sample.value for family in families for sample in family.samples
     }
+    http = {
+        (sample.labels["handler"], sample.labels["status"]): sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "http_requests_total"
+    }
+    assert http[("/v1/completions", "2xx")] >= 1
     assert samples[("vllm:generation_tokens_total", DEFAULT_MODEL)] >= 3
     assert samples[("vllm:prompt_tokens_total", DEFAULT_MODEL)] >= 1
     assert samples[("vllm:num_requests_running", DEFAULT_MODEL)] == 0

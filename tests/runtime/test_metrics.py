@@ -87,3 +87,21 @@ def test_latency_histograms_per_model_with_vllm_names():
     assert samples[("vllm:inter_token_latency_seconds_bucket", tuple(sorted((*labels, ("le", "0.05")))))] == 1
     assert samples[("vllm:e2e_request_latency_seconds_count", labels)] == 1
     assert samples[("vllm:request_queue_time_seconds_count", labels)] == 1
+
+
+def test_http_responses_are_counted_by_route_never_by_raw_path():
+    metrics = ServerMetrics({})
+    metrics.observe_http("POST", "/v1/chat/completions", 200, 0.2)
+    metrics.observe_http("POST", "/v1/chat/completions", 400, 0.01)
+    metrics.observe_http("GET", "/v1/models/org/name", 200, 0.001)
+    metrics.observe_http("GET", "/wp-admin/../../etc", 404, 0.001)
+    samples = scrape(metrics)
+
+    def count(method: str, status: str, handler: str) -> float:
+        return samples[("http_requests_total", (("handler", handler), ("method", method), ("status", status)))]
+
+    assert count("POST", "2xx", "/v1/chat/completions") == 1
+    assert count("POST", "4xx", "/v1/chat/completions") == 1
+    assert count("GET", "2xx", "/v1/models/{model}") == 1
+    assert count("GET", "4xx", "other") == 1
+    assert samples[("http_request_duration_seconds_count", (("handler", "/v1/chat/completions"), ("method", "POST")))] == 2
