@@ -81,8 +81,12 @@ class AsgiApp:
         on_startup: Sequence[LifespanHook] = (),
         on_shutdown: Sequence[LifespanHook] = (),
         on_response: ResponseHook | None = None,
+        log_requests: bool = False,
+        max_log_len: int | None = None,
     ) -> None:
         self.app = app
+        self.log_requests = log_requests  # vLLM's --enable-log-requests
+        self.max_log_len = max_log_len  # prompt token ids logged at most (None: all)
         self.on_response = on_response  # (method, path, status, seconds) once a response has ended
         self.engines = engines
         self.max_body_bytes = max_body_bytes
@@ -282,6 +286,8 @@ class _Exchange:
 
     def _submit(self, commands: Sequence[Command]) -> None:
         engine = self._engine()
+        if self.shell.log_requests:
+            log_commands(commands, self.shell.max_log_len)
         for command in commands:
             if isinstance(command, Generate | Encode) and command.request_id not in self.request_ids:
                 engine.subscribe(command.request_id, self.events_in.send_nowait)
@@ -345,6 +351,23 @@ def _sole_cause(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def log_commands(commands: Sequence[Command], max_log_len: int | None) -> None:
+    """vLLM's request log line: id, prompt token ids (the first `max_log_len`) and parameters."""
+    for command in commands:
+        if isinstance(command, Generate | Encode):
+            ids = command.prompt_token_ids if max_log_len is None else command.prompt_token_ids[:max_log_len]
+            more = len(command.prompt_token_ids) - len(ids)
+            logger.info(
+                "Received request %s: prompt_token_ids: %s%s, params: %s",
+                command.request_id,
+                list(ids),
+                f" (+{more} more)" if more else "",
+                command.params,
+            )
+        elif isinstance(command, Abort):
+            logger.info("Aborted request %s%s", command.request_id, "" if command.index is None else f" (sample {command.index})")
 
 
 def _target(scope: Scope) -> str:

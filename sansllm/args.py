@@ -283,6 +283,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument("--enable-force-include-usage", action="store_true")
     api.add_argument("--return-tokens-as-token-ids", action="store_true")
     api.add_argument("--enable-request-id-headers", action="store_true")
+    api.add_argument(
+        "--enable-log-requests",
+        action="store_true",
+        help="log each request's id, prompt token ids and sampling parameters as it reaches the engine",
+    )
+    api.add_argument(
+        "--max-log-len", type=int, help="prompt token ids logged per request at most (default: all)"
+    )
     for flag, what in (("--allowed-origins", "origins"), ("--allowed-methods", "methods"), ("--allowed-headers", "headers")):
         api.add_argument(flag, type=json_string_list, default=["*"], help=f'CORS: allowed {what}, a JSON list (default ["*"])')
     api.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")

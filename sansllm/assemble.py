@@ -223,6 +223,8 @@ def build_asgi_app(
         on_startup=[lifecycle.startup],
         on_shutdown=[lifecycle.shutdown],
         on_response=metrics.observe_http,
+        log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
     )
 
 
