@@ -149,10 +149,10 @@ class EngineThread:
                     else:
                         undelivered.setdefault(engine, []).extend(_fail([item], *engine._refusal))
                 for engine, batch in commands.items():
-                    undelivered.setdefault(engine, []).extend(engine.core.add(batch))
+                    undelivered.setdefault(engine, []).extend(engine._guarded(engine.core.add, batch))
                 for engine in active:
                     if engine.core.has_work:
-                        undelivered.setdefault(engine, []).extend(engine.core.step())
+                        undelivered.setdefault(engine, []).extend(engine._guarded(engine.core.step))
                 for engine in list(undelivered):
                     events = undelivered.pop(engine)
                     if events and engine._on_events is not None:
@@ -240,6 +240,8 @@ class Engine:
         self._on_events: EventCallback | None = None
         self._alive = True  # False once this engine (or its thread) has shut down or died
         self._refusal = (503, "the engine is shut down")  # how submits are failed once not alive
+        self._restarting = False  # True while a failed core is rebuilt (/health answers 503)
+        self.restarts = 0  # cores rebuilt after a failure
         self._thread.engines.append(self)
 
     def _build(self, config: EngineConfig, loaded: LoadedModel | None) -> None:
@@ -317,7 +319,50 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self._alive and self._thread.alive
+        return self._alive and self._thread.alive and not self._restarting
+
+    def _guarded(self, work: Callable[..., list[Event]], *args: Any) -> list[Event]:
+        """Run a core call on the engine thread; an exception fails this model's in-flight requests
+        and restarts its core instead of killing the thread (and every other model with it)."""
+        try:
+            return work(*args)
+        except Exception as error:  # noqa: BLE001 - the requests fail, the server goes on
+            return self._restart_core(error)
+
+    def _restart_core(self, error: Exception) -> list[Event]:
+        """A fresh core over the loaded weights (KV cache, scheduler and sampler state rebuilt: a
+        failed step may have left them half-updated). /health is 503 while it is rebuilt. Clients
+        get a generic message with their request id; the traceback goes to the log."""
+        self._restarting = True
+        try:
+            old = self.core
+            request_ids = [*old.requests, *getattr(old, "encodes", {}), *getattr(old, "awaiting_guides", {})]
+            logger.error(
+                "%s: the engine failed (%s: %s) while serving %d request(s); failing them and restarting it",
+                self.model_name,
+                type(error).__name__,
+                error,
+                len(request_ids),
+                exc_info=error,
+            )
+            events: list[Event] = [
+                Failed(rid, 500, f"Internal server error while serving request {rid}; the engine was restarted.")
+                for rid in request_ids
+            ]
+            latency = getattr(old, "latency", None)
+            guides = getattr(old, "guides", None)
+            if guides is not None:
+                guides.close()
+            if self.loaded.spec.kind == "encoder":
+                self._build_encoder(self.config, self.loaded)
+            else:
+                self._build_decoder(self.config, self.loaded)
+            if latency is not None:
+                self.observe_latency(latency)
+            self.restarts += 1
+            return events
+        finally:
+            self._restarting = False
 
     def stats(self) -> EngineStats:
         """Scheduler and KV cache numbers for metrics, as of the last step (any thread may call it)."""
