@@ -115,11 +115,16 @@ def test_submit_is_thread_safe_and_requests_run_concurrently(tiny_llama):
     assert {r: len(t) for (r, _), t in outputs(events).items()} == dict.fromkeys(ids, 4)
 
 
+class Fatal(BaseException):
+    """Not an Exception: the engine does not restart a core for it, the thread dies (an ordinary
+    exception is survived: tests/engine/test_engine_faults.py)."""
+
+
 def test_engine_death_fails_pending_requests_and_later_submits(tiny_llama):
     engine = new_engine(tiny_llama)
 
     def broken_step():
-        raise RuntimeError("kaboom")
+        raise Fatal("kaboom")
 
     engine.core.step = broken_step
     recorder = Recorder()
@@ -128,14 +133,14 @@ def test_engine_death_fails_pending_requests_and_later_submits(tiny_llama):
     _, events = recorder.calls.get(timeout=TIMEOUT)
     # the refusal made before the failing step still arrives, then the running request fails
     assert events[0] == Failed("bad", 400, "best_of=10000 exceeds the engine's max_num_seqs=256")
-    assert events[1:] == [Failed("a", 500, "engine error: RuntimeError: kaboom")]
+    assert events[1:] == [Failed("a", 500, "engine error: Fatal: kaboom")]
     assert engine.healthy is False
     # a later submit fails at once, on the submitting thread
     engine.submit([gen("b")])
     thread, events = recorder.calls.get_nowait()
     assert (thread, events) == (
         threading.current_thread().name,
-        [Failed("b", 500, "engine error: RuntimeError: kaboom")],
+        [Failed("b", 500, "engine error: Fatal: kaboom")],
     )
 
 
