@@ -284,6 +284,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument("--return-tokens-as-token-ids", action="store_true")
     api.add_argument("--enable-request-id-headers", action="store_true")
     api.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled",
+    )
+    api.add_argument(
         "--enable-log-requests",
         action="store_true",
         help="log each request's id, prompt token ids and sampling parameters as it reaches the engine",

@@ -22,6 +22,8 @@ def hypercorn_config_from_args(args: argparse.Namespace) -> HypercornConfig:
     config.h11_max_incomplete_size = H11_MAX_INCOMPLETE_SIZE
     config.loglevel = args.log_level.upper()
     config.accesslog = "-"
+    # on SIGTERM/SIGINT, in-flight requests get this long to finish before they are cancelled
+    config.graceful_timeout = float(args.shutdown_timeout)
     return config
 
 

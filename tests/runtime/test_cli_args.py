@@ -554,3 +554,8 @@ def test_cors_flags_take_json_lists_as_vllm_does():
     assert app_config_from_args(args).allow_credentials is True
     with pytest.raises(SystemExit):
         parse_serve_args(["--allowed-origins", "https://a.example"], environ={})
+
+
+def test_shutdown_timeout_is_how_long_in_flight_requests_may_finish():
+    assert hypercorn_config_from_args(parse()).graceful_timeout == 30.0
+    assert hypercorn_config_from_args(parse("--shutdown-timeout", "5")).graceful_timeout == 5.0
