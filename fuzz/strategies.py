@@ -56,6 +56,9 @@ KNOWN_PATHS = (
     "/classify",
     "/invocations",
     "/v1/responses",
+    "/openapi.json",
+    "/v1/models/tiny",
+    "/v1/models/no/such/model",
 )
 JSON_CONTENT_TYPES = (b"application/json", b"application/json; charset=utf-8", b"Application/JSON")
 
