@@ -96,6 +96,7 @@ class EngineCore:
         guides: GuideCompiler | None = None,
         max_num_queued_requests: int | None = None,
         max_num_queued_tokens: int | None = None,
+        max_queue_seconds: float | None = None,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -125,6 +126,7 @@ class EngineCore:
         self.awaiting_guides: dict[str, tuple[Generate, int, Future[CompiledGuide]]] = {}
         self.max_num_queued_requests = max_num_queued_requests
         self.max_num_queued_tokens = max_num_queued_tokens
+        self.max_queue_seconds = max_queue_seconds  # a request not scheduled by then fails (503)
         self.latency: LatencyObserver | None = None  # request latencies for metrics (engine.latency)
         self._arrived_at: dict[str, float] = {}  # requests waiting for a guide: when they arrived
         self._step_at = 0.0  # when this step's tokens were produced (one clock read per step)
@@ -378,7 +380,8 @@ class EngineCore:
     # ---- one step ----
 
     def step(self) -> list[Event]:
-        admitted = self._admit_compiled() if self.awaiting_guides else []
+        admitted = self._expire_queued(time.perf_counter()) if self.max_queue_seconds is not None else []
+        admitted += self._admit_compiled() if self.awaiting_guides else []
         drafts = None
         if self.speculator is not None:  # draft tokens for decoding sequences (engine.spec_decode)
             drafts = self.speculator.propose(self.scheduler.running, self._max_tokens_of)
@@ -402,8 +405,7 @@ class EngineCore:
         return admitted + events
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[Event]:
-        if self.latency is not None:
-            self._observe_scheduled(chunks, time.perf_counter())
+        self._mark_scheduled(chunks, time.perf_counter())
         spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
         self.runner.copy_blocks(self.kv.take_copies())  # forked beams' copy on write, before any write
         step = self.runner.forward(spans)
@@ -555,12 +557,30 @@ class EngineCore:
                     self.latency.end_to_end(self._step_at - request.added_at)
         return event
 
-    def _observe_scheduled(self, chunks: list[ScheduledChunk], now: float) -> None:
+    def _mark_scheduled(self, chunks: list[ScheduledChunk], now: float) -> None:
+        """Stamp requests scheduled for the first time (queue time, and the queue timeout's end)."""
         for chunk in chunks:
             request = self.requests.get(chunk.seq.request_id)
             if request is not None and request.scheduled_at is None:
                 request.scheduled_at = now
-                self.latency.queue_time(now - request.added_at)
+                if self.latency is not None:
+                    self.latency.queue_time(now - request.added_at)
+
+    def _expire_queued(self, now: float) -> list[Event]:
+        """Requests that waited longer than `max_queue_seconds` without being scheduled fail with a
+        503: a client that would have given up by then is told so instead of served late."""
+        limit = self.max_queue_seconds
+        assert limit is not None
+        message = "The request waited more than {:g} s to be scheduled (--max-queue-time); retry later."
+        events: list[Event] = []
+        for request in [r for r in self.requests.values() if r.scheduled_at is None and now - r.added_at > limit]:
+            self._drop(request)
+            events.append(Failed(request.request_id, 503, message.format(limit)))
+        for request_id in [rid for rid in self.awaiting_guides if now - self._arrived_at.get(rid, now) > limit]:
+            del self.awaiting_guides[request_id]
+            self._arrived_at.pop(request_id, None)
+            events.append(Failed(request_id, 503, message.format(limit)))
+        return events
 
     def _observe_tokens(self, request: RequestState, sample: SampleState) -> None:
         now = self._step_at

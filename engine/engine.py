@@ -91,6 +91,8 @@ class EngineConfig:
     # to be scheduled is refused at once with a 503 (None: no limit)
     max_num_queued_requests: int | None = None
     max_num_queued_tokens: int | None = None
+    # a request not yet scheduled after this many seconds fails with a 503 (None: it waits)
+    max_queue_seconds: float | None = None
 
     def __post_init__(self) -> None:
         # checked here, before any weights load, so a bad setting fails at once with its reason
@@ -292,6 +294,7 @@ class Engine:
             guides=GuideCompiler(self.tokenizer, on_ready=self._wake),
             max_num_queued_requests=config.max_num_queued_requests,
             max_num_queued_tokens=config.max_num_queued_tokens,
+            max_queue_seconds=config.max_queue_seconds,
         )
 
     def _build_encoder(self, config: EngineConfig, loaded: LoadedModel) -> None:

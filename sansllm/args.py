@@ -360,6 +360,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         type=human_readable_int,
         help="the same, for prompt tokens waiting to be scheduled (e.g. 64k)",
     )
+    eng.add_argument(
+        "--max-queue-time",
+        type=float,
+        help="seconds a request may wait to be scheduled before it fails with a 503 (default: no limit)",
+    )
     eng.add_argument("--kv-cache-memory", type=human_readable_int, help="KV cache size in bytes, e.g. 2G")
     eng.add_argument(
         "--speculative-config",

@@ -64,6 +64,7 @@ def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Cal
         "speculative_config": getattr(args, "speculative_config", None),  # process-wide
         "max_num_queued_requests": getattr(args, "max_num_queued_requests", None),  # per model, same limit
         "max_num_queued_tokens": getattr(args, "max_num_queued_tokens", None),
+        "max_queue_seconds": getattr(args, "max_queue_time", None),
     }
     return _construct(config_cls, {key: value for key, value in wanted.items() if value is not None})
 

@@ -31,3 +31,16 @@ def test_prompt_tokens_past_the_queue_limit_are_503s(tiny_llama: Path):
     (refused,) = [e for e in events if isinstance(e, Failed)]
     assert refused.request_id == "b" and refused.status == 503
     assert "6 prompt tokens are waiting" in refused.message
+
+
+def test_a_request_not_scheduled_within_the_queue_time_fails_with_a_503(tiny_llama: Path):
+    engine = Engine(EngineConfig(model=str(tiny_llama), progress=False, max_num_seqs=1))
+    long = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert not any(isinstance(e, Failed) for e in engine.step_sync([Generate("running", (1, 2, 3), long)]))
+    engine.core.max_queue_seconds = 0.0  # from now on nobody may wait (the running one was scheduled)
+    events = engine.step_sync([Generate("waiting", (1, 2, 3), PARAMS)])
+    (expired,) = [e for e in events if isinstance(e, Failed)]
+    assert (expired.request_id, expired.status) == ("waiting", 503)
+    assert "--max-queue-time" in expired.message
+    assert "waiting" not in engine.core.requests and "running" in engine.core.requests
+    assert engine.core.scheduler.num_waiting == 0
