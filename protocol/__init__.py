@@ -24,6 +24,7 @@ from protocol.engine_api import (
 from protocol.errors import ProtocolError
 from protocol.model import ServedModel
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.state import Health, ServerStatus
 from protocol.tokenizer import Tokenizer
 
 __all__ = [
@@ -38,12 +39,14 @@ __all__ = [
     "Event",
     "Failed",
     "Generate",
+    "Health",
     "Output",
     "Pooled",
     "PoolingParams",
     "ProtocolError",
     "SamplingParams",
     "ServedModel",
+    "ServerStatus",
     "StartResponse",
     "StructuredOutput",
     "Submit",

@@ -64,7 +64,7 @@ from protocol.requests import (
     decode_request,
     decode_tokenize_request,
 )
-from protocol.state import PROMETHEUS_CONTENT_TYPE, ServerState
+from protocol.state import PROMETHEUS_CONTENT_TYPE, SERVING, Health, ServerState, ServerStatus
 from protocol.validation import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is all
 # balancers, orchestrators and Prometheus, which carry no key; vLLM leaves /metrics open too). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
 # and /classify stay open to anyone who can reach the port.
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json"})
+# While the server drains (SIGTERM) these still answer; anything else gets a 503 at once, so a load
+# balancer that has not yet seen /health turn 503 retries elsewhere.
+OPEN_WHILE_DRAINING = OPEN_PATHS | {"/load", "/v1/models"}
+DRAINING_MESSAGE = "The server is shutting down and takes no new requests; retry on another replica."
 
 
 class AppConfig(msgspec.Struct, kw_only=True):
@@ -90,6 +94,7 @@ class AppConfig(msgspec.Struct, kw_only=True):
     enable_force_include_usage: bool = False
     return_tokens_as_token_ids: bool = False
     enable_request_id_headers: bool = False
+    enable_server_load_tracking: bool = False  # GET /load reports in-flight requests (else 0)
     root_path: str = ""
     version: str = "0.1.0"
     allow_priority: bool = False
@@ -110,7 +115,7 @@ class _Request:
 
     headers: dict[bytes, bytes]  # lower-cased names; the last value of a repeated header wins
     body: bytes
-    healthy: bool
+    status: ServerStatus
     base_id: str  # X-Request-Id header, else a fresh id (the body's request_id may override it)
     response_headers: Headers  # X-Request-Id, when enabled
 
@@ -178,9 +183,10 @@ class App:
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
         *,
-        healthy: bool = True,
+        status: ServerStatus = SERVING,
     ) -> Call:
-        """The call answering one request (its `start()` says what to do first)."""
+        """The call answering one request (its `start()` says what to do first); `status` is the
+        shell's state as the request arrives (health, drain, load)."""
         response_headers: Headers = ()
         try:
             header_map = {bytes(name).lower(): bytes(value) for name, value in headers}
@@ -192,7 +198,7 @@ class App:
             if method.upper() == "OPTIONS" and (preflight := self._cors.preflight(header_map)) is not None:
                 status, text, headers = preflight
                 return ImmediateCall(status, text, headers)
-            request = _Request(header_map, body, healthy, base_id, response_headers)
+            request = _Request(header_map, body, status, base_id, response_headers)
             return self._route(method.upper(), path, request)
         except ProtocolError as error:
             return error_call(error, response_headers)
@@ -204,6 +210,8 @@ class App:
 
     def _route(self, method: str, target: str, request: _Request) -> Call:
         path = self._strip_root(target.split("?", 1)[0])
+        if request.status.health is Health.DRAINING and path not in OPEN_WHILE_DRAINING:
+            return error_call(ProtocolError(DRAINING_MESSAGE, status=503), request.response_headers)
         if method != "OPTIONS" and self._key_digests and path not in OPEN_PATHS:
             if not self._authorized(request.headers.get(b"authorization")):
                 return ImmediateCall(
@@ -360,7 +368,11 @@ class App:
         return ImmediateCall(200, self.state.metrics(), headers)
 
     def _health(self, request: _Request) -> Call:
-        return health_call(request.healthy, request.response_headers)
+        return health_call(request.status.health is Health.SERVING, request.response_headers)
+
+    def _load(self, request: _Request) -> Call:
+        load = request.status.load if self.config.enable_server_load_tracking else 0
+        return json_call(msgspec.json.encode({"server_load": load}), extra_headers=request.response_headers)
 
     def _version(self, request: _Request) -> Call:
         return version_call(self.config.version, request.response_headers)
@@ -383,6 +395,7 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/health": {"GET": App._health},
     "/ping": {"GET": App._health, "POST": App._health},
     "/version": {"GET": App._version},
+    "/load": {"GET": App._load},
     "/metrics": {"GET": App._metrics},
     "/openapi.json": {"GET": App._openapi},
     "/tokenize": {"POST": App._tokenize},

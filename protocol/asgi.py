@@ -4,6 +4,11 @@ It is the only IO the protocol package does, and it stays runtime-neutral by usi
 the runtime packages provide the `EngineClient` bridges (which wake the loop once per engine step)
 and hypercorn. One HTTP request is one `_Exchange`: read the body, `app.handle(...)`, then play the
 call's outputs in order while engine events arrive, watching for the client going away.
+
+It also owns the drain: `drain()` turns /health to 503 and refuses new work (through the status
+it hands the core with each request), waits for the requests in flight, and ends those still
+running at the deadline with a `Failed` event each, so the core closes their streams with an SSE
+error frame.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from protocol.engine_api import Abort, Command, Encode, Event, Generate
+from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate
 from protocol.engine_client import EngineClient
 from protocol.errors import ProtocolError
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.state import SERVING, Health, ServerStatus
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight requests get to finish once a drain begins
+CUT_GRACE_SECONDS = 5.0  # after the deadline: time for cut streams to send their last frame
+SHUTDOWN_CUT_MESSAGE = "The server shut down before request {request_id} finished ({timeout:g} s drain timeout)."
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -60,7 +69,7 @@ class CoreApp(Protocol):
         headers: Sequence[tuple[bytes, bytes]],
         body: bytes,
         *,
-        healthy: bool = True,
+        status: ServerStatus = SERVING,
     ) -> CallLike: ...
 
 
@@ -83,8 +92,14 @@ class AsgiApp:
         on_response: ResponseHook | None = None,
         log_requests: bool = False,
         max_log_len: int | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
     ) -> None:
         self.app = app
+        self.shutdown_timeout = shutdown_timeout
+        self.draining = False
+        self._exchanges: set[_Exchange] = set()
+        self._exchange_ended: anyio.Event | None = None  # set (and replaced) as exchanges end, while draining
+        self._drain_scope: anyio.CancelScope | None = None
         self.log_requests = log_requests  # vLLM's --enable-log-requests
         self.max_log_len = max_log_len  # prompt token ids logged at most (None: all)
         self.on_response = on_response  # (method, path, status, seconds) once a response has ended
@@ -97,10 +112,63 @@ class AsgiApp:
     def healthy(self) -> bool:
         return all(engine.healthy for engine in self.engines.values())
 
+    @property
+    def status(self) -> ServerStatus:
+        """What the core is told with each request: health (drain first) and requests in flight."""
+        if self.draining:
+            health = Health.DRAINING
+        else:
+            health = Health.SERVING if self.healthy else Health.UNHEALTHY
+        return ServerStatus(health, sum(1 for exchange in self._exchanges if exchange.request_ids))
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop taking work and let the requests in flight finish; end the rest at the deadline.
+
+        From the first moment /health answers 503 and new requests get a 503 (a load balancer
+        moves on); requests in flight get `timeout` seconds (default: `shutdown_timeout`). Those
+        still running then fail with a 503: a stream ends with an SSE error frame. `cut_now()`
+        (a second signal) skips the wait. Returns once no request is left (or, with a client that
+        stopped reading, after a short grace).
+        """
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        self.draining = True
+        logger.info("draining: %d request(s) in flight get %g s to finish", len(self._exchanges), timeout)
+        with anyio.move_on_after(timeout) as self._drain_scope:
+            await self._until_idle()
+        if self._exchanges:
+            logger.warning("shutdown timeout: ending %d request(s) still in flight", len(self._exchanges))
+            for exchange in list(self._exchanges):
+                exchange.cut(timeout)
+            with anyio.move_on_after(CUT_GRACE_SECONDS):
+                await self._until_idle()
+            for exchange in list(self._exchanges):  # a client that stopped reading
+                exchange.cancel()
+        logger.info("drained")
+
+    def cut_now(self) -> None:
+        """End the drain's wait at once (a second SIGTERM/SIGINT)."""
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
+
+    async def _until_idle(self) -> None:
+        while self._exchanges:
+            self._exchange_ended = anyio.Event()
+            await self._exchange_ended.wait()
+
+    def _ended(self, exchange: _Exchange) -> None:
+        self._exchanges.discard(exchange)
+        if self._exchange_ended is not None:
+            self._exchange_ended.set()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await _Exchange(self, scope, receive, send).run()
+            exchange = _Exchange(self, scope, receive, send)
+            self._exchanges.add(exchange)
+            try:
+                await exchange.run()
+            finally:
+                self._ended(exchange)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
@@ -152,11 +220,32 @@ class _Exchange:
         self.client_gone = False
         self.status: int | None = None  # sent in http.response.start
         self.events_in, self.events_out = anyio.create_memory_object_stream[Event](math.inf)
+        self._scope = anyio.CancelScope()
+
+    def cut(self, timeout: float) -> None:
+        """End this exchange at the drain's deadline: its engine work is aborted and the call gets a
+        503 `Failed` per request (a stream ends with an SSE error frame); without engine work, stop."""
+        call, engine = self.call, self.engine
+        if call is None or engine is None or not self.request_ids or call.finished:
+            self.cancel()
+            return
+        engine.submit([Abort(request_id) for request_id in self.request_ids])
+        try:
+            for request_id in self.request_ids:
+                message = SHUTDOWN_CUT_MESSAGE.format(request_id=request_id, timeout=timeout)
+                self.events_in.send_nowait(Failed(request_id, 503, message))
+        except anyio.ClosedResourceError:  # it is ending by itself
+            pass
+
+    def cancel(self) -> None:
+        """Stop serving at once (the response, if started, is cut off)."""
+        self._scope.cancel()
 
     async def run(self) -> None:
         started = anyio.current_time()
         try:
-            await self._run()
+            with self._scope:
+                await self._run()
         finally:
             hook = self.shell.on_response
             if hook is not None and self.status is not None:
@@ -175,7 +264,7 @@ class _Exchange:
                 _target(self.scope),
                 self.scope.get("headers", ()),
                 body,
-                healthy=self.shell.healthy,
+                status=self.shell.status,
             )
             await self._serve(self.call)
         except Exception as exc:

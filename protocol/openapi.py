@@ -109,9 +109,11 @@ def openapi_document(title: str, version: str) -> bytes:
             "responses": {"200": {"description": "OK", "content": _json(schema_of[ModelCard])}, **errors},
         }
     }
-    for path, summary in (("/health", "200, or 503 while the engine is not running"), ("/ping", "As /health (SageMaker)")):
+    for path, summary in (("/health", "200, or 503 while an engine is not running or the server drains"), ("/ping", "As /health (SageMaker)")):
         paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "Healthy"}, "503": {"description": "Not healthy"}}}}
     paths["/version"] = {"get": {"summary": "The server's version", "responses": {"200": {"description": "OK"}}}}
+    load = {"type": "object", "properties": {"server_load": {"type": "integer"}}, "required": ["server_load"]}
+    paths["/load"] = {"get": {"summary": "Requests in flight (with --enable-server-load-tracking, else 0)", "responses": {"200": {"description": "OK", "content": _json(load)}}}}
     paths["/metrics"] = {"get": {"summary": "Prometheus metrics under vLLM's names", "responses": {"200": {"description": "OK"}}}}
     document = {
         "openapi": "3.1.0",

@@ -1,4 +1,4 @@
-"""Serve an ASGI app with hypercorn on trio, shutting down gracefully on SIGINT or SIGTERM."""
+"""Serve an ASGI app with hypercorn on trio, draining on SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -21,12 +21,20 @@ SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 async def serve(asgi_app: AsgiApp, config: Config, shutdown_trigger: ShutdownTrigger | None = None) -> None:
     """Serve until `shutdown_trigger` returns (default: the first SIGINT/SIGTERM), then drain.
 
-    In-flight requests get `config.graceful_timeout` seconds to finish; the app's lifespan
-    shutdown (which stops the engines) runs after that. A second signal stops at once.
+    The drain (`AsgiApp.drain`) runs while the sockets still accept: /health answers 503, new
+    requests get a 503, in-flight ones get `asgi_app.shutdown_timeout` seconds. A second signal
+    ends the wait. Then hypercorn closes the connections and the lifespan shutdown stops the engines.
     """
-    if shutdown_trigger is None:
-        shutdown_trigger = _on_signal
-    await hypercorn.trio.serve(asgi_app, config, shutdown_trigger=shutdown_trigger, mode="asgi")
+
+    async def drain_then_stop() -> None:
+        if shutdown_trigger is not None:
+            await shutdown_trigger()
+            if isinstance(asgi_app, AsgiApp):  # tests may serve a bare ASGI callable
+                await asgi_app.drain()
+        else:
+            await _drain_on_signal(asgi_app)
+
+    await hypercorn.trio.serve(asgi_app, config, shutdown_trigger=drain_then_stop, mode="asgi")
 
 
 def run(asgi_app: AsgiApp, config: Config, shutdown_trigger: ShutdownTrigger | None = None) -> None:
@@ -34,10 +42,19 @@ def run(asgi_app: AsgiApp, config: Config, shutdown_trigger: ShutdownTrigger | N
     trio.run(partial(serve, asgi_app, config, shutdown_trigger))
 
 
-async def _on_signal() -> None:
-    """Return at the first shutdown signal; wait forever off the main thread (no signals there)."""
+async def _drain_on_signal(asgi_app: AsgiApp) -> None:
+    """Drain at the first shutdown signal (a second one cuts the wait short); off the main thread,
+    where no signal arrives, wait forever."""
     if threading.current_thread() is not threading.main_thread():
         await trio.sleep_forever()
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-        async for _ in signals:
-            return
+        await signals.__anext__()
+        async with trio.open_nursery() as nursery:
+
+            async def cut_on_second_signal() -> None:
+                await signals.__anext__()
+                asgi_app.cut_now()
+
+            nursery.start_soon(cut_on_second_signal)
+            await asgi_app.drain()
+            nursery.cancel_scope.cancel()

@@ -284,10 +284,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument("--return-tokens-as-token-ids", action="store_true")
     api.add_argument("--enable-request-id-headers", action="store_true")
     api.add_argument(
+        "--enable-server-load-tracking",
+        action="store_true",
+        help="GET /load reports the requests in flight (vLLM's; 0 without this flag)",
+    )
+    api.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled",
+        help="seconds in-flight requests get to finish after SIGTERM/SIGINT (while /health answers 503 and "
+        "new requests are refused); streams still running then end with an SSE error frame",
     )
     api.add_argument(
         "--enable-log-requests",

@@ -82,6 +82,7 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         enable_force_include_usage=args.enable_force_include_usage,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_request_id_headers=args.enable_request_id_headers,
+        enable_server_load_tracking=args.enable_server_load_tracking,
         root_path=args.root_path,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
@@ -226,6 +227,7 @@ def build_asgi_app(
         on_response=metrics.observe_http,
         log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
+        shutdown_timeout=args.shutdown_timeout,
     )
 
 

@@ -8,6 +8,7 @@ import socket
 from hypercorn.config import Config as HypercornConfig
 
 H11_MAX_INCOMPLETE_SIZE = 4 * 1024 * 1024  # as vLLM's uvicorn: room for large headers
+GRACE_AFTER_DRAIN_SECONDS = 5.0
 
 
 def hypercorn_config_from_args(args: argparse.Namespace) -> HypercornConfig:
@@ -22,8 +23,9 @@ def hypercorn_config_from_args(args: argparse.Namespace) -> HypercornConfig:
     config.h11_max_incomplete_size = H11_MAX_INCOMPLETE_SIZE
     config.loglevel = args.log_level.upper()
     config.accesslog = "-"
-    # on SIGTERM/SIGINT, in-flight requests get this long to finish before they are cancelled
-    config.graceful_timeout = float(args.shutdown_timeout)
+    # SIGTERM/SIGINT first drains the app (AsgiApp.drain, --shutdown-timeout); what hypercorn then
+    # waits for is only connections closing
+    config.graceful_timeout = GRACE_AFTER_DRAIN_SECONDS
     return config
 
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from protocol import App, AppConfig, Body, EndResponse, Generate, ServedModel, StartResponse, Submit, Tokens
 from protocol.app import _ROUTES, OPEN_PATHS
+from protocol.state import SERVING, Health, ServerStatus
 from protocol.testing import BOS_ID, ByteTokenizer, tiny_pooling_model, tiny_served_model
 
 NOW = 1_700_000_000.0
@@ -25,11 +26,15 @@ def make_app(models=None, **config):
     )
 
 
-def respond(app, method, path, body=b"", headers=(JSON,), healthy=True):
+UNHEALTHY = ServerStatus(Health.UNHEALTHY)
+DRAINING = ServerStatus(Health.DRAINING)
+
+
+def respond(app, method, path, body=b"", headers=(JSON,), status=SERVING):
     """An immediate call's response as (status, headers, body); engine calls give their Submit."""
     if not isinstance(body, bytes):
         body = json.dumps(body).encode()
-    call = app.handle(method, path, list(headers), body, healthy=healthy)
+    call = app.handle(method, path, list(headers), body, status=status)
     outputs = call.start()
     if isinstance(outputs[0], Submit):
         return outputs[0]
@@ -141,11 +146,33 @@ def test_whole_responses_carry_their_content_length():
 def test_health_ping_version():
     app = make_app(version="9.9")
     assert respond(app, "GET", "/health") == (200, {b"content-length": b"0"}, b"")
-    assert respond(app, "GET", "/health", healthy=False)[0] == 503
+    assert respond(app, "GET", "/health", status=UNHEALTHY)[0] == 503
     assert respond(app, "POST", "/ping", headers=())[0] == 200
-    assert respond(app, "GET", "/ping", healthy=False)[0] == 503
+    assert respond(app, "GET", "/ping", status=UNHEALTHY)[0] == 503
     status, _, body = respond(app, "GET", "/version")
     assert (status, json.loads(body)) == (200, {"version": "9.9"})
+
+
+def test_a_draining_server_refuses_new_work_but_still_answers_probes():
+    app = make_app(api_keys=["k"])
+    assert respond(app, "GET", "/health", status=DRAINING)[0] == 503
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    auth = (JSON, (b"authorization", b"Bearer k"))
+    status, headers, body = respond(app, "POST", "/v1/chat/completions", chat, headers=auth, status=DRAINING)
+    assert (status, headers[b"retry-after"]) == (503, b"1")
+    assert json.loads(body)["error"]["message"].startswith("The server is shutting down")
+    for path in ("/tokenize", "/v1/embeddings", "/no/such/path"):
+        assert respond(app, "POST", path, {}, headers=auth, status=DRAINING)[0] == 503
+    for path in ("/metrics", "/version", "/v1/models", "/openapi.json"):
+        assert respond(app, "GET", path, headers=auth, status=DRAINING)[0] in (200, 404), path
+    assert respond(app, "GET", "/version", status=DRAINING)[0] == 200
+
+
+def test_load_reports_requests_in_flight_only_with_load_tracking():
+    busy = ServerStatus(load=7)
+    assert json.loads(respond(make_app(), "GET", "/load", status=busy)[2]) == {"server_load": 0}
+    tracked = make_app(enable_server_load_tracking=True)
+    assert json.loads(respond(tracked, "GET", "/load", status=busy)[2]) == {"server_load": 7}
 
 
 def test_models_list_shape():

@@ -18,6 +18,7 @@ from typing import Any
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, SamplingParams, Tokens
 from protocol.errors import ProtocolError
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.state import SERVING, Health, ServerStatus
 from protocol.testing import EOS_ID, ByteTokenizer
 
 _WAKE = Abort("")  # an inbox item that only wakes the engine thread up
@@ -224,10 +225,10 @@ class EchoApp:
         self.count = 0
         self.seen_paths: list[str] = []
 
-    def handle(self, method: str, path: str, headers, body: bytes, *, healthy: bool = True):
+    def handle(self, method: str, path: str, headers, body: bytes, *, status: ServerStatus = SERVING):
         self.seen_paths.append(path)
         if path == "/health":
-            return ImmediateCall(200 if healthy else 503, b"")
+            return ImmediateCall(200 if status.health is Health.SERVING else 503, b"")
         if path == "/boom":
             raise RuntimeError("a bug in the core")
         if method == "POST" and path == "/generate":

@@ -81,6 +81,15 @@ class ServerThread:
             raise self._error
         return self
 
+    def begin_shutdown(self) -> None:
+        """Start what SIGTERM starts (the drain) without waiting for the server to stop."""
+        self._stop.set()
+
+    def wait_stopped(self, timeout: float = 30) -> bool:
+        """Whether the server stopped (its thread ended) within `timeout` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join(timeout=30)

@@ -61,7 +61,7 @@ class SpyApp:
     def __init__(self) -> None:
         self.call = SpyCall()
 
-    def handle(self, method, path, headers, body, *, healthy=True):
+    def handle(self, method, path, headers, body, *, status=None):
         return self.call
 
 
@@ -107,7 +107,7 @@ def test_a_body_split_over_messages_is_joined(backend):
     bodies = []
 
     class BodyApp(SpyApp):
-        def handle(self, method, path, headers, body, *, healthy=True):
+        def handle(self, method, path, headers, body, *, status=None):
             bodies.append(body)
             return super().handle(method, path, headers, body)
 

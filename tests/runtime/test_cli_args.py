@@ -557,5 +557,10 @@ def test_cors_flags_take_json_lists_as_vllm_does():
 
 
 def test_shutdown_timeout_is_how_long_in_flight_requests_may_finish():
-    assert hypercorn_config_from_args(parse()).graceful_timeout == 30.0
-    assert hypercorn_config_from_args(parse("--shutdown-timeout", "5")).graceful_timeout == 5.0
+    """The drain (the app's) waits --shutdown-timeout; hypercorn then only closes connections."""
+    from sansllm.assemble import build_asgi_app
+    from tests.runtime.fakes import ScriptedEngine
+
+    assert build_asgi_app(parse("m"), [ScriptedEngine()], object).shutdown_timeout == 30.0
+    assert build_asgi_app(parse("m", "--shutdown-timeout", "5"), [ScriptedEngine()], object).shutdown_timeout == 5.0
+    assert hypercorn_config_from_args(parse("--shutdown-timeout", "500")).graceful_timeout == 5.0

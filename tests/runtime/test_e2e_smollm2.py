@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -179,7 +180,9 @@ def accepts_connections(path: Path) -> bool:
     ],
     ids=["python-m-runtime_asyncio", "sansllm-serve-trio"],
 )
-def test_cli_serves_and_stops_gracefully_on_sigterm(command, tmp_path):
+def test_cli_serves_and_drains_20_streams_on_sigterm(command, tmp_path):
+    """SIGTERM during 20 streams: all 20 finish, /health answers 503 and new requests get a 503
+    meanwhile, and the process exits 0."""
     uds = tmp_path / "sansllm.sock"
     process = subprocess.Popen(
         [*command, DEFAULT_MODEL, "--uds", str(uds), *FLAGS, "--log-level", "warning"],
@@ -207,15 +210,64 @@ def test_cli_serves_and_stops_gracefully_on_sigterm(command, tmp_path):
             except openai.APIConnectionError:
                 process.kill()
                 pytest.fail("the server died:\n" + process.communicate()[0].decode()[-4000:])
-        assert "Paris" in completion.choices[0].message.content
-        process.send_signal(signal.SIGTERM)
+            assert "Paris" in completion.choices[0].message.content
+            streams = UdsStreams(uds, 20)
+            assert streams.started()
+            process.send_signal(signal.SIGTERM)
+            health = http_client.get("http://sansllm/health")
+            while health.status_code == 200:  # until the signal is handled
+                health = http_client.get("http://sansllm/health")
+            assert health.status_code == 503
+            refused = http_client.post("http://sansllm/v1/chat/completions", json={"model": DEFAULT_MODEL, "messages": QUESTION})
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+            assert streams.join()
         output = process.communicate(timeout=60)[0].decode()
         assert process.returncode == 0, output
         assert "Traceback" not in output
+        assert streams.finish_reasons == [["length"]] * 20
+        assert all(frames[-1] == "[DONE]" for frames in streams.frames)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+class UdsStreams:
+    """`count` greedy completion streams over a Unix socket, each on its own thread."""
+
+    def __init__(self, uds: Path, count: int) -> None:
+        self.uds = uds
+        self.frames: list[list[str]] = [[] for _ in range(count)]
+        self.finish_reasons: list[list[str]] = [[] for _ in range(count)]
+        self._first = threading.Semaphore(0)
+        self._threads = [threading.Thread(target=self._stream, args=(i,), daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def started(self, timeout: float = 120) -> bool:
+        return all(self._first.acquire(timeout=timeout) for _ in self._threads)
+
+    def join(self, timeout: float = 120) -> bool:
+        for thread in self._threads:
+            thread.join(timeout)
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _stream(self, i: int) -> None:
+        body = {"model": DEFAULT_MODEL, "prompt": f"Count to {i + 3}:", "max_tokens": 40, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        with (
+            httpx.Client(transport=httpx.HTTPTransport(uds=str(self.uds)), timeout=120) as http,
+            http.stream("POST", "http://sansllm/v1/completions", json=body) as response,
+        ):
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                frame = line[len("data: ") :]
+                self.frames[i].append(frame)
+                if len(self.frames[i]) == 1:
+                    self._first.release()
+                if frame != "[DONE]":
+                    self.finish_reasons[i] += [c["finish_reason"] for c in json.loads(frame)["choices"] if c["finish_reason"]]
 
 
 def test_beam_search_and_best_of_through_the_openai_client(client):
