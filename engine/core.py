@@ -15,6 +15,7 @@ of a decoder embedding model gets its last token's hidden state pooled, a `Gener
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -25,6 +26,7 @@ import torch
 from engine.attention import SequenceSpan
 from engine.beam_search import BeamSearch, BeamSearchDriver
 from engine.best_of import BestOfCollector
+from engine.fault_isolation import requests_failing_alone
 from engine.kv_cache import KVCacheManager
 from engine.latency import LatencyObserver
 from engine.model_runner import DecoderRunner
@@ -46,6 +48,8 @@ from engine.spec_decode import DraftedRow, SpeculativeConfig, Speculator, verify
 from engine.step_budget import StepBudget
 from engine.structured import CompiledGuide, ConstraintError, GuideCompiler
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled, TokenLogprobs, Tokens
+
+logger = logging.getLogger(__name__)
 
 Draft = tuple[int, ...]  # speculative tokens proposed for a decoding sequence
 
@@ -129,6 +133,7 @@ class EngineCore:
         self.max_queue_seconds = max_queue_seconds  # a request not scheduled by then fails (503)
         self.latency: LatencyObserver | None = None  # request latencies for metrics (engine.latency)
         self._arrived_at: dict[str, float] = {}  # requests waiting for a guide: when they arrived
+        self._faulted = False  # the last forward pass failed and a lone request was blamed for it
         self._step_at = 0.0  # when this step's tokens were produced (one clock read per step)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed), builtin_processors(guides))
         # n-gram speculative decoding (engine.spec_decode); None: off
@@ -408,12 +413,21 @@ class EngineCore:
         self._mark_scheduled(chunks, time.perf_counter())
         spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
         self.runner.copy_blocks(self.kv.take_copies())  # forked beams' copy on write, before any write
-        step = self.runner.forward(spans)
+        failed: list[Event] = []
+        try:
+            step = self.runner.forward(spans)
+        except Exception as error:
+            chunks, failed = self._fail_culprits(chunks, spans, error)
+            if not chunks:
+                return failed
+            spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
+            step = self.runner.forward(spans)  # a failure now is engine-wide: the engine restarts the core
+        self._faulted = False
         self._step_at = time.perf_counter()  # the tokens of this step exist from here (engine.latency)
         hidden = step.hidden
         self.scheduler.advance(chunks)
 
-        events: list[Event] = []
+        events: list[Event] = failed
         sampling: list[tuple[int, RequestState, SampleState]] = []  # (hidden row, owner)
         verifying: list[tuple[int, RequestState, SampleState, Draft]] = []  # (first row, owner, draft)
         pooling: list[tuple[int, Encode]] = []  # (row of the last prompt token, request)
@@ -446,6 +460,45 @@ class EngineCore:
         if verifying:
             events.extend(self._verify(hidden, verifying))
         return self._hold_best_of(events) if self._best_of else events
+
+    def _fail_culprits(
+        self, chunks: list[ScheduledChunk], spans: list[SequenceSpan], error: Exception
+    ) -> tuple[list[ScheduledChunk], list[Event]]:
+        """After a failed forward pass: fail only the requests that fail it alone (engine.fault_isolation)
+        and return the other chunks, or re-raise `error` when no request can be blamed (every one
+        fails alone, none does, or the step before failed too): then the engine restarts the core."""
+        by_request: dict[str, list[SequenceSpan]] = {}
+        for chunk, span in zip(chunks, spans, strict=True):
+            by_request.setdefault(chunk.seq.request_id, []).append(span)
+        if self._faulted:
+            raise error
+        if len(by_request) == 1:  # alone already: blamed once; a second fault in a row is engine-wide
+            culprits = set(by_request)
+            self._faulted = True
+        else:
+            culprits = requests_failing_alone(self.runner.forward, by_request)
+            if not culprits or culprits == set(by_request):
+                raise error
+        logger.error(
+            "a forward pass failed (%s: %s); failing the request(s) that fail it alone: %s",
+            type(error).__name__,
+            error,
+            ", ".join(sorted(culprits)),
+            exc_info=error,
+        )
+        failed: list[Event] = []
+        for request_id in culprits:
+            self._fail_one(request_id)
+            failed.append(Failed(request_id, 500, f"Internal server error while serving request {request_id}."))
+        return [c for c in chunks if c.seq.request_id not in culprits], failed
+
+    def _fail_one(self, request_id: str) -> None:
+        encode = self.encodes.pop(request_id, None)
+        if encode is not None:
+            self.scheduler.finish(encode[1])
+        request = self.requests.get(request_id)
+        if request is not None:
+            self._drop(request)
 
     def _hold_best_of(self, events: list[Event]) -> list[Event]:
         """best_of candidates' events wait in their collector; the n chosen come out when all finish."""
