@@ -23,6 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 import msgspec
 import torch
 
+from engine.admission import over_capacity
 from engine.attention import SequenceSpan
 from engine.beam_search import BeamSearch, BeamSearchDriver
 from engine.best_of import BestOfCollector
@@ -255,26 +256,15 @@ class EngineCore:
         return self._start_generate(command, max_tokens)
 
     def _over_capacity(self, prompt_tokens: int) -> str | None:
-        """Why a new request is refused (admission control), or None: a queue past its limit is
-        answered at once with a 503 rather than grown into latency nobody waits for."""
-        if self.max_num_queued_requests is not None:
-            queued = self.scheduler.num_waiting + len(self.awaiting_guides)
-            if queued >= self.max_num_queued_requests:
-                return (
-                    f"The server is at capacity: {queued} requests are waiting to be scheduled "
-                    f"(--max-num-queued-requests {self.max_num_queued_requests}). Retry shortly."
-                )
-        if self.max_num_queued_tokens is not None:
-            tokens = self.scheduler.num_waiting_tokens + sum(
-                len(command.prompt_token_ids) for command, _, _ in self.awaiting_guides.values()
-            )
-            if tokens + prompt_tokens > self.max_num_queued_tokens:
-                return (
-                    f"The server is at capacity: {tokens} prompt tokens are waiting to be scheduled and this "
-                    f"request adds {prompt_tokens} (--max-num-queued-tokens {self.max_num_queued_tokens}). "
-                    "Retry shortly."
-                )
-        return None
+        """Why a new request is refused (engine.admission), or None; guides compiling count as queued."""
+        waiting_guides = self.awaiting_guides.values()
+        return over_capacity(
+            self.scheduler.num_waiting + len(self.awaiting_guides),
+            self.scheduler.num_waiting_tokens + sum(len(command.prompt_token_ids) for command, _, _ in waiting_guides),
+            prompt_tokens,
+            max_num_queued_requests=self.max_num_queued_requests,
+            max_num_queued_tokens=self.max_num_queued_tokens,
+        )
 
     def _admit_compiled(self) -> list[Event]:
         """Start the requests whose guide is now compiled (or fail those whose guide cannot be)."""

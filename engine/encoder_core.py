@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
+from engine.admission import over_capacity
 from engine.core import EngineStats
 from engine.model_runner import EncoderInput, EncoderRunner
 from engine.requests import RequestRejected, check_pooling
@@ -32,6 +33,8 @@ class EncoderCore:
         max_num_batched_tokens: int = 2048,
         hidden_size: int,
         num_type_ids: int = 2,
+        max_num_queued_requests: int | None = None,
+        max_num_queued_tokens: int | None = None,
     ) -> None:
         self.runner = runner
         self.tasks = tasks
@@ -41,6 +44,8 @@ class EncoderCore:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.hidden_size = hidden_size
         self.num_type_ids = num_type_ids
+        self.max_num_queued_requests = max_num_queued_requests
+        self.max_num_queued_tokens = max_num_queued_tokens
         self._waiting: list[tuple[int, int, Encode]] = []
         self._live: set[str] = set()  # request ids waiting (aborted ones leave the heap lazily)
         self._arrivals = itertools.count()
@@ -76,6 +81,15 @@ class EncoderCore:
                 raise RequestRejected(f"token_type_ids must lie in [0, {self.num_type_ids})")
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
+        refusal = over_capacity(
+            len(self._live),
+            sum(len(c.prompt_token_ids) for _, _, c in self._waiting if c.request_id in self._live),
+            len(command.prompt_token_ids),
+            max_num_queued_requests=self.max_num_queued_requests,
+            max_num_queued_tokens=self.max_num_queued_tokens,
+        )
+        if refusal is not None:
+            return [Failed(command.request_id, 503, refusal)]
         self._live.add(command.request_id)
         heapq.heappush(self._waiting, (command.priority, next(self._arrivals), command))
         return []

@@ -316,6 +316,8 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens or DEFAULT_ENCODER_BATCHED_TOKENS,
             hidden_size=pooling.hidden_size,
             num_type_ids=max(1, loaded.config.type_vocab_size),
+            max_num_queued_requests=config.max_num_queued_requests,
+            max_num_queued_tokens=config.max_num_queued_tokens,
         )
 
     # ---- the thread ----

@@ -144,3 +144,15 @@ def test_offline_embed_returns_one_vector_per_input_in_order(minilm):
     assert len(llm.embed([SENTENCES[1]], PoolingParams(dimensions=None, normalize=False))[0]) == 384
     with pytest.raises(GenerationFailed, match="maximum context length"):
         llm.embed(["word " * 400])
+
+
+def test_an_encoder_queue_past_its_limits_refuses_with_503s(cross_encoder):
+    engine = Engine(EngineConfig(model=str(cross_encoder), progress=False, max_num_queued_requests=2))
+    events = engine.core.add([Encode(f"e{i}", (5, 6, 7), PoolingParams(task="classify")) for i in range(3)])
+    assert [(e.request_id, e.status) for e in events] == [("e2", 503)]
+    assert "--max-num-queued-requests 2" in events[0].message
+    engine.core.add([Abort("e0")])  # an aborted input no longer counts
+    assert engine.core.add([Encode("e3", (5, 6, 7), PoolingParams(task="classify"))]) == []
+    by_tokens = Engine(EngineConfig(model=str(cross_encoder), progress=False, max_num_queued_tokens=5))
+    (refused,) = by_tokens.core.add([Encode(f"t{i}", (5, 6, 7), PoolingParams(task="classify")) for i in range(2)])
+    assert refused.request_id == "t1" and "3 prompt tokens are waiting" in refused.message
