@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import msgspec
 
@@ -36,6 +36,7 @@ from protocol.calls.info import (
     model_call,
     models_call,
     tokenize_call,
+    tokenizer_info_call,
     version_call,
 )
 from protocol.calls.pooling import build_classification_call, build_embedding_call, build_pooling_call
@@ -44,7 +45,7 @@ from protocol.calls.score import build_rerank_call, build_score_call
 from protocol.cors import CorsPolicy
 from protocol.errors import ProtocolError
 from protocol.model import ServedModel, Task
-from protocol.openapi import openapi_document
+from protocol.openapi import docs_page, openapi_document
 from protocol.pooling_requests import (
     ClassificationChatRequest,
     ClassificationCompletionRequest,
@@ -74,7 +75,7 @@ UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is all
 # With API keys set, every path needs one except these (liveness, version and metrics for load
 # balancers, orchestrators and Prometheus, which carry no key; vLLM leaves /metrics open too). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
 # and /classify stay open to anyone who can reach the port.
-OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/openapi.json", "/docs"})
 # While the server drains (SIGTERM) these still answer; anything else gets a 503 at once, so a load
 # balancer that has not yet seen /health turn 503 retries elsewhere.
 OPEN_WHILE_DRAINING = OPEN_PATHS | {"/load", "/v1/models"}
@@ -95,6 +96,7 @@ class AppConfig(msgspec.Struct, kw_only=True):
     return_tokens_as_token_ids: bool = False
     enable_request_id_headers: bool = False
     enable_server_load_tracking: bool = False  # GET /load reports in-flight requests (else 0)
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info exists (vLLM's flag; off: 404)
     root_path: str = ""
     version: str = "0.1.0"
     allow_priority: bool = False
@@ -116,6 +118,7 @@ class _Request:
     headers: dict[bytes, bytes]  # lower-cased names; the last value of a repeated header wins
     body: bytes
     status: ServerStatus
+    query: str  # the target's query string, undecoded ("" without one)
     base_id: str  # X-Request-Id header, else a fresh id (the body's request_id may override it)
     response_headers: Headers  # X-Request-Id, when enabled
 
@@ -157,6 +160,10 @@ class App:
             config.allowed_origins, config.allowed_methods, config.allowed_headers, config.allow_credentials
         )
         self._key_digests = [hashlib.sha256(key.encode()).digest() for key in config.api_keys]
+        # vLLM registers /tokenizer_info only with its flag: without it the route is absent (404,
+        # no Allow), not refused
+        absent = set() if config.enable_tokenizer_info_endpoint else {"/tokenizer_info"}
+        self._routes = {path: methods for path, methods in _ROUTES.items() if path not in absent}
         self._renderer = ChatRenderer(
             server_template=config.chat_template,
             content_format=config.chat_template_content_format,
@@ -198,7 +205,8 @@ class App:
             if method.upper() == "OPTIONS" and (preflight := self._cors.preflight(header_map)) is not None:
                 status, text, headers = preflight
                 return ImmediateCall(status, text, headers)
-            request = _Request(header_map, body, status, base_id, response_headers)
+            query = path.partition("?")[2]
+            request = _Request(header_map, body, status, query, base_id, response_headers)
             return self._route(method.upper(), path, request)
         except ProtocolError as error:
             return error_call(error, response_headers)
@@ -217,7 +225,7 @@ class App:
                 return ImmediateCall(
                     401, b'{"error":"Unauthorized"}', JSON_CONTENT_TYPE + request.response_headers
                 )
-        methods = _ROUTES.get(path)
+        methods = self._routes.get(path)
         if methods is None and path.startswith(_MODEL_PREFIX):  # ids may hold slashes (org/name)
             if method == "GET":
                 return self._model(request, unquote(path[len(_MODEL_PREFIX) :]))
@@ -361,6 +369,10 @@ class App:
     def _openapi(self, request: _Request) -> Call:
         return json_call(openapi_document("sansllm", self.config.version), extra_headers=request.response_headers)
 
+    def _docs(self, request: _Request) -> Call:
+        page = docs_page(self.config.root_path.rstrip("/") + "/openapi.json")
+        return ImmediateCall(200, page, ((b"content-type", b"text/html; charset=utf-8"), *request.response_headers))
+
     def _metrics(self, request: _Request) -> Call:
         if self.state is None:
             raise ProtocolError("Not Found", status=404)
@@ -387,6 +399,12 @@ class App:
         model = resolve_model(body.model, self.models)
         return detokenize_call(body, model, request.response_headers)
 
+    def _tokenizer_info(self, request: _Request) -> Call:
+        """GET /tokenizer_info[?model=NAME]: vLLM serves its one model's; `model` picks one of ours."""
+        names = parse_qs(request.query).get("model")
+        model = resolve_model(names[-1] if names else None, self.models)
+        return tokenizer_info_call(model, self.config.chat_template, request.response_headers)
+
 
 _ROUTES: dict[str, dict[str, _Handler]] = {
     "/v1/chat/completions": {"POST": App._chat},
@@ -398,8 +416,10 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/load": {"GET": App._load},
     "/metrics": {"GET": App._metrics},
     "/openapi.json": {"GET": App._openapi},
+    "/docs": {"GET": App._docs},
     "/tokenize": {"POST": App._tokenize},
     "/detokenize": {"POST": App._detokenize},
+    "/tokenizer_info": {"GET": App._tokenizer_info},
     "/v1/embeddings": {"POST": App._embeddings},
     "/pooling": {"POST": App._pooling},
     "/classify": {"POST": App._classify},

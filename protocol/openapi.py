@@ -115,6 +115,14 @@ def openapi_document(title: str, version: str) -> bytes:
     load = {"type": "object", "properties": {"server_load": {"type": "integer"}}, "required": ["server_load"]}
     paths["/load"] = {"get": {"summary": "Requests in flight (with --enable-server-load-tracking, else 0)", "responses": {"200": {"description": "OK", "content": _json(load)}}}}
     paths["/metrics"] = {"get": {"summary": "Prometheus metrics under vLLM's names", "responses": {"200": {"description": "OK"}}}}
+    tokenizer_info = {"type": "object", "properties": {"tokenizer_class": {"type": "string"}, "chat_template": {"type": "string"}}, "required": ["tokenizer_class"], "additionalProperties": True}
+    paths["/tokenizer_info"] = {
+        "get": {
+            "summary": "The tokenizer's configuration: tokenizer_config.json's fields, tokenizer_class, chat_template (with --enable-tokenizer-info-endpoint, else 404)",
+            "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}, "description": "a served model's name (default: the first model)"}],
+            "responses": {"200": {"description": "OK", "content": _json(tokenizer_info)}, **errors},
+        }
+    }
     document = {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
@@ -125,3 +133,20 @@ def openapi_document(title: str, version: str) -> bytes:
         },
     }  # fmt: skip
     return msgspec.json.encode(document)
+
+
+SWAGGER_UI_VERSION = "5.17.14"
+
+
+def docs_page(openapi_url: str) -> bytes:
+    """GET /docs: Swagger UI over `openapi_url`, its assets from a CDN (as FastAPI's page, which vLLM
+    serves): nothing is bundled, and a browser without internet access sees the bare page only."""
+    cdn = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}"
+    return f"""<!DOCTYPE html>
+<html><head><title>sansllm API</title><meta charset="utf-8">
+<link rel="stylesheet" href="{cdn}/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="{cdn}/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({{url: "{openapi_url}", dom_id: "#swagger-ui"}});</script>
+</body></html>
+""".encode()

@@ -20,8 +20,14 @@ def document() -> dict:
 
 def test_every_route_is_described(document):
     described = set(document["paths"])
-    assert {path for path in _ROUTES if path not in ("/invocations", "/openapi.json")} <= described
+    assert {path for path in _ROUTES if path not in ("/invocations", "/openapi.json", "/docs")} <= described
     assert "/openapi.json" in OPEN_PATHS  # clients read it before they have a key
+
+
+def test_docs_page_loads_swagger_ui_over_the_document_under_the_root_path():
+    status, headers, body = respond(make_app(api_keys=["k"], root_path="/llm"), "GET", "/docs", headers=())
+    assert status == 200 and headers[b"content-type"].startswith(b"text/html")
+    assert b'url: "/llm/openapi.json"' in body and b"swagger-ui-bundle.js" in body
 
 
 def test_component_schemas_are_valid_json_schemas(document):
