@@ -121,6 +121,19 @@ class HFTokenizer:
         id_to_token = self._backend.id_to_token
         return [id_to_token(i) or "" for i in token_ids]
 
+    def tokenizer_config(self) -> dict[str, Any]:
+        """tokenizer_config.json's settings as loaded, plus `tokenizer_class`, as plain JSON data.
+
+        What vLLM's /tokenizer_info serves: transformers' `init_kwargs` without the vocabulary
+        file paths, special tokens as their text. Taken here, at load, because the protocol core
+        that answers the route reads no files and knows no transformers types."""
+        config = {key: value for key, value in self.hf.init_kwargs.items() if key not in ("vocab_file", "merges_file")}
+        plain = _json_data(config)
+        plain["tokenizer_class"] = type(self.hf).__name__
+        if self._chat_template is not None:
+            plain["chat_template"] = self._chat_template
+        return plain
+
     def encode_pair(
         self, text: str, text_pair: str, add_special_tokens: bool = True, *, max_length: int | None = None
     ) -> tuple[list[int], list[int]]:
@@ -131,6 +144,21 @@ class HFTokenizer:
         ids = [int(i) for i in encoded["input_ids"]]
         types = encoded.get("token_type_ids")
         return ids, [int(t) for t in types] if types is not None else [0] * len(ids)
+
+
+def _json_data(value: Any) -> Any:
+    """`value` as JSON data: an AddedToken becomes its text (as vLLM serves it), mapping keys
+    strings, tuples lists, and anything else JSON cannot hold its `str`."""
+    if isinstance(value, str | bool | int | float) or value is None:
+        return value
+    content = getattr(value, "content", None)
+    if isinstance(content, str):  # tokenizers' AddedToken
+        return content
+    if isinstance(value, dict):
+        return {str(key): _json_data(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_json_data(item) for item in value]
+    return str(value)
 
 
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -44,6 +44,10 @@ class ServedModel(msgspec.Struct, kw_only=True):
     pooling: PoolingInfo | None = None
     generation_defaults: dict[str, Any] = msgspec.field(default_factory=dict)
     created: int = 0
+    # tokenizer_config.json's settings and `tokenizer_class`, as JSON data collected when the model
+    # loaded (the core reads no files); GET /tokenizer_info serves them. Empty: only what the
+    # `tokenizer` object itself tells.
+    tokenizer_config: dict[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def name(self) -> str:

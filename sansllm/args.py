@@ -289,6 +289,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         help="GET /load reports the requests in flight (vLLM's; 0 without this flag)",
     )
     api.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info: the tokenizer's configuration (tokenizer_config.json, "
+        "tokenizer_class, chat template); off by default, as in vLLM, since it shows the chat template",
+    )
+    api.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,

@@ -83,6 +83,7 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_request_id_headers=args.enable_request_id_headers,
         enable_server_load_tracking=args.enable_server_load_tracking,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         root_path=args.root_path,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
@@ -167,7 +168,15 @@ def served_model(spec: ModelSpec, engine: Any, *, created: int) -> ServedModel:
         pooling=pooling_info(engine.pooling),
         generation_defaults=dict(engine.generation_defaults),
         created=created,
+        tokenizer_config=tokenizer_config(engine.tokenizer),
     )
+
+
+def tokenizer_config(tokenizer: Any) -> dict[str, Any]:
+    """The tokenizer's configuration as /tokenizer_info serves it, read now (at load) because the
+    core does no IO; empty for a tokenizer that offers none (test doubles)."""
+    read = getattr(tokenizer, "tokenizer_config", None)
+    return dict(read()) if callable(read) else {}
 
 
 def pooling_info(pooling: Any) -> PoolingInfo | None:

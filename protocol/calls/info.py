@@ -86,3 +86,19 @@ def detokenize_call(request: DetokenizeRequest, model: ServedModel, headers: Hea
             raise ProtocolError(f"Token id {token_id} is out of vocabulary", param="tokens")
     text = decode_ids(model.tokenizer, request.tokens)
     return json_call(encode(DetokenizeResponse(prompt=text)), extra_headers=headers)
+
+
+def tokenizer_info_call(model: ServedModel, server_template: str | None, headers: Headers = ()) -> ImmediateCall:
+    """GET /tokenizer_info: the model's tokenizer configuration, as vLLM's (tokenizer_config.json's
+    fields and `tokenizer_class`), with the chat template this server applies: `--chat-template`
+    when given, else the model's."""
+    tokenizer = model.tokenizer
+    info = dict(model.tokenizer_config)
+    info.setdefault("tokenizer_class", type(tokenizer).__name__)
+    for key, token in (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token)):
+        if token is not None:
+            info.setdefault(key, token)
+    template = server_template or tokenizer.chat_template
+    if template:
+        info["chat_template"] = template
+    return json_call(msgspec.json.encode(info), extra_headers=headers)
