@@ -71,6 +71,10 @@ from protocol.validation import resolve_model
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
+# vLLM's h11 limits (--h11-max-header-count, --h11-max-incomplete-event-size), here enforced by the
+# core for HTTP/1.1 and HTTP/2 alike, so the refusal is a 431 in OpenAI's shape
+DEFAULT_MAX_HEADER_COUNT = 256
+DEFAULT_MAX_HEADER_BYTES = 4 * 1024 * 1024
 UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
 # With API keys set, every path needs one except these (liveness, version and metrics for load
 # balancers, orchestrators and Prometheus, which carry no key; vLLM leaves /metrics open too). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
@@ -101,6 +105,8 @@ class AppConfig(msgspec.Struct, kw_only=True):
     version: str = "0.1.0"
     allow_priority: bool = False
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_header_count: int = DEFAULT_MAX_HEADER_COUNT  # more header fields: 431
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES  # header fields as HTTP/1.1 writes them: 431 past it
     enable_auto_tool_choice: bool = False
     exclude_tools_when_tool_choice_none: bool = False
     allowed_origins: list[str] = msgspec.field(default_factory=lambda: ["*"])
@@ -202,6 +208,7 @@ class App:
             if self.config.enable_request_id_headers:
                 response_headers = ((b"x-request-id", base_id.encode("latin-1", "replace")),)
             response_headers += self._cors.response_headers(header_map)
+            self._check_header_limits(headers)
             if method.upper() == "OPTIONS" and (preflight := self._cors.preflight(header_map)) is not None:
                 status, text, headers = preflight
                 return ImmediateCall(status, text, headers)
@@ -245,6 +252,22 @@ class App:
         if path in _JSON_POSTS:
             self._check_json_post(request)
         return handler(self, request)
+
+    def _check_header_limits(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """A 431 for too many or too large header fields, before any route runs: a client that
+        sends thousands of fields or megabytes of cookies learns why, on either HTTP version."""
+        count, limit = len(headers), self.config.max_header_count
+        if count > limit:
+            raise ProtocolError(
+                f"Request Header Fields Too Large: {count} header fields, at most {limit} are allowed", status=431
+            )
+        size = sum(len(name) + len(value) + 4 for name, value in headers)  # `name: value\r\n`
+        limit = self.config.max_header_bytes
+        if size > limit:
+            raise ProtocolError(
+                f"Request Header Fields Too Large: the header fields take {size} bytes, at most {limit} are allowed",
+                status=431,
+            )
 
     def _strip_root(self, path: str) -> str:
         root = self.config.root_path.rstrip("/")

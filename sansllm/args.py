@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from protocol.app import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
 from sansllm.parser_plugins import check_parser_args
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # the packaged generative model
@@ -264,6 +265,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         help="offer h2 by ALPN over TLS (h2c with prior knowledge works regardless)",
     )
     net.add_argument("--root-path", default="", help="path prefix when behind a proxy")
+    net.add_argument(
+        "--h11-max-header-count",
+        type=int,
+        default=DEFAULT_MAX_HEADER_COUNT,
+        help="a request with more header fields gets a 431 (HTTP/1.1 and HTTP/2; vLLM's flag and default)",
+    )
+    net.add_argument(
+        "--h11-max-incomplete-event-size",
+        type=human_readable_int,
+        default=DEFAULT_MAX_HEADER_BYTES,
+        help="bytes of header fields a request may carry, as HTTP/1.1 writes them, before it gets a 431 "
+        "(HTTP/2 too; vLLM's flag and default, 4 MiB); past twice that hypercorn itself refuses the "
+        "request (HTTP/1.1: an empty 431; HTTP/2: the connection is closed)",
+    )
 
     api = parser.add_argument_group("API")
     api.add_argument(
@@ -440,6 +455,9 @@ def parse_serve_args(
         args.api_key = next(([environ[name]] for name in API_KEY_ENV_VARS if environ.get(name)), [])
     if args.ssl_keyfile and not args.ssl_certfile:
         parser.error("--ssl-keyfile needs --ssl-certfile")
+    for flag in ("h11_max_header_count", "h11_max_incomplete_event_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
         args.models = resolve_models(args)
         check_parser_args(args)

@@ -84,6 +84,8 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         enable_request_id_headers=args.enable_request_id_headers,
         enable_server_load_tracking=args.enable_server_load_tracking,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        max_header_count=args.h11_max_header_count,
+        max_header_bytes=args.h11_max_incomplete_event_size,
         root_path=args.root_path,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,

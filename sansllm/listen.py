@@ -7,7 +7,10 @@ import socket
 
 from hypercorn.config import Config as HypercornConfig
 
-H11_MAX_INCOMPLETE_SIZE = 4 * 1024 * 1024  # as vLLM's uvicorn: room for large headers
+# hypercorn refuses a request head itself only past this multiple of the core's header limit (plus
+# one read of slack): below it the core answers an oversized head with an OpenAI-shaped 431
+HARD_HEADER_LIMIT_FACTOR = 2
+HARD_HEADER_LIMIT_SLACK = 64 * 1024  # hypercorn reads 64 KiB at a time; h11 checks once per read
 GRACE_AFTER_DRAIN_SECONDS = 5.0
 
 
@@ -20,13 +23,26 @@ def hypercorn_config_from_args(args: argparse.Namespace) -> HypercornConfig:
         config.keyfile = args.ssl_keyfile or args.ssl_certfile
         config.ca_certs = args.ssl_ca_certs
     config.alpn_protocols = ["h2", "http/1.1"] if args.http2 else ["http/1.1"]
-    config.h11_max_incomplete_size = H11_MAX_INCOMPLETE_SIZE
+    set_header_limits(config, args.h11_max_incomplete_event_size)
     config.loglevel = args.log_level.upper()
     config.accesslog = "-"
     # SIGTERM/SIGINT first drains the app (AsgiApp.drain, --shutdown-timeout); what hypercorn then
     # waits for is only connections closing
     config.graceful_timeout = GRACE_AFTER_DRAIN_SECONDS
     return config
+
+
+def set_header_limits(config: HypercornConfig, max_header_bytes: int) -> None:
+    """Hypercorn's own limits on a request head, set above the core's `max_header_bytes`.
+
+    Why above: the core's refusal is a 431 in OpenAI's shape on both HTTP versions, while hypercorn's
+    is an empty 431 and a closed connection (HTTP/1.1: h11's incomplete-event limit) or a GOAWAY
+    ENHANCE_YOUR_CALM for the whole connection (HTTP/2: SETTINGS_MAX_HEADER_LIST_SIZE, 64 KiB by
+    default, which would otherwise cut HTTP/2 far below the HTTP/1.1 limit). They stay as the
+    backstop that keeps a flood of header bytes from being buffered."""
+    hard = HARD_HEADER_LIMIT_FACTOR * max_header_bytes + HARD_HEADER_LIMIT_SLACK
+    config.h11_max_incomplete_size = hard
+    config.h2_max_header_list_size = hard
 
 
 def _host_port(host: str, port: int) -> str:
