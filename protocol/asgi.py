@@ -419,6 +419,8 @@ class _Exchange:
             if self.engine is not None and self.call is not None and not self.call.finished:
                 aborts = self._aborts()
                 if aborts:
+                    if self.shell.log_requests:  # a client leaving is the usual abort: log it as vLLM does
+                        log_commands(aborts, self.shell.max_log_len)
                     self.engine.submit(aborts)
         finally:
             if self.engine is not None:

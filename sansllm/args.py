@@ -36,6 +36,8 @@ CONVERTS = ("auto", "embed")
 RUNTIMES = ("asyncio", "trio")
 API_KEY_ENV_VARS = ("SANSLLM_API_KEY", "VLLM_API_KEY")
 _NEGATABLE_FLAGS = frozenset({"http2"})  # booleans with a --no- form: `false` in a config file means --no-X
+# CORS flags take one JSON list (vLLM's form); a config file's YAML list is passed as that JSON
+_CORS_LIST_FLAGS = {"allowed-origins": "origins", "allowed-methods": "methods", "allowed-headers": "headers"}
 
 _DECIMAL_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -324,8 +326,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
     api.add_argument(
         "--max-log-len", type=int, help="prompt token ids logged per request at most (default: all)"
     )
-    for flag, what in (("--allowed-origins", "origins"), ("--allowed-methods", "methods"), ("--allowed-headers", "headers")):
-        api.add_argument(flag, type=json_string_list, default=["*"], help=f'CORS: allowed {what}, a JSON list (default ["*"])')
+    for flag, what in _CORS_LIST_FLAGS.items():
+        api.add_argument(f"--{flag}", type=json_string_list, default=["*"], help=f'CORS: allowed {what}, a JSON list (default ["*"])')
     api.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     api.add_argument(
         "--enable-auto-tool-choice",
@@ -495,6 +497,8 @@ def config_tokens(mapping: Mapping[str, Any]) -> list[str]:
                 tokens.append(f"--{key}")
             elif key in _NEGATABLE_FLAGS:
                 tokens.append(f"--no-{key}")
+        elif isinstance(value, list) and key in _CORS_LIST_FLAGS:
+            tokens += [f"--{key}", json.dumps(value)]
         elif isinstance(value, list):
             tokens += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):  # a JSON-valued flag (--speculative-config)

@@ -59,9 +59,12 @@ class ServerThread:
         if configure is not None:
             configure(self.config)
         (address,) = bind_early(self.config)
-        self.port = int(address.rsplit(":", 1)[1])
         scheme = "https" if tls_pem is not None else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        # `configure` may bind a Unix socket instead (`unix:PATH`): clients then connect through
+        # `uds` (httpx.HTTPTransport(uds=...)) and the URL's host is only a name
+        self.uds: str | None = address.removeprefix("unix:") if address.startswith("unix:") else None
+        self.port = 0 if self.uds is not None else int(address.rsplit(":", 1)[1])
+        self.url = f"{scheme}://localhost" if self.uds is not None else f"{scheme}://127.0.0.1:{self.port}"
         self._started = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
