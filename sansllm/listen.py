@@ -12,11 +12,15 @@ from hypercorn.config import Config as HypercornConfig
 HARD_HEADER_LIMIT_FACTOR = 2
 HARD_HEADER_LIMIT_SLACK = 64 * 1024  # hypercorn reads 64 KiB at a time; h11 checks once per read
 GRACE_AFTER_DRAIN_SECONDS = 5.0
+LISTEN_BACKLOG = 2048
 
 
 def hypercorn_config_from_args(args: argparse.Namespace) -> HypercornConfig:
     """Hypercorn's settings from the flags: address, TLS, ALPN (h2 offered unless --no-http2), logs."""
     config = HypercornConfig()
+    # hypercorn's default of 100 drops connection attempts in a burst of a few hundred clients (seen
+    # as TcpExtListenOverflows with 256 at once); uvicorn, under vLLM, listens with 2048
+    config.backlog = LISTEN_BACKLOG
     config.bind = [f"unix:{args.uds}"] if args.uds else [_host_port(args.host, args.port)]
     if args.ssl_certfile:
         config.certfile = args.ssl_certfile

@@ -240,30 +240,32 @@ def paged_attention_batch_invariant(
     decode: DecodeAttention | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """`paged_attention` computed one sequence at a time over exactly its own keys: no padding to the batch's
-    longest sequence, so a sequence's result does not depend on the other sequences.
+    """`paged_attention` computed one token at a time over exactly its own context: no padding to the
+    batch's longest sequence and no dependence on how a prompt was split into chunks (a prefix-cache
+    hit or a busy step's token budget changes the split), so a token's result depends on nothing but
+    its sequence.
 
     `decode`, if given, must itself compute each row alone (the C++ CPU kernel does); it then takes
-    every single-token sequence in one call."""
+    every token of the batch in one call."""
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
     if decode:
-        single = _DecodeRows()
+        rows = _DecodeRows()
         for seq, seq_len in enumerate(lengths):
-            if starts[seq + 1] - starts[seq] == 1:
-                single.add(seq, starts[seq], starts[seq + 1], seq_len)
-        single.attend(decode, out, query, key_cache, value_cache, block_tables, scale, sliding_window)
+            rows.add(seq, starts[seq], starts[seq + 1], seq_len)
+        rows.attend(decode, out, query, key_cache, value_cache, block_tables, scale, sliding_window)
+        return out
     for seq, seq_len in enumerate(lengths):
         start, end = starts[seq], starts[seq + 1]
-        if end - start > 1 or (end - start == 1 and not decode):
-            # A private copy of the query rows: the same memory alignment whatever the row's batch offset.
-            out[start:end] = _attend_one_sequence(
-                query[start:end].clone(),
+        for token in range(start, end):
+            # A private copy of the query row: the same memory alignment whatever the row's batch offset.
+            out[token : token + 1] = _attend_one_sequence(
+                query[token : token + 1].clone(),
                 key_cache,
                 value_cache,
                 block_tables[seq],
-                seq_len,
+                seq_len - (end - 1 - token),
                 scale,
                 sliding_window,
             )

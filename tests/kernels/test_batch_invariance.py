@@ -83,10 +83,22 @@ def test_attention_of_a_sequence_is_bitwise_identical_whatever_the_other_sequenc
             assert torch.equal(out[-q_len:], expected)
 
 
-def _plant(batch, single):
-    """Overwrite the last sequence of `batch` with the one sequence of `single` (same lengths)."""
-    q_len = single.q_lens[0]
-    batch.query[-q_len:] = single.query
+def test_attention_of_a_token_is_bitwise_identical_however_its_prompt_was_chunked(invariant):
+    """A prefix-cache hit or a busy step splits a prompt differently: the last prompt token computed
+    in a chunk of 5, of 2, or alone gives the same bits."""
+    whole = make_paged_batch([5], [40], 9, 3, 64, seed=11)
+    expected = kernels.paged_attention(*whole.attention_args())[-1]
+    for q_len in (2, 1):
+        part = make_paged_batch([q_len], [40], 9, 3, 64, seed=12)
+        _plant(part, whole, rows=q_len)
+        assert torch.equal(kernels.paged_attention(*part.attention_args())[-1], expected)
+
+
+def _plant(batch, single, rows=None):
+    """Overwrite the last sequence of `batch` with the one sequence of `single` (same context length;
+    its last `rows` query rows, default all)."""
+    q_len = single.q_lens[0] if rows is None else rows
+    batch.query[-q_len:] = single.query[-q_len:]
     block_size = batch.key_cache.shape[1]
     blocks = batch.block_tables[-1]
     for position in range(int(single.seq_lens[0])):

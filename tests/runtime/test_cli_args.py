@@ -564,3 +564,7 @@ def test_shutdown_timeout_is_how_long_in_flight_requests_may_finish():
     assert build_asgi_app(parse("m"), [ScriptedEngine()], object).shutdown_timeout == 30.0
     assert build_asgi_app(parse("m", "--shutdown-timeout", "5"), [ScriptedEngine()], object).shutdown_timeout == 5.0
     assert hypercorn_config_from_args(parse("--shutdown-timeout", "500")).graceful_timeout == 5.0
+
+
+def test_the_listen_backlog_holds_a_burst_of_clients():
+    assert hypercorn_config_from_args(parse()).backlog == 2048  # hypercorn's 100 drops connections at 256

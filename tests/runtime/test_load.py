@@ -256,13 +256,6 @@ def test_256_streams_each_complete_exactly_or_are_shed_and_no_block_leaks(server
     assert after[0].status == 200 and after[0].finish_reasons
 
 
-KNOWN_BUG = (
-    "--batch-invariant output depends on where a prompt's chunks start (a prefix-cache hit, a chunk split "
-    "under load): kernels/torch_ops/attention.py paged_attention_batch_invariant runs a chunk of several "
-    "tokens through SDPA and a single token through the row-wise decode kernel"
-)
-
-
 def test_batch_invariant_greedy_streams_under_load_equal_each_served_alone(invariant_server):
     running, engine, tokenizer = invariant_server
     distinct = [request_for(i, greedy=True) for i in range(DISTINCT)]
@@ -285,5 +278,4 @@ def test_batch_invariant_greedy_streams_under_load_equal_each_served_alone(invar
     greedy = [(i // 2 % DISTINCT, o) for i, o in enumerate(outcomes) if i % 2 == 0 and o.status == 200]
     assert greedy, "every greedy stream was shed"
     differ += [("under load", d, alone[d], o.token_ids) for d, o in greedy if o.token_ids != alone[d]]
-    if differ:  # whether a greedy choice flips depends on near ties, so on the CPU's arithmetic
-        pytest.xfail(f"{KNOWN_BUG}; {len(differ)} streams differ, first: {differ[0]}")  # with the fix: assert
+    assert not differ, f"{len(differ)} streams differ, first: {differ[0]}"
