@@ -199,6 +199,11 @@ class FakeEngine:
             raise DriverError(f"the call is over but never aborted these running encodes: {running}")
         return transcript
 
+    def session(self, script: EngineScript = EngineScript()) -> EngineSession:
+        """The engine side of one call, stepped by another driver (the served ASGI stack of
+        `fuzz/served.py`) instead of `run`: same plans, failures and checks, its own clock."""
+        return EngineSession(self, script)
+
     # ---- outputs of the call
 
     def _play(
@@ -447,3 +452,46 @@ class FakeEngine:
         ids = others[: rank - 1] + [token] + others[rank - 1 :]
         top = tuple(zip(ids[:k], values[:k], strict=True))
         return TokenLogprobs(token_id=token, logprob=values[rank - 1], rank=rank, top=top)
+
+
+class EngineSession:
+    """One call's engine state for a driver that owns the loop: it submits the call's commands as
+    they come and asks for one engine step at a time while `busy`."""
+
+    def __init__(self, engine: FakeEngine, script: EngineScript) -> None:
+        self.engine = engine
+        self.script = script
+        self.transcript = Transcript()
+        self.samples: list[_Sample] = []
+        self.dead: set[str] = set()
+        self.rng = random.Random(script.seed)
+        self.steps = 0
+        engine._phrases = []
+        engine._late_events = script.late_events
+
+    def submit(self, commands: Sequence[Command]) -> None:
+        """Take a `Submit`'s commands (raises `DriverError` on a runtime-contract violation)."""
+        self.engine._submit(commands, self.transcript, self.samples, self.dead, self.script)
+
+    @property
+    def busy(self) -> bool:
+        """Work is running (samples or encodes), or an aborted sample still owes its in-flight event."""
+        return any(
+            s.late or (not s.done and s.request.request_id not in self.dead) for s in self.samples
+        ) or any(e.request_id not in self.dead for e in self.transcript.encodes)
+
+    def step(self) -> list[Event]:
+        """One engine step's events."""
+        events = self.engine._step(
+            self.steps, self.rng, self.script, self.transcript, self.samples, self.dead
+        )
+        self.steps += 1
+        return events
+
+    def leaked(self) -> list[str]:
+        """Request ids whose engine work is still running (a finished call must have aborted them)."""
+        samples = {
+            s.request.request_id for s in self.samples if not s.done and s.request.request_id not in self.dead
+        }
+        encodes = {e.request_id for e in self.transcript.encodes if e.request_id not in self.dead}
+        return sorted(samples | encodes)

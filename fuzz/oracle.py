@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 import sys
 from collections.abc import Mapping, Sequence
@@ -61,6 +62,31 @@ def request_json(request: FuzzRequest) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
+
+
+# What a leaked Python exception looks like in a response body: a traceback, its frame lines, or
+# the repr/str of an internal error. A marker only counts when the request did not carry it (an
+# error message may quote the client's input).
+_LEAK_PATTERNS = (
+    re.compile(rb"Traceback \(most recent call last\)"),
+    re.compile(rb'File "[^"]*", line \d+'),
+    re.compile(rb"\b[A-Z][A-Za-z]*(?:Error|Exception)\((?:'|\"|\)|\d)"),  # ValueError('x'), KeyError(3)
+    re.compile(rb"<(?:class|function|built-in method|bound method) [^>]*>"),
+    re.compile(rb"\bobject at 0x[0-9a-f]+"),
+    re.compile(
+        rb"object has no attribute|object is not (?:subscriptable|iterable|callable)|unhashable type"
+        rb"|unsupported operand type|takes \d+ positional argument|referenced before assignment"
+    ),
+)
+
+
+def traceback_leak(body: bytes, sent: bytes = b"") -> str | None:
+    """The first sign of a Python exception in `body` that is not in `sent` (the request), if any."""
+    for pattern in _LEAK_PATTERNS:
+        for match in pattern.finditer(body):
+            if match.group() not in sent:
+                return match.group().decode("latin-1")
+    return None
 
 
 def expect(condition: Any, message: str, *context: Any) -> None:
@@ -118,6 +144,8 @@ def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: E
     """Assert the response is a well-formed error or success; return the parsed success, if any."""
     if transcript.disconnected and not transcript.ended:
         return None  # the client left; nothing more was owed to it
+    leak = traceback_leak(transcript.body, request.body)
+    expect(leak is None, f"the response carries a Python exception: {leak!r}", transcript.body[:2000])
     expect(transcript.status is not None, "the call finished without a status")
     expect(transcript.ended, "the response was never ended")
     status = transcript.status
@@ -201,10 +229,15 @@ def _check_error_response(status: int, transcript: Transcript, expectations: Exp
             transcript.body[:2000],
         )
     expect(status < 600, f"status {status} out of range")
+    check_error_payload(transcript.body, status)
+
+
+def check_error_payload(body: bytes, status: int) -> None:
+    """An error response's body: an OpenAI error object whose code is the status."""
     try:
-        payload = strict_json(transcript.body)
+        payload = strict_json(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise OracleError(f"error body is not JSON ({exc}): {transcript.body[:300]!r}") from None
+        raise OracleError(f"error body is not JSON ({exc}): {body[:300]!r}") from None
     if status == 401 and payload == {"error": "Unauthorized"}:
         return  # vLLM's authentication middleware answers in this flat shape
     _check_error_body(payload, status, f"{status} error body")

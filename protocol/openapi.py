@@ -74,6 +74,10 @@ _ERROR_SCHEMA = {
 }
 
 
+# A 401 is vLLM's authentication middleware's flat shape, not an OpenAI error object.
+_UNAUTHORIZED_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+
+
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}}
 
@@ -89,8 +93,10 @@ def openapi_document(title: str, version: str) -> bytes:
     schema_of = dict(zip(types, refs, strict=True))
     errors = {
         str(status): {"description": description, "content": _json({"$ref": "#/components/schemas/ErrorResponse"})}
-        for status, description in ((400, "Bad request"), (401, "Missing or wrong API key"), (404, "Unknown model"), (503, "Over capacity, or the engine is not running"))
+        for status, description in ((400, "Bad request"), (404, "Unknown model"), (503, "Over capacity, or the engine is not running"))
     }  # fmt: skip
+    unauthorized = {"401": {"description": "Missing or wrong API key", "content": _json({"$ref": "#/components/schemas/UnauthorizedResponse"})}}  # fmt: skip
+    errors = {**errors, **unauthorized}
     paths: dict[str, Any] = {}
     for path, summary, requests, response in _POSTS:
         body = schema_of[requests[0]] if len(requests) == 1 else {"anyOf": [schema_of[r] for r in requests]}
@@ -101,7 +107,7 @@ def openapi_document(title: str, version: str) -> bytes:
                 "responses": {"200": {"description": "OK", "content": _json(schema_of[response])}, **errors},
             }
         }
-    paths["/v1/models"] = {"get": {"summary": "The served models", "responses": {"200": {"description": "OK", "content": _json(schema_of[ModelList])}}}}
+    paths["/v1/models"] = {"get": {"summary": "The served models", "responses": {"200": {"description": "OK", "content": _json(schema_of[ModelList])}, **unauthorized}}}
     paths["/v1/models/{model}"] = {
         "get": {
             "summary": "One served model",
@@ -113,7 +119,7 @@ def openapi_document(title: str, version: str) -> bytes:
         paths[path] = {"get": {"summary": summary, "responses": {"200": {"description": "Healthy"}, "503": {"description": "Not healthy"}}}}
     paths["/version"] = {"get": {"summary": "The server's version", "responses": {"200": {"description": "OK"}}}}
     load = {"type": "object", "properties": {"server_load": {"type": "integer"}}, "required": ["server_load"]}
-    paths["/load"] = {"get": {"summary": "Requests in flight (with --enable-server-load-tracking, else 0)", "responses": {"200": {"description": "OK", "content": _json(load)}}}}
+    paths["/load"] = {"get": {"summary": "Requests in flight (with --enable-server-load-tracking, else 0)", "responses": {"200": {"description": "OK", "content": _json(load)}, **unauthorized}}}
     paths["/metrics"] = {"get": {"summary": "Prometheus metrics under vLLM's names", "responses": {"200": {"description": "OK"}}}}
     tokenizer_info = {"type": "object", "properties": {"tokenizer_class": {"type": "string"}, "chat_template": {"type": "string"}}, "required": ["tokenizer_class"], "additionalProperties": True}
     paths["/tokenizer_info"] = {
@@ -128,7 +134,7 @@ def openapi_document(title: str, version: str) -> bytes:
         "info": {"title": title, "version": version},
         "paths": paths,
         "components": {
-            "schemas": {**components, "ErrorResponse": _ERROR_SCHEMA},
+            "schemas": {**components, "ErrorResponse": _ERROR_SCHEMA, "UnauthorizedResponse": _UNAUTHORIZED_SCHEMA},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }  # fmt: skip
