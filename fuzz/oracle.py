@@ -384,7 +384,7 @@ def _check_choices(
                 aborted,
                 f"choice {number} finished, yet the engine never finished it and the core never aborted it",
             )
-        _check_stop_strings(body, choice)
+        _check_stop_strings(body, choice, parsed=chat and _forced_tool_calls(body))
         if _plain_text_request(body, chat=chat):
             tokens = transcript.tokens.get((position, index), [])
             candidates = {expectations.tokenizer.decode(tokens, skip_special_tokens=True)}
@@ -425,13 +425,21 @@ def _stop_strings(body: dict[str, Any]) -> list[str]:
     return [value for value in values if isinstance(value, str) and value]
 
 
-def _check_stop_strings(body: dict[str, Any], choice: Choice) -> None:
-    """Output ends at the first stop string: cut before it, or right after it with include_stop_str_in_output."""
+def _forced_tool_calls(body: dict[str, Any]) -> bool:
+    """A named or required `tool_choice`: the text is read as tool-call JSON, and text that does not
+    parse (cut by a stop string, say) is dropped, as vLLM drops it."""
+    choice = body.get("tool_choice")
+    return bool(body.get("tools")) and (choice == "required" or isinstance(choice, dict))
+
+
+def _check_stop_strings(body: dict[str, Any], choice: Choice, *, parsed: bool = False) -> None:
+    """Output ends at the first stop string: cut before it, or right after it with include_stop_str_in_output
+    (`parsed`: the text became tool calls, so only the stop reason is checked)."""
     stops = _stop_strings(body)
     if isinstance(choice.stop_reason, str):
         expect(choice.stop_reason in stops, f"stop_reason {choice.stop_reason!r} is not one of {stops!r}")
         expect(choice.finish_reason == "stop", "a stop string must finish with 'stop'", choice)
-    if not stops or body.get("echo"):
+    if not stops or body.get("echo") or parsed:
         return
     if body.get("include_stop_str_in_output"):
         if isinstance(choice.stop_reason, str):
