@@ -30,6 +30,7 @@ from engine.best_of import BestOfCollector
 from engine.fault_isolation import requests_failing_alone
 from engine.kv_cache import KVCacheManager
 from engine.latency import LatencyObserver
+from engine.lora import AdapterError, LoRAManager
 from engine.model_runner import DecoderRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.processors import builtin_processors
@@ -48,7 +49,21 @@ from engine.scheduler import Sequence as ScheduledSequence
 from engine.spec_decode import DraftedRow, SpeculativeConfig, Speculator, verify
 from engine.step_budget import StepBudget
 from engine.structured import CompiledGuide, ConstraintError, GuideCompiler
-from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled, TokenLogprobs, Tokens
+from protocol.engine_api import (
+    Abort,
+    AdapterLoaded,
+    AdapterUnloaded,
+    Command,
+    Encode,
+    Event,
+    Failed,
+    Generate,
+    LoadAdapter,
+    Pooled,
+    TokenLogprobs,
+    Tokens,
+    UnloadAdapter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +117,15 @@ class EngineCore:
         max_num_queued_requests: int | None = None,
         max_num_queued_tokens: int | None = None,
         max_queue_seconds: float | None = None,
+        lora: LoRAManager | None = None,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
                 f"max_model_len={max_model_len} does not fit in a KV cache of {num_kv_blocks} blocks "
                 f"of {block_size} tokens; give the cache more memory or lower max_model_len"
             )
-        self.runner = DecoderRunner(model, num_kv_blocks, block_size)
+        self.runner = DecoderRunner(model, num_kv_blocks, block_size, lora)
+        self.lora = lora  # LoRA adapters (engine.lora), with --enable-lora
         self.config = model.config
         self.tasks = tasks
         self.eos_token_ids = eos_token_ids
@@ -124,6 +141,7 @@ class EngineCore:
             max_num_seqs,
             max_num_batched_tokens,
             prefill_limit=self.step_budget.prefill_tokens if self.step_budget.enabled else None,
+            max_loras=lora.max_loras if lora is not None else None,
         )
         # structured output: guides compile off this thread; a request waits here until its guide is
         # ready (future done), while the others keep stepping (engine.structured.compiler)
@@ -197,8 +215,24 @@ class EngineCore:
                 self._abort(command)
             elif isinstance(command, Encode):
                 events.extend(self._add_encode(command))
+            elif isinstance(command, LoadAdapter | UnloadAdapter):
+                events.append(self._change_adapters(command))
         self._refresh_stats()
         return events
+
+    def _change_adapters(self, command: LoadAdapter | UnloadAdapter) -> Event:
+        """Load (read and check the folder, on this thread, as vLLM does) or unload a LoRA adapter."""
+        if self.lora is None:
+            return Failed(command.request_id, 400, "LoRA adapters are not enabled; start the server with --enable-lora")
+        if isinstance(command, UnloadAdapter):
+            if not self.lora.unregister(command.name):
+                return Failed(command.request_id, 404, f"The lora adapter '{command.name}' cannot be found.")
+            return AdapterUnloaded(command.request_id, command.name)
+        try:
+            adapter = self.lora.register(command.name, command.path)
+        except AdapterError as error:
+            return Failed(command.request_id, 400, str(error))
+        return AdapterLoaded(command.request_id, command.name, adapter.path)
 
     def _running(self, request_id: str) -> list[Event]:
         if request_id in self.requests or request_id in self.encodes or request_id in self.awaiting_guides:
@@ -280,6 +314,12 @@ class EngineCore:
 
     def _start_generate(self, command: Generate, max_tokens: int) -> list[Event]:
         params = command.params
+        adapter, salt = None, command.cache_salt
+        if command.lora_name is not None:
+            adapter = self.lora.uid_of(command.lora_name) if self.lora is not None else None
+            if adapter is None:
+                return [Failed(command.request_id, 404, f"The model `{command.lora_name}` does not exist.")]
+            salt = f"{salt or ''}\x00lora:{adapter}"  # an adapter's blocks are its own in the prefix cache
         # sequences to start: n samples, best_of candidates, or the first beam (beams fork later)
         width = num_candidates(params)
         started = 1 if params.use_beam_search else width
@@ -314,9 +354,10 @@ class EngineCore:
                 params,
                 command.priority,
                 arrival=request.arrival,
-                salt=command.cache_salt,
+                salt=salt,
                 read_prefix_cache=not request.scoring_prompt,
                 prefill_only=max_tokens == 0,
+                lora=adapter,
             )
             request.samples[index] = SampleState(seq, self._generator(request, index))
             if max_tokens > 0:  # its logits processors' state, from now to its release
@@ -405,13 +446,14 @@ class EngineCore:
         self.runner.copy_blocks(self.kv.take_copies())  # forked beams' copy on write, before any write
         failed: list[Event] = []
         try:
-            step = self.runner.forward(spans)
+            step = self.runner.forward(spans, [c.seq.lora for c in chunks])
         except Exception as error:
             chunks, failed = self._fail_culprits(chunks, spans, error)
             if not chunks:
                 return failed
             spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
-            step = self.runner.forward(spans)  # a failure now is engine-wide: the engine restarts the core
+            # a failure now is engine-wide: the engine restarts the core
+            step = self.runner.forward(spans, [c.seq.lora for c in chunks])
         self._faulted = False
         self._step_at = time.perf_counter()  # the tokens of this step exist from here (engine.latency)
         hidden = step.hidden
@@ -457,16 +499,18 @@ class EngineCore:
         """After a failed forward pass: fail only the requests that fail it alone (engine.fault_isolation)
         and return the other chunks, or re-raise `error` when no request can be blamed (every one
         fails alone, none does, or the step before failed too): then the engine restarts the core."""
-        by_request: dict[str, list[SequenceSpan]] = {}
+        by_request: dict[str, list[tuple[SequenceSpan, int | None]]] = {}
         for chunk, span in zip(chunks, spans, strict=True):
-            by_request.setdefault(chunk.seq.request_id, []).append(span)
+            by_request.setdefault(chunk.seq.request_id, []).append((span, chunk.seq.lora))
         if self._faulted:
             raise error
         if len(by_request) == 1:  # alone already: blamed once; a second fault in a row is engine-wide
             culprits = set(by_request)
             self._faulted = True
         else:
-            culprits = requests_failing_alone(self.runner.forward, by_request)
+            culprits = requests_failing_alone(
+                lambda pairs: self.runner.forward([s for s, _ in pairs], [a for _, a in pairs]), by_request
+            )
             if not culprits or culprits == set(by_request):
                 raise error
         logger.error(

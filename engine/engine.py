@@ -26,6 +26,7 @@ from engine.attention import PagedKVCache
 from engine.core import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineCore, EngineStats
 from engine.encoder_core import EncoderCore
 from engine.loader import LoadedModel, PoolingFacts, load_model, resolve_device, resolve_weight_storage
+from engine.lora import LoRAManager
 from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.model_runner import EncoderRunner
 from engine.registry import Convert
@@ -93,6 +94,13 @@ class EngineConfig:
     max_num_queued_tokens: int | None = None
     # a request not yet scheduled after this many seconds fails with a 503 (None: it waits)
     max_queue_seconds: float | None = None
+    # LoRA adapters (engine.lora), as vLLM's --enable-lora, --max-loras, --max-lora-rank,
+    # --max-cpu-loras; `lora_modules` maps names to PEFT adapter folders loaded at start
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_modules: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         # checked here, before any weights load, so a bad setting fails at once with its reason
@@ -274,7 +282,8 @@ class Engine:
         else:
             self._build_decoder(config, loaded)
 
-    def _build_decoder(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def _build_decoder(self, config: EngineConfig, loaded: LoadedModel, lora: LoRAManager | None = None) -> None:
+        """The decoder's core; `lora`: the adapters of the core it replaces (their registrations go on)."""
         max_model_len = _max_model_len(config.max_model_len, loaded)
         num_kv_blocks = _num_kv_blocks(config, loaded, max_model_len)
         self.max_model_len = _fit_in_cache(max_model_len, num_kv_blocks * config.block_size, config)
@@ -295,7 +304,35 @@ class Engine:
             max_num_queued_requests=config.max_num_queued_requests,
             max_num_queued_tokens=config.max_num_queued_tokens,
             max_queue_seconds=config.max_queue_seconds,
+            lora=self._lora_manager(config, loaded, lora),
         )
+
+    def _lora_manager(self, config: EngineConfig, loaded: LoadedModel, old: LoRAManager | None) -> LoRAManager | None:
+        if not config.enable_lora:
+            if config.lora_modules:
+                raise ValueError("--lora-modules needs --enable-lora")
+            return None
+        if "generate" not in loaded.spec.tasks:
+            raise ValueError("LoRA adapters are served on generative models only")
+        manager = LoRAManager(
+            loaded.model,
+            loaded.config,
+            max_loras=config.max_loras,
+            max_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras,
+        )
+        if old is not None:
+            manager.adopt(old)
+            return manager
+        for name, path in (config.lora_modules or {}).items():
+            manager.register(name, path)
+        return manager
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """The LoRA adapters served now: name -> folder."""
+        manager = getattr(self.core, "lora", None)
+        return {} if manager is None else {name: r.path for name, r in manager.registered.items()}
 
     def _build_encoder(self, config: EngineConfig, loaded: LoadedModel) -> None:
         limit = loaded.max_model_len or loaded.config.max_model_len
@@ -361,7 +398,7 @@ class Engine:
             if self.loaded.spec.kind == "encoder":
                 self._build_encoder(self.config, self.loaded)
             else:
-                self._build_decoder(self.config, self.loaded)
+                self._build_decoder(self.config, self.loaded, getattr(old, "lora", None))
             if latency is not None:
                 self.observe_latency(latency)
             self.restarts += 1

@@ -9,14 +9,15 @@ alone are the culprits. Faults are rare, so the cost (one forward per request) i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
-from engine.attention import SequenceSpan
+Work = TypeVar("Work")
 
 
 def requests_failing_alone(
-    forward: Callable[[Sequence[SequenceSpan]], object], spans_by_request: Mapping[str, Sequence[SequenceSpan]]
+    forward: Callable[[Sequence[Work]], object], spans_by_request: Mapping[str, Sequence[Work]]
 ) -> set[str]:
-    """The requests whose spans make `forward` raise when run without the others."""
+    """The requests whose work (their spans of the step) makes `forward` raise when run without the others."""
     failing = set()
     for request_id, spans in spans_by_request.items():
         try:

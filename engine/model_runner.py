@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import PagedKVCache, SequenceSpan, build_step
+from engine.lora import LoRAManager
 from engine.models.llama import LlamaForCausalLM
 from engine.pooling import classifier_activation, embedding_output, pool
 from kernels.kv_cache import copy_blocks
@@ -31,16 +32,26 @@ class DecoderStep:
 class DecoderRunner:
     """A decoder model with its paged KV cache."""
 
-    def __init__(self, model: LlamaForCausalLM, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, num_kv_blocks: int, block_size: int, lora: LoRAManager | None = None
+    ) -> None:
         self.model = model
+        self.lora = lora
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kv_cache = PagedKVCache(self.config, num_kv_blocks, block_size, self.dtype, self.device)
 
-    def forward(self, spans: Sequence[SequenceSpan]) -> DecoderStep:
+    def forward(self, spans: Sequence[SequenceSpan], adapters: Sequence[int | None] | None = None) -> DecoderStep:
+        """`adapters`: the LoRA adapter of each span (None: the base model)."""
         inputs = build_step(self.kv_cache, spans)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if self.lora is None or adapters is None:
+            return DecoderStep(self.model(inputs.input_ids, inputs.positions, inputs.meta), inputs.meta.query_ends)
+        self.lora.begin_step(adapters, [len(span.token_ids) for span in spans])
+        try:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        finally:
+            self.lora.end_step()
         return DecoderStep(hidden, inputs.meta.query_ends)
 
     def copy_blocks(self, batches: Sequence[Sequence[tuple[int, int]]]) -> None:

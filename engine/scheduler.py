@@ -52,6 +52,7 @@ class Sequence:
     first_scheduled: bool = False
     num_preemptions: int = 0
     read_prefix_cache: bool = True  # False while every prompt position's output is needed (prompt logprobs)
+    lora: int | None = None  # the LoRA adapter it runs (engine.lora; its id is also in `salt`)
     prefill_only: bool = False  # answered once its prompt is computed (pooling, prompt scoring), never sampled
 
     @property
@@ -117,11 +118,14 @@ class Scheduler:
         max_num_batched_tokens: int = 512,
         long_prefill_token_threshold: int = 0,
         prefill_limit: Callable[[int, int], int] | None = None,
+        max_loras: int | None = None,
     ) -> None:
         """`prefill_limit(num_decodes, load)`: the most prompt tokens a step may prefill beside that
         many decoding sequences while `load` sequences run or wait (at most `max_num_seqs`: those
         that will decode together)
-        (`engine.step_budget.StepBudget.prefill_tokens`); None: the whole budget."""
+        (`engine.step_budget.StepBudget.prefill_tokens`); None: the whole budget. `max_loras`: the
+        most LoRA adapters the running sequences may use at once (a step runs them all); a waiting
+        sequence of another adapter waits, and the ones behind it may go first."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
         self.kv = kv
@@ -129,6 +133,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.prefill_limit = prefill_limit
+        self.max_loras = max_loras
         self.running: list[Sequence] = []
         self._waiting: list[tuple[int, int, int, Sequence]] = []
         self._counter = itertools.count()
@@ -188,6 +193,7 @@ class Scheduler:
             num_cached_tokens=parent.num_cached_tokens,
             first_scheduled=parent.first_scheduled,
             read_prefix_cache=parent.read_prefix_cache,
+            lora=parent.lora,
         )
         if parent.status is Status.RUNNING:
             self.kv.fork(parent.seq_id, child.seq_id, parent.num_computed_tokens)
@@ -270,10 +276,15 @@ class Scheduler:
             # a seat is a running sequence with tokens to compute: a beam waiting for its siblings'
             # round (engine.beam_search) does not hold one, or they could wait for each other forever
             seats = sum(1 for s in self.running if s.num_tokens > s.num_computed_tokens)
+            adapters = {s.lora for s in self.running if s.lora is not None}
+            passed_over: list[tuple[int, int, int, Sequence]] = []  # another adapter than the running ones
             while self._waiting and budget > 0 and seats < self.max_num_seqs:
                 *_, seq = self._waiting[0]
                 if seq.status is not Status.WAITING:
                     heapq.heappop(self._waiting)
+                    continue
+                if self._adapter_full(seq, adapters):
+                    passed_over.append(heapq.heappop(self._waiting))
                     continue
                 tokens = seq.all_token_ids
                 computed = self.kv.start(seq.seq_id, tokens, seq.salt, seq.read_prefix_cache)
@@ -290,12 +301,25 @@ class Scheduler:
                 seq.num_computed_tokens = computed
                 seq.status = Status.RUNNING
                 self.running.append(seq)
+                if seq.lora is not None:
+                    adapters.add(seq.lora)
                 seats += 1
                 self._publish(seq, computed + want)
                 chunks.append(ScheduledChunk(seq, computed, want))
                 budget -= want
+            for entry in passed_over:
+                heapq.heappush(self._waiting, entry)
 
         return SchedulerOutput(chunks, preempted)
+
+    def _adapter_full(self, seq: Sequence, adapters: set[int]) -> bool:
+        """Whether `seq` needs an adapter beyond the `max_loras` the running sequences already use."""
+        return (
+            seq.lora is not None
+            and self.max_loras is not None
+            and seq.lora not in adapters
+            and len(adapters) >= self.max_loras
+        )
 
     def _load(self) -> int:
         """Sequences running or waiting, at most `max_num_seqs`: those that will decode together."""

@@ -89,6 +89,7 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     params: SamplingParams
     priority: int = 0
     cache_salt: str | None = None
+    lora_name: str | None = None  # a LoRA adapter registered on the engine (None: the base model)
 
 
 class Encode(msgspec.Struct, tag=True, frozen=True):
@@ -113,7 +114,22 @@ class Abort(msgspec.Struct, tag=True, frozen=True):
     index: int | None = None
 
 
-Command = Generate | Encode | Abort
+class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
+    """Register the LoRA adapter in folder `path` as `name`; answered by `AdapterLoaded` or `Failed`."""
+
+    request_id: str
+    name: str
+    path: str
+
+
+class UnloadAdapter(msgspec.Struct, tag=True, frozen=True):
+    """Stop serving adapter `name` (running requests finish); answered by `AdapterUnloaded` or `Failed`."""
+
+    request_id: str
+    name: str
+
+
+Command = Generate | Encode | Abort | LoadAdapter | UnloadAdapter
 
 
 # ---- events (engine -> runtime) ----
@@ -168,4 +184,15 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     message: str
 
 
-Event = Tokens | Pooled | Failed
+class AdapterLoaded(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    name: str
+    path: str  # the folder it was read from, resolved
+
+
+class AdapterUnloaded(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+    name: str
+
+
+Event = Tokens | Pooled | Failed | AdapterLoaded | AdapterUnloaded

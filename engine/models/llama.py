@@ -10,6 +10,7 @@ and gate/up are stacked into one matrix each (one matmul instead of three / two)
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from engine.model_config import ModelConfig
 from engine.models import ops
 from engine.quantized_weights import QuantizedEmbedding, QuantizedMatrix, QuantizedTensor
 from engine.rope import cos_sin_cache, inverse_frequencies
+
+if TYPE_CHECKING:
+    from engine.lora.manager import LoRALayer
 
 # 16-bit weight storage -> its GGML type id (the quantized kernels read these as they read blocks)
 _STORAGE_TYPES = {torch.float16: 1, torch.bfloat16: 30}
@@ -45,12 +49,17 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # the weight in the device's faster layout, once packed
         self.quant: QuantizedMatrix | None = None
         self._quant_parts: list[QuantizedTensor | None] | None = None  # filled while loading
+        self.lora: LoRALayer | None = None  # LoRA adapters' deltas, with --enable-lora (engine.lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
             out = self.quant(x)
-            return out if self.bias is None else out + self.bias
-        return ops.linear(x, self.weight, self.bias, self.packed)
+            out = out if self.bias is None else out + self.bias
+        else:
+            out = ops.linear(x, self.weight, self.bias, self.packed)
+        if self.lora is not None:
+            self.lora.add_to(out, x)
+        return out
 
     def expect_quantized(self, parts: int) -> None:
         """Before the model is allocated (on meta): the weight will arrive as `parts` quantized
