@@ -229,7 +229,7 @@ class EngineCore:
                 return Failed(command.request_id, 404, f"The lora adapter '{command.name}' cannot be found.")
             return AdapterUnloaded(command.request_id, command.name)
         try:
-            adapter = self.lora.register(command.name, command.path)
+            adapter = self.lora.register(command.name, command.path, replace=command.replace)
         except AdapterError as error:
             return Failed(command.request_id, 400, str(error))
         return AdapterLoaded(command.request_id, command.name, adapter.path)

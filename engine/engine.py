@@ -313,7 +313,9 @@ class Engine:
                 raise ValueError("--lora-modules needs --enable-lora")
             return None
         if "generate" not in loaded.spec.tasks:
-            raise ValueError("LoRA adapters are served on generative models only")
+            if config.lora_modules:
+                raise ValueError("LoRA adapters are served on generative models only")
+            return None  # --enable-lora reaches every model: an embedding model simply takes none
         manager = LoRAManager(
             loaded.model,
             loaded.config,
@@ -327,6 +329,10 @@ class Engine:
         for name, path in (config.lora_modules or {}).items():
             manager.register(name, path)
         return manager
+
+    @property
+    def lora_enabled(self) -> bool:
+        return getattr(self.core, "lora", None) is not None
 
     @property
     def lora_adapters(self) -> dict[str, str]:

@@ -39,6 +39,14 @@ from protocol.calls.info import (
     tokenizer_info_call,
     version_call,
 )
+from protocol.calls.lora import (
+    AdapterCall,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+    load_adapter_command,
+    lora_base,
+    unload_adapter_command,
+)
 from protocol.calls.pooling import build_classification_call, build_embedding_call, build_pooling_call
 from protocol.calls.prompt import ChatRenderer
 from protocol.calls.score import build_rerank_call, build_score_call
@@ -101,6 +109,9 @@ class AppConfig(msgspec.Struct, kw_only=True):
     enable_request_id_headers: bool = False
     enable_server_load_tracking: bool = False  # GET /load reports in-flight requests (else 0)
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info exists (vLLM's flag; off: 404)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist (vLLM's
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING; off: 404)
+    allow_runtime_lora_updating: bool = False
     root_path: str = ""
     version: str = "0.1.0"
     allow_priority: bool = False
@@ -169,6 +180,8 @@ class App:
         # vLLM registers /tokenizer_info only with its flag: without it the route is absent (404,
         # no Allow), not refused
         absent = set() if config.enable_tokenizer_info_endpoint else {"/tokenizer_info"}
+        if not config.allow_runtime_lora_updating:
+            absent |= {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
         self._routes = {path: methods for path, methods in _ROUTES.items() if path not in absent}
         self._renderer = ChatRenderer(
             server_template=config.chat_template,
@@ -324,6 +337,18 @@ class App:
         shapes = "; ".join(" and ".join(f"`{key}`" for key in keys) for keys, _ in _INVOCATION_SHAPES)
         raise ProtocolError(f"Cannot tell which API the /invocations body is for: it needs {shapes}.", status=400)
 
+    def _load_lora_adapter(self, request: _Request) -> Call:
+        body = decode_request(request.body, LoadLoRAAdapterRequest)
+        base = lora_base(self.models, body.base_model_name)
+        command = load_adapter_command(body, base, f"lora-load-{request.base_id}-{self.new_id()}")
+        return AdapterCall(command, base, request.response_headers)
+
+    def _unload_lora_adapter(self, request: _Request) -> Call:
+        body = decode_request(request.body, UnloadLoRAAdapterRequest)
+        base = lora_base(self.models, body.base_model_name)
+        command = unload_adapter_command(body, base, f"lora-unload-{request.base_id}-{self.new_id()}")
+        return AdapterCall(command, base, request.response_headers)
+
     def _chat(self, request: _Request) -> Call:
         body = decode_request(request.body, ChatCompletionRequest)
         model = self._generative_model(body.model, "Chat Completions")
@@ -443,6 +468,8 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/tokenize": {"POST": App._tokenize},
     "/detokenize": {"POST": App._detokenize},
     "/tokenizer_info": {"GET": App._tokenizer_info},
+    "/v1/load_lora_adapter": {"POST": App._load_lora_adapter},
+    "/v1/unload_lora_adapter": {"POST": App._unload_lora_adapter},
     "/v1/embeddings": {"POST": App._embeddings},
     "/pooling": {"POST": App._pooling},
     "/classify": {"POST": App._classify},
@@ -467,6 +494,8 @@ _MODEL_PREFIX = "/v1/models/"
 ROUTE_PATHS = frozenset({*_ROUTES, _MODEL_PREFIX + "{model}"})
 _JSON_POSTS = frozenset(
     {
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
         "/v1/chat/completions",
         "/v1/completions",
         "/tokenize",

@@ -378,7 +378,7 @@ class _Exchange:
         if self.shell.log_requests:
             log_commands(commands, self.shell.max_log_len)
         for command in commands:
-            if isinstance(command, Generate | Encode) and command.request_id not in self.request_ids:
+            if not isinstance(command, Abort) and command.request_id not in self.request_ids:
                 engine.subscribe(command.request_id, self.events_in.send_nowait)
                 self.request_ids.append(command.request_id)
         engine.submit(commands)

@@ -120,6 +120,7 @@ class LoadAdapter(msgspec.Struct, tag=True, frozen=True):
     request_id: str
     name: str
     path: str
+    replace: bool = False  # a loaded adapter of that name gives way (vLLM's load_inplace)
 
 
 class UnloadAdapter(msgspec.Struct, tag=True, frozen=True):

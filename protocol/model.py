@@ -48,10 +48,28 @@ class ServedModel(msgspec.Struct, kw_only=True):
     # loaded (the core reads no files); GET /tokenizer_info serves them. Empty: only what the
     # `tokenizer` object itself tells.
     tokenizer_config: dict[str, Any] = msgspec.field(default_factory=dict)
+    # LoRA adapters served over this model (name -> folder), with --enable-lora; a request naming
+    # one runs it on this model's engine. Changed at run time by /v1/load_lora_adapter.
+    lora_modules: dict[str, str] = msgspec.field(default_factory=dict)
+    lora_enabled: bool = False
+    # set on an adapter's view of its base model (`adapter()`): the adapter and the base's name
+    lora_name: str | None = None
+    parent: str | None = None
 
     @property
     def name(self) -> str:
         return self.names[0]
+
+    @property
+    def engine_name(self) -> str:
+        """The served model whose engine runs this one (an adapter's base)."""
+        return self.parent or self.name
+
+    def adapter(self, name: str) -> ServedModel:
+        """This model as adapter `name` shows it: named by the adapter, run by this model's engine."""
+        return msgspec.structs.replace(
+            self, names=[name], root=self.lora_modules[name], lora_name=name, parent=self.name, lora_modules={}
+        )
 
     def supports(self, task: Task) -> bool:
         return task in self.tasks

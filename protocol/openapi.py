@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from protocol.calls.lora import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from protocol.pooling_requests import (
     ClassificationCompletionRequest,
     EmbeddingCompletionRequest,
@@ -85,7 +86,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 @cache
 def openapi_document(title: str, version: str) -> bytes:
     """The OpenAPI 3.1 document, encoded (cached: the structs do not change while serving)."""
-    types: list[type] = [ModelList, ModelCard]
+    types: list[type] = [ModelList, ModelCard, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest]
     for _, _, requests, response in _POSTS:
         types.extend(requests)
         types.append(response)
@@ -107,6 +108,12 @@ def openapi_document(title: str, version: str) -> bytes:
                 "responses": {"200": {"description": "OK", "content": _json(schema_of[response])}, **errors},
             }
         }
+    for path, summary, request in (
+        ("/v1/load_lora_adapter", "Load a LoRA adapter (with --allow-runtime-lora-updating)", LoadLoRAAdapterRequest),
+        ("/v1/unload_lora_adapter", "Unload a LoRA adapter (with --allow-runtime-lora-updating)", UnloadLoRAAdapterRequest),
+    ):
+        text = {"text/plain": {"schema": {"type": "string"}}}
+        paths[path] = {"post": {"summary": summary, "requestBody": {"required": True, "content": _json(schema_of[request])}, "responses": {"200": {"description": "Done", "content": text}, **errors}}}
     paths["/v1/models"] = {"get": {"summary": "The served models", "responses": {"200": {"description": "OK", "content": _json(schema_of[ModelList])}, **unauthorized}}}
     paths["/v1/models/{model}"] = {
         "get": {

@@ -281,18 +281,23 @@ class ModelList(msgspec.Struct, kw_only=True):
 
 
 def model_list(models: Sequence[ServedModel]) -> ModelList:
-    """GET /v1/models: one card per served model, named by its first name (as vLLM lists them)."""
-    return ModelList(
-        data=[
-            ModelCard(
-                id=model.name,
-                created=model.created,
-                root=model.root,
-                max_model_len=model.max_model_len,
-                permission=[ModelPermission(id=f"modelperm-{model.name}", created=model.created)],
-            )
-            for model in models
-        ]
+    """GET /v1/models: one card per served model, named by its first name (as vLLM lists them), then
+    its LoRA adapters' cards (`parent`: the base, `root`: the adapter's folder, as vLLM)."""
+    cards = []
+    for model in models:
+        cards.append(_card(model))
+        cards.extend(_card(model.adapter(name)) for name in model.lora_modules)
+    return ModelList(data=cards)
+
+
+def _card(model: ServedModel) -> ModelCard:
+    return ModelCard(
+        id=model.name,
+        created=model.created,
+        root=model.root,
+        parent=model.parent,
+        max_model_len=None if model.lora_name else model.max_model_len,
+        permission=[ModelPermission(id=f"modelperm-{model.name}", created=model.created)],
     )
 
 

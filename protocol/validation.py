@@ -55,6 +55,9 @@ def resolve_model(requested: str | None, models: Sequence[ServedModel]) -> Serve
     for model in models:
         if requested in model.names:
             return model
+    for model in models:
+        if requested in model.lora_modules:
+            return model.adapter(requested)
     raise ProtocolError(f"The model `{requested}` does not exist.", status=404, param="model")
 
 

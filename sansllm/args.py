@@ -54,6 +54,29 @@ def json_object(value: str) -> dict[str, Any]:
     return mapping
 
 
+@dataclass(frozen=True)
+class LoRAModule:
+    """One `--lora-modules` entry: an adapter folder served as `name` over `base_model_name`."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def lora_module(value: str) -> LoRAModule:
+    """`name=path`, or vLLM's JSON form `{"name": ..., "path": ..., "base_model_name": ...}`."""
+    if value.lstrip().startswith("{"):
+        spec = json_object(value)
+        if not isinstance(spec.get("name"), str) or not isinstance(spec.get("path"), str):
+            raise argparse.ArgumentTypeError(f"{value!r}: a LoRA module needs a string name and path")
+        base = spec.get("base_model_name")
+        return LoRAModule(spec["name"], spec["path"], str(base) if base else None)
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a LoRA module as name=path or as a JSON object")
+    return LoRAModule(name, path)
+
+
 def json_string_list(value: str) -> list[str]:
     """A JSON list of strings, as vLLM's CORS flags take them (`'["https://a.example"]'`)."""
     try:
@@ -420,6 +443,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         "greedy output then parts from the float model's)",
     )
 
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters over the generative models")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=lora_module,
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT adapter folders to serve, as name=path or JSON "
+        '{"name": ..., "path": ..., "base_model_name": ...} (default base: the first model)',
+    )
+    lora.add_argument(
+        "--max-loras", type=int, default=1, help="adapters one step can run (their requests batch together)"
+    )
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted")
+    lora.add_argument(
+        "--max-cpu-loras", type=int, help="adapters kept in memory (default: --max-loras); others are read again"
+    )
+    lora.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also set by "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as vLLM)",
+    )
+
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),
@@ -455,6 +503,10 @@ def parse_serve_args(
     environ = os.environ if environ is None else environ
     if not args.api_key:
         args.api_key = next(([environ[name]] for name in API_KEY_ENV_VARS if environ.get(name)), [])
+    if environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true", "yes"):
+        args.allow_runtime_lora_updating = True
+    if args.lora_modules and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
     if args.ssl_keyfile and not args.ssl_certfile:
         parser.error("--ssl-keyfile needs --ssl-certfile")
     for flag in ("h11_max_header_count", "h11_max_incomplete_event_size"):
@@ -463,10 +515,32 @@ def parse_serve_args(
     try:
         args.models = resolve_models(args)
         check_parser_args(args)
+        check_lora_bases(args)
     except ValueError as exc:
         parser.error(str(exc))
     args.model = args.models[0].model
     return args
+
+
+def check_lora_bases(args: argparse.Namespace) -> None:
+    """Each `--lora-modules` entry's base model is served (ValueError naming it otherwise)."""
+    names = {name for spec in args.models for name in spec.names}
+    for module in args.lora_modules:
+        if module.base_model_name is not None and module.base_model_name not in names:
+            raise ValueError(
+                f"LoRA module {module.name!r}: its base model {module.base_model_name!r} is not served "
+                f"(served: {', '.join(sorted(names))})"
+            )
+
+
+def lora_modules_for(spec: ModelSpec, args: argparse.Namespace) -> dict[str, str]:
+    """The adapters `--lora-modules` puts on model `spec` (those without a base go on the first model)."""
+    first = spec is args.models[0]
+    return {
+        module.name: module.path
+        for module in args.lora_modules
+        if (module.base_model_name in spec.names) or (module.base_model_name is None and first)
+    }
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -499,8 +573,8 @@ def config_tokens(mapping: Mapping[str, Any]) -> list[str]:
                 tokens.append(f"--no-{key}")
         elif isinstance(value, list) and key in _CORS_LIST_FLAGS:
             tokens += [f"--{key}", json.dumps(value)]
-        elif isinstance(value, list):
-            tokens += [f"--{key}", *map(str, value)]
+        elif isinstance(value, list):  # mappings in it as JSON (--lora-modules' JSON form)
+            tokens += [f"--{key}", *(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)]
         elif isinstance(value, dict):  # a JSON-valued flag (--speculative-config)
             tokens += [f"--{key}", json.dumps(value)]
         else:

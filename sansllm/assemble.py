@@ -21,7 +21,7 @@ from typing import Any
 from protocol.app import App, AppConfig
 from protocol.asgi import AsgiApp
 from protocol.model import PoolingInfo, ServedModel
-from sansllm.args import DEFAULT_MODELS, ModelSpec
+from sansllm.args import DEFAULT_MODELS, ModelSpec, lora_modules_for
 from sansllm.chat_template import load_chat_template
 from sansllm.lifecycle import BridgeFactory, EngineLifecycle
 from sansllm.metrics import ServerMetrics
@@ -66,6 +66,14 @@ def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Cal
         "max_num_queued_tokens": getattr(args, "max_num_queued_tokens", None),
         "max_queue_seconds": getattr(args, "max_queue_time", None),
     }
+    if getattr(args, "enable_lora", False):
+        wanted |= {
+            "enable_lora": True,
+            "max_loras": args.max_loras,
+            "max_lora_rank": args.max_lora_rank,
+            "max_cpu_loras": args.max_cpu_loras,
+            "lora_modules": lora_modules_for(spec, args),
+        }
     return _construct(config_cls, {key: value for key, value in wanted.items() if value is not None})
 
 
@@ -83,6 +91,7 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         enable_request_id_headers=args.enable_request_id_headers,
         enable_server_load_tracking=args.enable_server_load_tracking,
+        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         max_header_count=args.h11_max_header_count,
         max_header_bytes=args.h11_max_incomplete_event_size,
@@ -170,6 +179,8 @@ def served_model(spec: ModelSpec, engine: Any, *, created: int) -> ServedModel:
         pooling=pooling_info(engine.pooling),
         generation_defaults=dict(engine.generation_defaults),
         created=created,
+        lora_modules=dict(getattr(engine, "lora_adapters", {})),
+        lora_enabled=bool(getattr(engine, "lora_enabled", False)),
         tokenizer_config=tokenizer_config(engine.tokenizer),
     )
 

@@ -103,11 +103,13 @@ class LoRAManager:
 
     # ---- registry ----
 
-    def register(self, name: str, path: str) -> LoRAAdapter:
-        """Load and check the adapter now (`AdapterError` if it cannot be served) and serve it as `name`."""
-        if name in self.registered:
+    def register(self, name: str, path: str, *, replace: bool = False) -> LoRAAdapter:
+        """Load and check the adapter now (`AdapterError` if it cannot be served) and serve it as
+        `name`; `replace`: in place of an adapter of that name (requests running it finish with it)."""
+        if name in self.registered and not replace:
             raise AdapterError(f"The lora adapter '{name}' has already been loaded.")
         adapter = load_peft_adapter(name, path, self.config, self.max_rank)
+        self.unregister(name)
         uid = next(self._uids)
         self.registered[name] = Registration(uid, adapter.path)
         self._remember(uid, adapter)

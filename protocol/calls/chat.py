@@ -79,6 +79,7 @@ def build_chat_call(
         params=params,
         priority=request.priority,
         cache_salt=request.cache_salt,
+        lora_name=model.lora_name,
     )
     return ChatCall(
         request,
@@ -205,7 +206,7 @@ class ChatCall(GenerationCall):
         chunk = ChatCompletionStreamResponse(
             id=self.response_id,
             created=self.created,
-            model=self.model,
+            model=self.served_name,
             choices=[choice],
             usage=UNSET if usage is None else usage,
             **extra,
@@ -288,7 +289,7 @@ class ChatCall(GenerationCall):
         response = ChatCompletionResponse(
             id=self.response_id,
             created=self.created,
-            model=self.model,
+            model=self.served_name,
             choices=choices,
             usage=self.usage(),
             prompt_logprobs=(

@@ -82,6 +82,7 @@ def build_completion_call(
                 params=params,
                 priority=request.priority,
                 cache_salt=request.cache_salt,
+                lora_name=model.lora_name,
             )
         )
     return CompletionCall(
@@ -181,7 +182,7 @@ class CompletionCall(GenerationCall):
         chunk = CompletionStreamResponse(
             id=self.response_id,
             created=self.created,
-            model=self.model,
+            model=self.served_name,
             choices=[choice],
             usage=self.running_usage(),
         )
@@ -211,6 +212,6 @@ class CompletionCall(GenerationCall):
                 )
             )
         response = CompletionResponse(
-            id=self.response_id, created=self.created, model=self.model, choices=choices, usage=self.usage()
+            id=self.response_id, created=self.created, model=self.served_name, choices=choices, usage=self.usage()
         )
         return encode(response)

@@ -84,7 +84,8 @@ class GenerationCall(EngineCall):
         text_options: TextOptions | None = None,
     ) -> None:
         """One engine request per prompt; choice `prompt_index * n + i` is its sample i."""
-        self.model = model.name
+        self.model = model.engine_name  # whose engine runs it (the shell routes by it)
+        self.served_name = model.name  # what the response calls it (a LoRA adapter's own name)
         self.response_id = response_id
         self.created = created
         self.stream = bool(request.stream)
@@ -202,7 +203,7 @@ class GenerationCall(EngineCall):
             return list(whole_response(200, JSON_CONTENT_TYPE + self.extra_headers, self._response_body()))
         outputs: list[Output] = []
         if self.usage_options.include_usage:
-            chunk = usage_chunk(self.response_id, self.chunk_object, self.created, self.model, self.usage())
+            chunk = usage_chunk(self.response_id, self.chunk_object, self.created, self.served_name, self.usage())
             outputs.append(Body(data_frame(encode(chunk))))
         outputs += [Body(DONE_FRAME), EndResponse()]
         return outputs
