@@ -73,6 +73,11 @@ bench-sampling: $(STAMP)
 # the throughput of 32 streams constrained by a JSON schema (never complete within the output length,
 # so every token is masked) against the same streams unconstrained.
 SCHEMA = '{"response_format": {"type": "json_schema", "json_schema": {"name": "inventory", "schema": {"type": "object", "properties": {"items": {"type": "array", "minItems": 40, "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24}, "quantity": {"type": "integer"}, "in_stock": {"type": "boolean"}}, "required": ["name", "quantity", "in_stock"]}}}, "required": ["items"]}}}}'
+# LoRA: 32 streams over four adapters against the same streams on the base model (one server).
+.PHONY: bench-lora
+bench-lora: $(STAMP)
+	$(BIN)/python -m bench.lora $(ARGS)
+
 .PHONY: bench-structured
 bench-structured: $(STAMP)
 	$(BIN)/python -m bench.structured_output --streams 16 --rounds 3 $(ARGS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +28,9 @@ class RequestFailed(RuntimeError):
 
 def completion_body(model: str, prompt: BenchPrompt, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Greedy, exactly `output_len` tokens (ignore_eos), streamed, with usage at the end; `extra`
-    fields (sampling parameters) are merged over these."""
-    return {
+    fields (sampling parameters) are merged over these. A list as `extra`'s "model" spreads the
+    requests over those models (LoRA adapters, say), each prompt always to the same one."""
+    body = {
         "model": model,
         "prompt": prompt.text,
         "max_tokens": prompt.output_len,
@@ -38,6 +40,9 @@ def completion_body(model: str, prompt: BenchPrompt, extra: dict[str, Any] | Non
         "stream_options": {"include_usage": True},
         **(extra or {}),
     }
+    if isinstance(body["model"], list):
+        body["model"] = body["model"][zlib.crc32(prompt.text.encode()) % len(body["model"])]
+    return body
 
 
 def _read_usage(timing: RequestTiming, usage: dict[str, Any]) -> None:
