@@ -17,6 +17,7 @@ from kernels.dispatch import get_backend, use_cpp, use_triton
 from kernels.mode import is_batch_invariant
 from kernels.torch_ops import activation, attention, cache, norm, penalties, rotary, sampling
 from kernels.torch_ops import linear as torch_linear
+from kernels.torch_ops import lora as torch_lora
 
 
 def _triton(module: str) -> ModuleType:
@@ -111,6 +112,76 @@ def linear(
     if packed is not None:
         return torch_linear.linear_packed(x, packed, bias)
     return torch_linear.linear(x, weight, bias)
+
+
+# The C++ LoRA kernel's instruction sets, best last; `lora_add(isa=...)` forces one (tests, benchmarks).
+LORA_ISAS = ("plain", "avx2", "avx512")
+_LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_lora_auto_isa: dict[str, int] = {}  # "isa": the path `lora_add` takes by default, once the kernels are built
+
+
+def lora_isas() -> tuple[str, ...]:
+    """The C++ LoRA paths this CPU can run, best last (empty when the C++ kernels are unavailable)."""
+    built = cpu_ops.load()
+    return () if built is None else LORA_ISAS[: int(built.lora_isa()) + 1]
+
+
+def _lora_default_isa(built: Any) -> int:
+    """The best path of this CPU, capped as a stand-in CPU would be (SANSLLM_CPU_ISA, see `kernels.cpu_ops`);
+    asked of the kernels once (each call through the dispatcher costs microseconds)."""
+    isa = _lora_auto_isa.get("isa")
+    if isa is None:
+        cap = {"avx2": 1, "plain": 0}.get(cpu_ops.target(), len(LORA_ISAS) - 1)
+        isa = _lora_auto_isa["isa"] = min(cap, int(built.lora_isa()))
+    return isa
+
+
+def lora_add(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_indices: torch.Tensor,
+    slot_offsets: torch.Tensor,
+    *,
+    isa: str | None = None,
+) -> None:
+    """Add many LoRA adapters' deltas into one batch's base output, in place (punica / S-LoRA):
+    `y[t] = round(y[t] + (x[t] @ lora_a[s].T) @ lora_b[s].T)` for each row t of slot s, in float32 with one
+    rounding to y's dtype (the definition: `kernels.torch_ops.lora`).
+
+    y [T, out] and x [T, in] in the model's dtype; lora_a [S, R, in], lora_b [S, out, R] (alpha / r folded
+    into B, smaller adapters zero-padded to R); token_indices int64 [N], the adapted rows grouped by slot:
+    `token_indices[slot_offsets[s]:slot_offsets[s + 1]]` use slot s (slot_offsets int64 [S + 1]). A row
+    appears at most once; rows not listed are untouched. Triton on CUDA, the C++ kernel on the CPU (`isa`
+    forces one of `LORA_ISAS`), else the torch path. The C++ and triton kernels compute each row in an
+    order that does not depend on the batch, so batch-invariant mode keeps them; the torch path switches
+    to fixed-tile matmuls there.
+    """
+    if isa is None and use_triton(y):
+        torch_lora.check_lora_args(y, x, lora_a, lora_b, token_indices, slot_offsets)
+        _triton("lora").lora_add(y, x, lora_a, lora_b, token_indices, slot_offsets)
+        return
+    if isa is not None and isa not in LORA_ISAS:
+        raise ValueError(f"isa must be one of {LORA_ISAS}, got {isa!r}")
+    built = _cpp(y) if isa is None else cpu_ops.load()
+    if (
+        built is not None
+        and y.dtype in _LORA_DTYPES
+        and x.dtype == lora_a.dtype == lora_b.dtype == y.dtype
+        and x.is_cpu
+        and lora_a.is_cpu
+        and lora_b.is_cpu
+    ):
+        path = _lora_default_isa(built) if isa is None else LORA_ISAS.index(isa)
+        built.lora_add(y, x, lora_a, lora_b, token_indices, slot_offsets, path)
+        return
+    if isa is not None:
+        raise RuntimeError(
+            f"the C++ LoRA path {isa!r} is unavailable: {cpu_ops.unavailable_reason() or 'not a C++ kernel case'}"
+        )
+    args = (y, x, lora_a, lora_b, token_indices, slot_offsets)
+    torch_lora.lora_add(*args, batch_invariant=is_batch_invariant())
 
 
 def prepare(device: torch.device | str) -> None:

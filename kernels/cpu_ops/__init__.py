@@ -26,7 +26,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [
-    Path(__file__).with_name(name) for name in ("paged_attention.cpp", "layer_ops.cpp", "quant_linear.cpp")
+    Path(__file__).with_name(name)
+    for name in ("paged_attention.cpp", "layer_ops.cpp", "quant_linear.cpp", "lora.cpp")
 ]
 # SANSLLM_CPU_ISA builds the kernels (and makes the runtime-dispatched ones choose) as on another
 # CPU: "avx2" as on one with AVX2, FMA and F16C but no AVX-512 (x86-64-v3), "plain" with x86-64's

@@ -18,7 +18,17 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.triton_ops import activation, attention, cache, linear, norm, penalties, rotary, sampling  # noqa: E402
+from kernels.triton_ops import (  # noqa: E402
+    activation,
+    attention,
+    cache,
+    linear,
+    lora,
+    norm,
+    penalties,
+    rotary,
+    sampling,
+)
 
 
 def _signature(kernel, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -78,6 +88,17 @@ def _cases(dtype: str):
             "HAS_BIAS": has_bias, "BLOCK_M": linear.BLOCK_M, "BLOCK_N": linear.BLOCK_N,
             "BLOCK_K": linear.BLOCK_K, "DOT_PRECISION": dot_precision, "DOT_UPCAST": False,
         }
+    lora_slots = {"indices_ptr": "*i64", "offsets_ptr": "*i64", "block_starts_ptr": "*i32", "num_slots": i, "rank": i}
+    for block_r in (16, 64):  # ranks up to 16, and 48-64 (stacked q/k/v adapters)
+        yield lora.lora_shrink_kernel, {"x_ptr": p, "a_ptr": p, "v_ptr": "*fp32"} | lora_slots | dict.fromkeys(
+            ["in_features", "x_row_stride", "a_slot_stride", "a_row_stride"], i
+        ), {
+            "BLOCK_M": lora.BLOCK_M, "BLOCK_R": block_r, "BLOCK_K": lora.BLOCK_K,
+            "DOT_PRECISION": dot_precision, "DOT_UPCAST": False,
+        }
+    yield lora.lora_expand_kernel, {"y_ptr": p, "v_ptr": "*fp32", "b_ptr": p} | lora_slots | dict.fromkeys(
+        ["out_features", "y_row_stride", "b_slot_stride", "b_row_stride"], i
+    ), {"BLOCK_M": lora.BLOCK_M, "BLOCK_N": lora.BLOCK_N, "BLOCK_R": 16, "DOT_PRECISION": dot_precision}
     if dtype == "fp32":  # logits are float32 whatever the model dtype
         yield sampling.sampling_mask_kernel, {
             "logits_ptr": "*fp32", "out_ptr": "*fp32", "temperature_ptr": "*fp32", "top_k_ptr": "*i32",
