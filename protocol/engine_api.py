@@ -81,6 +81,23 @@ class PoolingParams(msgspec.Struct, omit_defaults=True, frozen=True):
 # ---- commands (runtime -> engine) ----
 
 
+class MediaInput(msgspec.Struct, frozen=True):
+    """One decoded media item of a prompt, placed on its run of placeholder tokens.
+
+    The protocol core decodes, validates and resizes (for images: the model's resize and crop, so
+    `data` holds what the vision tower sees before normalisation); the engine turns `data` into
+    tensors. `hash` (hex SHA-256 of the decoded content) enters the prefix-cache key of every block
+    the item covers, so equal text with different media never shares blocks.
+    """
+
+    kind: Literal["image", "audio", "video"]
+    hash: str
+    offset: int  # the first prompt position of the item's placeholder tokens
+    length: int  # how many placeholder tokens it fills
+    data: bytes  # image: uint8 RGB, row-major [height, width, 3]; audio: float32 mono samples
+    shape: tuple[int, ...]  # image: (height, width, 3); audio: (samples,); video: (frames, height, width, 3)
+
+
 class Generate(msgspec.Struct, tag=True, frozen=True):
     """Generate from a prompt. Requests with different `cache_salt` never share prefix-cache blocks."""
 
@@ -90,6 +107,7 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     priority: int = 0
     cache_salt: str | None = None
     lora_name: str | None = None  # a LoRA adapter registered on the engine (None: the base model)
+    media: tuple[MediaInput, ...] = ()  # in prompt order, on non-overlapping placeholder runs
 
 
 class Encode(msgspec.Struct, tag=True, frozen=True):

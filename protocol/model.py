@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from protocol.media.spec import MultimodalSpec
 from protocol.tokenizer import Tokenizer
 
 # What a model can be asked to do. A generative model serves `generate`; a pooling model serves
@@ -55,6 +56,8 @@ class ServedModel(msgspec.Struct, kw_only=True):
     # set on an adapter's view of its base model (`adapter()`): the adapter and the base's name
     lora_name: str | None = None
     parent: str | None = None
+    # the media a multimodal model accepts and how they are prepared (None: text only)
+    multimodal: MultimodalSpec | None = None
 
     @property
     def name(self) -> str:

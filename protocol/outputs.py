@@ -4,7 +4,7 @@ A runtime loop handles them in order: `StartResponse` commits the HTTP status an
 only once the status is known, so an early failure keeps its real 4xx/5xx), `Body` is bytes to
 write (a JSON body or SSE frames), `EndResponse` closes the response, `Submit` hands commands to
 the engine (the runtime must route the engine's events for the submitted request ids back to
-`Call.feed`).
+`Call.feed`), `Fetch` asks it for media (fed back as `protocol.media.fetch.FetchResult`s).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import msgspec
 
 from protocol.engine_api import Command
+from protocol.media.fetch import MediaRequest
 
 
 class StartResponse(msgspec.Struct, frozen=True):
@@ -31,7 +32,13 @@ class Submit(msgspec.Struct, frozen=True):
     commands: tuple[Command, ...]
 
 
-Output = StartResponse | Body | EndResponse | Submit
+class Fetch(msgspec.Struct, frozen=True):
+    """Fetch these media URLs and feed the results back to the call (one per request, any order)."""
+
+    requests: tuple[MediaRequest, ...]
+
+
+Output = StartResponse | Body | EndResponse | Submit | Fetch
 
 
 def whole_response(
