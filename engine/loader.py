@@ -22,9 +22,11 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from engine.gguf_file import GGUFModel
-from engine.model_config import ModelConfig
+from engine.image_processor import ImageProcessor, image_processor_from_config, read_processor_files
+from engine.model_config import ModelConfig, UnsupportedModelError, multimodal_architecture
 from engine.model_files import ModelSource
 from engine.models.llama import LlamaForCausalLM
+from engine.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from engine.quantized_weights import QuantizedTensor
 from engine.registry import (
     ArchitectureSupport,
@@ -35,6 +37,7 @@ from engine.registry import (
 )
 from engine.tokenizer import HFTokenizer
 from kernels import cpu_ops
+from protocol.media.spec import MultimodalSpec
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class LoadedModel:
     spec: ArchitectureSupport | None = None  # None: a decoder that generates (models built by hand in tests)
     pooling: PoolingFacts | None = None
     max_model_len: int | None = None  # a limit below the model's own (sentence-transformers' max_seq_length)
+    multimodal: MultimodalSpec | None = None  # the media a vision-language model takes (None: text only)
 
     def __post_init__(self) -> None:
         if self.spec is None:
@@ -180,6 +184,8 @@ def load_model(
     raw = _read_json(source.path / "config.json")
     if encoder_architecture(raw) is not None:
         return _load_encoder(source, raw, dtype, dev, progress, convert, clock)
+    if multimodal_architecture(raw) is not None:
+        return _load_llava(source, raw, dtype, dev, progress, convert, clock)
     config = ModelConfig.from_hf(raw)
     torch_dtype = resolve_dtype(
         dtype, dev, raw.get("torch_dtype") or raw.get("dtype"), pooling=convert == "embed"
@@ -247,6 +253,121 @@ def _load_encoder(
     seq_len = _read_json(source.path / "sentence_bert_config.json").get("max_seq_length")
     max_len = min(config.max_model_len, int(seq_len)) if seq_len else None
     return LoadedModel(source, config, model, tokenizer, {}, spec, pooling, max_len)
+
+
+def _load_llava(
+    source: ModelSource,
+    raw: dict[str, Any],
+    dtype: str,
+    device: torch.device,
+    progress: bool,
+    convert: Convert,
+    clock: _PhaseClock,
+) -> LoadedModel:
+    """A LLaVA-style model from an HF folder: config.json, safetensors, the processor files
+    (image processing settings) and the tokenizer, which must know the image placeholder token."""
+    config = LlavaConfig.from_hf(raw)
+    spec = architecture_support(config.text.architecture, convert)
+    image_config, processor_config = read_processor_files(source.path)
+    if not image_config:
+        raise UnsupportedModelError(
+            f"{source.path} lacks the image processor's settings (preprocessor_config.json or processor_config.json)"
+        )
+    processor = image_processor_from_config(image_config)
+    side = config.vision.image_size
+    if processor.output_size != (side, side):
+        raise UnsupportedModelError(
+            f"the image processor makes {processor.output_size or 'variable-size'} images; "
+            f"the vision tower takes {side}x{side}"
+        )
+    _check_image_tokens(processor_config, processor, config)
+    text_raw = raw.get("text_config") or {}
+    config_dtype = (
+        raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or text_raw.get("dtype")
+    )
+    torch_dtype = resolve_dtype(dtype, device, config_dtype)
+    model = build_llava_model(
+        config, processor, torch_dtype, device, safetensors_weights(source.path, torch_dtype, progress)
+    )
+    clock.lap(f"loaded the weights ({torch_dtype}; vision tower and language model)")
+    generation = _read_json(source.path / "generation_config.json")
+    eos = set(config.text.eos_token_ids) | set(_ids(generation.get("eos_token_id")))
+    tokenizer = HFTokenizer.from_folder(source.path, config.text.vocab_size, eos)
+    if tokenizer.chat_template is None:  # the hub's llava-hf folders keep it in chat_template.json
+        template = _read_json(source.path / "chat_template.json").get("chat_template")
+        template = template or processor_config.get("chat_template")
+        if isinstance(template, str):
+            tokenizer = HFTokenizer(tokenizer.hf, config.text.vocab_size, eos, template)
+    clock.lap("built the tokenizer")
+    image_token = _image_token(tokenizer, config.image_token_id)
+    multimodal = MultimodalSpec(
+        modalities=frozenset({"image"}),
+        image_token=image_token,
+        image_token_id=config.image_token_id,
+        image_tokens=config.image_tokens,
+        image=processor.spec,
+    )
+    logger.info(
+        "%s: images of %dx%d take %d %r tokens each",
+        source.name,
+        side,
+        side,
+        config.image_tokens,
+        image_token,
+    )
+    defaults = generation_defaults(source.path / "generation_config.json")
+    return LoadedModel(source, config.text, model, tokenizer, defaults, spec, multimodal=multimodal)
+
+
+def _image_token(tokenizer: HFTokenizer, token_id: int) -> str:
+    """The tokenizer's string for the config's image token id; a clear error when it has none."""
+    if not 0 <= token_id < len(tokenizer.hf):
+        raise UnsupportedModelError(f"the image token id {token_id} is outside the tokenizer's vocabulary")
+    token = tokenizer.convert_ids_to_tokens([token_id])[0]
+    if not token or tokenizer.encode(token, add_special_tokens=False) != [token_id]:
+        raise UnsupportedModelError(
+            f"the tokenizer does not encode the image token {token!r} as id {token_id}"
+        )
+    return token
+
+
+def _check_image_tokens(
+    processor_config: dict[str, Any], processor: ImageProcessor, config: LlavaConfig
+) -> None:
+    """Refuse processor files that expand an image into another number of placeholders than the model
+    fills (transformers would fail on such a prompt): `image_seq_length`, or the count LlavaProcessor
+    derives from `patch_size`, `num_additional_image_tokens` and its selection strategy."""
+    stated = processor_config.get("image_seq_length")
+    patch = processor_config.get("patch_size")
+    if stated is None and patch and "num_additional_image_tokens" in processor_config:
+        height, width = processor.output_size or (0, 0)
+        strategy = processor_config.get("vision_feature_select_strategy") or config.select_strategy
+        stated = (height // patch) * (width // patch) + int(processor_config["num_additional_image_tokens"])
+        stated -= strategy == "default"
+    if stated is not None and int(stated) != config.image_tokens:
+        raise UnsupportedModelError(
+            f"the processor expands an image into {stated} tokens; the model makes {config.image_tokens} embeddings"
+        )
+
+
+def build_llava_model(
+    config: LlavaConfig,
+    processor: ImageProcessor,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: Iterator[tuple[str, torch.Tensor]],
+) -> LlavaForConditionalGeneration:
+    """A LLaVA model on `device` in `dtype`, filled from `weights`, built on meta first as `build_model` does."""
+    with torch.device("meta"), _skip_random_init():
+        model = LlavaForConditionalGeneration(config, processor, _built_without_rope(LlamaForCausalLM))
+        model.language_model.__class__ = LlamaForCausalLM
+        model = model.to(dtype).to_empty(device=device)
+    language = model.language_model
+    if config.text.tie_word_embeddings:  # to_empty unties shared parameters
+        language.lm_head.weight = language.model.embed_tokens.weight
+    model.init_rope()
+    model.load_weights((name, tensor.to(device)) for name, tensor in weights)
+    return model.eval().requires_grad_(False)
 
 
 class _PhaseClock:

@@ -20,6 +20,26 @@ _MODEL_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 SLIDING_ATTENTION, FULL_ATTENTION = "sliding_attention", "full_attention"
+# Vision-language architectures: a vision tower and a decoder from the list above (its config under
+# `text_config`); their `ModelConfig` is the decoder's, under the vision-language architecture's name
+MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+_MULTIMODAL_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration"}
+_LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")  # what their decoder may be
+# LlamaConfig's defaults, for the keys a LLaVA `text_config` leaves out (transformers writes only the
+# differences from them: llava-1.5's text_config names little more than its vocab_size)
+_LLAMA_DEFAULTS: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -67,7 +87,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any]) -> ModelConfig:
-        """Build from a parsed HF config.json, refusing architectures we do not implement."""
+        """Build from a parsed HF config.json, refusing architectures we do not implement; for a
+        vision-language model, its language model's config under the model's architecture name."""
+        if (multimodal := multimodal_architecture(config)) is not None:
+            text = cls.from_hf(language_model_config(config))
+            if text.architecture not in _LLAMA_FAMILY:
+                raise unsupported(f"{multimodal} with a {text.architecture} language model")
+            return replace(text, architecture=multimodal)
         architectures = config.get("architectures") or []
         architecture = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
         if architecture is None and not architectures:
@@ -107,6 +133,27 @@ class ModelConfig:
             eos_token_ids=_as_ids(config.get("eos_token_id")),
         )
         return replace(built, **_gemma3_fields(config)) if architecture == "Gemma3ForCausalLM" else built
+
+
+def multimodal_architecture(config: dict[str, Any]) -> str | None:
+    """The vision-language architecture an HF config.json describes, or None."""
+    architectures = config.get("architectures") or []
+    found = next((a for a in architectures if a in MULTIMODAL_ARCHITECTURES), None)
+    if found is None and not architectures:
+        found = _MULTIMODAL_MODEL_TYPES.get(config.get("model_type", ""))
+    return found
+
+
+def language_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A vision-language config.json's `text_config`, with LlamaConfig's defaults where it is a Llama
+    one; the embeddings are tied when either level says so (as transformers' LlavaConfig decides)."""
+    text = dict(config.get("text_config") or {})
+    if text.get("model_type", "llama") == "llama":
+        text = {**_LLAMA_DEFAULTS, **text}
+    text["tie_word_embeddings"] = bool(config.get("tie_word_embeddings")) or bool(
+        text.get("tie_word_embeddings")
+    )
+    return text
 
 
 def _gemma3_fields(config: dict[str, Any]) -> dict[str, Any]:

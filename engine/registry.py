@@ -5,7 +5,9 @@ Two kinds of model run in the engine:
 - **decoders** (Llama, Mistral, Qwen2, SmolLM, Gemma 3; GGUF files are decoders) run causally over the
   paged KV cache, scheduled in chunks beside other sequences. They generate text; converted with
   `convert="embed"` (vLLM's `--convert embed`) they serve embeddings instead, pooled from the last
-  prompt token's hidden state (vLLM's default for decoder embedding models);
+  prompt token's hidden state (vLLM's default for decoder embedding models). Vision-language models
+  (LLaVA) are decoders too: their images enter as input embeddings of placeholder tokens, and they
+  generate only;
 - **encoders** (BERT, RoBERTa, XLM-R) attend both ways over a whole input, so they never chunk and
   keep no KV cache. The base models serve embeddings; `*ForSequenceClassification` models serve
   `classify`, and with a single output (a cross-encoder) also `score` for /score and /rerank.
@@ -18,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from engine.model_config import MULTIMODAL_ARCHITECTURES, UnsupportedModelError
 from engine.model_config import SUPPORTED_ARCHITECTURES as DECODER_ARCHITECTURES
-from engine.model_config import UnsupportedModelError
 from engine.models.bert import BASE_BY_MODEL_TYPE
 from engine.models.bert import ENCODER_ARCHITECTURES as _ENCODERS
 from engine.models.gemma3 import Gemma3ForCausalLM
@@ -54,7 +56,8 @@ def decoder_class(architecture: str) -> type[LlamaForCausalLM]:
 
 
 def all_architectures() -> tuple[str, ...]:
-    return (*DECODER_ARCHITECTURES, *ENCODER_ARCHITECTURES, *CLASSIFIER_ARCHITECTURES)
+    decoders = (*DECODER_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
+    return (*decoders, *ENCODER_ARCHITECTURES, *CLASSIFIER_ARCHITECTURES)
 
 
 def encoder_architecture(config: dict[str, Any]) -> str | None:
@@ -62,7 +65,8 @@ def encoder_architecture(config: dict[str, Any]) -> str | None:
     for name in config.get("architectures") or ():
         if name in ENCODER_ARCHITECTURES or name in CLASSIFIER_ARCHITECTURES:
             return name
-    if not any(name in DECODER_ARCHITECTURES for name in config.get("architectures") or ()):
+    decoders = (*DECODER_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
+    if not any(name in decoders for name in config.get("architectures") or ()):
         return BASE_BY_MODEL_TYPE.get(config.get("model_type", ""))
     return None
 
@@ -74,6 +78,10 @@ def architecture_support(architecture: str, convert: Convert = "auto", num_label
     if architecture in DECODER_ARCHITECTURES:
         if convert == "embed":
             return ArchitectureSupport(architecture, "decoder", frozenset({"embed"}))
+        return ArchitectureSupport(architecture, "decoder", frozenset({"generate"}))
+    if architecture in MULTIMODAL_ARCHITECTURES:
+        if convert == "embed":
+            raise UnsupportedModelError(f"{architecture} serves generation only; it cannot be converted to embed")
         return ArchitectureSupport(architecture, "decoder", frozenset({"generate"}))
     if architecture in ENCODER_ARCHITECTURES:
         return ArchitectureSupport(architecture, "encoder", frozenset({"embed", "token_embed"}))

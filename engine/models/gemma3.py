@@ -28,7 +28,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, attend
 from engine.model_config import ModelConfig, UnsupportedModelError
 from engine.models import ops
-from engine.models.llama import Linear, LlamaForCausalLM, RMSNorm
+from engine.models.llama import Linear, LlamaForCausalLM, RMSNorm, replace_rows
 from engine.rope import cos_sin_cache, inverse_frequencies
 
 if TYPE_CHECKING:
@@ -159,12 +159,18 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             self.register_buffer(name, table, persistent=False)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        """input_ids, positions: [T] -> hidden states [T, hidden]; `embeds` as for Llama, placed
+        after the scale (transformers' Gemma 3 scatters image features into scaled embeddings)."""
         x = self.model.embed_tokens(input_ids)
         # the scale in the activations' dtype, as transformers rounds it
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype, device=x.device)
+        x = replace_rows(x, embeds)
         residual = None
         for layer in self.model.layers:
             rope = self.rope_local_cache if layer.is_sliding else self.rope_cache

@@ -207,10 +207,16 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cache", table, persistent=False)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden]."""
-        x = self.model.embed_tokens(input_ids)
+        """input_ids, positions: [T] -> hidden states [T, hidden]. `embeds` = (rows [K], values
+        [K, hidden]): those rows take `values` as their input embedding instead of their token's (a
+        vision-language model's image features, `engine.models.llava`)."""
+        x = replace_rows(self.model.embed_tokens(input_ids), embeds)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, self.rope_cache, meta)
@@ -295,6 +301,14 @@ class LlamaForCausalLM(nn.Module):
         _check_rows(self, target, index, tensor)
         module.load_quantized(index, tensor)
         return True
+
+
+def replace_rows(x: torch.Tensor, embeds: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Input embeddings `x` [T, hidden] with rows `embeds[0]` replaced by `embeds[1]` (in place)."""
+    if embeds is not None:
+        rows, values = embeds
+        x[rows] = values.to(x.dtype)
+    return x
 
 
 def parameter_for(name: str) -> tuple[str, int]:
