@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from engine.model_config import ModelConfig
+from protocol.engine_api import MediaInput
 
 
 class PagedKVCache:
@@ -55,6 +56,7 @@ class SequenceSpan:
     token_ids: Sequence[int]
     start: int
     block_ids: Sequence[int]  # the sequence's block table (at least up to start + len(token_ids))
+    media: Sequence[MediaInput] = ()  # the sequence's media items (the runner embeds those in the span)
 
 
 @dataclass

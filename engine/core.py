@@ -35,9 +35,11 @@ from engine.model_runner import DecoderRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.processors import builtin_processors
 from engine.requests import (
+    ImageInputs,
     RequestRejected,
     RequestState,
     SampleState,
+    check_media,
     check_pooling,
     finish_check,
     num_candidates,
@@ -118,6 +120,7 @@ class EngineCore:
         max_num_queued_tokens: int | None = None,
         max_queue_seconds: float | None = None,
         lora: LoRAManager | None = None,
+        image_inputs: ImageInputs | None = None,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -125,6 +128,7 @@ class EngineCore:
                 f"of {block_size} tokens; give the cache more memory or lower max_model_len"
             )
         self.runner = DecoderRunner(model, num_kv_blocks, block_size, lora)
+        self.image_inputs = image_inputs  # a vision-language model's image placeholders (None: no images)
         self.lora = lora  # LoRA adapters (engine.lora), with --enable-lora
         self.config = model.config
         self.tasks = tasks
@@ -272,6 +276,7 @@ class EngineCore:
             return refused
         try:
             max_tokens = validate(command, self.config.vocab_size, self.max_model_len, self.max_num_seqs)
+            check_media(command, self.image_inputs)
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
         if (busy := self._over_capacity(len(command.prompt_token_ids))) is not None:
@@ -358,6 +363,7 @@ class EngineCore:
                 read_prefix_cache=not request.scoring_prompt,
                 prefill_only=max_tokens == 0,
                 lora=adapter,
+                media=command.media,
             )
             request.samples[index] = SampleState(seq, self._generator(request, index))
             if max_tokens > 0:  # its logits processors' state, from now to its release
@@ -440,9 +446,15 @@ class EngineCore:
         self._refresh_stats()
         return admitted + events
 
+    def _spans(self, chunks: list[ScheduledChunk]) -> list[SequenceSpan]:
+        return [
+            SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id), c.seq.media)
+            for c in chunks
+        ]
+
     def _run(self, chunks: list[ScheduledChunk]) -> list[Event]:
         self._mark_scheduled(chunks, time.perf_counter())
-        spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
+        spans = self._spans(chunks)
         self.runner.copy_blocks(self.kv.take_copies())  # forked beams' copy on write, before any write
         failed: list[Event] = []
         try:
@@ -451,7 +463,7 @@ class EngineCore:
             chunks, failed = self._fail_culprits(chunks, spans, error)
             if not chunks:
                 return failed
-            spans = [SequenceSpan(c.input_token_ids(), c.start, self.kv.block_ids(c.seq.seq_id)) for c in chunks]
+            spans = self._spans(chunks)
             # a failure now is engine-wide: the engine restarts the core
             step = self.runner.forward(spans, [c.seq.lora for c in chunks])
         self._faulted = False

@@ -30,11 +30,13 @@ from engine.lora import LoRAManager
 from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.model_runner import EncoderRunner
 from engine.registry import Convert
+from engine.requests import image_inputs
 from engine.spec_decode import SpeculativeConfig, parse_speculative_config
 from engine.structured import GuideCompiler
 from engine.tokenizer import HFTokenizer
 from kernels.quantized import set_default_activations
 from protocol.engine_api import Command, Encode, Event, Failed, Generate
+from protocol.media.spec import MultimodalSpec
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +279,7 @@ class Engine:
         self.generation_defaults: dict[str, Any] = dict(loaded.generation_defaults)
         self.tasks: frozenset[str] = loaded.spec.tasks
         self.pooling: PoolingFacts | None = loaded.pooling
+        self.multimodal: MultimodalSpec | None = loaded.multimodal  # what media the model takes
         if loaded.spec.kind == "encoder":
             self._build_encoder(config, loaded)
         else:
@@ -305,6 +308,7 @@ class Engine:
             max_num_queued_tokens=config.max_num_queued_tokens,
             max_queue_seconds=config.max_queue_seconds,
             lora=self._lora_manager(config, loaded, lora),
+            image_inputs=image_inputs(loaded.multimodal),
         )
 
     def _lora_manager(self, config: EngineConfig, loaded: LoadedModel, old: LoRAManager | None) -> LoRAManager | None:
@@ -316,6 +320,10 @@ class Engine:
             if config.lora_modules:
                 raise ValueError("LoRA adapters are served on generative models only")
             return None  # --enable-lora reaches every model: an embedding model simply takes none
+        if loaded.multimodal is not None:
+            if config.lora_modules:
+                raise ValueError("LoRA adapters are not served on vision-language models yet")
+            return None
         manager = LoRAManager(
             loaded.model,
             loaded.config,

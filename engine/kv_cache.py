@@ -4,9 +4,10 @@ Only the accounting lives here (which block holds which tokens); the tensors the
 the model runner, laid out as `[num_blocks, block_size, num_kv_heads, head_dim]` per layer (see
 `kernels.attention`). The design follows vLLM v1's KV cache manager:
 
-- a full block is identified by a chained SHA-256 of (parent block hash, its token ids, salt), so a
-  shared prefix maps to the same physical blocks for every sequence that has it, and requests with
-  different `cache_salt`s never share a block;
+- a full block is identified by a chained SHA-256 of (parent block hash, its token ids, salt, the
+  hashes of the media items it holds), so a shared prefix maps to the same physical blocks for every
+  sequence that has it, requests with different `cache_salt`s never share a block, and neither do
+  equal prompts with different images (their placeholder token ids are equal; the images are not);
 - blocks whose reference count drops to zero go to the tail of an LRU free queue but keep their
   hash, so they can still be hit until they are reused for something else (evicted);
 - a sequence's blocks are freed tail-first, so the end of a prompt is evicted before its start;
@@ -24,6 +25,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 BlockHash = bytes
+# a media item of a sequence: (first position, end position, content hash) (see `media_in_block`)
+MediaSpan = tuple[int, int, bytes]
 
 
 class Block:
@@ -35,20 +38,30 @@ class Block:
         self.block_hash: BlockHash | None = None
 
 
-def hash_block(parent: BlockHash | None, token_ids: Sequence[int], salt: str | None = None) -> BlockHash:
+def hash_block(
+    parent: BlockHash | None, token_ids: Sequence[int], salt: str | None = None, media: bytes = b""
+) -> BlockHash:
     """Chained SHA-256 of one full block; equal prefixes (with equal salts) give equal chains.
 
     Why a cryptographic hash: a hit is trusted without comparing token ids, so a collision would
     hand one request another's keys and values, wrong output and a leak across tenants. Python's
     `hash()` of a tuple is 64 bits and easy to collide on purpose (it is not keyed for ints);
     SHA-256 makes a collision infeasible, at about a microsecond per 16-token block. The salt
-    (a request's `cache_salt`) enters the first block and, through the chain, every later one.
+    (a request's `cache_salt`) enters the first block and, through the chain, every later one;
+    `media` (the hashes of the media items overlapping the block) enters the blocks that hold them.
     """
     digest = hashlib.sha256(parent or b"root")
     if parent is None and salt is not None:
         digest.update(b"salt\x00" + salt.encode("utf-8", "surrogatepass") + b"\x00")
     digest.update(array("q", token_ids).tobytes())
+    if media:
+        digest.update(b"media\x00" + media)
     return digest.digest()
+
+
+def media_in_block(media: Sequence[MediaSpan], start: int, end: int) -> bytes:
+    """The hashes of the items overlapping positions [start, end), in order (b"" when none)."""
+    return b"".join(digest for first, last, digest in media if first < end and last > start)
 
 
 class BlockPool:
@@ -120,13 +133,14 @@ class BlockPool:
 class SequenceBlocks:
     """The block table of one sequence plus the hash chain of its full blocks."""
 
-    __slots__ = ("blocks", "block_ids", "hashes", "salt", "shared_tail")
+    __slots__ = ("blocks", "block_ids", "hashes", "salt", "media", "shared_tail")
 
-    def __init__(self, salt: str | None = None) -> None:
+    def __init__(self, salt: str | None = None, media: Sequence[MediaSpan] = ()) -> None:
         self.blocks: list[Block] = []
         self.block_ids: list[int] = []  # kept alongside `blocks`: the step builder reads it every step
         self.hashes: list[BlockHash] = []
         self.salt = salt
+        self.media = tuple(media)
         self.shared_tail = False  # the last block is partially filled and was shared by a fork
 
     def append(self, block: Block) -> None:
@@ -152,17 +166,31 @@ class KVCacheManager:
     def has(self, seq_id: str) -> bool:
         return seq_id in self._tables
 
-    def _hash_chain(self, token_ids: Sequence[int], num_blocks: int, salt: str | None) -> list[BlockHash]:
+    def _block_hash(
+        self, parent: BlockHash | None, token_ids: Sequence[int], i: int, table: SequenceBlocks
+    ) -> BlockHash:
+        """The hash of block `i` of a sequence whose tokens are `token_ids`."""
+        bs = self.block_size
+        media = media_in_block(table.media, i * bs, (i + 1) * bs) if table.media else b""
+        return hash_block(parent, token_ids[i * bs : (i + 1) * bs], table.salt, media)
+
+    def _hash_chain(
+        self, token_ids: Sequence[int], num_blocks: int, table: SequenceBlocks
+    ) -> list[BlockHash]:
         hashes: list[BlockHash] = []
         parent: BlockHash | None = None
-        bs = self.block_size
         for i in range(num_blocks):
-            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], salt)
+            parent = self._block_hash(parent, token_ids, i, table)
             hashes.append(parent)
         return hashes
 
     def start(
-        self, seq_id: str, token_ids: Sequence[int], salt: str | None = None, read_cache: bool = True
+        self,
+        seq_id: str,
+        token_ids: Sequence[int],
+        salt: str | None = None,
+        read_cache: bool = True,
+        media: Sequence[MediaSpan] = (),
     ) -> int:
         """Open a sequence and attach the cached blocks of its longest cached prefix.
 
@@ -170,12 +198,12 @@ class KVCacheManager:
         compute, because its logits are needed to sample. `read_cache=False` computes everything
         (a request scoring its prompt needs every position's output); its blocks are still published.
         """
-        table = SequenceBlocks(salt)
+        table = SequenceBlocks(salt, media)
         self._tables[seq_id] = table
         max_blocks = (len(token_ids) - 1) // self.block_size
         if max_blocks <= 0 or not self.pool.enable_prefix_caching or not read_cache:
             return 0
-        for block_hash in self._hash_chain(token_ids, max_blocks, salt):
+        for block_hash in self._hash_chain(token_ids, max_blocks, table):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
@@ -225,7 +253,7 @@ class KVCacheManager:
         keep = -(-num_computed // self.block_size)
         if keep != len(parent.blocks):
             raise ValueError(f"a fork at {num_computed} tokens needs the parent to hold exactly {keep} blocks")
-        child = SequenceBlocks(parent.salt)
+        child = SequenceBlocks(parent.salt, parent.media)
         for block in parent.blocks[:keep]:
             self.pool.touch(block)
             child.append(block)
@@ -266,10 +294,9 @@ class KVCacheManager:
         full = min(num_computed // self.block_size, len(table.blocks))
         if full <= len(table.hashes):
             return
-        bs = self.block_size
         parent = table.hashes[-1] if table.hashes else None
         for i in range(len(table.hashes), full):
-            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], table.salt)
+            parent = self._block_hash(parent, token_ids, i, table)
             table.hashes.append(parent)
             self.pool.cache(table.blocks[i], parent)
 

@@ -15,6 +15,7 @@ import torch
 
 from engine.attention import PagedKVCache, SequenceSpan, build_step
 from engine.lora import LoRAManager
+from engine.media_embeddings import MediaEmbedder
 from engine.models.llama import LlamaForCausalLM
 from engine.pooling import classifier_activation, embedding_output, pool
 from kernels.kv_cache import copy_blocks
@@ -41,15 +42,20 @@ class DecoderRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.kv_cache = PagedKVCache(self.config, num_kv_blocks, block_size, self.dtype, self.device)
+        # a vision-language model (engine.models.llava) embeds the images of a step's spans
+        self.media = MediaEmbedder(model) if hasattr(model, "embed_images") else None  # type: ignore[arg-type]
 
     def forward(self, spans: Sequence[SequenceSpan], adapters: Sequence[int | None] | None = None) -> DecoderStep:
         """`adapters`: the LoRA adapter of each span (None: the base model)."""
         inputs = build_step(self.kv_cache, spans)
+        embeds = self.media.step_embeds(spans) if self.media is not None else None
+        extra = {"embeds": embeds} if embeds is not None else {}
         if self.lora is None or adapters is None:
-            return DecoderStep(self.model(inputs.input_ids, inputs.positions, inputs.meta), inputs.meta.query_ends)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, **extra)
+            return DecoderStep(hidden, inputs.meta.query_ends)
         self.lora.begin_step(adapters, [len(span.token_ids) for span in spans])
         try:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, **extra)
         finally:
             self.lora.end_step()
         return DecoderStep(hidden, inputs.meta.query_ends)

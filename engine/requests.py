@@ -10,6 +10,7 @@ import torch
 from engine.best_of import BestOfCollector
 from engine.scheduler import Sequence
 from protocol.engine_api import Encode, FinishReason, Generate, SamplingParams, TokenLogprobs
+from protocol.media.spec import MultimodalSpec
 
 if TYPE_CHECKING:
     from engine.beam_search import BeamSearch
@@ -169,3 +170,47 @@ def finish_check(
     if token in p.stop_token_ids:
         return "stop", token
     return None
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What a model that takes images expects of a prompt's image items (engine.models.llava)."""
+
+    token_id: int  # the placeholder token every image position carries
+    tokens_per_image: int
+
+
+def image_inputs(spec: MultimodalSpec | None) -> ImageInputs | None:
+    """What `check_media` needs of a model's multimodal spec (None: the model takes no images)."""
+    if spec is None or "image" not in spec.modalities:
+        return None
+    return ImageInputs(spec.image_token_id, spec.image_tokens)
+
+
+def check_media(command: Generate, images: ImageInputs | None) -> None:
+    """Refuse media the model cannot take or that does not sit on its placeholder runs.
+
+    The protocol core places items correctly; this guards the engine's own callers (offline use,
+    other front ends) against a misplaced item, which would otherwise embed the wrong rows."""
+    prompt = command.prompt_token_ids
+    if images is None:
+        if command.media:
+            raise RequestRejected("This model does not accept media inputs; send text only.")
+        return
+    end = 0
+    for i, item in enumerate(command.media):
+        where = f"media[{i}]"
+        if item.kind != "image":
+            raise RequestRejected(f"{where}: this model takes images only, not {item.kind}")
+        if len(item.shape) != 3 or item.shape[2] != 3 or len(item.data) != item.shape[0] * item.shape[1] * 3:
+            raise RequestRejected(f"{where}: an image's data must be 8-bit RGB of its shape {item.shape}")
+        if item.length != images.tokens_per_image:
+            raise RequestRejected(f"{where}: an image fills {images.tokens_per_image} positions, not {item.length}")
+        if item.offset < end or item.offset + item.length > len(prompt):
+            raise RequestRejected(f"{where}: its positions overlap another item or run past the prompt")
+        if any(token != images.token_id for token in prompt[item.offset : item.offset + item.length]):
+            raise RequestRejected(f"{where}: its positions must all hold the image token {images.token_id}")
+        end = item.offset + item.length
+    placed = sum(item.length for item in command.media)
+    if sum(1 for token in prompt if token == images.token_id) != placed:
+        raise RequestRejected("the prompt has image tokens that no image fills")

@@ -24,8 +24,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import Enum
 
-from engine.kv_cache import KVCacheManager
-from protocol.engine_api import SamplingParams
+from engine.kv_cache import KVCacheManager, MediaSpan
+from protocol.engine_api import MediaInput, SamplingParams
 
 
 class Status(Enum):
@@ -54,6 +54,12 @@ class Sequence:
     read_prefix_cache: bool = True  # False while every prompt position's output is needed (prompt logprobs)
     lora: int | None = None  # the LoRA adapter it runs (engine.lora; its id is also in `salt`)
     prefill_only: bool = False  # answered once its prompt is computed (pooling, prompt scoring), never sampled
+    media: tuple[MediaInput, ...] = ()  # images (...) on placeholder runs of the prompt
+
+    @property
+    def media_spans(self) -> list[MediaSpan]:
+        """Its media items as the prefix cache keys them: (first, end position, content hash)."""
+        return [(item.offset, item.offset + item.length, item.hash.encode()) for item in self.media]
 
     @property
     def seq_id(self) -> str:
@@ -194,6 +200,7 @@ class Scheduler:
             first_scheduled=parent.first_scheduled,
             read_prefix_cache=parent.read_prefix_cache,
             lora=parent.lora,
+            media=parent.media,
         )
         if parent.status is Status.RUNNING:
             self.kv.fork(parent.seq_id, child.seq_id, parent.num_computed_tokens)
@@ -287,7 +294,9 @@ class Scheduler:
                     passed_over.append(heapq.heappop(self._waiting))
                     continue
                 tokens = seq.all_token_ids
-                computed = self.kv.start(seq.seq_id, tokens, seq.salt, seq.read_prefix_cache)
+                computed = self.kv.start(
+                    seq.seq_id, tokens, seq.salt, seq.read_prefix_cache, seq.media_spans if seq.media else ()
+                )
                 want = self._chunk(seq.num_tokens - computed, budget)
                 if not self.kv.allocate(seq.seq_id, computed + want):
                     self.kv.free(seq.seq_id)

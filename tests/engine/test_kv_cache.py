@@ -98,3 +98,31 @@ def test_shared_blocks_are_reference_counted():
     shared = set(kv.block_ids("b")[:2])
     assert all(kv.pool.blocks[i].ref_count == 1 for i in shared)
     assert kv.pool.num_free_blocks == 8 - 3
+
+
+def _run_prompt(kv: KVCacheManager, seq_id: str, prompt: list[int], media=()) -> int:
+    hit = kv.start(seq_id, prompt, media=media)
+    kv.allocate(seq_id, len(prompt))
+    kv.commit(seq_id, prompt, len(prompt))
+    return hit
+
+
+def test_media_hashes_key_the_blocks_that_hold_them():
+    """Equal placeholder tokens with different images share only the blocks before the image."""
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    image = [9] * 8  # an image on positions 4..11 (blocks 1 and 2)
+    prompt = [1, 2, 3, 4, *image, 5, 6, 7, 8, 0]  # 17 tokens: 4 full blocks
+    assert _run_prompt(kv, "a", prompt, [(4, 12, b"cat")]) == 0
+    assert _run_prompt(kv, "b", prompt, [(4, 12, b"dog")]) == 4  # block 0 only: blocks 1-3 chain from the image
+    assert kv.block_ids("b")[0] == kv.block_ids("a")[0]
+    assert not set(kv.block_ids("b")[1:]) & set(kv.block_ids("a"))
+    assert _run_prompt(kv, "c", prompt, [(4, 12, b"cat")]) == 16  # the same image: every full block
+    assert kv.block_ids("c")[:4] == kv.block_ids("a")[:4]
+    assert _run_prompt(kv, "d", prompt) == 4  # no image item at all: the text's own blocks, not the image's
+
+
+def test_media_hash_changes_every_block_it_overlaps_and_after():
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    prompt = [9] * 6 + list(range(11))  # image on 0..5: blocks 0 and 1
+    _run_prompt(kv, "a", prompt, [(0, 6, b"one")])
+    assert _run_prompt(kv, "b", prompt, [(0, 6, b"two")]) == 0
