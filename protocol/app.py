@@ -126,6 +126,8 @@ class AppConfig(msgspec.Struct, kw_only=True):
     allow_credentials: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # media items per prompt and modality (vLLM's --limit-mm-per-prompt; unset: 999)
+    limit_mm_per_prompt: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,7 @@ class App:
             trust_request_template=config.trust_request_chat_template,
             clock=clock,
             exclude_tools_when_tool_choice_none=config.exclude_tools_when_tool_choice_none,
+            limit_mm_per_prompt=config.limit_mm_per_prompt,
         )
         self._settings = CallSettings(
             response_role=config.response_role,

@@ -5,6 +5,9 @@ the runtime packages provide the `EngineClient` bridges (which wake the loop onc
 and hypercorn. One HTTP request is one `_Exchange`: read the body, `app.handle(...)`, then play the
 call's outputs in order while engine events arrive, watching for the client going away.
 
+Media URLs in a prompt are fetched by an injected `fetch_media` (the runtime's fetcher, with its
+limits); the results go back to the call before it submits engine work.
+
 It also owns the drain: `drain()` turns /health to 503 and refuses new work (through the status
 it hands the core with each request), waits for the requests in flight, and ends those still
 running at the deadline with a `Failed` event each, so the core closes their streams with an SSE
@@ -24,7 +27,8 @@ import anyio.abc
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate
 from protocol.engine_client import EngineClient
 from protocol.errors import ProtocolError
-from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.media.fetch import FetchResult, MediaFetchFailed, MediaRequest
+from protocol.outputs import Body, EndResponse, Fetch, Output, StartResponse, Submit
 from protocol.state import SERVING, Health, ServerStatus
 
 logger = logging.getLogger(__name__)
@@ -40,6 +44,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 LifespanHook = Callable[[], Awaitable[None]]
 ResponseHook = Callable[[str, str, int, float], None]
+FetchMedia = Callable[[Sequence[MediaRequest]], Awaitable[list[FetchResult]]]
+NO_FETCHER_MESSAGE = "This server does not fetch media URLs; send the media inline as a data: URL."
 
 _JSON_HEADERS = ((b"content-type", b"application/json"),)
 
@@ -51,7 +57,7 @@ class CallLike(Protocol):
 
     def start(self) -> list[Output]: ...
 
-    def feed(self, events: Sequence[Event]) -> list[Output]: ...
+    def feed(self, events: Sequence[Event | FetchResult]) -> list[Output]: ...
 
     def disconnected(self) -> list[Command]: ...
 
@@ -78,7 +84,8 @@ class AsgiApp:
 
     `engines` is read at request time, so a lifespan hook may fill it once the loop runs (the
     bridges need the running loop). `on_startup` hooks run in order at lifespan startup, and
-    `on_shutdown` hooks at lifespan shutdown.
+    `on_shutdown` hooks at lifespan shutdown. `fetch_media` fetches the media URLs of prompts
+    (None: such URLs are refused with a 400 naming the part).
     """
 
     def __init__(
@@ -93,8 +100,10 @@ class AsgiApp:
         log_requests: bool = False,
         max_log_len: int | None = None,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        fetch_media: FetchMedia | None = None,
     ) -> None:
         self.app = app
+        self.fetch_media = fetch_media
         self.shutdown_timeout = shutdown_timeout
         self.draining = False
         self._exchanges: set[_Exchange] = set()
@@ -370,8 +379,19 @@ class _Exchange:
                 self.response_ended = True
             elif isinstance(output, Submit):
                 self._submit(output.commands)
+            elif isinstance(output, Fetch):
+                await self._play(await self._fetch(output))
             else:
                 raise TypeError(f"unknown output {output!r}")
+
+    async def _fetch(self, fetch: Fetch) -> list[Output]:
+        """Fetch a call's media and feed the results back; its next outputs (engine work or a 400)."""
+        assert self.call is not None
+        if self.shell.fetch_media is None:
+            results: list[FetchResult] = [MediaFetchFailed(r.key, NO_FETCHER_MESSAGE) for r in fetch.requests]
+        else:
+            results = await self.shell.fetch_media(fetch.requests)
+        return self.call.feed(results)
 
     def _submit(self, commands: Sequence[Command]) -> None:
         engine = self._engine()

@@ -27,6 +27,7 @@ import jinja2.utils
 import msgspec
 
 from protocol.errors import ProtocolError
+from protocol.media.parts import MEDIA_PARTS, PYTHON_ONLY_PARTS, MediaCollector
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -458,18 +459,7 @@ _TEXT_PARTS = {
     "refusal": "refusal",
     "thinking": "thinking",
 }
-_MEDIA_PARTS = frozenset(
-    {
-        "image_url",
-        "input_image",
-        "image_embeds",
-        "image_pil",
-        "audio_url",
-        "input_audio",
-        "audio_embeds",
-        "video_url",
-    }
-)
+_MEDIA_PARTS = frozenset(MEDIA_PARTS) | PYTHON_ONLY_PARTS
 # keys that make a part without `type` a media part (vLLM's shortcut forms)
 _MEDIA_KEYS = (
     "image_url",
@@ -495,10 +485,10 @@ def _has_media(part: dict, key: str) -> bool:
     return part.get(key) is not None if key == "input_audio" else key in part
 
 
-def _part_text(part: Any, where: str) -> str | None:
-    """The text of one content part, None for a text part without text, or a 400."""
+def _part_type(part: Any, where: str) -> str:
+    """The type of one content part (a string is text); a part without `type` is typed by its key."""
     if isinstance(part, str):
-        return part
+        return "text"
     if not isinstance(part, dict):
         raise _bad(f"{where} must be an object or a string, got {type(part).__name__}.")
     part_type = part.get("type")
@@ -506,37 +496,55 @@ def _part_text(part: Any, where: str) -> str | None:
         media = next((key for key in _MEDIA_KEYS if _has_media(part, key)), None)
         if media is None:
             raise _bad("Missing 'type' field in multimodal part.")  # vLLM's exact words
-        raise _multimodal_error(media, where)
+        return media
     if not isinstance(part_type, str):
         raise _bad(f"Invalid 'type' field in multimodal part ({where}).")
-    if part_type in _MEDIA_PARTS:
-        raise _multimodal_error(part_type, where)
-    if part_type not in _TEXT_PARTS:
+    if part_type not in _MEDIA_PARTS and part_type not in _TEXT_PARTS:
         raise _bad(f"Unknown part type: {part_type!r} ({where}).")
+    return part_type
+
+
+def _part_text(part: Any, part_type: str, where: str) -> str | None:
+    """The text of one text part, None for a text part without text, or a 400."""
+    if isinstance(part, str):
+        return part
     text = part.get(_TEXT_PARTS[part_type])
     if text is not None and not isinstance(text, str):
         raise _bad(f"{where}.{_TEXT_PARTS[part_type]} must be a string.")
     return text
 
 
-def _normalize_content(content: Any, content_format: ContentFormat, where: str) -> str | list[dict]:
+def _normalize_content(
+    content: Any, content_format: ContentFormat, where: str, media: MediaCollector | None
+) -> str | list[dict]:
+    """A message's content as the template expects it; media parts go to `media` (None: a text-only
+    model, which refuses them) and leave a placeholder where they were."""
     if content is None:
-        texts: list[str] = []
+        content = []
     elif isinstance(content, str):
         if content_format == "string":
             return content
-        texts = [content]
-    elif isinstance(content, list):
-        texts = [
-            text
-            for index, part in enumerate(content)
-            if (text := _part_text(part, f"{where}.content[{index}]")) is not None
-        ]
-    else:
+        content = [content]
+    elif not isinstance(content, list):
         raise _bad(f"{where}.content must be a string, a list of content parts or null.")
-    if content_format == "string":
-        return "\n".join(texts)
-    return [{"type": "text", "text": text} for text in texts]
+    texts: list[str] = []
+    parts: list[dict] = []
+    placeholders: list[str] = []
+    for index, part in enumerate(content):
+        part_where = f"{where}.content[{index}]"
+        part_type = _part_type(part, part_where)
+        if part_type in _MEDIA_PARTS:
+            if media is None:
+                raise _multimodal_error(part_type, part_where)
+            item = media.add(part, part_type, part_where)
+            placeholders.append(media.placeholder(item.kind))
+            parts.append({"type": item.kind})
+        elif (text := _part_text(part, part_type, part_where)) is not None:
+            texts.append(text)
+            parts.append({"type": "text", "text": text})
+    if content_format == "openai":
+        return parts
+    return media.join_text(placeholders, texts) if media is not None and placeholders else "\n".join(texts)
 
 
 def _parse_arguments(arguments: Any, where: str) -> Any:
@@ -592,7 +600,9 @@ def _normalize_tool_calls(tool_calls: Any, where: str) -> list[dict]:
     return normalized
 
 
-def _normalize_message(message: Any, content_format: ContentFormat, where: str) -> dict:
+def _normalize_message(
+    message: Any, content_format: ContentFormat, where: str, media: MediaCollector | None = None
+) -> dict:
     """One message as templates expect it: content normalized; assistant tool calls decoded; a tool
     message's `tool_call_id` kept when it is set (a null one is left out, so `is defined` in a template
     means there is an id to print); `name` kept when it is a string."""
@@ -603,7 +613,7 @@ def _normalize_message(message: Any, content_format: ContentFormat, where: str) 
         raise _bad(f"{where}.role must be a string." if "role" in message else f"{where} has no 'role'.")
     result: dict[str, Any] = {
         "role": role,
-        "content": _normalize_content(message.get("content"), content_format, where),
+        "content": _normalize_content(message.get("content"), content_format, where, media),
     }
     if role == "assistant":
         if message.get("tool_calls") is not None:
@@ -622,11 +632,14 @@ def _normalize_message(message: Any, content_format: ContentFormat, where: str) 
     return result
 
 
-def normalize_messages(messages: list[dict], content_format: str) -> list[dict]:
+def normalize_messages(
+    messages: list[dict], content_format: str, media: MediaCollector | None = None
+) -> list[dict]:
     """Turn request messages into what the template expects; every malformed shape is a 400.
 
-    "string": content is one string (text parts joined with newlines); "openai": a list of
-    `{"type": "text", "text": ...}` parts. Media parts are refused: the models served are text-only.
+    "string": content is one string (text parts joined with newlines, media placeholders first);
+    "openai": a list of `{"type": "text", "text": ...}` and `{"type": "image"}` (audio, video)
+    parts. Media parts go to `media`, in order; without one (a text-only model) they are refused.
     """
     if content_format not in ("string", "openai"):
         raise ValueError(f"content_format must be 'string' or 'openai', not {content_format!r}")
@@ -634,7 +647,7 @@ def normalize_messages(messages: list[dict], content_format: str) -> list[dict]:
         raise _bad("'messages' must be a list of message objects.")
     try:
         return [
-            _normalize_message(message, content_format, f"messages[{i}]")
+            _normalize_message(message, content_format, f"messages[{i}]", media)
             for i, message in enumerate(messages)
         ]
     except RecursionError:  # absurdly nested JSON inside a message

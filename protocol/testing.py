@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from protocol.media.spec import ImageProcessing, MultimodalSpec
 from protocol.model import PoolingInfo, ServedModel
 
 BOS_ID = 256
 EOS_ID = 257
 IM_START_ID = 258
 IM_END_ID = 259
+IMAGE_ID = 260  # `<image>`, in `ByteTokenizer(vision=True)` only
 
 SPECIAL_TOKENS: dict[str, int] = {
     "<s>": BOS_ID,
@@ -38,13 +40,14 @@ class ByteTokenizer:
     `<s>`. Both `</s>` and `<|im_end|>` end generation.
     """
 
-    def __init__(self, chat_template: str | None = CHATML_TEMPLATE):
+    def __init__(self, chat_template: str | None = CHATML_TEMPLATE, *, vision: bool = False):
         self._chat_template = chat_template
-        self._names = {token_id: name for name, token_id in SPECIAL_TOKENS.items()}
+        self._specials = dict(SPECIAL_TOKENS, **({"<image>": IMAGE_ID} if vision else {}))
+        self._names = {token_id: name for name, token_id in self._specials.items()}
 
     @property
     def vocab_size(self) -> int:
-        return 256 + len(SPECIAL_TOKENS)
+        return 256 + len(self._specials)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -52,7 +55,7 @@ class ByteTokenizer:
 
     @property
     def all_special_ids(self) -> frozenset[int]:
-        return frozenset(SPECIAL_TOKENS.values())
+        return frozenset(self._specials.values())
 
     @property
     def bos_token(self) -> str | None:
@@ -72,7 +75,7 @@ class ByteTokenizer:
         while position < len(text):
             special = self._special_at(text, position)
             if special is not None:
-                ids.append(SPECIAL_TOKENS[special])
+                ids.append(self._specials[special])
                 position += len(special)
                 continue
             end = self._next_special(text, position)
@@ -129,22 +132,38 @@ class ByteTokenizer:
         ids = [BOS_ID, *first, EOS_ID, *second, EOS_ID]
         return ids, [0] * (len(first) + 2) + [1] * (len(second) + 1)
 
-    @staticmethod
-    def _special_at(text: str, position: int) -> str | None:
-        for name in SPECIAL_TOKENS:
+    def _special_at(self, text: str, position: int) -> str | None:
+        for name in self._specials:
             if text.startswith(name, position):
                 return name
         return None
 
-    @staticmethod
-    def _next_special(text: str, position: int) -> int:
-        found = [text.find(name, position) for name in SPECIAL_TOKENS]
+    def _next_special(self, text: str, position: int) -> int:
+        found = [text.find(name, position) for name in self._specials]
         return min((index for index in found if index > position), default=len(text))
 
 
 def tiny_served_model(max_model_len: int = 256, name: str = "tiny-byte-model") -> ServedModel:
     """A generative model as the API sees it, backed by `ByteTokenizer`."""
     return ServedModel(names=[name], root=name, tokenizer=ByteTokenizer(), max_model_len=max_model_len)
+
+
+def tiny_vision_model(
+    image_tokens: int = 4, *, crop: int = 8, max_model_len: int = 256, name: str = "tiny-vision-model", **spec: object
+) -> ServedModel:
+    """A LLaVA-style model as the API sees it: `ByteTokenizer(vision=True)`, each image `image_tokens`
+    positions, resized and cropped to `crop` x `crop` pixels."""
+    multimodal = MultimodalSpec(
+        modalities=frozenset({"image"}),
+        image_token="<image>",
+        image_token_id=IMAGE_ID,
+        image_tokens=image_tokens,
+        image=ImageProcessing(shortest_edge=crop, crop_height=crop, crop_width=crop),
+        **spec,  # type: ignore[arg-type]
+    )
+    return ServedModel(
+        names=[name], root=name, tokenizer=ByteTokenizer(vision=True), max_model_len=max_model_len, multimodal=multimodal
+    )
 
 
 def tiny_pooling_model(

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from protocol.app import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT
+from sansllm.media_fetch import FetchLimits
 from sansllm.parser_plugins import check_parser_args
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # the packaged generative model
@@ -75,6 +76,33 @@ def lora_module(value: str) -> LoRAModule:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"{value!r}: give a LoRA module as name=path or as a JSON object")
     return LoRAModule(name, path)
+
+
+MODALITIES = ("image", "audio", "video")
+
+
+def media_limits(value: str) -> dict[str, int]:
+    """vLLM's `--limit-mm-per-prompt`: a JSON object of modality -> most items in one prompt."""
+    limits = json_object(value)
+    for key, limit in limits.items():
+        if key not in MODALITIES:
+            raise argparse.ArgumentTypeError(f"unknown modality {key!r}: use {', '.join(MODALITIES)}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise argparse.ArgumentTypeError(f"the limit for {key} must be a whole number >= 0, got {limit!r}")
+    return limits
+
+
+def fetch_limits_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> FetchLimits:
+    """The media fetcher's limits: the flags, over vLLM's VLLM_*_FETCH_TIMEOUT variables (a bad
+    value is a ValueError naming the variable)."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "allowed_media_domains", None) is not None:
+        overrides["allowed_domains"] = frozenset(args.allowed_media_domains)
+    if getattr(args, "allowed_local_media_path", None):
+        overrides["allowed_local_path"] = Path(args.allowed_local_media_path)
+    if getattr(args, "max_media_bytes", None) is not None:
+        overrides["max_bytes"] = args.max_media_bytes
+    return FetchLimits.from_env(environ, **overrides)
 
 
 def json_string_list(value: str) -> list[str]:
@@ -468,6 +496,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as vLLM)",
     )
 
+    media = parser.add_argument_group("Media in prompts")
+    media.add_argument(
+        "--limit-mm-per-prompt",
+        type=media_limits,
+        default={},
+        metavar="JSON",
+        help='most media items of each kind in one prompt, e.g. \'{"image": 4, "video": 0}\' (default 999 each)',
+    )
+    media.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="fetch http(s) media URLs only from these hostnames, redirects included (default: any)",
+    )
+    media.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="serve file:// media URLs from inside this folder (default: file:// URLs are refused)",
+    )
+    media.add_argument(
+        "--max-media-bytes",
+        type=human_readable_int,
+        default=None,
+        metavar="SIZE",
+        help="largest media item fetched from a URL, e.g. 20M (default 64 MiB); fetch time limits come "
+        "from VLLM_IMAGE_FETCH_TIMEOUT (5 s), VLLM_AUDIO_FETCH_TIMEOUT (10 s), VLLM_VIDEO_FETCH_TIMEOUT (30 s)",
+    )
+
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),
@@ -516,6 +574,7 @@ def parse_serve_args(
         args.models = resolve_models(args)
         check_parser_args(args)
         check_lora_bases(args)
+        args.fetch_limits = fetch_limits_from_args(args, environ)
     except ValueError as exc:
         parser.error(str(exc))
     args.model = args.models[0].model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -21,9 +22,10 @@ from typing import Any
 from protocol.app import App, AppConfig
 from protocol.asgi import AsgiApp
 from protocol.model import PoolingInfo, ServedModel
-from sansllm.args import DEFAULT_MODELS, ModelSpec, lora_modules_for
+from sansllm.args import DEFAULT_MODELS, ModelSpec, fetch_limits_from_args, lora_modules_for
 from sansllm.chat_template import load_chat_template
 from sansllm.lifecycle import BridgeFactory, EngineLifecycle
+from sansllm.media_fetch import MediaFetcher
 from sansllm.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         allow_credentials=args.allow_credentials,
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
+        limit_mm_per_prompt=dict(getattr(args, "limit_mm_per_prompt", None) or {}),
         version=_version(),
     )
 
@@ -182,6 +185,7 @@ def served_model(spec: ModelSpec, engine: Any, *, created: int) -> ServedModel:
         lora_modules=dict(getattr(engine, "lora_adapters", {})),
         lora_enabled=bool(getattr(engine, "lora_enabled", False)),
         tokenizer_config=tokenizer_config(engine.tokenizer),
+        multimodal=getattr(engine, "multimodal", None),
     )
 
 
@@ -240,12 +244,15 @@ def build_asgi_app(
             engine.observe_latency(metrics.observer(name))
     app = App(app_config, models, clock=clock, new_id=new_id, state=metrics)
     lifecycle = EngineLifecycle(by_name, bridge_factory)
+    limits = getattr(args, "fetch_limits", None) or fetch_limits_from_args(args, os.environ)
+    fetcher = MediaFetcher(limits)  # its connection pool lives in the serving loop (closed at shutdown)
     return AsgiApp(
         app,
         lifecycle.clients,
         max_body_bytes=app_config.max_request_body_bytes,
         on_startup=[lifecycle.startup],
-        on_shutdown=[lifecycle.shutdown],
+        on_shutdown=[lifecycle.shutdown, fetcher.aclose],
+        fetch_media=fetcher.fetch,
         on_response=metrics.observe_http,
         log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,

@@ -16,14 +16,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from msgspec import UNSET
 
 from protocol.calls.base import CallIdentity, CallSettings, Headers
 from protocol.calls.generation import GenerationCall
+from protocol.calls.media import MediaCall
 from protocol.calls.prompt import ChatRenderer, encode_text, prepare_prompt_ids
 from protocol.calls.sample import Sample, Step, TextOptions
-from protocol.engine_api import Generate, TokenLogprobs
+from protocol.engine_api import Generate, MediaInput, TokenLogprobs
 from protocol.logprobs import chat_logprobs, prompt_logprobs
+from protocol.media.placement import Placement, place_media, shift_placements
+from protocol.media.resolve import MediaPlan
 from protocol.model import ServedModel
 from protocol.output.deltas import MessageDelta, join
 from protocol.output.forced import NamedToolCall, RequiredToolCalls
@@ -56,19 +60,22 @@ def build_chat_call(
     renderer: ChatRenderer,
     settings: CallSettings,
     identity: CallIdentity,
-) -> ChatCall:
+) -> ChatCall | MediaCall:
     """Validate and render a decoded chat request; raises `ProtocolError` for a bad request.
 
     One engine request, `identity.engine_request_id(response_id)`: unique even when two clients
-    send the same X-Request-Id or body `request_id` (the response id keeps the client's value)."""
+    send the same X-Request-Id or body `request_id` (the response id keeps the client's value).
+    A prompt with media gets a `MediaCall`, which has the media fetched and decoded first."""
     check_chat_request(request, allow_priority=settings.allow_priority)
     check_auto_tool_choice(request, enabled=settings.enable_auto_tool_choice and bool(settings.tool_call_parser))
-    prompt_text = renderer.render(request, model)
-    prompt_ids = prepare_prompt_ids(
-        encode_text(model.tokenizer, prompt_text, request.add_special_tokens),
-        model,
-        request.truncate_prompt_tokens,
-    )
+    prompt_text, media = renderer.render_with_media(request, model)
+    token_ids = encode_text(model.tokenizer, prompt_text, request.add_special_tokens)
+    placements: list[Placement] = []
+    if model.multimodal is not None:  # placeholders typed in the text count too (they have no image)
+        token_ids, placements = place_media(token_ids, media, model.multimodal)
+    prompt_ids = prepare_prompt_ids(token_ids, model, request.truncate_prompt_tokens)
+    if placements:
+        placements = shift_placements(placements, len(token_ids) - len(prompt_ids))
     params = chat_sampling_params(
         request, model, len(prompt_ids), settings.max_logprobs, allow_priority=settings.allow_priority
     )
@@ -81,15 +88,22 @@ def build_chat_call(
         cache_salt=request.cache_salt,
         lora_name=model.lora_name,
     )
-    return ChatCall(
-        request,
-        model,
-        generate,
-        settings,
-        response_id=response_id,
-        created=identity.created,
-        headers=identity.headers,
-    )
+
+    def build(items: tuple[MediaInput, ...] = ()) -> ChatCall:
+        return ChatCall(
+            request,
+            model,
+            msgspec.structs.replace(generate, media=items) if items else generate,
+            settings,
+            response_id=response_id,
+            created=identity.created,
+            headers=identity.headers,
+        )
+
+    if not media:
+        return build()
+    assert model.multimodal is not None
+    return MediaCall(MediaPlan(media, placements, model.multimodal), build, model.engine_name)
 
 
 def _tool_mode(request: ChatCompletionRequest) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +10,7 @@ import msgspec
 
 from protocol.chat_template import ChatTemplate, normalize_messages
 from protocol.errors import ProtocolError
+from protocol.media.parts import MediaCollector, MediaPart
 from protocol.model import ServedModel
 from protocol.pooling_requests import ChatStyleRequest
 from protocol.requests import ChatCompletionRequest, TokenizeChatRequest
@@ -42,8 +43,10 @@ class ChatRenderer:
         trust_request_template: bool,
         clock: Callable[[], float],
         exclude_tools_when_tool_choice_none: bool = False,
+        limit_mm_per_prompt: Mapping[str, int] | None = None,
     ) -> None:
         self._server_template = server_template
+        self._media_limits = dict(limit_mm_per_prompt or {})
         self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
         self._content_format = content_format
         self._trust_request_template = trust_request_template
@@ -53,17 +56,28 @@ class ChatRenderer:
     def render(
         self, request: ChatCompletionRequest | TokenizeChatRequest | ChatStyleRequest, model: ServedModel
     ) -> str:
-        """The prompt text of a chat-style request (chat, /tokenize, and the pooling endpoints')."""
+        """The prompt text of a chat-style request without media (the pooling endpoints')."""
+        text, media = self.render_with_media(request, model)
+        if media:
+            raise ProtocolError(f"{media[0].where}: this endpoint does not take media inputs.", param="messages")
+        return text
+
+    def render_with_media(
+        self, request: ChatCompletionRequest | TokenizeChatRequest | ChatStyleRequest, model: ServedModel
+    ) -> tuple[str, list[MediaPart]]:
+        """The prompt text of a chat-style request and its media parts in order (none for a text-only
+        model, which refuses them); each part left its placeholder in the text."""
         template = self.template_for(request.chat_template, model)
         content_format = template.content_format if self._content_format == "auto" else self._content_format
-        messages = normalize_messages(request.messages, content_format)
+        collector = MediaCollector(model.multimodal, self._media_limits) if model.multimodal is not None else None
+        messages = normalize_messages(request.messages, content_format, collector)
         request_tools = getattr(request, "tools", None)  # the pooling endpoints take no tools
         if self._exclude_tools_when_none and getattr(request, "tool_choice", None) == "none":
             request_tools = None  # `--exclude-tools-when-tool-choice-none`: the template sees no tools
         tools = [msgspec.to_builtins(tool) for tool in request_tools] if request_tools is not None else None
         kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
         tokenizer = model.tokenizer
-        return template.render(
+        text = template.render(
             messages,
             tools=tools,
             documents=getattr(request, "documents", None),
@@ -73,6 +87,7 @@ class ChatRenderer:
             eos_token=tokenizer.eos_token,
             **kwargs,
         )
+        return text, collector.parts if collector is not None else []
 
     def template_for(self, request_template: str | None, model: ServedModel) -> ChatTemplate:
         if request_template is not None and not self._trust_request_template:

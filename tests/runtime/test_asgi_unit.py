@@ -5,9 +5,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from protocol.asgi import AsgiApp
+from protocol.asgi import NO_FETCHER_MESSAGE, AsgiApp
 from protocol.engine_api import Abort, Generate, SamplingParams, Tokens
-from protocol.outputs import Body, EndResponse, StartResponse, Submit
+from protocol.media.fetch import MediaFetched, MediaFetchFailed, MediaRequest
+from protocol.outputs import Body, EndResponse, Fetch, StartResponse, Submit
 from tests.runtime.server import RUNTIMES
 
 
@@ -153,3 +154,52 @@ def test_lifespan_runs_hooks_and_reports_a_failed_startup(backend):
     bad = AsgiApp(SpyApp(), {}, on_startup=[broken])
     sent = anyio.run(lifespan, bad, [{"type": "lifespan.startup"}], backend=backend)
     assert sent == [{"type": "lifespan.startup.failed", "message": "RuntimeError: no model here"}]
+
+
+class FetchingCall(SpyCall):
+    """Asks for one medium first; feeds back to `results`, then submits its engine work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results = None
+
+    def start(self):
+        return [Fetch((MediaRequest(0, "http://media.test/cat.png", "image"),))]
+
+    def feed(self, events):
+        if self.results is None:
+            self.results = list(events)
+            if isinstance(events[0], MediaFetchFailed):
+                self.finished = True
+                return [StartResponse(400, ()), Body(events[0].message.encode()), EndResponse()]
+            return super().start()
+        return super().feed(events)
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_a_fetch_is_done_by_the_injected_fetcher_and_fed_back_before_engine_work(backend):
+    asked = []
+
+    async def fetch_media(requests):
+        asked.extend(requests)
+        await anyio.sleep(0)  # a real fetch yields to the loop
+        return [MediaFetched(r.key, b"png bytes", "image/png") for r in requests]
+
+    app, engine = SpyApp(), InstantEngine()
+    app.call = FetchingCall()
+    shell = AsgiApp(app, {"m": engine}, fetch_media=fetch_media)
+    sent = anyio.run(request, shell, [{"type": "http.request", "body": b"{}"}], backend=backend)
+    assert asked == [MediaRequest(0, "http://media.test/cat.png", "image")]
+    assert app.call.results == [MediaFetched(0, b"png bytes", "image/png")]
+    assert sent[1]["body"] == b"abc"  # then the engine work ran as usual
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_without_a_fetcher_a_url_is_refused_with_what_to_do(backend):
+    app, engine = SpyApp(), InstantEngine()
+    app.call = FetchingCall()
+    shell = AsgiApp(app, {"m": engine})
+    sent = anyio.run(request, shell, [{"type": "http.request", "body": b"{}"}], backend=backend)
+    assert sent[0]["status"] == 400
+    assert sent[1]["body"] == NO_FETCHER_MESSAGE.encode()
+    assert engine.submitted == []

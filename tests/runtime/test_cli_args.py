@@ -568,3 +568,35 @@ def test_shutdown_timeout_is_how_long_in_flight_requests_may_finish():
 
 def test_the_listen_backlog_holds_a_burst_of_clients():
     assert hypercorn_config_from_args(parse()).backlog == 2048  # hypercorn's 100 drops connections at 256
+
+
+def test_media_flags_reach_the_core_and_the_fetcher(tmp_path):
+    args = parse(
+        "--limit-mm-per-prompt", '{"image": 2, "video": 0}',
+        "--allowed-media-domains", "images.example", "cdn.example",
+        "--allowed-local-media-path", str(tmp_path),
+        "--max-media-bytes", "1M",
+        environ={"VLLM_IMAGE_FETCH_TIMEOUT": "2.5"},
+    )  # fmt: skip
+    assert app_config_from_args(args).limit_mm_per_prompt == {"image": 2, "video": 0}
+    limits = args.fetch_limits
+    assert limits.allowed_domains == frozenset({"images.example", "cdn.example"})
+    assert limits.allowed_local_path == tmp_path
+    assert (limits.max_bytes, limits.image_timeout, limits.audio_timeout) == (1 << 20, 2.5, 10.0)  # 1M: MiB
+    defaults = parse().fetch_limits
+    assert (defaults.allowed_domains, defaults.allowed_local_path) == (None, None)  # any host; no file://
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--limit-mm-per-prompt", '{"img": 1}'], {}, "unknown modality 'img'"),
+        (["--limit-mm-per-prompt", '{"image": -1}'], {}, "must be a whole number >= 0"),
+        (["--limit-mm-per-prompt", "[1]"], {}, "--limit-mm-per-prompt"),
+        ([], {"VLLM_VIDEO_FETCH_TIMEOUT": "soon"}, "VLLM_VIDEO_FETCH_TIMEOUT='soon' is not a number of seconds"),
+    ],
+)
+def test_bad_media_settings_are_refused_at_start(capsys, argv, environ, message):
+    with pytest.raises(SystemExit):
+        parse(*argv, environ=environ)
+    assert message in capsys.readouterr().err
