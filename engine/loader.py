@@ -306,6 +306,7 @@ def _load_llava(
         image_token_id=config.image_token_id,
         image_tokens=config.image_tokens,
         image=processor.spec,
+        embeds_hidden_size=config.text.hidden_size,
     )
     logger.info(
         "%s: images of %dx%d take %d %r tokens each",

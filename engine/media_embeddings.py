@@ -32,6 +32,8 @@ class MediaEmbedder:
 
     def __init__(self, model: VisionLanguageModel, max_cached_items: int = 64) -> None:
         self.model = model
+        parameters = getattr(model, "parameters", None)
+        self.device = next(iter(parameters())).device if parameters is not None else torch.device("cpu")
         self.max_cached_items = max_cached_items
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -67,12 +69,15 @@ class MediaEmbedder:
                 missing.setdefault(item.hash, item)
         if not missing:
             return
-        for item in missing.values():
-            if item.kind != "image":
-                raise ValueError(f"this model takes images only, not {item.kind}")
         by_shape: dict[tuple[int, ...], list[MediaInput]] = {}
         for item in missing.values():
-            by_shape.setdefault(item.shape, []).append(item)
+            if item.kind == "image_embeds":  # precomputed by the client: the rows as they are
+                rows = torch.frombuffer(bytearray(item.data), dtype=torch.float32).view(item.shape)
+                self._cache[item.hash] = rows.to(self.device)
+            elif item.kind == "image":
+                by_shape.setdefault(item.shape, []).append(item)
+            else:
+                raise ValueError(f"this model takes images only, not {item.kind}")
         for group in by_shape.values():
             pixels = torch.stack([self.model.pixel_values(item.data, item.shape) for item in group])  # type: ignore[arg-type]
             embeds = self.model.embed_images(pixels)

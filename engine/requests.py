@@ -9,7 +9,7 @@ import torch
 
 from engine.best_of import BestOfCollector
 from engine.scheduler import Sequence
-from protocol.engine_api import Encode, FinishReason, Generate, SamplingParams, TokenLogprobs
+from protocol.engine_api import Encode, FinishReason, Generate, MediaInput, SamplingParams, TokenLogprobs
 from protocol.media.spec import MultimodalSpec
 
 if TYPE_CHECKING:
@@ -178,13 +178,14 @@ class ImageInputs:
 
     token_id: int  # the placeholder token every image position carries
     tokens_per_image: int
+    hidden_size: int = 0  # columns of an `image_embeds` item (0: none accepted)
 
 
 def image_inputs(spec: MultimodalSpec | None) -> ImageInputs | None:
     """What `check_media` needs of a model's multimodal spec (None: the model takes no images)."""
     if spec is None or "image" not in spec.modalities:
         return None
-    return ImageInputs(spec.image_token_id, spec.image_tokens)
+    return ImageInputs(spec.image_token_id, spec.image_tokens, spec.embeds_hidden_size)
 
 
 def check_media(command: Generate, images: ImageInputs | None) -> None:
@@ -200,11 +201,13 @@ def check_media(command: Generate, images: ImageInputs | None) -> None:
     end = 0
     for i, item in enumerate(command.media):
         where = f"media[{i}]"
-        if item.kind != "image":
+        if item.kind == "image_embeds":
+            _check_embeds(item, images.hidden_size, where)
+        elif item.kind != "image":
             raise RequestRejected(f"{where}: this model takes images only, not {item.kind}")
-        if len(item.shape) != 3 or item.shape[2] != 3 or len(item.data) != item.shape[0] * item.shape[1] * 3:
+        elif len(item.shape) != 3 or item.shape[2] != 3 or len(item.data) != item.shape[0] * item.shape[1] * 3:
             raise RequestRejected(f"{where}: an image's data must be 8-bit RGB of its shape {item.shape}")
-        if item.length != images.tokens_per_image:
+        elif item.length != images.tokens_per_image:
             raise RequestRejected(f"{where}: an image fills {images.tokens_per_image} positions, not {item.length}")
         if item.offset < end or item.offset + item.length > len(prompt):
             raise RequestRejected(f"{where}: its positions overlap another item or run past the prompt")
@@ -214,3 +217,13 @@ def check_media(command: Generate, images: ImageInputs | None) -> None:
     placed = sum(item.length for item in command.media)
     if sum(1 for token in prompt if token == images.token_id) != placed:
         raise RequestRejected("the prompt has image tokens that no image fills")
+
+
+def _check_embeds(item: MediaInput, hidden_size: int, where: str) -> None:
+    """Precomputed image embeddings: float32 rows of the model's hidden size, one per position."""
+    if hidden_size <= 0:
+        raise RequestRejected(f"{where}: this model takes no image embeddings")
+    if item.shape != (item.length, hidden_size) or len(item.data) != item.length * hidden_size * 4:
+        raise RequestRejected(
+            f"{where}: image embeddings must be float32 of shape ({item.length}, {hidden_size}), got {item.shape}"
+        )

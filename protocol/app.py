@@ -128,6 +128,7 @@ class AppConfig(msgspec.Struct, kw_only=True):
     reasoning_parser: str | None = None
     # media items per prompt and modality (vLLM's --limit-mm-per-prompt; unset: 999)
     limit_mm_per_prompt: dict[str, int] = msgspec.field(default_factory=dict)
+    enable_mm_embeds: bool = False  # `image_embeds` content parts accepted (vLLM's --enable-mm-embeds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ class App:
             clock=clock,
             exclude_tools_when_tool_choice_none=config.exclude_tools_when_tool_choice_none,
             limit_mm_per_prompt=config.limit_mm_per_prompt,
+            enable_mm_embeds=config.enable_mm_embeds,
         )
         self._settings = CallSettings(
             response_role=config.response_role,

@@ -90,12 +90,15 @@ class MediaInput(msgspec.Struct, frozen=True):
     the item covers, so equal text with different media never shares blocks.
     """
 
-    kind: Literal["image", "audio", "video"]
+    kind: Literal["image", "image_embeds", "audio", "video"]
     hash: str
     offset: int  # the first prompt position of the item's placeholder tokens
     length: int  # how many placeholder tokens it fills
-    data: bytes  # image: uint8 RGB, row-major [height, width, 3]; audio: float32 mono samples
-    shape: tuple[int, ...]  # image: (height, width, 3); audio: (samples,); video: (frames, height, width, 3)
+    # image: uint8 RGB, row-major [height, width, 3]; image_embeds: float32 rows (the model's input
+    # embeddings); audio: float32 mono samples
+    data: bytes
+    # image: (height, width, 3); image_embeds: (length, hidden); audio: (samples,); video: (frames, h, w, 3)
+    shape: tuple[int, ...]
 
 
 class Generate(msgspec.Struct, tag=True, frozen=True):

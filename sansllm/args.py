@@ -505,6 +505,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         help='most media items of each kind in one prompt, e.g. \'{"image": 4, "video": 0}\' (default 999 each)',
     )
     media.add_argument(
+        "--enable-mm-embeds",
+        action="store_true",
+        help="accept image_embeds content parts (base64 torch.save tensors of the model's input embeddings)",
+    )
+    media.add_argument(
         "--allowed-media-domains",
         nargs="+",
         default=None,

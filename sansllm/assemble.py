@@ -107,6 +107,7 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         limit_mm_per_prompt=dict(getattr(args, "limit_mm_per_prompt", None) or {}),
+        enable_mm_embeds=bool(getattr(args, "enable_mm_embeds", False)),
         version=_version(),
     )
 

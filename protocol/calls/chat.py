@@ -26,7 +26,7 @@ from protocol.calls.prompt import ChatRenderer, encode_text, prepare_prompt_ids
 from protocol.calls.sample import Sample, Step, TextOptions
 from protocol.engine_api import Generate, MediaInput, TokenLogprobs
 from protocol.logprobs import chat_logprobs, prompt_logprobs
-from protocol.media.placement import Placement, place_media, shift_placements
+from protocol.media.placement import place_media, shift_placements
 from protocol.media.resolve import MediaPlan
 from protocol.model import ServedModel
 from protocol.output.deltas import MessageDelta, join
@@ -70,12 +70,12 @@ def build_chat_call(
     check_auto_tool_choice(request, enabled=settings.enable_auto_tool_choice and bool(settings.tool_call_parser))
     prompt_text, media = renderer.render_with_media(request, model)
     token_ids = encode_text(model.tokenizer, prompt_text, request.add_special_tokens)
-    placements: list[Placement] = []
-    if model.multimodal is not None:  # placeholders typed in the text count too (they have no image)
-        token_ids, placements = place_media(token_ids, media, model.multimodal)
+    plan = MediaPlan(media, model.multimodal) if model.multimodal is not None else None
+    if plan is not None:  # placeholders typed in the text count too (they have no image)
+        token_ids, placements = place_media(token_ids, media, plan.spec, plan.lengths())
     prompt_ids = prepare_prompt_ids(token_ids, model, request.truncate_prompt_tokens)
-    if placements:
-        placements = shift_placements(placements, len(token_ids) - len(prompt_ids))
+    if plan is not None:
+        plan.place(shift_placements(placements, len(token_ids) - len(prompt_ids)))
     params = chat_sampling_params(
         request, model, len(prompt_ids), settings.max_logprobs, allow_priority=settings.allow_priority
     )
@@ -100,10 +100,9 @@ def build_chat_call(
             headers=identity.headers,
         )
 
-    if not media:
+    if plan is None or not media:
         return build()
-    assert model.multimodal is not None
-    return MediaCall(MediaPlan(media, placements, model.multimodal), build, model.engine_name)
+    return MediaCall(plan, build, model.engine_name)
 
 
 def _tool_mode(request: ChatCompletionRequest) -> str:

@@ -44,9 +44,11 @@ class ChatRenderer:
         clock: Callable[[], float],
         exclude_tools_when_tool_choice_none: bool = False,
         limit_mm_per_prompt: Mapping[str, int] | None = None,
+        enable_mm_embeds: bool = False,
     ) -> None:
         self._server_template = server_template
         self._media_limits = dict(limit_mm_per_prompt or {})
+        self._enable_mm_embeds = enable_mm_embeds
         self._exclude_tools_when_none = exclude_tools_when_tool_choice_none
         self._content_format = content_format
         self._trust_request_template = trust_request_template
@@ -69,7 +71,11 @@ class ChatRenderer:
         model, which refuses them); each part left its placeholder in the text."""
         template = self.template_for(request.chat_template, model)
         content_format = template.content_format if self._content_format == "auto" else self._content_format
-        collector = MediaCollector(model.multimodal, self._media_limits) if model.multimodal is not None else None
+        collector = (
+            MediaCollector(model.multimodal, self._media_limits, allow_embeds=self._enable_mm_embeds)
+            if model.multimodal is not None
+            else None
+        )
         messages = normalize_messages(request.messages, content_format, collector)
         request_tools = getattr(request, "tools", None)  # the pooling endpoints take no tools
         if self._exclude_tools_when_none and getattr(request, "tool_choice", None) == "none":

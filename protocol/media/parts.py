@@ -3,8 +3,10 @@
 OpenAI's shapes (and vLLM's extras): `{"type": "image_url", "image_url": {"url": ...}}` (also a bare
 string, and `input_image` with `image_url` as a string), `{"type": "input_audio", "input_audio":
 {"data": <base64>, "format": "wav"}}`, `audio_url` and `video_url` like `image_url`. vLLM accepts a
-part without `type` when its key says what it is. `image_pil` and the `*_embeds` parts are objects
-of vLLM's Python API (pickled tensors, PIL images) that no HTTP client can send safely: refused.
+part without `type` when its key says what it is. `image_embeds` (base64 `torch.save` bytes of the
+embeddings, read without unpickling anything else: protocol.media.tensor_file) needs
+`--enable-mm-embeds`, as in vLLM; `image_pil` and `audio_embeds` are objects of vLLM's Python API
+that HTTP does not carry: refused.
 
 The template sees a placeholder where each item was: `{"type": "image"}` in a list of parts (what
 HF chat templates test for), or the model's placeholder text for templates that take one string.
@@ -27,9 +29,10 @@ MEDIA_PARTS: dict[str, tuple[Modality, str]] = {
     "audio_url": ("audio", "audio_url"),
     "input_audio": ("audio", "input_audio"),
     "video_url": ("video", "video_url"),
+    "image_embeds": ("image", "image_embeds"),
 }
-# parts vLLM's Python API takes but HTTP cannot carry safely
-PYTHON_ONLY_PARTS = frozenset({"image_pil", "image_embeds", "audio_embeds"})
+# parts vLLM's Python API takes but HTTP does not carry
+PYTHON_ONLY_PARTS = frozenset({"image_pil", "audio_embeds"})
 DEFAULT_LIMIT = 999  # vLLM's default --limit-mm-per-prompt for each modality
 
 
@@ -40,6 +43,7 @@ class MediaPart(msgspec.Struct, frozen=True):
     where: str  # e.g. "messages[1].content[0]", for errors that name the part
     url: str | None = None  # image_url / audio_url / video_url: data:, http(s): or file: URL
     input_audio: Any = None  # input_audio's {"data": base64, "format": ...}
+    embeds: Any = None  # image_embeds' base64 torch.save bytes
 
 
 def _bad(message: str) -> ProtocolError:
@@ -50,9 +54,12 @@ class MediaCollector:
     """Collects a chat's media parts while its messages are normalized; enforces what the model takes
     (`spec.modalities`) and `--limit-mm-per-prompt`."""
 
-    def __init__(self, spec: MultimodalSpec, limits: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, spec: MultimodalSpec, limits: Mapping[str, int] | None = None, *, allow_embeds: bool = False
+    ) -> None:
         self.spec = spec
         self.limits = dict(limits or {})
+        self.allow_embeds = allow_embeds
         self.parts: list[MediaPart] = []
 
     def add(self, part: dict, part_type: str, where: str) -> MediaPart:
@@ -69,7 +76,13 @@ class MediaCollector:
         if sum(1 for item in self.parts if item.kind == kind) >= limit:
             raise _bad(f"At most {limit} {kind}(s) may be provided in one prompt.")
         value = part.get(key)
-        if key == "input_audio":
+        if key == "image_embeds":
+            if not self.allow_embeds:
+                raise _bad(f"{where}: 'image_embeds' parts need the server flag --enable-mm-embeds.")
+            if self.spec.embeds_hidden_size <= 0:
+                raise _bad(f"{where}: this model does not take image embeddings.")
+            item = MediaPart(kind, where, embeds=value)
+        elif key == "input_audio":
             if not isinstance(value, dict):
                 raise _bad(f"{where}.input_audio must be an object with 'data' and 'format'.")
             item = MediaPart(kind, where, input_audio=value)

@@ -18,9 +18,15 @@ Placement = tuple[int, int]  # (first position, number of positions)
 
 
 def place_media(
-    token_ids: Sequence[int], parts: Sequence[MediaPart], spec: MultimodalSpec
+    token_ids: Sequence[int],
+    parts: Sequence[MediaPart],
+    spec: MultimodalSpec,
+    lengths: Sequence[int | None] | None = None,
 ) -> tuple[list[int], list[Placement]]:
-    """Expand each image placeholder token; return the new ids and each part's placement, in order."""
+    """Expand each image placeholder token; return the new ids and each part's placement, in order.
+
+    `lengths`: positions per part where an item sets its own (image embeddings: their rows); None
+    (or a None entry) is the model's `image_tokens`."""
     wanted = [part for part in parts if part.kind == "image"]
     if len(wanted) != len(parts):  # no model here has placeholders for audio or video yet
         other = next(part for part in parts if part.kind != "image")
@@ -32,12 +38,14 @@ def place_media(
             "each image needs exactly one (the chat template writes them; do not type them in the text).",
             param="messages",
         )
+    sizes = [spec.image_tokens if n is None else n for n in (lengths or [None] * len(wanted))]
     ids: list[int] = []
     placements: list[Placement] = []
     for token in token_ids:
         if token == spec.image_token_id:
-            placements.append((len(ids), spec.image_tokens))
-            ids.extend([token] * spec.image_tokens)
+            size = sizes[len(placements)]
+            placements.append((len(ids), size))
+            ids.extend([token] * size)
         else:
             ids.append(token)
     return ids, placements

@@ -36,4 +36,5 @@ class MultimodalSpec(msgspec.Struct, frozen=True, kw_only=True):
     image_token_id: int = -1
     image_tokens: int = 0  # positions one image fills in the prompt (fixed for LLaVA-1.5-style)
     image: ImageProcessing = ImageProcessing()
+    embeds_hidden_size: int = 0  # columns of an `image_embeds` tensor (the language model's hidden size)
     audio_sample_rate: int = 16000

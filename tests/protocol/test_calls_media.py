@@ -190,7 +190,7 @@ def test_malformed_media_is_a_400_naming_the_part(url, said):
         ({"type": "image_url"}, "image_url must be a URL string"),
         ({"type": "input_audio", "input_audio": "x"}, "This model does not accept audio inputs"),
         ({"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}, "does not accept video inputs"),
-        ({"type": "image_embeds", "image_embeds": "AAAA"}, "not accepted over HTTP"),
+        ({"type": "image_embeds", "image_embeds": "AAAA"}, "need the server flag --enable-mm-embeds"),
         ({"type": "image_pil", "image_pil": "x"}, "not accepted over HTTP"),
         ({"type": "hologram", "hologram": {}}, "Unknown part type"),
     ],

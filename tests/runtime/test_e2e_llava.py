@@ -123,6 +123,12 @@ def reference(tmp_path_factory):
             prompt_logprobs = [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
             out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
             expected[name] = (ids, prompt_logprobs, out[0, len(ids) :].tolist())
+        pixels = processor.image_processor(Image.open(io.BytesIO(RED)), return_tensors="pt")["pixel_values"]
+        features = model.get_image_features(pixel_values=pixels)
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        buffer = io.BytesIO()
+        torch.save(torch.cat(list(features)) if isinstance(features, (list, tuple)) else features[0], buffer)
+        expected["red embeds"] = base64.b64encode(buffer.getvalue()).decode()
     return folder, expected
 
 
@@ -230,7 +236,7 @@ def local_server(request, reference, media_server, tmp_path_factory):
     allowed = tmp_path_factory.mktemp("allowed")
     (allowed / "cat.png").write_bytes(RED)
     (allowed.parent / "secret.png").write_bytes(RED)
-    flags = ["--dtype", "float32", "--enable-prompt-tokens-details", "--allowed-media-domains", "127.0.0.1",
+    flags = ["--dtype", "float32", "--enable-prompt-tokens-details", "--enable-mm-embeds", "--allowed-media-domains", "127.0.0.1",
              "--allowed-local-media-path", str(allowed), "--max-media-bytes", "100k"]  # fmt: skip
     args = parse_serve_args([str(folder), *flags], environ={"VLLM_IMAGE_FETCH_TIMEOUT": "0.5"})
     config = engine_config_from_args(args, EngineConfig)
@@ -240,12 +246,12 @@ def local_server(request, reference, media_server, tmp_path_factory):
         yield running, media_server, allowed
 
 
-def ask(url: str, image_url: str, text: str = "What is this?") -> httpx.Response:
+def ask(url: str, image_url: str, text: str = "What is this?", part: dict | None = None, **extra) -> httpx.Response:
+    part = part or {"type": "image_url", "image_url": {"url": image_url}}
     body = {
         "model": httpx.get(f"{url}/v1/models").json()["data"][0]["id"],
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                  {"type": "text", "text": text}]}],
-        "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True, "ignore_eos": True,
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": text}]}],
+        "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True, "ignore_eos": True, **extra,
     }  # fmt: skip
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
 
@@ -258,6 +264,17 @@ def test_an_image_fetched_over_http_or_file_answers_like_inline_data(local_serve
         response = ask(server.url, url, "What is in the picture?")
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["token_ids"] == want, url
+
+
+def test_image_embeddings_answer_like_the_image_they_came_from(local_server, reference):
+    server, _, _ = local_server
+    _, expected = reference
+    part = {"type": "image_embeds", "image_embeds": expected["red embeds"]}
+    response = ask(server.url, "", "What is in the picture?", part, prompt_logprobs=0)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["token_ids"] == expected["one square image"][2]
+    got = [next(iter(entry.values()))["logprob"] for entry in response.json()["prompt_logprobs"][1:]]
+    assert np.allclose(got, expected["one square image"][1], atol=PROMPT_LOGPROB_TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize(
