@@ -16,6 +16,7 @@ from protocol import App, AppConfig, Body, EndResponse, Generate, StartResponse,
 from protocol.media.fetch import MediaFetched, MediaFetchFailed, MediaRequest
 from protocol.outputs import Fetch
 from protocol.testing import IMAGE_ID, ByteTokenizer, tiny_served_model, tiny_vision_model
+from tests.media_samples import png_with_size
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 IMAGE_TOKENS = 4
@@ -171,6 +172,8 @@ TRUNCATED_PNG = noisy_png()[:-200]
         (data_url(png(), mime="text/plain"), "text/plain"),
         (data_url(b""), "empty"),
         (data_url(b"GIF89a-but-not-really"), "image"),
+        (data_url(png_with_size(0, 0)), "not a valid image"),
+        (data_url(png_with_size(100_000, 100_000)), "image"),
         ("ftp://example.com/x.png", "data:, http(s): or file: URL"),
         ("data:image/png;base64", "data URL"),
     ],
