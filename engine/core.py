@@ -244,7 +244,9 @@ class EngineCore:
         return []
 
     def _add_encode(self, command: Encode) -> list[Event]:
-        """A decoder embedding model: one prefill-only sequence, pooled from its last token."""
+        """A decoder embedding model: one prefill-only sequence, pooled from its last token. A
+        vision-language model's images ride on the sequence, as a `Generate`'s do: the runner embeds
+        them and the prefix cache keys their blocks by them."""
         if "generate" in self.tasks:
             return [Failed(command.request_id, 400, "this model generates text; it does not serve embeddings")]
         if refused := self._running(command.request_id):
@@ -253,6 +255,7 @@ class EngineCore:
             check_pooling(
                 command, self.tasks, self.config.vocab_size, self.max_model_len, self.config.hidden_size
             )
+            check_media(command.prompt_token_ids, command.media, self.image_inputs)
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
         seq = ScheduledSequence(
@@ -264,6 +267,7 @@ class EngineCore:
             arrival=next(self._arrivals),
             salt=command.cache_salt,
             prefill_only=True,
+            media=command.media,
         )
         self.encodes[command.request_id] = (command, seq)
         self.scheduler.add(seq)
@@ -276,7 +280,7 @@ class EngineCore:
             return refused
         try:
             max_tokens = validate(command, self.config.vocab_size, self.max_model_len, self.max_num_seqs)
-            check_media(command, self.image_inputs)
+            check_media(command.prompt_token_ids, command.media, self.image_inputs)
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
         if (busy := self._over_capacity(len(command.prompt_token_ids))) is not None:

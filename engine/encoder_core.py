@@ -17,7 +17,7 @@ import torch
 from engine.admission import over_capacity
 from engine.core import EngineStats
 from engine.model_runner import EncoderInput, EncoderRunner
-from engine.requests import RequestRejected, check_pooling
+from engine.requests import RequestRejected, check_media, check_pooling
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate, Pooled
 
 
@@ -76,6 +76,7 @@ class EncoderCore:
             return [Failed(command.request_id, 400, f"request id {command.request_id!r} is already running")]
         try:
             check_pooling(command, self.tasks, self.vocab_size, self.max_model_len, self.hidden_size)
+            check_media(command.prompt_token_ids, command.media, None)  # encoders read text only
             types = command.token_type_ids
             if types is not None and any(not 0 <= t < self.num_type_ids for t in types):
                 raise RequestRejected(f"token_type_ids must lie in [0, {self.num_type_ids})")

@@ -265,7 +265,9 @@ def _load_llava(
     clock: _PhaseClock,
 ) -> LoadedModel:
     """A LLaVA-style model from an HF folder: config.json, safetensors, the processor files
-    (image processing settings) and the tokenizer, which must know the image placeholder token."""
+    (image processing settings) and the tokenizer, which must know the image placeholder token.
+    With `convert="embed"` it is an embedding model like the other converted decoders (last prompt
+    token, normalised, float32 on a CPU by default), whose prompts may hold images."""
     config = LlavaConfig.from_hf(raw)
     spec = architecture_support(config.text.architecture, convert)
     image_config, processor_config = read_processor_files(source.path)
@@ -285,7 +287,7 @@ def _load_llava(
     config_dtype = (
         raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or text_raw.get("dtype")
     )
-    torch_dtype = resolve_dtype(dtype, device, config_dtype)
+    torch_dtype = resolve_dtype(dtype, device, config_dtype, pooling=convert == "embed")
     model = build_llava_model(
         config, processor, torch_dtype, device, safetensors_weights(source.path, torch_dtype, progress)
     )
@@ -317,7 +319,8 @@ def _load_llava(
         image_token,
     )
     defaults = generation_defaults(source.path / "generation_config.json")
-    return LoadedModel(source, config.text, model, tokenizer, defaults, spec, multimodal=multimodal)
+    pooling = None if spec.generates else PoolingFacts(config.text.hidden_size, "last", True)
+    return LoadedModel(source, config.text, model, tokenizer, defaults, spec, pooling, multimodal=multimodal)
 
 
 def _image_token(tokenizer: HFTokenizer, token_id: int) -> str:

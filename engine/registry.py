@@ -6,8 +6,9 @@ Two kinds of model run in the engine:
   paged KV cache, scheduled in chunks beside other sequences. They generate text; converted with
   `convert="embed"` (vLLM's `--convert embed`) they serve embeddings instead, pooled from the last
   prompt token's hidden state (vLLM's default for decoder embedding models). Vision-language models
-  (LLaVA) are decoders too: their images enter as input embeddings of placeholder tokens, and they
-  generate only;
+  (LLaVA) are decoders too: their images enter as input embeddings of placeholder tokens; they
+  generate, or with `convert="embed"` embed chats that hold images, pooled the same way (as vLLM
+  serves vision-language embedding models);
 - **encoders** (BERT, RoBERTa, XLM-R) attend both ways over a whole input, so they never chunk and
   keep no KV cache. The base models serve embeddings; `*ForSequenceClassification` models serve
   `classify`, and with a single output (a cross-encoder) also `score` for /score and /rerank.
@@ -75,13 +76,9 @@ def architecture_support(architecture: str, convert: Convert = "auto", num_label
     """What `architecture` serves, given the `convert` option."""
     if convert not in ("auto", "embed"):
         raise ValueError(f"unknown convert option {convert!r}; choose auto or embed")
-    if architecture in DECODER_ARCHITECTURES:
+    if architecture in DECODER_ARCHITECTURES or architecture in MULTIMODAL_ARCHITECTURES:
         if convert == "embed":
             return ArchitectureSupport(architecture, "decoder", frozenset({"embed"}))
-        return ArchitectureSupport(architecture, "decoder", frozenset({"generate"}))
-    if architecture in MULTIMODAL_ARCHITECTURES:
-        if convert == "embed":
-            raise UnsupportedModelError(f"{architecture} serves generation only; it cannot be converted to embed")
         return ArchitectureSupport(architecture, "decoder", frozenset({"generate"}))
     if architecture in ENCODER_ARCHITECTURES:
         return ArchitectureSupport(architecture, "encoder", frozenset({"embed", "token_embed"}))

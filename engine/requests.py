@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -188,18 +189,21 @@ def image_inputs(spec: MultimodalSpec | None) -> ImageInputs | None:
     return ImageInputs(spec.image_token_id, spec.image_tokens, spec.embeds_hidden_size)
 
 
-def check_media(command: Generate, images: ImageInputs | None) -> None:
+def check_media(
+    prompt: SequenceOf[int], media: SequenceOf[MediaInput], images: ImageInputs | None
+) -> None:
     """Refuse media the model cannot take or that does not sit on its placeholder runs.
 
-    The protocol core places items correctly; this guards the engine's own callers (offline use,
-    other front ends) against a misplaced item, which would otherwise embed the wrong rows."""
-    prompt = command.prompt_token_ids
+    Takes the prompt and its media rather than a command: a `Generate` and an `Encode` (a
+    vision-language embedding model) carry them alike. The protocol core places items correctly;
+    this guards the engine's own callers (offline use, other front ends) against a misplaced item,
+    which would otherwise embed the wrong rows."""
     if images is None:
-        if command.media:
+        if media:
             raise RequestRejected("This model does not accept media inputs; send text only.")
         return
     end = 0
-    for i, item in enumerate(command.media):
+    for i, item in enumerate(media):
         where = f"media[{i}]"
         if item.kind == "image_embeds":
             _check_embeds(item, images.hidden_size, where)
@@ -214,7 +218,7 @@ def check_media(command: Generate, images: ImageInputs | None) -> None:
         if any(token != images.token_id for token in prompt[item.offset : item.offset + item.length]):
             raise RequestRejected(f"{where}: its positions must all hold the image token {images.token_id}")
         end = item.offset + item.length
-    placed = sum(item.length for item in command.media)
+    placed = sum(item.length for item in media)
     if sum(1 for token in prompt if token == images.token_id) != placed:
         raise RequestRejected("the prompt has image tokens that no image fills")
 

@@ -117,7 +117,8 @@ class Encode(msgspec.Struct, tag=True, frozen=True):
     """Pool one prompt's hidden states (prefill only, nothing is sampled); answered by one `Pooled`.
 
     A sentence pair for a cross-encoder arrives already joined by the tokenizer, with its segment
-    ids in `token_type_ids` (None: all zeros).
+    ids in `token_type_ids` (None: all zeros). A chat for a vision-language embedding model carries
+    its images in `media`, placed on their placeholder runs as a `Generate`'s are.
     """
 
     request_id: str
@@ -126,6 +127,7 @@ class Encode(msgspec.Struct, tag=True, frozen=True):
     token_type_ids: tuple[int, ...] | None = None
     priority: int = 0
     cache_salt: str | None = None
+    media: tuple[MediaInput, ...] = ()  # in prompt order, on non-overlapping placeholder runs
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):

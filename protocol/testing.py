@@ -149,10 +149,17 @@ def tiny_served_model(max_model_len: int = 256, name: str = "tiny-byte-model") -
 
 
 def tiny_vision_model(
-    image_tokens: int = 4, *, crop: int = 8, max_model_len: int = 256, name: str = "tiny-vision-model", **spec: object
+    image_tokens: int = 4,
+    *,
+    crop: int = 8,
+    max_model_len: int = 256,
+    name: str = "tiny-vision-model",
+    tasks: Iterable[str] = ("generate",),
+    **spec: object,
 ) -> ServedModel:
     """A LLaVA-style model as the API sees it: `ByteTokenizer(vision=True)`, each image `image_tokens`
-    positions, resized and cropped to `crop` x `crop` pixels."""
+    positions, resized and cropped to `crop` x `crop` pixels. `tasks=("embed",)`: one served with
+    `--convert embed` (8-d embeddings)."""
     multimodal = MultimodalSpec(
         modalities=frozenset({"image"}),
         image_token="<image>",
@@ -161,8 +168,15 @@ def tiny_vision_model(
         image=ImageProcessing(shortest_edge=crop, crop_height=crop, crop_width=crop),
         **spec,  # type: ignore[arg-type]
     )
+    served = frozenset(tasks)
     return ServedModel(
-        names=[name], root=name, tokenizer=ByteTokenizer(vision=True), max_model_len=max_model_len, multimodal=multimodal
+        names=[name],
+        root=name,
+        tokenizer=ByteTokenizer(vision=True),
+        max_model_len=max_model_len,
+        tasks=served,
+        pooling=None if served == {"generate"} else PoolingInfo(hidden_size=8),
+        multimodal=multimodal,
     )
 
 

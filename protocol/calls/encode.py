@@ -152,6 +152,7 @@ def encode_call(
             params=params,
             token_type_ids=item.token_type_ids,
             priority=priority,
+            media=item.media,
         )
         for index, item in enumerate(inputs)
     ]

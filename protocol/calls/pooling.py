@@ -6,29 +6,34 @@ activation; this module validates the request and shapes the answer: floats, bas
 (`embed_dtype`, `endianness`), or `encoding_format: "bytes"` (a raw `application/octet-stream`
 body described by a JSON `metadata` header, as vLLM sends it). Usage counts the prompt tokens of
 every input the engine pooled.
+
+A chat with images (a vision-language embedding model) is answered by a `MediaCall` first: it has
+the images fetched and decoded, then builds the endpoint's `EncodeCall` with `Encode.media` set.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
 
 from protocol.calls.base import CallIdentity, CallSettings, Headers
 from protocol.calls.encode import EncodeCall, Reply, ReplyHead, encode_call, prompt_tokens
+from protocol.calls.media import MediaCall
 from protocol.calls.pooling_inputs import (
     CLASSIFICATION,
     EMBEDDING,
+    ChatInput,
     EngineInput,
     chat_input,
     input_items,
     prompt_input,
 )
 from protocol.calls.prompt import ChatRenderer
-from protocol.engine_api import Pooled, PoolingParams
+from protocol.engine_api import MediaInput, Pooled, PoolingParams
 from protocol.model import ServedModel
 from protocol.pooling_requests import (
     ClassificationChatRequest,
@@ -61,10 +66,11 @@ def engine_inputs(
     model: ServedModel,
     renderer: ChatRenderer,
     operation: str,
-) -> list[EngineInput]:
-    """The request's inputs as prompts: its chat rendered, or each of its `input`s."""
+) -> list[EngineInput] | ChatInput:
+    """The request's inputs as prompts: its chat rendered (with its media plan), or each of its
+    `input`s."""
     if isinstance(request, EmbeddingChatRequest | ClassificationChatRequest):
-        return [chat_input(request, model, renderer, operation=operation)]
+        return chat_input(request, model, renderer, operation=operation)
     return [
         prompt_input(
             item,
@@ -75,6 +81,26 @@ def engine_inputs(
         )
         for item in input_items(request.input)
     ]
+
+
+def _call_for(
+    inputs: list[EngineInput] | ChatInput,
+    model: ServedModel,
+    build: Callable[[list[EngineInput]], EncodeCall],
+) -> EncodeCall | MediaCall:
+    """The endpoint's call over `inputs`; for a chat with media parts, a `MediaCall` that has them
+    fetched and decoded first (a bad part is a 400 before any engine work), then builds it."""
+    if not isinstance(inputs, ChatInput):
+        return build(inputs)
+    plan = inputs.plan
+    if plan is None:
+        return build([inputs.prompt])
+    prompt = inputs.prompt
+
+    def with_media(media: tuple[MediaInput, ...]) -> EncodeCall:
+        return build([replace(prompt, media=media)])
+
+    return MediaCall(plan, with_media, model.engine_name)
 
 
 # ---- /v1/embeddings and /pooling ----
@@ -152,13 +178,19 @@ def build_embedding_call(
     renderer: ChatRenderer,
     settings: CallSettings,
     identity: CallIdentity,
-) -> EncodeCall:
+) -> EncodeCall | MediaCall:
     """POST /v1/embeddings; raises `ProtocolError` for a bad request."""
     require_api(model, "Embeddings", "embed")
     check_priority(request.priority, settings.allow_priority)
     params = pooling_params(model, "embed", dimensions=request.dimensions, normalize=request.normalize)
     inputs = engine_inputs(request, model, renderer, EMBEDDING)
-    return _vectors_call(request, model, identity, inputs, params, kind="embedding", per_token=False)
+    return _call_for(
+        inputs,
+        model,
+        lambda prompts: _vectors_call(
+            request, model, identity, prompts, params, kind="embedding", per_token=False
+        ),
+    )
 
 
 def build_pooling_call(
@@ -167,7 +199,7 @@ def build_pooling_call(
     renderer: ChatRenderer,
     settings: CallSettings,
     identity: CallIdentity,
-) -> EncodeCall:
+) -> EncodeCall | MediaCall:
     """POST /pooling: any pooling task the model serves; raises `ProtocolError` for a bad request."""
     require_api(model, "Pooling")
     check_priority(request.priority, settings.allow_priority)
@@ -181,7 +213,13 @@ def build_pooling_call(
     )
     inputs = engine_inputs(request, model, renderer, EMBEDDING)
     per_token = task in ("token_embed", "token_classify")
-    return _vectors_call(request, model, identity, inputs, params, kind="pooling", per_token=per_token)
+    return _call_for(
+        inputs,
+        model,
+        lambda prompts: _vectors_call(
+            request, model, identity, prompts, params, kind="pooling", per_token=per_token
+        ),
+    )
 
 
 def _vectors_call(
@@ -237,7 +275,7 @@ def build_classification_call(
     renderer: ChatRenderer,
     settings: CallSettings,
     identity: CallIdentity,
-) -> EncodeCall:
+) -> EncodeCall | MediaCall:
     """POST /classify: label = the model's id2label of the top class; raises `ProtocolError`."""
     require_api(model, "Classification", "classify")
     check_priority(request.priority, settings.allow_priority)
@@ -246,4 +284,6 @@ def build_classification_call(
     head = ReplyHead(identity.response_id("classify"), identity.created, model.name)
     id2label = dict(model.pooling.id2label) if model.pooling is not None else {}
     reply = _ClassificationReply(head, id2label)
-    return encode_call(head, identity, inputs, params, request.priority, reply)
+    return _call_for(
+        inputs, model, lambda prompts: encode_call(head, identity, prompts, params, request.priority, reply)
+    )

@@ -4,6 +4,11 @@ Shared by the pooling endpoints. Text is tokenized here (the engine only sees id
 keeps the last `truncate_prompt_tokens` ids (a text's special tokens stay, as HF's left-side
 truncation keeps them; a sentence pair is cut by the tokenizer, longest text first); an input may fill the whole context window (nothing is
 generated) but not more, with vLLM's message naming the endpoint's `operation`.
+
+A chat for a vision-language model (an LLaVA served with `--convert embed`) may hold images: they
+are placed on their expanded placeholders as a chat completion's are (`protocol.calls.chat`), and
+the chat comes back with its `MediaPlan`, which the endpoint has fetched and decoded before it
+submits the `Encode`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from protocol.calls.prompt import ChatRenderer, encode_text
+from protocol.engine_api import MediaInput
 from protocol.errors import ProtocolError
+from protocol.media.placement import place_media, shift_placements
+from protocol.media.resolve import MediaPlan
 from protocol.model import ServedModel
 from protocol.pooling_requests import ChatStyleRequest, PoolingInput
 from protocol.pooling_validation import check_pooling_length
@@ -29,6 +37,16 @@ class EngineInput:
 
     token_ids: tuple[int, ...]
     token_type_ids: tuple[int, ...] | None = None
+    media: tuple[MediaInput, ...] = ()  # a chat's decoded images, on their placeholder runs
+
+
+@dataclass(frozen=True, slots=True)
+class ChatInput:
+    """A chat rendered for pooling: its prompt, and the plan of its media parts (None: it has none),
+    which must be fetched and decoded into `prompt.media` before the `Encode` is sent."""
+
+    prompt: EngineInput
+    plan: MediaPlan | None = None
 
 
 def input_items(value: PoolingInput, param: str = "input") -> list[str | list[int]]:
@@ -92,12 +110,23 @@ def _truncate_keeping_specials(
 
 def chat_input(
     request: ChatStyleRequest, model: ServedModel, renderer: ChatRenderer, *, operation: str
-) -> EngineInput:
-    """The chat rendered by the template (as /tokenize does), tokenized, truncated and checked."""
+) -> ChatInput:
+    """The chat rendered by the template (as /tokenize does), tokenized, truncated and checked.
+
+    On a multimodal model its placeholders are expanded to each image's positions (placeholders
+    typed in the text count too, and are refused without an image, as in chat completions); a
+    truncation that cuts into an image is a 400. A text-only model refuses media parts."""
     check_generation_prompt(request.add_generation_prompt, request.continue_final_message)
-    text = renderer.render(request, model)
+    text, media = renderer.render_with_media(request, model)
     ids = encode_text(model.tokenizer, text, request.add_special_tokens, param="messages")
-    return EngineInput(_prepare(ids, model, request.truncate_prompt_tokens, operation, "messages"))
+    plan = MediaPlan(media, model.multimodal) if model.multimodal is not None else None
+    if plan is not None:
+        ids, placements = place_media(ids, media, plan.spec, plan.lengths())
+    token_ids = _prepare(ids, model, request.truncate_prompt_tokens, operation, "messages")
+    if plan is None or not media:
+        return ChatInput(EngineInput(token_ids))
+    plan.place(shift_placements(placements, len(ids) - len(token_ids)))
+    return ChatInput(EngineInput(token_ids), plan)
 
 
 def pair_input(

@@ -524,11 +524,11 @@ def test_configs_we_cannot_run_are_refused(changes: dict[str, Any], message: str
         LlavaConfig.from_hf(config)
 
 
-def test_the_registry_serves_llava_as_a_generating_decoder():
+def test_the_registry_serves_llava_as_a_generating_decoder_or_converted_to_embed():
     support = architecture_support("LlavaForConditionalGeneration")
     assert support.kind == "decoder" and support.tasks == {"generate"}
-    with pytest.raises(UnsupportedModelError, match="generation only"):
-        architecture_support("LlavaForConditionalGeneration", "embed")
+    embed = architecture_support("LlavaForConditionalGeneration", "embed")
+    assert embed.kind == "decoder" and embed.tasks == {"embed"}
 
 
 def test_bfloat16_with_packed_weights_runs_close_to_float32(tiny_llava: Path):
