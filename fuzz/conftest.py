@@ -14,3 +14,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     families = ", ".join(f"{name} {count}" for name, count in sorted(harness.EXERCISED.items()))
     statuses = ", ".join(f"{status}: {count}" for status, count in sorted(harness.STATUSES.items()))
     terminalreporter.write_line(f"fuzz: {total} requests exercised ({families}); statuses {statuses}")
+    media = sum(harness.MEDIA.values())
+    if media:
+        by_status = ", ".join(f"{status}: {count}" for status, count in sorted(harness.MEDIA.items()))
+        fetches = ", ".join(f"{kind} {count}" for kind, count in sorted(harness.FETCHES.items())) or "none"
+        terminalreporter.write_line(
+            f"fuzz: {media} requests with media parts (statuses {by_status}); URLs fetched: {fetches}"
+        )

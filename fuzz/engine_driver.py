@@ -7,7 +7,9 @@ logprobs and prompt logprobs in the requested shape), answers `Encode` with `Poo
 `Abort` (whole request or one sample), answers a random share of the `Encode`s per step (one
 row per token for the token tasks), and feeds one batch of events per step until
 `call.finished`. A hypothesis-drawn `EngineScript` decides the randomness, and may inject a
-`Failed` event (before or after the first output) or a client disconnect.
+`Failed` event (before or after the first output) or a client disconnect. A call that asks for
+media (`Fetch`) gets one `MediaFetched` or `MediaFetchFailed` per URL at once, drawn from the
+script's `fetch_answers` (image bytes, garbage, empty, a failure), unless the client leaves first.
 
 Token streams are drawn per (submission position, sample index) from their own seeded
 generators, so the same script yields the same tokens for a streamed and a non-streamed request
@@ -25,6 +27,7 @@ from typing import Literal, Protocol
 
 from hypothesis import strategies as st
 
+from fuzz import media_samples
 from protocol.engine_api import (
     Abort,
     Command,
@@ -36,11 +39,15 @@ from protocol.engine_api import (
     TokenLogprobs,
     Tokens,
 )
-from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.media.fetch import FetchResult, MediaFetched, MediaFetchFailed, MediaRequest
+from protocol.outputs import Body, EndResponse, Fetch, Output, StartResponse, Submit
 
 MAX_STEPS = 10_000
 MAX_SAMPLE_TOKENS = 24  # a sample never runs longer than this, whatever its max_tokens
 MAX_SAMPLES = 1024  # refuse to simulate more samples per call than this: an unbounded n is a core bug
+# What the fake runtime may feed back for a media URL: an image sample's bytes (by sample name),
+# or "garbage", "truncated" (a sample cut short), "empty", "html" (an error page), "failed".
+FETCH_ANSWERS = (*media_samples.IMAGE_NAMES, "garbage", "truncated", "empty", "html", "failed")
 
 
 class CallLike(Protocol):
@@ -72,7 +79,10 @@ class EngineScript:
     failure: Literal["none", "before", "after"] = "none"
     failure_status: int = 500
     failure_step: int = 1  # with failure="after": the step (>= 1) that fails, if output began
-    disconnect_step: int | None = None  # the client leaves before this step
+    disconnect_step: int | None = None  # the client leaves before this step (0: while media is fetched)
+    # what the i-th media URL a call asks for returns (cycled), from FETCH_ANSWERS
+    fetch_answers: tuple[str, ...] = ("png",)
+    fetch_reversed: bool = False  # feed the fetch results back in reverse order (any order is allowed)
 
 
 def engine_scripts(*, failures: bool = True, disconnects: bool = True) -> st.SearchStrategy[EngineScript]:
@@ -89,6 +99,10 @@ def engine_scripts(*, failures: bool = True, disconnects: bool = True) -> st.Sea
         failure_status=st.sampled_from([400, 500, 500, 503]),
         failure_step=st.integers(1, 4),
         disconnect_step=(st.none() | st.none() | st.integers(0, 4)) if disconnects else st.none(),
+        fetch_answers=st.lists(
+            st.sampled_from(FETCH_ANSWERS[:3] + FETCH_ANSWERS), min_size=1, max_size=3
+        ).map(tuple),
+        fetch_reversed=st.booleans(),
     )
 
 
@@ -127,6 +141,9 @@ class Transcript:
     output_before_failure: bool = False  # a Tokens (maybe empty) or Pooled event was fed before the failure
     disconnected: bool = False
     steps: int = 0
+    fetches: list[MediaRequest] = field(default_factory=list)  # every URL the call asked for
+    fetched: list[FetchResult] = field(default_factory=list)  # what was fed back for them
+    fetch_pending: bool = False  # the call asked for media that was never fed back (the client left)
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -160,7 +177,7 @@ class FakeEngine:
         rng = random.Random(script.seed)
         samples: list[_Sample] = []
         dead: set[str] = set()  # request ids that failed or were aborted as a whole
-        self._play(call.start(), transcript, samples, dead, script)
+        self._play(call, call.start(), transcript, samples, dead, script)
         step = 0
         while not call.finished:
             if step >= MAX_STEPS:
@@ -173,13 +190,15 @@ class FakeEngine:
                         raise DriverError(f"disconnected() returned a non-Abort command {command!r}")
                 self._apply_aborts(list(commands), transcript, samples, dead)
                 break
+            if transcript.fetch_pending:  # only a client that left mid-fetch stops the driver answering
+                raise DriverError("the call's media fetch was never answered")
             events = self._step(step, rng, script, transcript, samples, dead)
             if not events:
                 raise DriverError(
                     "the call waits for engine events, but every submitted request has finished, failed"
                     " or been aborted (or it submitted nothing)"
                 )
-            self._play(call.feed(events), transcript, samples, dead, script)
+            self._play(call, call.feed(events), transcript, samples, dead, script)
             step += 1
         transcript.steps = step
         if call.finished and not transcript.disconnected and not transcript.ended:
@@ -208,6 +227,7 @@ class FakeEngine:
 
     def _play(
         self,
+        call: CallLike,
         outputs: Sequence[Output],
         transcript: Transcript,
         samples: list[_Sample],
@@ -237,8 +257,29 @@ class FakeEngine:
                 transcript.ended = True
             elif isinstance(output, Submit):
                 self._submit(output.commands, transcript, samples, dead, script)
+            elif isinstance(output, Fetch):
+                results = self.fetch(output, transcript, script)
+                if script.disconnect_step == 0:  # the client leaves while the media is fetched
+                    transcript.fetch_pending = True
+                    continue
+                self._play(call, call.feed(results), transcript, samples, dead, script)
             else:
                 raise DriverError(f"unknown output {output!r}")
+
+    def fetch(self, fetch: Fetch, transcript: Transcript, script: EngineScript) -> list[FetchResult]:
+        """Check a `Fetch` (it comes before any response or engine work, with keys never asked for
+        before, so a call cannot loop asking), draw its answers and record both in `transcript`."""
+        if transcript.status is not None or transcript.generates or transcript.encodes:
+            raise DriverError("a Fetch after the response started or engine work was submitted")
+        if not fetch.requests:
+            raise DriverError("a Fetch of no URLs")
+        keys = [request.key for request in fetch.requests]
+        if len(set(keys)) != len(keys) or set(keys) & {request.key for request in transcript.fetches}:
+            raise DriverError(f"Fetch keys are not unique: {keys}")
+        results = fetch_results(fetch.requests, script)
+        transcript.fetches.extend(fetch.requests)
+        transcript.fetched.extend(results)
+        return results
 
     def _submit(
         self,
@@ -473,6 +514,11 @@ class EngineSession:
         """Take a `Submit`'s commands (raises `DriverError` on a runtime-contract violation)."""
         self.engine._submit(commands, self.transcript, self.samples, self.dead, self.script)
 
+    def fetch(self, requests: Sequence[MediaRequest]) -> list[FetchResult]:
+        """Answer a call's media URLs as the runtime's fetcher would (raises `DriverError` on a
+        contract violation)."""
+        return self.engine.fetch(Fetch(tuple(requests)), self.transcript, self.script)
+
     @property
     def busy(self) -> bool:
         """Work is running (samples or encodes), or an aborted sample still owes its in-flight event."""
@@ -495,3 +541,27 @@ class EngineSession:
         }
         encodes = {e.request_id for e in self.transcript.encodes if e.request_id not in self.dead}
         return sorted(samples | encodes)
+
+
+def fetch_results(requests: Sequence[MediaRequest], script: EngineScript) -> list[FetchResult]:
+    """The runtime's answers to a `Fetch`: the i-th URL gets `script.fetch_answers[i % len]`, as
+    `MediaFetched` bytes (with a plausible or misleading Content-Type) or a `MediaFetchFailed`
+    quoting the URL as the real fetcher does (`sansllm.media_fetch`)."""
+    results: list[FetchResult] = []
+    images = media_samples.images()
+    for index, request in enumerate(requests):
+        answer = script.fetch_answers[index % len(script.fetch_answers)]
+        if answer == "failed":
+            results.append(MediaFetchFailed(request.key, f"HTTP 404 fetching '{request.url[:100]}'"))
+        elif answer in images:
+            results.append(MediaFetched(request.key, images[answer], media_samples.mime_of(answer)))
+        elif answer == "truncated":
+            results.append(MediaFetched(request.key, images["png"][:40], "image/png"))
+        elif answer == "empty":
+            results.append(MediaFetched(request.key, b"", None))
+        elif answer == "html":
+            results.append(MediaFetched(request.key, b"<html><body>Not Found</body></html>", "text/html"))
+        else:
+            garbage = random.Random(f"{script.seed}:fetch:{index}").randbytes(48)
+            results.append(MediaFetched(request.key, garbage, "application/octet-stream"))
+    return results[::-1] if script.fetch_reversed else results

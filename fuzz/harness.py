@@ -2,7 +2,14 @@
 
 `exchange(request, script)` is one whole request: `App.handle`, then the fake engine drives the
 call to its end. Each exchange bumps `EXERCISED`, which the tests assert against the example
-count and the session summary prints, so "at least N requests" is a checked figure.
+count and the session summary prints, so "at least N requests" is a checked figure; `MEDIA`
+counts the requests that carried media parts, by status.
+
+The vision apps serve `tiny_vision_model()` (images only, 4 positions each, an 8x8 crop) with its
+own fake engine (its vocabulary holds the `<image>` token): one as the server starts by default,
+one with every response option, `--limit-mm-per-prompt image=2`, `--enable-mm-embeds` (its model
+takes 8-column image embeddings) and a chat template that loops over content parts (so images
+reach the template as `{"type": "image"}` parts).
 """
 
 from __future__ import annotations
@@ -10,22 +17,27 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
+from collections.abc import Sequence
 
 from hypothesis import HealthCheck, assume, settings
 
 from fuzz.engine_driver import EngineScript, FakeEngine, Transcript
 from fuzz.known_bugs import known_bug
-from fuzz.oracle import Expectations
+from fuzz.oracle import Expectations, media_parts, request_json
 from fuzz.strategies import FuzzRequest, Profile
 from protocol import App, AppConfig
+from protocol.media.fetch import FetchResult, MediaFetchFailed
 from protocol.model import ServedModel
-from protocol.testing import tiny_pooling_model, tiny_served_model
+from protocol.testing import tiny_pooling_model, tiny_served_model, tiny_vision_model
+from protocol.tokenizer import Tokenizer
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 EXERCISED: Counter[str] = Counter()  # requests run, by generator family ("valid", "almost", "garbage", ...)
 STATUSES: Counter[int] = Counter()  # status codes answered
+MEDIA: Counter[str] = Counter()  # status codes answered to requests with media parts ("left": none)
+FETCHES: Counter[str] = Counter()  # media URLs the calls asked for, by what the fake runtime fed back
 
 API_KEY = "sk-test"
 
@@ -61,10 +73,10 @@ ENGINE = FakeEngine(
 )
 
 
-def make_app(config: AppConfig | None = None) -> App:
-    """A fresh app (fresh id counter) serving the tiny byte-level model, with a fixed clock."""
+def make_app(config: AppConfig | None = None, model: ServedModel = MODEL) -> App:
+    """A fresh app (fresh id counter) serving one tiny byte-level model, with a fixed clock."""
     ids = itertools.count(1)
-    return App(config or AppConfig(), [MODEL], clock=lambda: 1_700_000_000.0, new_id=lambda: f"fz{next(ids)}")
+    return App(config or AppConfig(), [model], clock=lambda: 1_700_000_000.0, new_id=lambda: f"fz{next(ids)}")
 
 
 APP = make_app()
@@ -81,6 +93,60 @@ OPTIONS_CONFIG = AppConfig(
 APP_WITH_OPTIONS = make_app(OPTIONS_CONFIG)
 EXPECTATIONS_WITH_OPTIONS = Expectations(
     served_name=MODEL.name, tokenizer=MODEL.tokenizer, force_include_usage=True, request_id_headers=True
+)
+
+
+VISION_MODEL = tiny_vision_model()
+assert VISION_MODEL.multimodal is not None
+VISION_PROFILE = Profile(
+    model_names=tuple(VISION_MODEL.names),
+    vocab_size=VISION_MODEL.tokenizer.vocab_size,
+    max_model_len=VISION_MODEL.max_model_len,
+    media=True,
+)
+VISION_ENGINE = FakeEngine(
+    vocab_size=VISION_MODEL.tokenizer.vocab_size,
+    special_ids=VISION_MODEL.tokenizer.all_special_ids,
+    eos_ids=VISION_MODEL.tokenizer.eos_token_ids,
+)
+# ChatML over a list of parts: images become the model's placeholder where they were.
+PARTS_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VISION_LIMITED_PROFILE = Profile(
+    model_names=VISION_PROFILE.model_names,
+    vocab_size=VISION_PROFILE.vocab_size,
+    max_model_len=VISION_PROFILE.max_model_len,
+    media=True,
+    media_limit=2,
+)
+VISION_APP = make_app(model=VISION_MODEL)
+VISION_EMBEDS_MODEL = tiny_vision_model(embeds_hidden_size=8)
+VISION_OPTIONS_CONFIG = AppConfig(
+    enable_force_include_usage=True,
+    enable_prompt_tokens_details=True,
+    return_tokens_as_token_ids=True,
+    enable_request_id_headers=True,
+    max_logprobs=4,
+    limit_mm_per_prompt={"image": 2},
+    chat_template=PARTS_TEMPLATE,
+    enable_mm_embeds=True,
+)
+VISION_APP_WITH_OPTIONS = make_app(VISION_OPTIONS_CONFIG, VISION_EMBEDS_MODEL)
+VISION_EXPECTATIONS = Expectations(
+    served_name=VISION_MODEL.name, tokenizer=VISION_MODEL.tokenizer, multimodal=VISION_MODEL.multimodal
+)
+VISION_EXPECTATIONS_WITH_OPTIONS = Expectations(
+    served_name=VISION_MODEL.name,
+    tokenizer=VISION_MODEL.tokenizer,
+    force_include_usage=True,
+    request_id_headers=True,
+    multimodal=VISION_EMBEDS_MODEL.multimodal,
+    media_limit=2,
 )
 
 
@@ -131,7 +197,7 @@ POOLING_EXPECTATIONS_WITH_OPTIONS = Expectations(
 )
 
 
-def phrases(request: FuzzRequest) -> list[list[int]]:
+def phrases(request: FuzzRequest, tokenizer: Tokenizer = MODEL.tokenizer) -> list[list[int]]:
     """Token sequences worth having the fake model say: the request's stop strings and bad words."""
     body = request.json_body or {}
     texts: list[str] = []
@@ -142,10 +208,15 @@ def phrases(request: FuzzRequest) -> list[list[int]]:
     encoded = []
     for text in texts[:8]:
         try:
-            encoded.append(MODEL.tokenizer.encode(text, add_special_tokens=False))
+            encoded.append(tokenizer.encode(text, add_special_tokens=False))
         except (UnicodeError, ValueError):
             continue
     return encoded
+
+
+def engine_for(app: App) -> FakeEngine:
+    """The fake engine whose vocabulary is the app's models' (the vision apps' holds `<image>`)."""
+    return VISION_ENGINE if app in (VISION_APP, VISION_APP_WITH_OPTIONS) else ENGINE
 
 
 def exchange(request: FuzzRequest, script: EngineScript, app: App = APP) -> Transcript:
@@ -161,7 +232,18 @@ def run_request(request: FuzzRequest, script: EngineScript = EngineScript(), app
     """Run one request end to end (outside hypothesis too), counting it."""
     EXERCISED[request.family] += 1
     call = app.handle(request.method, request.path, request.headers, request.body)
-    transcript = ENGINE.run(call, script, phrases(request))
+    engine = engine_for(app)
+    tokenizer = VISION_MODEL.tokenizer if engine is VISION_ENGINE else MODEL.tokenizer
+    transcript = engine.run(call, script, phrases(request, tokenizer))
     if transcript.status is not None:
         STATUSES[transcript.status] += 1
+    count_media(request_json(request), transcript.status, transcript.fetched)
     return transcript
+
+
+def count_media(body: dict | None, status: int | None, fetched: Sequence[FetchResult] = ()) -> None:
+    """Count a request with media parts by its status, and what its fetches were answered with."""
+    if body is not None and media_parts(body):
+        MEDIA[str(status) if status is not None else "left"] += 1
+    for result in fetched:
+        FETCHES["failed" if isinstance(result, MediaFetchFailed) else "fetched"] += 1

@@ -9,6 +9,14 @@ which the stream/non-stream agreement property compares.
 
 JSON is parsed strictly here: `NaN`/`Infinity` in a response (say, an unclamped -inf logprob) is
 a failure, although Python's `json` module would accept it.
+
+Media (`check_media`): a text-only model never fetches nor receives media, and never answers a 200
+to a chat whose messages hold media parts. For a vision model every `Generate` carries one
+`MediaInput` per media part, in order, each on its own run of placeholder tokens with pixels of
+the crop's size (`check_media_commands`); equal samples hash equal and different ones differ; a
+URL is fetched only for an http(s)/file part, with its part's index as key. After a fetch, the
+answer is a 200 or a 400 (param "messages") naming a part; a failed or unusable fetch is never a
+200, and a sample image (inline or fetched) is never the part a 400 names.
 """
 
 from __future__ import annotations
@@ -23,18 +31,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fuzz import media_samples
 from fuzz.engine_driver import Transcript
 from fuzz.strategies import (
     CHAT_PATH,
     CLASSIFY_PATH,
     COMPLETIONS_PATH,
     EMBEDDINGS_PATH,
+    MEDIA_KEYS,
+    MEDIA_PART_TYPES,
     POOLING_PATH,
     POOLING_PATHS,
+    PYTHON_ONLY_PART_TYPES,
     RERANK_PATHS,
     SCORE_PATHS,
     FuzzRequest,
 )
+from protocol.engine_api import Encode, Generate, MediaInput
+from protocol.media.fetch import FetchResult, MediaFetched, MediaRequest
+from protocol.media.spec import MultimodalSpec
 from protocol.model import ServedModel
 from protocol.tokenizer import Tokenizer
 
@@ -138,10 +153,15 @@ class Expectations:
     force_include_usage: bool = False  # --enable-force-include-usage
     request_id_headers: bool = False  # --enable-request-id-headers: X-Request-Id on every response
     models: Mapping[str, ServedModel] = field(default_factory=dict)  # the pooling server's models, by name
+    multimodal: MultimodalSpec | None = None  # the chat model's media (None: a text-only model)
+    media_limit: int | None = None  # --limit-mm-per-prompt for images, when the server sets one
 
 
 def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: Expectations) -> Answer | None:
     """Assert the response is a well-formed error or success; return the parsed success, if any."""
+    check_media_commands(
+        [*transcript.generates, *transcript.encodes], expectations.multimodal, chat=request.path == CHAT_PATH
+    )
     if transcript.disconnected and not transcript.ended:
         return None  # the client left; nothing more was owed to it
     leak = traceback_leak(transcript.body, request.body)
@@ -166,6 +186,7 @@ def check_exchange(request: FuzzRequest, transcript: Transcript, expectations: E
         if sent:
             expect(echoed == sent, f"X-Request-Id {sent!r} came back as {echoed!r}")
     pooling = request.method == "POST" and request.path in POOLING_PATHS
+    check_media(request, transcript, expectations)
     if status >= 400:
         _check_error_response(status, transcript, expectations)
         if failed is not None and (pooling or not transcript.output_before_failure):
@@ -275,6 +296,254 @@ def _check_other_success(transcript: Transcript) -> None:
             raise OracleError(f"a JSON 200 whose body is not JSON ({exc})") from None
     elif content_type == b"text/event-stream":
         _sse_payloads(transcript.body)
+
+
+# ---------------------------------------------------------------------------------------------
+# media parts
+
+
+DEFAULT_MEDIA_LIMIT = 999  # vLLM's --limit-mm-per-prompt per modality when none is set
+_IMAGE_MIME = re.compile(r"image/[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 tokens, lower-cased
+_PART_WHERE = re.compile(r"messages\[(\d+)\]\.content\[(\d+)\]")
+
+
+def named_part(message: Any) -> str | None:
+    """The content part (`messages[i].content[j]`) an error message names, if any. A request's
+    schema errors ("1 validation error for ...") may name one too, but carry no param (vLLM's
+    shape): they are not the media errors this is for."""
+    if not isinstance(message, str) or "validation error for" in message:
+        return None
+    found = _PART_WHERE.search(message)
+    return found.group() if found is not None else None
+
+
+def _media_type(part: Any) -> str | None:
+    """The media type of a content part as the core reads it: its `type`, or without one the first
+    media key it holds (a null `input_audio` does not count); None for anything else."""
+    if not isinstance(part, dict):
+        return None
+    part_type = part.get("type")
+    if part_type is None:
+        return next(
+            (
+                key
+                for key in MEDIA_KEYS
+                if ((part.get(key) is not None) if key == "input_audio" else key in part)
+            ),
+            None,
+        )
+    media = (*MEDIA_PART_TYPES, *PYTHON_ONLY_PART_TYPES)
+    return part_type if isinstance(part_type, str) and part_type in media else None
+
+
+def media_parts(body: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The content parts of `body["messages"]` the core reads as media, in order, with where each is."""
+    messages = body.get("messages")
+    found: list[tuple[str, dict[str, Any]]] = []
+    if not isinstance(messages, list):
+        return found
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            found += [
+                (f"messages[{i}].content[{j}]", part) for j, part in enumerate(content) if _media_type(part)
+            ]
+    return found
+
+
+_URL_KEYS = {
+    "image_url": "image_url",
+    "input_image": "image_url",
+    "audio_url": "audio_url",
+    "video_url": "video_url",
+}
+
+
+def _part_url(part: Mapping[str, Any]) -> Any:
+    """The URL a media part carries (None for input_audio, image_embeds and the Python-only parts)."""
+    part_type = _media_type(part)
+    key = _URL_KEYS.get(part_type) if part_type is not None else None
+    value = part.get(key) if key is not None else None
+    return value.get("url") if isinstance(value, dict) else value
+
+
+def _fetched_url(url: Any) -> bool:
+    return isinstance(url, str) and url[:5].lower() != "data:"
+
+
+def _sources(parts: Sequence[tuple[str, dict[str, Any]]], fetched: Sequence[FetchResult]) -> list[str | None]:
+    """Per part, which image sample it carries ("png", ...), "bad" when it was fetched and the
+    runtime fed back no sample, or None when the oracle cannot tell (and for parts of other kinds)."""
+    answers = {result.key: result for result in fetched}
+    sources: list[str | None] = []
+    for index, (_, part) in enumerate(parts):
+        url = _part_url(part)
+        if not isinstance(url, str) or _media_type(part) not in ("image_url", "input_image"):
+            sources.append(None)
+        elif not _fetched_url(url):
+            data = media_samples.data_url_bytes(url)
+            header = url.partition(",")[0].lower()
+            mime = header[5:].split(";", 1)[0].strip()
+            # a sample under a MIME type of another kind (text/plain, audio/wav) is refused rightly
+            plausible = mime in ("", "application/octet-stream") or _IMAGE_MIME.fullmatch(mime) is not None
+            sources.append(media_samples.sample_name(data) if data is not None and plausible else None)
+        else:
+            answer = answers.get(index)
+            if isinstance(answer, MediaFetched):
+                sources.append(media_samples.sample_name(answer.data) or "bad")
+            else:
+                sources.append("bad" if answer is not None else None)
+    return sources
+
+
+def check_media_commands(
+    commands: Sequence[Generate | Encode], spec: MultimodalSpec | None, *, chat: bool = False
+) -> None:
+    """Every engine command's media: none for a text-only model; for a vision model, one item per
+    run of placeholder ids, in order: an image on `image_tokens` of them with `crop` x `crop` RGB
+    pixels, image embeddings on one per row of float32 `embeds_hidden_size` columns.
+
+    Every placeholder id must belong to an item when there are items, or for a chat (whose core
+    counts the placeholders the template and the client wrote); a completions prompt of ids may
+    hold a stray one, which the engine refuses with a 400 (engine.requests.check_media)."""
+    for command in commands:
+        media: tuple[MediaInput, ...] = getattr(command, "media", ())
+        if spec is None:
+            expect(not media, "a text-only model was sent media", [(m.kind, m.offset) for m in media])
+            continue
+        prompt = command.prompt_token_ids
+        placeholder = spec.image_token_id
+        expect(
+            (not media and not chat) or prompt.count(placeholder) == sum(item.length for item in media),
+            f"{prompt.count(placeholder)} placeholder tokens for items of {[item.length for item in media]}",
+            prompt,
+        )
+        end = 0
+        for number, item in enumerate(media):
+            where = f"media item {number}"
+            _check_media_item(item, spec, where)
+            expect(
+                item.offset >= end,
+                f"{where} at {item.offset} overlaps or precedes the one before (end {end})",
+            )
+            expect(
+                prompt[item.offset : item.offset + item.length] == (placeholder,) * item.length,
+                f"{where} is not on a run of placeholder tokens",
+                prompt[item.offset : item.offset + item.length],
+            )
+            end = item.offset + item.length
+        expect(
+            len({item.hash: item.data for item in media}) == len({item.data for item in media}),
+            "media items with equal content got different hashes, or different content one hash",
+        )
+
+
+def _check_media_item(item: MediaInput, spec: MultimodalSpec, where: str) -> None:
+    """One item's shape and size for what the model takes."""
+    expect(re.fullmatch(r"[0-9a-f]{64}", item.hash) is not None, f"{where}: hash {item.hash!r}")
+    if item.kind == "image_embeds":
+        hidden = spec.embeds_hidden_size
+        expect(hidden > 0, f"{where}: embeddings for a model that takes none")
+        expect(item.shape == (item.length, hidden), f"{where}: shape {item.shape} on {item.length} positions")
+        expect(
+            len(item.data) == 4 * item.length * hidden, f"{where}: {len(item.data)} bytes for {item.shape}"
+        )
+        return
+    crop = (spec.image.crop_height, spec.image.crop_width, 3)
+    expect(item.kind in spec.modalities, f"{where}: a {item.kind} for a model of {sorted(spec.modalities)}")
+    expect(item.length == spec.image_tokens, f"{where}: {item.length} positions, not {spec.image_tokens}")
+    expect(item.shape == crop, f"{where}: shape {item.shape}, the crop is {crop}")
+    expect(len(item.data) == math.prod(item.shape), f"{where}: {len(item.data)} bytes for {item.shape}")
+
+
+def check_fetches(parts: Sequence[tuple[str, dict[str, Any]]], fetches: Sequence[MediaRequest]) -> None:
+    """A fetch asks for exactly the http(s)/file URLs of the media parts, keyed by part index."""
+    if not fetches:
+        return
+    wanted = {
+        index: _part_url(part) for index, (_, part) in enumerate(parts) if _fetched_url(_part_url(part))
+    }
+    asked = {request.key: request.url for request in fetches}
+    expect(asked == wanted, "the call fetched other URLs than its parts' http(s)/file ones", asked, wanted)
+    expect(all(request.kind == "image" for request in fetches), "a fetch of a non-image", fetches)
+
+
+def check_media(request: FuzzRequest, transcript: Transcript, expectations: Expectations) -> None:
+    """The media rules of a request and its answer (see the module docstring)."""
+    spec = expectations.multimodal
+    body = request_json(request)
+    parts = media_parts(body) if body is not None and request.method == "POST" else []
+    status = transcript.status
+    expect(
+        spec is not None or not transcript.fetches, "a text-only model asked for media", transcript.fetches
+    )
+    if transcript.fetches:
+        expect(
+            request.path == CHAT_PATH and parts,
+            "a fetch for a request without media parts",
+            transcript.fetches,
+        )
+        check_fetches(parts, transcript.fetches)
+    if status is None or not parts or request.path != CHAT_PATH:
+        return
+    failed = transcript.failed
+    if status < 300:
+        expect(
+            spec is not None,
+            f"a {status} for media parts {[where for where, _ in parts]} (a text-only model must refuse them)",
+        )
+        expect(len(transcript.generates) == 1, f"a {status} from {len(transcript.generates)} Generates")
+        generate = transcript.generates[0]
+        limit = expectations.media_limit or DEFAULT_MEDIA_LIMIT
+        expect(len(parts) <= limit, f"a {status} for {len(parts)} images, over --limit-mm-per-prompt {limit}")
+        expect(
+            len(generate.media) == len(parts),
+            f"{len(generate.media)} media item(s) sent to the engine for {len(parts)} media part(s)",
+        )
+        sources = _sources(parts, transcript.fetched)
+        expect("bad" not in sources, "a 200 although a fetch failed or returned no image", transcript.fetched)
+        hashes: dict[str, str] = {}
+        for source, item in zip(sources, generate.media, strict=True):
+            if source is not None:
+                expect(
+                    hashes.setdefault(source, item.hash) == item.hash,
+                    f"two {source} samples hashed differently",
+                )
+        expect(len(set(hashes.values())) == len(hashes), "different samples share a hash", hashes)
+        return
+    if failed is not None and status == failed.status:
+        return  # the engine's failure (only reachable once every part was usable)
+    try:
+        payload = strict_json(transcript.body)
+    except (ValueError, UnicodeDecodeError):
+        return  # not an error object: check_error_payload reports it
+    error = payload.get("error") if isinstance(payload, dict) else None
+    message = error.get("message", "") if isinstance(error, dict) else ""
+    named = named_part(message)
+    if named is not None:
+        expect(
+            status == 400 and error.get("param") == "messages",
+            f"an error naming {named} must be a 400 with param 'messages'",
+            status,
+            error,
+        )
+    if transcript.fetches and not transcript.fetch_pending:
+        expect(
+            status == 400 and named is not None,
+            "after its media was fetched a call may only fail with a 400 naming a part",
+            status,
+            error,
+        )
+    if spec is not None and named is not None:
+        index = next((i for i, (where, _) in enumerate(parts) if where == named), None)
+        if index is not None:
+            source = _sources(parts, transcript.fetched)[index]
+            expect(
+                source in (None, "bad"),
+                f"the {source} sample in {named} was refused",
+                message,
+                request.body[:300],
+            )
 
 
 # ---------------------------------------------------------------------------------------------

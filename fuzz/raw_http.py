@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from hypothesis import strategies as st
 
+from fuzz import media_samples
 from fuzz.strategies import FuzzRequest, Profile
 
 HOST = b"testserver"
@@ -174,6 +175,16 @@ def quick_requests(profile: Profile) -> st.SearchStrategy[FuzzRequest]:
         _quick("OPTIONS", "/v1/completions"),
         _quick("DELETE", "/v1/completions"),
     ]
+    if profile.media:  # an inline image, and one the fake fetcher answers
+        for url in (media_samples.image_data_urls()["png"], "https://example.com/cat.png"):
+            image = {"type": "image_url", "image_url": {"url": url}}
+            requests.append(
+                _quick(
+                    "POST",
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "Hi"}]}]},
+                )
+            )
     if embed is not None:
         requests += [
             _quick("POST", "/v1/embeddings", {"model": embed, "input": ["a", "bc"]}),

@@ -8,6 +8,8 @@ refuses a malformed response. Nothing opens a socket or starts a thread: the eng
 `ServedEngine`, an `EngineClient` on the event loop that steps the fuzz fake engine
 (`fuzz.engine_driver.EngineSession`), so requests get the same tokens, pooled vectors, injected
 `Failed` events and client disconnects as in the Sans-IO properties. It runs under asyncio or trio.
+Media URLs in prompts go to `AsgiApp`'s `fetch_media`, here a fake async fetcher that answers from
+the request's engine script as the Sans-IO driver does (`EngineSession.fetch`): no network.
 
 Every connection runs under `anyio.fail_after(HANG_SECONDS)`: a request that never finishes is a
 finding reported with the engine's state, not a stuck test. `check_response` is what every
@@ -28,12 +30,24 @@ import anyio
 import anyio.lowlevel
 import h11
 
+from fuzz import media_samples
 from fuzz.engine_driver import DriverError, EngineScript, EngineSession, FakeEngine
-from fuzz.oracle import OracleError, check_error_payload, expect, strict_json, traceback_leak
+from fuzz.oracle import (
+    OracleError,
+    check_error_payload,
+    check_media_commands,
+    expect,
+    media_parts,
+    named_part,
+    strict_json,
+    traceback_leak,
+)
 from protocol import App, AppConfig
 from protocol.asgi import AsgiApp, CoreApp
-from protocol.engine_api import Command, Event
+from protocol.engine_api import Command, Encode, Event, Generate
 from protocol.engine_client import EventSink
+from protocol.media.fetch import FetchResult, MediaFetchFailed, MediaRequest
+from protocol.media.spec import MultimodalSpec
 from protocol.model import ServedModel
 from protocol.testing import ByteTokenizer
 
@@ -74,6 +88,19 @@ class ServedEngine:
             self.errors.append(error)
         self._work.set()
 
+    async def fetch_media(self, requests: Sequence[MediaRequest]) -> list[FetchResult]:
+        """`AsgiApp`'s fetcher: the current request's script answers, after one scheduling point
+        (a real fetch awaits the network)."""
+        await anyio.lowlevel.checkpoint()
+        if self.session is None:
+            self.errors.append(DriverError(f"media fetched outside a request: {requests!r}"))
+            return [MediaFetchFailed(request.key, "no request") for request in requests]
+        try:
+            return self.session.fetch(requests)
+        except DriverError as error:
+            self.errors.append(error)
+            return [MediaFetchFailed(request.key, "refused by the fake fetcher") for request in requests]
+
     def subscribe(self, request_id: str, sink: EventSink) -> None:
         self._sinks[request_id] = sink
 
@@ -103,12 +130,18 @@ class ServedEngine:
 
 @dataclass(frozen=True)
 class Server:
-    """One server configuration: the core and the shell's body cap."""
+    """One server configuration: the core and the shell's body cap. Its models share one fake
+    engine, so they share a vocabulary (a vision model's holds `<image>`: serve it alone)."""
 
     name: str
     app: CoreApp
     models: tuple[ServedModel, ...]
     max_body_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def multimodal(self) -> MultimodalSpec | None:
+        """The media the served model takes (None: text only)."""
+        return next((model.multimodal for model in self.models if model.multimodal is not None), None)
 
 
 class FixedMetrics:
@@ -142,6 +175,7 @@ class Exchange:
     target: bytes = b""
     http_version: bytes = b"1.1"
     request_bytes: bytes = b""  # the request's head and body as h11 parsed them (for leak checks)
+    request_body: bytes = b""  # the body alone
     status: int | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
@@ -150,6 +184,9 @@ class Exchange:
     engine_failure: int | None = None  # the status of a `Failed` the engine injected
     protocol_error: str | None = None  # h11 refused the request: the driver answered (no app call)
     problems: list[str] = field(default_factory=list)  # ASGI or HTTP misuse by the app
+    commands: list[Generate | Encode] = field(default_factory=list)  # the engine work it submitted
+    fetches: list[MediaRequest] = field(default_factory=list)  # the media URLs it had fetched
+    fetched: list[FetchResult] = field(default_factory=list)  # and what the fetcher answered
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
@@ -257,8 +294,11 @@ class _Served:
             self.result.exchanges.append(exchange)
             session = self.engine.begin(scripts[index % len(scripts)])
             await self.exchange(event, exchange)
-            failed = session.transcript.failed
+            transcript = session.transcript
+            failed = transcript.failed
             exchange.engine_failure = failed.status if failed is not None else None
+            exchange.commands = [*transcript.generates, *transcript.encodes]
+            exchange.fetches, exchange.fetched = list(transcript.fetches), list(transcript.fetched)
             self.result.leaks += session.leaked()
             if self.result.closed_by != "eof":
                 break
@@ -302,6 +342,7 @@ class _Served:
                     return {"type": "http.disconnect"}
                 if isinstance(event, h11.Data):
                     exchange.request_bytes += bytes(event.data)
+                    exchange.request_body += bytes(event.data)
                     return {"type": "http.request", "body": bytes(event.data), "more_body": True}
                 if isinstance(event, h11.EndOfMessage):
                     body_done = True
@@ -372,6 +413,15 @@ def _default_engine() -> FakeEngine:
     return FakeEngine(tokenizer.vocab_size, tokenizer.all_special_ids, tokenizer.eos_token_ids)
 
 
+def _engine_for(server: Server) -> FakeEngine:
+    """The default engine, or one over the vision model's vocabulary for a server of one."""
+    vision = next((model for model in server.models if model.multimodal is not None), None)
+    if vision is None:
+        return _default_engine()
+    tokenizer = vision.tokenizer
+    return FakeEngine(tokenizer.vocab_size, tokenizer.all_special_ids, tokenizer.eos_token_ids)
+
+
 async def _serve(
     server: Server,
     engine: FakeEngine,
@@ -383,7 +433,7 @@ async def _serve(
     served: _Served | None = None
     client = ServedEngine(engine, lambda: served.left.set() if served is not None else None)
     engines = {name: client for model in server.models for name in model.names}
-    asgi = AsgiApp(server.app, engines, max_body_bytes=server.max_body_bytes)
+    asgi = AsgiApp(server.app, engines, max_body_bytes=server.max_body_bytes, fetch_media=client.fetch_media)
     served = _Served(asgi, client, data, splits)
     try:
         with anyio.fail_after(hang_seconds):
@@ -421,7 +471,7 @@ def serve_bytes(
     `scripts[i]` drives the engine for the connection's i-th request (cycling). Raises
     `OracleError` on a hang; everything else is recorded for `check_connection`.
     """
-    fake = engine or _default_engine()
+    fake = engine or _engine_for(server)
     return anyio.run(_serve, server, fake, data, splits, scripts, hang_seconds, backend=backend)
 
 
@@ -500,3 +550,48 @@ def check_sse(body: bytes, where: str) -> list[Any]:
 def json_body(exchange: Exchange) -> Any:
     """The response body as JSON (after `check_response` said it parses)."""
     return json.loads(exchange.body)
+
+
+def request_media_parts(exchange: Exchange) -> int:
+    """How many media parts the request's body holds (0 when it is not a JSON object)."""
+    try:
+        body = json.loads(exchange.request_body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return 0
+    return len(media_parts(body)) if isinstance(body, dict) else 0
+
+
+def check_media_exchange(exchange: Exchange, server: Server) -> None:
+    """The media rules through the served stack: a text-only server never fetches nor sends media;
+    a vision model's engine work holds its items on their placeholder runs
+    (`fuzz.oracle.check_media_commands`); once media was fetched the answer is a 200 (never after a
+    failed fetch) or a 400 with param "messages" naming a part, unless the engine injected a failure."""
+    spec = server.multimodal
+    chat = exchange.target.split(b"?", 1)[0] == b"/v1/chat/completions"
+    check_media_commands(exchange.commands, spec, chat=chat)
+    where = f"{exchange.method} {exchange.target[:80]!r} -> {exchange.status}"
+    expect(
+        spec is not None or not exchange.fetches,
+        f"{where}: a text-only server fetched media",
+        exchange.fetches,
+    )
+    status = exchange.status
+    if not exchange.fetches or status is None or not exchange.ended or status == exchange.engine_failure:
+        return
+    if status < 300:  # every URL is an image's: only a sample's bytes can make it usable
+        unusable = [
+            result
+            for result in exchange.fetched
+            if isinstance(result, MediaFetchFailed) or media_samples.sample_name(result.data) is None
+        ]
+        expect(not unusable, f"{where}: a success although a fetch failed or returned no image", unusable)
+        return
+    error = strict_json(exchange.body).get("error")
+    expect(
+        status == 400
+        and isinstance(error, dict)
+        and error.get("param") == "messages"
+        and named_part(error.get("message")) is not None,
+        f"{where}: after its media was fetched a request may only fail with a 400 naming a part",
+        exchange.body[:500],
+    )

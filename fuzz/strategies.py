@@ -23,6 +23,7 @@ object on first draw, and rebuilding them per example tripled the generation tim
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import string
@@ -31,6 +32,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from fuzz import media_samples
 from fuzz.jsontext import Raw, dumps
 
 CHAT_PATH = "/v1/chat/completions"
@@ -72,6 +74,8 @@ class Profile:
     max_model_len: int = 512
     max_text: int = 24  # characters per generated text field; keeps prompts inside the context
     max_tokens: int = 12  # upper bound for generated max_tokens (the fake engine emits at most this)
+    media: bool = False  # valid chat bodies carry image parts (the model takes images)
+    media_limit: int | None = None  # the server's --limit-mm-per-prompt for images: valid bodies keep to it
     model_tasks: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, tasks) of each model, for pooling
 
 
@@ -318,8 +322,305 @@ def tool_definitions() -> st.SearchStrategy[list[dict[str, Any]]]:
 @functools.cache
 @st.composite
 def content_parts(draw: st.DrawFn, profile: Profile) -> list[dict[str, Any]]:
+    """0-3 text parts; for a profile with `media`, 0-3 image parts among them (valid shapes whose
+    outcome may still depend on what a fetch returns)."""
     kinds = st.sampled_from(["text", "input_text", "output_text"])
-    return [{"type": draw(kinds), "text": draw(texts(profile))} for _ in range(draw(st.integers(0, 3)))]
+    parts: list[dict[str, Any]] = [
+        {"type": draw(kinds), "text": draw(texts(profile))} for _ in range(draw(st.integers(0, 3)))
+    ]
+    if profile.media:
+        for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
+            parts.insert(draw(st.integers(0, len(parts))), draw(image_parts()))
+    return parts
+
+
+def _within_limit(chat: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """`chat` without the image parts past the first `limit` (None: all kept)."""
+    if limit is None:
+        return chat
+    kept = 0
+    for message in chat:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type", "image_url") in ("image_url", "input_image"):  # typeless ones are images
+                    kept += 1
+                    if kept > limit:
+                        continue
+                parts.append(part)
+            message["content"] = parts
+    return chat
+
+
+# ---------------------------------------------------------------------------------------------
+# media content parts (issue 12): every shape vLLM reads, valid and not
+
+
+MEDIA_PART_TYPES = ("image_url", "input_image", "audio_url", "input_audio", "video_url", "image_embeds")
+PYTHON_ONLY_PART_TYPES = ("image_pil", "audio_embeds")  # refused over HTTP
+# keys that make a part without `type` a media part (vLLM's shortcut forms)
+MEDIA_KEYS = (
+    "image_url",
+    "image_pil",
+    "image_embeds",
+    "audio_embeds",
+    "audio_url",
+    "input_audio",
+    "video_url",
+)
+FETCHED_URLS = (
+    "https://example.com/cat.png",
+    "http://example.com/a.jpg?size=small#frag",
+    "HTTPS://EXAMPLE.COM/UPPER.PNG",
+    "http://127.0.0.1:8000/local.gif",
+    "http://[::1]/v6.png",
+    "file:///tmp/images/cat.png",
+    "FILE:/tmp/x.png",
+    "http://",
+    "https://example.com/" + "a" * 3000,
+)
+# Never fetched: not data:, http(s): or file: (the core refuses them before asking the runtime).
+UNFETCHABLE_URLS = (
+    "ftp://example.com/x.png",
+    "gopher://example.com/",
+    "javascript:alert(1)",
+    "//example.com/x.png",
+    "example.com/x.png",
+    "/etc/passwd",
+    "C:\\images\\x.png",
+    "data",
+    "httpx://example.com/",
+    " http://example.com/x.png",
+    "\u0000",
+    "x" * 5000,
+)
+
+
+def _spelled(url: str, spelling: str) -> str:
+    """`url` (a base64 data: URL) spelled another way that decodes to the same bytes."""
+    header, _, payload = url.partition(",")
+    mime = header[len("data:") : -len(";base64")]
+    if spelling == "upper":
+        return f"DATA:{mime.upper()};BASE64,{payload}"
+    if spelling == "no_mime":
+        return f"data:;base64,{payload}"
+    if spelling == "octet":
+        return f"data:application/octet-stream;base64,{payload}"
+    if spelling == "params":
+        return f"data:{mime};name=x.png;charset=binary;base64,{payload}"
+    if spelling == "unpadded":
+        return f"{header},{payload.rstrip('=')}"
+    if spelling == "wrapped":  # line breaks every 16 characters (MIME style)
+        return header + "," + "\r\n".join(payload[i : i + 16] for i in range(0, len(payload), 16))
+    if spelling == "percent":
+        return header + "," + payload.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+    return url
+
+
+@functools.cache
+def image_urls() -> st.SearchStrategy[str]:
+    """URLs of images a vision model takes: the samples as data: URLs (spelled many ways), or URLs
+    the runtime fetches (what it feeds back decides)."""
+    names = st.sampled_from(media_samples.IMAGE_NAMES)
+    spellings = st.sampled_from(
+        ["plain", "upper", "no_mime", "octet", "params", "unpadded", "wrapped", "percent"]
+    )
+    inline = st.builds(
+        lambda name, spelling: _spelled(media_samples.image_data_urls()[name], spelling), names, spellings
+    )
+    return st.one_of(inline, inline, st.sampled_from(FETCHED_URLS[:7]))
+
+
+@functools.cache
+@st.composite
+def image_parts(draw: st.DrawFn, urls: st.SearchStrategy[Any] | None = None) -> dict[str, Any]:
+    """An image part in one of its accepted shapes, carrying a URL drawn from `urls`."""
+    url = draw(urls if urls is not None else image_urls())
+    shape = draw(
+        st.sampled_from(
+            ["object", "object", "detail", "string", "input_image", "typeless", "typeless_string"]
+        )
+    )
+    if shape == "object":
+        return {"type": "image_url", "image_url": {"url": url}}
+    if shape == "detail":
+        return {
+            "type": "image_url",
+            "image_url": {"url": url, "detail": draw(st.sampled_from(["auto", "low", "high"]))},
+        }
+    if shape == "string":
+        return {"type": "image_url", "image_url": url}
+    if shape == "input_image":
+        return {"type": "input_image", "image_url": url}
+    if shape == "typeless":
+        return {"image_url": {"url": url}}
+    return {"image_url": url}
+
+
+@st.composite
+def mutated_image_bytes(draw: st.DrawFn) -> bytes:
+    """A sample with one or two mutations: truncated, bytes flipped, junk inserted, or random bytes."""
+    data = bytearray(media_samples.images()[draw(st.sampled_from(media_samples.IMAGE_NAMES))])
+    for _ in range(draw(st.integers(1, 2))):
+        kind = draw(st.sampled_from(["truncate", "flip", "insert", "random"]))
+        at = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "truncate":
+            del data[at:]
+        elif kind == "flip" and data:
+            data[at] ^= draw(st.integers(1, 255))
+        elif kind == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            data = bytearray(draw(st.binary(max_size=64)))
+    return bytes(data)
+
+
+BAD_BASE64 = (
+    "@@@not base64@@@",
+    "iVBORw0KGgo-_",  # URL-safe alphabet
+    "iVBORw0KG",  # a length no padding fixes
+    "iVBO==Rw0K",  # padding in the middle
+    "é" * 8,
+    "",
+)
+WRONG_IMAGE_MIMES = (
+    "text/plain",
+    "audio/wav",
+    "video/mp4",
+    "application/json",
+    "image",
+    "image/png\u0000",
+    "*/*",
+)
+
+
+@functools.cache
+def broken_image_urls() -> st.SearchStrategy[str]:
+    """data: URLs that are not a usable image (mutated bytes, another media type, bad base64, no
+    comma) and URLs of schemes the core never fetches."""
+    png = media_samples.images()["png"]
+    return st.one_of(
+        mutated_image_bytes().map(lambda data: media_samples.data_url(data, "image/png")),
+        st.sampled_from(WRONG_IMAGE_MIMES).map(lambda mime: media_samples.data_url(png, mime)),
+        st.sampled_from(BAD_BASE64).map(lambda payload: "data:image/png;base64," + payload),
+        st.just(media_samples.data_url(media_samples.wav(), "audio/wav")),
+        st.just(media_samples.data_url(media_samples.wav(), "image/png")),  # audio bytes claiming to be PNG
+        st.sampled_from(["data:image/png;base64", "data:", "data:,", "data:image/png,raw%FFbytes", ""]),
+        st.sampled_from(UNFETCHABLE_URLS),
+    )
+
+
+@functools.cache
+def input_audio_values() -> st.SearchStrategy[Any]:
+    """`input_audio` values: a valid WAV, and objects with data or format wrong or missing."""
+    wav = base64.b64encode(media_samples.wav()).decode("ascii")
+    return st.sampled_from(
+        [
+            {"data": wav, "format": "wav"},
+            {"data": wav},
+            {"data": wav, "format": "WAV"},
+            {"data": wav, "format": "exe"},
+            {"data": wav, "format": 7},
+            {"data": "@@@", "format": "wav"},
+            {"data": "", "format": "wav"},
+            {"data": 5, "format": "wav"},
+            {"data": {"nested": wav}, "format": "wav"},
+            {"format": "wav"},
+            {},
+            "just a string",
+            [wav],
+            None,
+        ]
+    )
+
+
+@functools.cache
+def bad_media_parts() -> st.SearchStrategy[Any]:
+    """Media parts a vision model taking only images must refuse (some only because of that)."""
+    any_url = image_urls() | broken_image_urls()
+    junk_urls = st.sampled_from(
+        [5, 1.5, True, None, {}, {"x": 1}, ["http://example.com/x.png"], {"url": {"url": "x"}}]
+    )
+    return st.one_of(
+        image_parts(broken_image_urls()),
+        st.builds(lambda url: {"type": "image_url", "image_url": {"url": url}}, junk_urls),
+        st.builds(lambda url: {"type": "image_url", "image_url": url}, junk_urls),
+        st.builds(lambda url: {"type": "input_image", "image_url": url}, junk_urls),
+        st.sampled_from(
+            [
+                {"type": "image_url"},
+                {"type": "image_url", "url": "http://example.com/x.png"},  # url at the wrong level
+                {"type": None, "image_url": {"url": "http://example.com/x.png"}},
+                {"type": "IMAGE_URL", "image_url": {"url": "http://example.com/x.png"}},
+                {"type": "image", "image": "http://example.com/x.png"},
+                {"type": "input_audio", "input_audio": None},
+                {"input_audio": None},  # a null input_audio key does not make a part typed
+            ]
+        ),
+        st.builds(lambda value: {"type": "input_audio", "input_audio": value}, input_audio_values()),
+        st.builds(lambda value: {"input_audio": value}, input_audio_values()),
+        st.builds(
+            lambda kind, url, typed: ({"type": kind} if typed else {}) | {kind: {"url": url}},
+            st.sampled_from(["audio_url", "video_url"]),
+            st.sampled_from(
+                [
+                    media_samples.data_url(media_samples.wav(), "audio/wav"),
+                    "https://example.com/clip.mp4",
+                    "file:///tmp/a.wav",
+                ]
+            )
+            | any_url,
+            st.booleans(),
+        ),
+        st.builds(
+            lambda kind, value, typed: ({"type": kind} if typed else {}) | {kind: value},
+            st.sampled_from([*PYTHON_ONLY_PART_TYPES, "image_embeds"]),
+            st.sampled_from(["AAAA", "@@", {"data": "AAAA"}, None, [0.1, 0.2]]),
+            st.booleans(),
+        ),
+        # embeddings (--enable-mm-embeds): well-formed ones, and NaN, wrong width, no rows
+        st.builds(
+            lambda name, typed: (
+                ({"type": "image_embeds"} if typed else {}) | {"image_embeds": media_samples.embeds()[name]}
+            ),
+            st.sampled_from(media_samples.EMBEDS_NAMES[:2] + media_samples.EMBEDS_NAMES),
+            st.booleans(),
+        ),
+        st.sampled_from(["<image>", "look: <image>", "<image><image>", "<imag", "<image"]).map(
+            lambda text: {"type": "text", "text": text}
+        ),
+    )
+
+
+@st.composite
+def media_fault(draw: st.DrawFn, profile: Profile, current: list[Any]) -> list[Any]:
+    """Messages with a media fault: a bad media part among valid ones, too many images, or a
+    placeholder typed in the text. For a text-only model any media part is one."""
+    kind = draw(st.sampled_from(["bad_part"] * 3 + ["valid_parts"] * 3 + ["many", "typed", "typed_string"]))
+    if kind == "many":  # beyond a --limit-mm-per-prompt, the default 999, or the context
+        count = draw(st.sampled_from([3, 5, 40, 1000]))
+        part = draw(
+            image_parts(st.sampled_from([*media_samples.image_data_urls().values(), FETCHED_URLS[0]]))
+        )
+        bad = {"role": "user", "content": [{"type": "text", "text": "count them"}, *([part] * count)]}
+    elif kind == "typed_string":
+        bad = {
+            "role": "user",
+            "content": draw(st.sampled_from(["<image>", "what is <image>?", "<image>\n<image>"])),
+        }
+    else:
+        parts: list[Any] = [draw(image_parts()) for _ in range(draw(st.integers(0, 2)))]
+        if kind == "bad_part":
+            new = draw(bad_media_parts())
+        elif kind == "typed":
+            new = {"type": "text", "text": draw(st.sampled_from(["<image>", "see <image> here"]))}
+        else:
+            new = draw(image_parts())
+        parts.insert(draw(st.integers(0, len(parts))), new)
+        bad = {"role": draw(st.sampled_from(["user", "user", "assistant", "system"])), "content": parts}
+    position = draw(st.integers(0, len(current)))
+    return [*current[:position], bad, *current[position:]]
 
 
 @st.composite
@@ -329,7 +630,12 @@ def messages(draw: st.DrawFn, profile: Profile, tools: list[dict[str, Any]] | No
     result: list[dict[str, Any]] = []
     for position in range(draw(st.integers(1, 4))):
         role = "user" if position == 0 and draw(st.booleans()) else draw(roles)
-        content_kind = draw(st.sampled_from(["str", "str", "parts", "none"]))
+        # a model that takes images gets content parts more often, so most chats carry some
+        content_kind = draw(
+            st.sampled_from(
+                ["str", "parts", "parts", "none"] if profile.media else ["str", "str", "parts", "none"]
+            )
+        )
         content: Any
         if content_kind == "str":
             content = draw(texts(profile))
@@ -370,7 +676,7 @@ def valid_chat_bodies(draw: st.DrawFn, profile: Profile = Profile()) -> dict[str
     if model != "<omit>":
         body["model"] = model
     tools = draw(st.none() | tool_definitions())
-    body["messages"] = draw(messages(profile, tools))
+    body["messages"] = _within_limit(draw(messages(profile, tools)), profile.media_limit)
     if tools is not None:
         body["tools"] = tools
         choice = draw(st.sampled_from(["<omit>", "none", "auto", "required", "named"]))
@@ -624,6 +930,7 @@ def mutate(draw: st.DrawFn, body: dict[str, Any], profile: Profile, *, chat: boo
                 "bad_combination",
                 "bad_combination",
                 "unknown_model",
+                *(["bad_media"] if chat else []),
             ]
         )
     )
@@ -650,6 +957,8 @@ def mutate(draw: st.DrawFn, body: dict[str, Any], profile: Profile, *, chat: boo
                 body["prompt"] = text
         else:
             body[target] = draw(lone_surrogate_strings())
+    elif fault == "bad_media":
+        body["messages"] = draw(media_fault(profile, body.get("messages") or []))
     elif fault == "deep_extra":
         body["x_" + draw(identifiers(8))] = draw(deep_nesting() | junk_values())
     elif fault == "unknown_model":
@@ -847,7 +1156,7 @@ def bad_combinations(draw: st.DrawFn, profile: Profile, *, chat: bool) -> dict[s
 @st.composite
 def almost_valid_bodies(draw: st.DrawFn, profile: Profile = Profile()) -> tuple[str, dict[str, Any]]:
     """(path, body) where the body has one or two faults."""
-    chat = draw(st.booleans())
+    chat = draw(st.sampled_from([True, True, True, False]) if profile.media else st.booleans())
     body = draw(valid_chat_bodies(profile) if chat else valid_completion_bodies(profile))
     for _ in range(draw(st.integers(1, 2))):
         body = draw(mutate(body, profile, chat=chat))
@@ -1018,7 +1327,7 @@ def garbage_bodies(draw: st.DrawFn, profile: Profile) -> bytes:
 @functools.cache
 @st.composite
 def valid_requests(draw: st.DrawFn, profile: Profile = Profile()) -> FuzzRequest:
-    chat = draw(st.booleans())
+    chat = draw(st.sampled_from([True, True, True, False]) if profile.media else st.booleans())
     body = draw(valid_chat_bodies(profile) if chat else valid_completion_bodies(profile))
     return FuzzRequest(
         "POST",
@@ -1056,6 +1365,16 @@ def garbage_requests(draw: st.DrawFn, profile: Profile = Profile()) -> FuzzReque
         payload = draw(valid_chat_bodies(profile) if path == CHAT_PATH else valid_completion_bodies(profile))
         body = dumps(payload)
     return FuzzRequest(method, path, headers, body, "garbage", payload)
+
+
+@functools.cache
+@st.composite
+def media_requests(draw: st.DrawFn, profile: Profile = Profile()) -> FuzzRequest:
+    """Chats that surely carry media (family "media"): a valid body plus one message of image
+    parts, a broken or refused media part, too many images, or a typed placeholder."""
+    body = draw(valid_chat_bodies(profile))
+    body["messages"] = draw(media_fault(profile, body["messages"]))
+    return FuzzRequest("POST", CHAT_PATH, draw(polite_headers()), dumps(body), "media", body)
 
 
 @functools.cache

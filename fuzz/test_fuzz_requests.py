@@ -8,7 +8,10 @@ and a scripted fake engine (`fuzz.engine_driver`), and checks the answer with `f
   finish_reason per choice, usage matching the tokens the engine produced) or an OpenAI-shaped
   error with status == code, never a 5xx for client input; an engine `Failed` keeps its status
   (or becomes an SSE error frame once the stream has started);
-- streamed and non-streamed answers to the same request and the same engine tokens agree.
+- streamed and non-streamed answers to the same request and the same engine tokens agree;
+- chat content parts carrying media (image URLs inline or fetched, audio, video, the Python-only
+  parts, broken ones) reach a vision model as one placed `MediaInput` each, or are refused with a
+  400 naming the part; a text-only model refuses them (`fuzz.oracle.check_media`).
 
 The number of examples comes from `FUZZ_EXAMPLES` (default 2000; `make fuzz` runs 50000); each test
 asserts it exercised at least that many requests.
@@ -31,6 +34,7 @@ from fuzz.strategies import (
     FuzzRequest,
     any_requests,
     garbage_requests,
+    media_requests,
     polite_headers,
     pooling_requests,
     valid_chat_bodies,
@@ -50,28 +54,69 @@ def _assert_exercised(family_before: int, at_least: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-SERVERS = st.sampled_from(
-    [
-        (harness.APP, harness.EXPECTATIONS),
-        (harness.APP, harness.EXPECTATIONS),
-        (harness.APP_WITH_OPTIONS, harness.EXPECTATIONS_WITH_OPTIONS),
-    ]
-)
+# (app, expectations, requests): the text model twice as often as each vision app, whose requests
+# carry image parts in valid bodies too
+SERVERS = [
+    (harness.APP, harness.EXPECTATIONS, any_requests(harness.PROFILE)),
+    (harness.APP, harness.EXPECTATIONS, any_requests(harness.PROFILE)),
+    (harness.APP_WITH_OPTIONS, harness.EXPECTATIONS_WITH_OPTIONS, any_requests(harness.PROFILE)),
+    (harness.VISION_APP, harness.VISION_EXPECTATIONS, any_requests(harness.VISION_PROFILE)),
+    (
+        harness.VISION_APP_WITH_OPTIONS,
+        harness.VISION_EXPECTATIONS_WITH_OPTIONS,
+        any_requests(harness.VISION_LIMITED_PROFILE),
+    ),
+]
+SERVED_REQUESTS = st.sampled_from(SERVERS).flatmap(lambda server: st.tuples(st.just(server[:2]), server[2]))
 
 
 @harness.fuzz_settings(EXAMPLES)
-@given(request=any_requests(harness.PROFILE), script=engine_scripts(), server=SERVERS)
-def _every_request_is_answered_well(request: FuzzRequest, script: EngineScript, server: Any) -> None:
-    app, expectations = server
+@given(served=SERVED_REQUESTS, script=engine_scripts())
+def _every_request_is_answered_well(served: Any, script: EngineScript) -> None:
+    (app, expectations), request = served
     transcript = harness.exchange(request, script, app)
     check_exchange(request, transcript, expectations)
 
 
 def test_every_request_is_answered_well_formed() -> None:
-    """Valid, almost-valid and garbage requests: a shaped success or a shaped 4xx, never a crash or 5xx."""
+    """Valid, almost-valid and garbage requests, to a text-only and a vision model: a shaped success
+    or a shaped 4xx, never a crash or 5xx."""
     before = sum(harness.EXERCISED.values())
     _every_request_is_answered_well()
     _assert_exercised(before, EXAMPLES)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+MEDIA_REQUESTS = st.sampled_from(
+    [
+        (harness.APP, harness.EXPECTATIONS, media_requests(harness.PROFILE)),
+        (harness.VISION_APP, harness.VISION_EXPECTATIONS, media_requests(harness.VISION_PROFILE)),
+        (
+            harness.VISION_APP_WITH_OPTIONS,
+            harness.VISION_EXPECTATIONS_WITH_OPTIONS,
+            media_requests(harness.VISION_LIMITED_PROFILE),
+        ),
+    ]
+).flatmap(lambda server: st.tuples(st.just(server[:2]), server[2]))
+
+
+@harness.fuzz_settings(SMALLER)
+@given(served=MEDIA_REQUESTS, script=engine_scripts())
+def _media_requests_are_answered_well(served: Any, script: EngineScript) -> None:
+    (app, expectations), request = served
+    transcript = harness.exchange(request, script, app)
+    check_exchange(request, transcript, expectations)
+
+
+def test_media_requests_are_answered_well_formed() -> None:
+    """Chats with media parts of every shape, valid and broken, inline and fetched (answered with
+    images, garbage or failures), to a text-only and two vision servers: placed media items or a
+    400 naming the part, never a 5xx but injected ones."""
+    before = sum(harness.EXERCISED.values())
+    _media_requests_are_answered_well()
+    _assert_exercised(before, SMALLER)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,10 +237,17 @@ def _usage(answer: Answer) -> dict[str, Any]:
 @given(
     data=st.data(),
     chat=st.booleans(),
+    vision=st.sampled_from([False, False, True]),
     script=engine_scripts(failures=False, disconnects=False),
 )
-def _stream_agrees_with_whole(data: st.DataObject, chat: bool, script: EngineScript) -> None:
-    strategy = valid_chat_bodies(harness.PROFILE) if chat else valid_completion_bodies(harness.PROFILE)
+def _stream_agrees_with_whole(data: st.DataObject, chat: bool, vision: bool, script: EngineScript) -> None:
+    # the vision model's chats carry images, inline and fetched (the same answers both times)
+    app, expectations, profile = (
+        (harness.VISION_APP, harness.VISION_EXPECTATIONS, harness.VISION_PROFILE)
+        if vision
+        else (harness.APP, harness.EXPECTATIONS, harness.PROFILE)
+    )
+    strategy = valid_chat_bodies(profile) if chat else valid_completion_bodies(profile)
     body = data.draw(strategy, label="body")
     headers = data.draw(polite_headers(), label="headers")
     path = CHAT_PATH if chat else COMPLETIONS_PATH
@@ -203,8 +255,8 @@ def _stream_agrees_with_whole(data: st.DataObject, chat: bool, script: EngineScr
     for stream in (False, True):
         variant = _variant(body, stream=stream)
         request = FuzzRequest("POST", path, headers, dumps(variant), "valid", variant)
-        transcript = harness.exchange(request, script)
-        answers.append((transcript, check_exchange(request, transcript, harness.EXPECTATIONS)))
+        transcript = harness.exchange(request, script, app)
+        answers.append((transcript, check_exchange(request, transcript, expectations)))
     (whole_t, whole), (stream_t, streamed) = answers
     expect(
         whole_t.status == stream_t.status,

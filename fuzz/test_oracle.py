@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from typing import Any
 
+import msgspec
 import pytest
 
-from fuzz import harness
+from fuzz import harness, media_samples
 from fuzz.engine_driver import DriverError, EngineScript, FakeEngine, Transcript
 from fuzz.harness import EXPECTATIONS
 from fuzz.oracle import OracleError, check_exchange
@@ -299,3 +301,94 @@ def test_the_engine_answers_token_tasks_with_rows() -> None:
     check_exchange(request, transcript, harness.POOLING_EXPECTATIONS)
     (pooled,) = transcript.pooled.values()
     assert len(pooled.data) == 4 and all(len(row) == 4 for row in pooled.data)
+
+
+# ---------------------------------------------------------------------------------------------
+# media parts
+
+
+def _image_chat(*urls: str, **body: Any) -> FuzzRequest:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    payload = {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "what?"}]}], **body}
+    return FuzzRequest("POST", CHAT_PATH, JSON, json.dumps(payload).encode(), "valid", payload)
+
+
+PNG_URL = media_samples.image_data_urls()["png"]
+GIF_URL = media_samples.image_data_urls()["gif"]
+
+
+def test_the_driver_answers_a_fetch_and_a_vision_answer_passes() -> None:
+    request = _image_chat("https://example.com/a.png", PNG_URL, "https://example.com/b.gif")
+    script = EngineScript(fetch_answers=("png", "gif"))
+    transcript = harness.run_request(request, script, harness.VISION_APP)
+    assert transcript.status == 200
+    assert [(f.key, f.url) for f in transcript.fetches] == [
+        (0, "https://example.com/a.png"),
+        (2, "https://example.com/b.gif"),
+    ]
+    (generate,) = transcript.generates
+    assert (
+        len(generate.media) == 3
+        and generate.media[0].hash == generate.media[1].hash != generate.media[2].hash
+    )
+    check_exchange(request, transcript, harness.VISION_EXPECTATIONS)
+
+
+def test_a_failed_fetch_is_a_400_naming_the_part_and_a_client_may_leave_during_it() -> None:
+    request = _image_chat(PNG_URL, "http://example.com/x.png")
+    transcript = harness.run_request(request, EngineScript(fetch_answers=("failed",)), harness.VISION_APP)
+    assert transcript.status == 400 and b"messages[0].content[1]: HTTP 404" in transcript.body
+    check_exchange(request, transcript, harness.VISION_EXPECTATIONS)
+    left = harness.run_request(request, EngineScript(disconnect_step=0), harness.VISION_APP)
+    assert left.fetch_pending and left.disconnected and not left.generates
+    check_exchange(request, left, harness.VISION_EXPECTATIONS)
+
+
+def _generate_with(transcript: Transcript, **change: Any) -> Transcript:
+    (generate,) = transcript.generates
+    return dataclasses.replace(transcript, generates=[msgspec.structs.replace(generate, **change)])
+
+
+def test_media_in_the_engine_work_must_be_placed_and_counted() -> None:
+    request = _image_chat(PNG_URL, GIF_URL)
+    transcript = harness.run_request(request, EngineScript(), harness.VISION_APP)
+    check_exchange(request, transcript, harness.VISION_EXPECTATIONS)
+    first, second = transcript.generates[0].media
+    tampered = [
+        {"media": (first,)},  # one item for two parts
+        {"media": (second, first)},  # out of order
+        {"media": (first, msgspec.structs.replace(second, offset=second.offset - 1))},  # off its run
+        {"media": (first, msgspec.structs.replace(second, data=second.data[:-3]))},  # short pixels
+        {"media": (first, msgspec.structs.replace(second, hash=first.hash))},  # different pixels, one hash
+    ]
+    for change in tampered:
+        with pytest.raises(OracleError):
+            check_exchange(request, _generate_with(transcript, **change), harness.VISION_EXPECTATIONS)
+    with pytest.raises(OracleError, match="text-only model was sent media"):
+        check_exchange(request, transcript, EXPECTATIONS)
+
+
+def test_media_answers_are_held_to_the_media_rules() -> None:
+    request = _image_chat("https://example.com/a.png")
+    fetched = harness.run_request(request, EngineScript(fetch_answers=("png",)), harness.VISION_APP)
+    failed = harness.run_request(request, EngineScript(fetch_answers=("failed",)), harness.VISION_APP)
+    error = json.dumps(
+        {"error": {"message": "messages[0].content[0]: no", "type": "T", "param": "messages", "code": 400}}
+    ).encode()
+    # a sample image refused, a failed fetch answered 200, an error after a fetch not naming a part
+    cases = [
+        (dataclasses.replace(fetched, status=400, body=error, generates=[]), "sample"),
+        (
+            dataclasses.replace(failed, status=200, body=fetched.body, generates=fetched.generates),
+            "fetch failed",
+        ),
+        (dataclasses.replace(failed, body=_error(400)), "400 naming a part"),
+        (dataclasses.replace(failed, body=error.replace(b'"messages"', b'"model"')), "param 'messages'"),
+    ]
+    for transcript, said in cases:
+        with pytest.raises(OracleError, match=said):
+            check_exchange(request, transcript, harness.VISION_EXPECTATIONS)
+    text_only = harness.run_request(_image_chat(PNG_URL), EngineScript(), harness.APP)
+    assert text_only.status == 400 and not text_only.generates
+    with pytest.raises(OracleError, match="text-only model must refuse"):
+        check_exchange(_image_chat(PNG_URL), dataclasses.replace(text_only, status=200), EXPECTATIONS)

@@ -11,7 +11,9 @@ trio. For every connection:
 - a request h11 refuses gets a 400 (431 for a huge head, 501 for an unknown coding) and the
   connection closes, as with hypercorn; the app never sees it;
 - a valid stream has every pipelined request answered in order, up to the one that closes;
-- no connection takes longer than `fuzz.served.HANG_SECONDS`, and no engine work outlives its request.
+- no connection takes longer than `fuzz.served.HANG_SECONDS`, and no engine work outlives its request;
+- chat media parts, to a text-only server or a vision one whose URLs the fake fetcher answers:
+  `fuzz.served.check_media_exchange`.
 
 It runs half of `FUZZ_EXAMPLES` connections (`test_openapi_stack` runs the other half) and asserts
 it served at least that many requests (a connection carries 1.4 on average).
@@ -29,8 +31,16 @@ from fuzz.engine_driver import engine_scripts
 from fuzz.known_bugs import known_bug
 from fuzz.oracle import expect
 from fuzz.raw_http import ByteStream, byte_streams, describe, quick_requests
-from fuzz.served import Connection, check_connection, check_response, make_server, serve_bytes
-from fuzz.strategies import any_requests, garbage_requests, pooling_requests
+from fuzz.served import (
+    Connection,
+    check_connection,
+    check_media_exchange,
+    check_response,
+    make_server,
+    request_media_parts,
+    serve_bytes,
+)
+from fuzz.strategies import any_requests, garbage_requests, media_requests, pooling_requests
 from protocol import AppConfig
 
 EXAMPLES = max(harness.EXAMPLES // 2, 50)  # test_openapi_stack serves the other half
@@ -54,6 +64,17 @@ SERVERS: list[tuple[Any, st.SearchStrategy[Any], st.SearchStrategy[Any]]] = [
     ),
     # a small body cap: 413s, drained or closing, with more requests behind them
     (make_server("small-body", [harness.MODEL], max_body_bytes=2048), GENERATIVE, QUICK),
+    # a vision model: image parts inline and fetched (the fake fetcher answers from the script)
+    (
+        make_server("vision", [harness.VISION_MODEL]),
+        any_requests(harness.VISION_PROFILE) | media_requests(harness.VISION_PROFILE),
+        quick_requests(harness.VISION_PROFILE),
+    ),
+    (
+        make_server("vision-options", [harness.VISION_EMBEDS_MODEL], harness.VISION_OPTIONS_CONFIG),
+        any_requests(harness.VISION_LIMITED_PROFILE) | media_requests(harness.VISION_LIMITED_PROFILE),
+        quick_requests(harness.VISION_LIMITED_PROFILE),
+    ),
 ]
 
 
@@ -90,9 +111,13 @@ def _raw_http_is_answered_well(data: st.DataObject, backend: str) -> None:
     for exchange in connection.exchanges:
         if exchange.status is not None:
             harness.STATUSES[exchange.status] += 1
+            if request_media_parts(exchange):
+                harness.MEDIA[str(exchange.status)] += 1
+        harness.count_media(None, None, exchange.fetched)
     check_connection(connection)
     for exchange in connection.exchanges:
         check_response(exchange)
+        check_media_exchange(exchange, server)
     if stream.kind == "valid":
         check_valid_stream(stream, connection)
 

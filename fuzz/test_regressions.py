@@ -14,6 +14,9 @@ from jsonschema import Draft202012Validator
 
 from fuzz.harness import make_app
 from protocol import App, AppConfig, Body, StartResponse
+from protocol.media.fetch import MediaFetchFailed
+from protocol.outputs import Fetch
+from protocol.testing import tiny_vision_model
 
 JSON = [(b"content-type", b"application/json")]
 
@@ -47,3 +50,48 @@ def test_documented_401_matches_what_the_server_sends() -> None:
 def _body(app: App, method: str, path: str) -> bytes:
     call = app.handle(method, path, [], b"")
     return b"".join(output.data for output in call.start() if isinstance(output, Body))
+
+
+def _chat(app: App, body: dict, headers: tuple = ()) -> tuple[list, object]:
+    call = app.handle("POST", "/v1/chat/completions", [*JSON, *headers], json.dumps(body).encode())
+    return call.start(), call
+
+
+def _user(*parts: dict) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def test_a_media_error_keeps_the_request_id_and_cors_headers() -> None:
+    """Found by the media fuzzing: a 400 for a bad image (decoded inline, or after the runtime
+    fetched it) went out without X-Request-Id (--enable-request-id-headers) or CORS headers, which
+    every other answer carries: MediaCall built its error without the call's headers."""
+    config = AppConfig(enable_request_id_headers=True, allowed_origins=["*"])
+    app = make_app(config, tiny_vision_model())
+    headers = ((b"x-request-id", b"abc"), (b"origin", b"http://client.example"))
+    wanted = {(b"x-request-id", b"abc"), (b"access-control-allow-origin", b"*")}
+    inline = _user({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})
+    outputs, _ = _chat(app, {"messages": inline}, headers)
+    start = next(output for output in outputs if isinstance(output, StartResponse))
+    assert start.status == 400 and wanted <= set(start.headers)
+    fetched = _user({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}})
+    (fetch,), call = _chat(app, {"messages": fetched}, headers)
+    assert isinstance(fetch, Fetch)
+    outputs = call.feed([MediaFetchFailed(fetch.requests[0].key, "HTTP 404")])
+    start = next(output for output in outputs if isinstance(output, StartResponse))
+    assert start.status == 400 and wanted <= set(start.headers)
+
+
+def test_a_null_image_embeds_part_is_a_400() -> None:
+    """Found by the media fuzzing: with --enable-mm-embeds, an `image_embeds` part whose value is
+    null or missing was taken for a URL part and failed an assertion while decoding: a 500."""
+    app = make_app(AppConfig(enable_mm_embeds=True), tiny_vision_model(embeds_hidden_size=8))
+    for part in (
+        {"type": "image_embeds", "image_embeds": None},
+        {"type": "image_embeds"},
+        {"image_embeds": None},
+    ):
+        outputs, _ = _chat(app, {"messages": _user(part)})
+        start = next(output for output in outputs if isinstance(output, StartResponse))
+        error = json.loads(b"".join(output.data for output in outputs if isinstance(output, Body)))["error"]
+        assert start.status == 400, error
+        assert error["param"] == "messages" and "messages[0].content[0]" in error["message"]

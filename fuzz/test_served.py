@@ -3,15 +3,26 @@ and it serves what a real server would (pipelined requests in order, a 400 for b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from fuzz import harness
+from fuzz.engine_driver import EngineScript
 from fuzz.oracle import OracleError, traceback_leak
-from fuzz.served import Server, check_response, make_server, serve_bytes
+from fuzz.served import (
+    Server,
+    check_connection,
+    check_media_exchange,
+    check_response,
+    make_server,
+    request_media_parts,
+    serve_bytes,
+)
 from protocol.engine_api import Command, Event, Generate, SamplingParams
+from protocol.media.fetch import MediaRequest
 from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
 
 JSON = ((b"content-type", b"application/json"),)
@@ -107,3 +118,47 @@ def test_broken_http_gets_a_400_and_the_connection_closes() -> None:
     assert exchange.protocol_error is not None and exchange.status == 400
     assert exchange.header(b"connection") == b"close"
     check_response(exchange)
+
+
+def _post_chat(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(data) + data
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_fake_fetcher_answers_a_vision_servers_media_urls(backend: str) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    data = _post_chat(
+        {
+            "messages": [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}],
+            "max_tokens": 2,
+        }
+    )
+    server = make_server("vision", [harness.VISION_MODEL])
+    for answers, status in ((("gif",), 200), (("html",), 400), (("failed",), 400)):
+        connection = serve_bytes(server, data, scripts=[EngineScript(fetch_answers=answers)], backend=backend)
+        check_connection(connection)
+        (exchange,) = connection.exchanges
+        assert exchange.status == status and [f.url for f in exchange.fetches] == [
+            "https://example.com/cat.png"
+        ]
+        assert request_media_parts(exchange) == 1
+        check_response(exchange)
+        check_media_exchange(exchange, server)
+        if status == 200:
+            (generate,) = exchange.commands
+            assert len(generate.media) == 1  # type: ignore[union-attr]
+
+
+def test_media_through_a_text_only_server_is_refused_and_checked() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    server = make_server("default", [harness.MODEL])
+    (exchange,) = serve_bytes(
+        server, _post_chat({"messages": [{"role": "user", "content": [image]}]})
+    ).exchanges
+    assert exchange.status == 400 and not exchange.fetches
+    check_media_exchange(exchange, server)
+    exchange.fetches = [MediaRequest(0, "https://example.com/cat.png", "image")]
+    with pytest.raises(OracleError, match="text-only server fetched media"):
+        check_media_exchange(exchange, server)

@@ -102,7 +102,7 @@ def build_chat_call(
 
     if plan is None or not media:
         return build()
-    return MediaCall(plan, build, model.engine_name)
+    return MediaCall(plan, build, model.engine_name, identity.headers)
 
 
 def _tool_mode(request: ChatCompletionRequest) -> str:

@@ -3,14 +3,15 @@
 The prompt's text, tokens and placeholder positions are known when the request arrives; only the
 media's bytes may be elsewhere. So this call asks the runtime to fetch them (`Fetch`), decodes what
 it is fed back, and then becomes the call it was built for (`build(media)`), which submits the
-engine work. Anything wrong with a medium is a 400 naming its part, sent before any engine work.
+engine work. Anything wrong with a medium is a 400 naming its part, sent before any engine work,
+with the response headers every answer to the request carries (X-Request-Id, CORS).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from protocol.calls.base import Call, error_call, internal_error, logger
+from protocol.calls.base import Call, Headers, error_call, internal_error, logger
 from protocol.engine_api import Command, Event, MediaInput
 from protocol.errors import ProtocolError
 from protocol.media.fetch import MediaFetched, MediaFetchFailed
@@ -21,8 +22,15 @@ from protocol.outputs import Fetch, Output
 class MediaCall(Call):
     """Waits for a prompt's media, then hands over to the call `build` makes with it."""
 
-    def __init__(self, plan: MediaPlan, build: Callable[[tuple[MediaInput, ...]], Call], model: str) -> None:
+    def __init__(
+        self,
+        plan: MediaPlan,
+        build: Callable[[tuple[MediaInput, ...]], Call],
+        model: str,
+        headers: Headers = (),
+    ) -> None:
         self.model = model
+        self._headers = headers  # for its own errors; the call `build` makes sets its own
         self._plan = plan
         self._build = build
         self._inner: Call | None = None
@@ -49,10 +57,10 @@ class MediaCall(Call):
             media = self._plan.resolve(fetched)
             self._inner = self._build(media)
         except ProtocolError as error:
-            self._inner = error_call(error)
+            self._inner = error_call(error, self._headers)
         except Exception as exc:  # a bug in the core: answer it, never let it escape
             logger.exception("failed while preparing a prompt's media")
-            self._inner = error_call(internal_error(exc))
+            self._inner = error_call(internal_error(exc), self._headers)
         return self._inner.start()
 
     def disconnected(self) -> list[Command]:

@@ -81,6 +81,8 @@ class MediaCollector:
                 raise _bad(f"{where}: 'image_embeds' parts need the server flag --enable-mm-embeds.")
             if self.spec.embeds_hidden_size <= 0:
                 raise _bad(f"{where}: this model does not take image embeddings.")
+            if value is None:  # `embeds=None` would read as "not an embeddings part" downstream
+                raise _bad(f"{where}.image_embeds must be a base64 string of torch.save bytes.")
             item = MediaPart(kind, where, embeds=value)
         elif key == "input_audio":
             if not isinstance(value, dict):
