@@ -86,6 +86,7 @@ def engine_inputs(
 def _call_for(
     inputs: list[EngineInput] | ChatInput,
     model: ServedModel,
+    identity: CallIdentity,
     build: Callable[[list[EngineInput]], EncodeCall],
 ) -> EncodeCall | MediaCall:
     """The endpoint's call over `inputs`; for a chat with media parts, a `MediaCall` that has them
@@ -100,7 +101,7 @@ def _call_for(
     def with_media(media: tuple[MediaInput, ...]) -> EncodeCall:
         return build([replace(prompt, media=media)])
 
-    return MediaCall(plan, with_media, model.engine_name)
+    return MediaCall(plan, with_media, model.engine_name, identity.headers)
 
 
 # ---- /v1/embeddings and /pooling ----
@@ -187,6 +188,7 @@ def build_embedding_call(
     return _call_for(
         inputs,
         model,
+        identity,
         lambda prompts: _vectors_call(
             request, model, identity, prompts, params, kind="embedding", per_token=False
         ),
@@ -216,6 +218,7 @@ def build_pooling_call(
     return _call_for(
         inputs,
         model,
+        identity,
         lambda prompts: _vectors_call(
             request, model, identity, prompts, params, kind="pooling", per_token=per_token
         ),
@@ -285,5 +288,5 @@ def build_classification_call(
     id2label = dict(model.pooling.id2label) if model.pooling is not None else {}
     reply = _ClassificationReply(head, id2label)
     return _call_for(
-        inputs, model, lambda prompts: encode_call(head, identity, prompts, params, request.priority, reply)
+        inputs, model, identity, lambda prompts: encode_call(head, identity, prompts, params, request.priority, reply)
     )

@@ -47,6 +47,7 @@ class Runtime:
     def __init__(self, call):
         self.call = call
         self.status = None
+        self.headers: dict[bytes, bytes] = {}
         self.body = b""
         self.ended = False
         self.fetches: list[MediaRequest] = []
@@ -57,6 +58,7 @@ class Runtime:
         for output in outputs:
             if isinstance(output, StartResponse):
                 self.status = output.status
+                self.headers = dict(output.headers)
             elif isinstance(output, Body):
                 self.body += output.data
             elif isinstance(output, EndResponse):

@@ -98,6 +98,15 @@ def test_a_bad_image_is_a_400_naming_the_part_and_no_engine_work():
     assert runtime.commands == []
 
 
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/pooling", "/v1/chat/completions"])
+def test_a_bad_image_400_carries_the_request_id_header(path):
+    app = make_app(embedding_model() if path != "/v1/chat/completions" else None, enable_request_id_headers=True)
+    body = {"model": "tiny-vision-model", "messages": user(image_part("data:image/png;base64,@@@"))}
+    headers = [*JSON_HEADERS, (b"x-request-id", b"my-id")]
+    runtime = PoolingRuntime(app.handle("POST", path, headers, json.dumps(body).encode()))
+    assert runtime.status == 400 and runtime.headers[b"x-request-id"] == b"my-id"
+
+
 def test_a_text_only_chat_on_the_vision_model_needs_no_media():
     runtime = post("/v1/embeddings", user({"type": "text", "text": "just words"}))
     assert runtime.encode.media == ()
