@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from protocol.media.spec import MultimodalSpec
+from protocol.media.spec import MultimodalSpec, SpeechSpec
 from protocol.tokenizer import Tokenizer
 
 # What a model can be asked to do. A generative model serves `generate`; a pooling model serves
@@ -14,7 +14,7 @@ from protocol.tokenizer import Tokenizer
 # /pooling, and /score and /rerank by cosine similarity), `classify` (a classification head:
 # /classify, /pooling), `score` (a cross-encoder's head on a sentence pair: /score, /rerank),
 # `token_embed` and `token_classify` (per-token outputs through /pooling).
-Task = Literal["generate", "embed", "classify", "score", "token_embed", "token_classify"]
+Task = Literal["generate", "embed", "classify", "score", "token_embed", "token_classify", "transcription"]
 
 
 class PoolingInfo(msgspec.Struct, kw_only=True, frozen=True):
@@ -58,6 +58,8 @@ class ServedModel(msgspec.Struct, kw_only=True):
     parent: str | None = None
     # the media a multimodal model accepts and how they are prepared (None: text only)
     multimodal: MultimodalSpec | None = None
+    # a speech-to-text model's tokens and limits (task "transcription"; None: not one)
+    speech: SpeechSpec | None = None
 
     @property
     def name(self) -> str:

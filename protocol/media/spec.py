@@ -38,3 +38,24 @@ class MultimodalSpec(msgspec.Struct, frozen=True, kw_only=True):
     image: ImageProcessing = ImageProcessing()
     embeds_hidden_size: int = 0  # columns of an `image_embeds` tensor (the language model's hidden size)
     audio_sample_rate: int = 16000
+
+
+class SpeechSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A speech-to-text model (Whisper): its special tokens and limits, filled by the engine's loader.
+
+    The core builds each 30 s window's decoder prompt from these (`<|startofprev|>` + prompt text,
+    `<|startoftranscript|>`, the language, the task, `<|notimestamps|>` unless timestamps are asked
+    for) and reads timestamps back from ids at or above `timestamp_begin` (0.02 s apart).
+    """
+
+    sample_rate: int = 16000
+    window_seconds: float = 30.0
+    max_target_tokens: int = 448  # the decoder's positions, prompt included
+    start_of_transcript: int
+    transcribe: int
+    translate: int | None = None  # None: an English-only model, which cannot translate
+    no_timestamps: int
+    start_of_prev: int | None = None
+    timestamp_begin: int  # the id of <|0.00|>
+    end_of_text: int
+    languages: dict[str, int] = msgspec.field(default_factory=dict)  # "en" -> the id of <|en|>; empty: English-only
