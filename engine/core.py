@@ -39,6 +39,7 @@ from engine.requests import (
     RequestRejected,
     RequestState,
     SampleState,
+    check_audio,
     check_media,
     check_pooling,
     finish_check,
@@ -66,6 +67,7 @@ from protocol.engine_api import (
     Tokens,
     UnloadAdapter,
 )
+from protocol.media.spec import SpeechSpec
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class EngineCore:
         max_queue_seconds: float | None = None,
         lora: LoRAManager | None = None,
         image_inputs: ImageInputs | None = None,
+        speech: SpeechSpec | None = None,
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -129,6 +132,7 @@ class EngineCore:
             )
         self.runner = DecoderRunner(model, num_kv_blocks, block_size, lora)
         self.image_inputs = image_inputs  # a vision-language model's image placeholders (None: no images)
+        self.speech = speech  # a speech-to-text model's limits (None: not one); each request has one audio window
         self.lora = lora  # LoRA adapters (engine.lora), with --enable-lora
         self.config = model.config
         self.tasks = tasks
@@ -274,13 +278,16 @@ class EngineCore:
         return []
 
     def _add_generate(self, command: Generate) -> list[Event]:
-        if "generate" not in self.tasks:
+        if not self.tasks & {"generate", "transcription"}:
             return [Failed(command.request_id, 400, "this model does not generate text")]
         if refused := self._running(command.request_id):
             return refused
         try:
             max_tokens = validate(command, self.config.vocab_size, self.max_model_len, self.max_num_seqs)
-            check_media(command.prompt_token_ids, command.media, self.image_inputs)
+            if self.speech is not None:
+                check_audio(command.media, int(self.speech.sample_rate * self.speech.window_seconds))
+            else:
+                check_media(command.prompt_token_ids, command.media, self.image_inputs)
         except RequestRejected as error:
             return [Failed(command.request_id, error.status, str(error))]
         if (busy := self._over_capacity(len(command.prompt_token_ids))) is not None:
@@ -329,6 +336,8 @@ class EngineCore:
             if adapter is None:
                 return [Failed(command.request_id, 404, f"The model `{command.lora_name}` does not exist.")]
             salt = f"{salt or ''}\x00lora:{adapter}"  # an adapter's blocks are its own in the prefix cache
+        if self.speech is not None:  # every decoder position attends to the audio: it keys every block
+            salt = f"{salt or ''}\x00audio:{command.media[0].hash}"
         # sequences to start: n samples, best_of candidates, or the first beam (beams fork later)
         width = num_candidates(params)
         started = 1 if params.use_beam_search else width

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import PagedKVCache, SequenceSpan, build_step
+from engine.audio_encoder_cache import AudioEncoderCache
 from engine.lora import LoRAManager
 from engine.media_embeddings import MediaEmbedder
 from engine.models.llama import LlamaForCausalLM
@@ -44,12 +45,18 @@ class DecoderRunner:
         self.kv_cache = PagedKVCache(self.config, num_kv_blocks, block_size, self.dtype, self.device)
         # a vision-language model (engine.models.llava) embeds the images of a step's spans
         self.media = MediaEmbedder(model) if hasattr(model, "embed_images") else None  # type: ignore[arg-type]
+        # an encoder-decoder speech model (engine.models.whisper): each span's audio, cross-attended
+        self.speech = AudioEncoderCache(model) if hasattr(model, "cross_kv") else None  # type: ignore[arg-type]
 
     def forward(self, spans: Sequence[SequenceSpan], adapters: Sequence[int | None] | None = None) -> DecoderStep:
         """`adapters`: the LoRA adapter of each span (None: the base model)."""
         inputs = build_step(self.kv_cache, spans)
         embeds = self.media.step_embeds(spans) if self.media is not None else None
-        extra = {"embeds": embeds} if embeds is not None else {}
+        extra: dict = {"embeds": embeds} if embeds is not None else {}
+        if self.speech is not None:
+            from engine.models.whisper import CrossInputs  # only speech models need it
+
+            extra["cross"] = CrossInputs(self.speech.step_cross(spans), [len(span.token_ids) for span in spans])
         if self.lora is None or adapters is None:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, **extra)
             return DecoderStep(hidden, inputs.meta.query_ends)

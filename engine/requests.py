@@ -231,3 +231,15 @@ def _check_embeds(item: MediaInput, hidden_size: int, where: str) -> None:
         raise RequestRejected(
             f"{where}: image embeddings must be float32 of shape ({item.length}, {hidden_size}), got {item.shape}"
         )
+
+
+def check_audio(media: SequenceOf[MediaInput], max_samples: int) -> None:
+    """A speech model's request: exactly one audio window of at most `max_samples` float32 samples,
+    filling no prompt positions (the decoder attends to it across)."""
+    if len(media) != 1 or media[0].kind != "audio":
+        raise RequestRejected("A speech model's request needs exactly one audio window (media of kind 'audio').")
+    (item,) = media
+    if item.length != 0 or item.shape != (len(item.data) // 4,) or len(item.data) % 4:
+        raise RequestRejected("The audio window must be float32 samples of shape (samples,) filling no positions.")
+    if not 0 < item.shape[0] <= max_samples:
+        raise RequestRejected(f"The audio window must hold 1 to {max_samples} samples, not {item.shape[0]}.")
