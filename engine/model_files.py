@@ -59,12 +59,17 @@ def resolve_model(model: str) -> ModelSource:
 
     Accepts the packaged names (`SmolLM2-135M-Instruct`, `all-MiniLM-L6-v2`, `gemma-3-270m` or its
     file's name, which is joined from its parts on first use: `engine.split_gguf`), the fetched ones
-    (`qwen2.5-coder-0.5b-instruct`, once `make fetch-models` has run: `engine.wheel_gguf`), a path to a
+    (`qwen2.5-coder-0.5b-instruct`, once `make fetch-models` has run: `engine.wheel_gguf`; `whisper-tiny.en`
+    and `whisper-base`, once `make fetch-whisper` has run: `engine.wheel_whisper`), a path to a
     `.gguf` file, or a path to an HF folder holding `config.json` and safetensors weights.
     """
     from engine.split_gguf import SPLIT_GGUF, assemble, split_gguf_named  # they build on this module
     from engine.wheel_gguf import WHEEL_GGUF, fetched, wheel_gguf_named
+    from engine.wheel_whisper import WHEEL_WHISPER, wheel_whisper_named
+    from engine.wheel_whisper import fetched as fetched_whisper
 
+    if (whisper := wheel_whisper_named(model)) is not None:
+        return ModelSource(whisper[0], "hf", fetched_whisper(whisper[0]))
     if (split := split_gguf_named(model)) is not None:
         return ModelSource(split[0], "gguf", assemble(split[1]))
     if (wheels := wheel_gguf_named(model)) is not None:
@@ -83,7 +88,7 @@ def resolve_model(model: str) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(ggufs[0].stem, "gguf", ggufs[0].resolve())
         raise ModelNotFoundError(f"{path} holds neither config.json nor exactly one .gguf file")
-    known = ", ".join([*_PACKAGED_GGUF, *_PACKAGED_ZIP, *SPLIT_GGUF, *WHEEL_GGUF])
+    known = ", ".join([*_PACKAGED_GGUF, *_PACKAGED_ZIP, *SPLIT_GGUF, *WHEEL_GGUF, *WHEEL_WHISPER])
     raise ModelNotFoundError(
         f"model {model!r} not found: give one of {known}, a .gguf file, or an HF folder with config.json"
     )
