@@ -50,9 +50,16 @@ from protocol.calls.lora import (
 from protocol.calls.pooling import build_classification_call, build_embedding_call, build_pooling_call
 from protocol.calls.prompt import ChatRenderer
 from protocol.calls.score import build_rerank_call, build_score_call
+from protocol.calls.transcription import (
+    DEFAULT_MAX_AUDIO_SECONDS,
+    DEFAULT_MAX_AUDIO_UPLOAD_BYTES,
+    SpeechSettings,
+    build_transcription_call,
+)
 from protocol.cors import CorsPolicy
 from protocol.errors import ProtocolError
 from protocol.model import ServedModel, Task
+from protocol.multipart import parse_form_data
 from protocol.openapi import docs_page, openapi_document
 from protocol.pooling_requests import (
     ClassificationChatRequest,
@@ -74,6 +81,7 @@ from protocol.requests import (
     decode_tokenize_request,
 )
 from protocol.state import PROMETHEUS_CONTENT_TYPE, SERVING, Health, ServerState, ServerStatus
+from protocol.transcription import SpeechTask, read_speech_request
 from protocol.validation import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -84,6 +92,10 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_HEADER_COUNT = 256
 DEFAULT_MAX_HEADER_BYTES = 4 * 1024 * 1024
 UNSUPPORTED_MEDIA_TYPE = "Unsupported Media Type: Only 'application/json' is allowed"
+MULTIPART_ONLY = (
+    "Send the audio as multipart/form-data (a 'file' part and form fields), as OpenAI's API takes it; "
+    "got Content-Type '{content_type}'."
+)
 # With API keys set, every path needs one except these (liveness, version and metrics for load
 # balancers, orchestrators and Prometheus, which carry no key; vLLM leaves /metrics open too). vLLM guards only /v1; its /tokenize, /pooling, /score, /rerank
 # and /classify stay open to anyone who can reach the port.
@@ -129,6 +141,9 @@ class AppConfig(msgspec.Struct, kw_only=True):
     # media items per prompt and modality (vLLM's --limit-mm-per-prompt; unset: 999)
     limit_mm_per_prompt: dict[str, int] = msgspec.field(default_factory=dict)
     enable_mm_embeds: bool = False  # `image_embeds` content parts accepted (vLLM's --enable-mm-embeds)
+    # speech to text: an uploaded audio file over this many bytes is a 413 (OpenAI's 25 MB)
+    max_audio_upload_bytes: int = DEFAULT_MAX_AUDIO_UPLOAD_BYTES
+    max_audio_upload_seconds: float = DEFAULT_MAX_AUDIO_SECONDS  # longer decoded audio: a 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +220,11 @@ class App:
             enable_auto_tool_choice=config.enable_auto_tool_choice,
             tool_call_parser=config.tool_call_parser,
             reasoning_parser=config.reasoning_parser,
+        )
+        self._speech_settings = SpeechSettings(
+            max_upload_bytes=config.max_audio_upload_bytes,
+            max_seconds=config.max_audio_upload_seconds,
+            enable_force_include_usage=config.enable_force_include_usage,
         )
 
     def handle(
@@ -394,6 +414,26 @@ class App:
         model = self._model_for(body.model, ("score", "embed"))
         return build_rerank_call(body, model, self._settings, self._identity(request, None))
 
+    def _transcriptions(self, request: _Request) -> Call:
+        return self._speech(request, "transcribe")
+
+    def _translations(self, request: _Request) -> Call:
+        return self._speech(request, "translate")
+
+    def _speech(self, request: _Request, task: SpeechTask) -> Call:
+        """A speech upload: multipart/form-data only (a JSON body is told so), parsed in the core."""
+        content_type = request.headers.get(b"content-type", b"")
+        if content_type.split(b";", 1)[0].strip().lower() != b"multipart/form-data":
+            shown = content_type.decode("latin-1")[:100] or "none"
+            raise ProtocolError(MULTIPART_ONLY.format(content_type=shown), status=400)
+        if len(request.body) > self.config.max_request_body_bytes:
+            raise ProtocolError(
+                f"Request body too large: the limit is {self.config.max_request_body_bytes} bytes", status=413
+            )
+        body = read_speech_request(parse_form_data(content_type, request.body), task)
+        model = self._model_for(body.model, ("transcription",))
+        return build_transcription_call(body, model, self._speech_settings, self._identity(request, None))
+
     def _model_for(self, requested: str | None, tasks: Sequence[Task]) -> ServedModel:
         """The model a request names; none named, the first served model that has one of `tasks`
         (a server of a generative and an embedding model answers both APIs without `model`),
@@ -483,6 +523,8 @@ _ROUTES: dict[str, dict[str, _Handler]] = {
     "/rerank": {"POST": App._rerank},
     "/v1/rerank": {"POST": App._rerank},
     "/v2/rerank": {"POST": App._rerank},
+    "/v1/audio/transcriptions": {"POST": App._transcriptions},
+    "/v1/audio/translations": {"POST": App._translations},
 }
 # (keys the body has, handler), first match wins: chat before completions (a chat body may carry a
 # prompt-like field), rerank before score

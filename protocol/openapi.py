@@ -40,6 +40,12 @@ from protocol.responses import (
     ModelList,
     TokenizeResponse,
 )
+from protocol.transcription import speech_form_schema
+from protocol.transcription_output import (
+    TranscriptionResponse,
+    TranscriptionResponseVerbose,
+    TranslationResponse,
+)
 
 # (path, summary, request body types (any of), response body type)
 _POSTS: tuple[tuple[str, str, tuple[type, ...], type], ...] = (
@@ -86,7 +92,8 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 @cache
 def openapi_document(title: str, version: str) -> bytes:
     """The OpenAPI 3.1 document, encoded (cached: the structs do not change while serving)."""
-    types: list[type] = [ModelList, ModelCard, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest]
+    speech = [TranscriptionResponse, TranslationResponse, TranscriptionResponseVerbose]
+    types: list[type] = [ModelList, ModelCard, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest, *speech]
     for _, _, requests, response in _POSTS:
         types.extend(requests)
         types.append(response)
@@ -114,6 +121,7 @@ def openapi_document(title: str, version: str) -> bytes:
     ):
         text = {"text/plain": {"schema": {"type": "string"}}}
         paths[path] = {"post": {"summary": summary, "requestBody": {"required": True, "content": _json(schema_of[request])}, "responses": {"200": {"description": "Done", "content": text}, **errors}}}
+    paths.update(_speech_paths(schema_of, errors))
     paths["/v1/models"] = {"get": {"summary": "The served models", "responses": {"200": {"description": "OK", "content": _json(schema_of[ModelList])}, **unauthorized}}}
     paths["/v1/models/{model}"] = {
         "get": {
@@ -146,6 +154,29 @@ def openapi_document(title: str, version: str) -> bytes:
         },
     }  # fmt: skip
     return msgspec.json.encode(document)
+
+
+def _speech_paths(schema_of: dict[type, Any], errors: dict[str, Any]) -> dict[str, Any]:
+    """The speech-to-text uploads: a multipart/form-data form in; JSON, text, subtitles or SSE out."""
+    paths: dict[str, Any] = {}
+    for path, task, summary, whole in (
+        ("/v1/audio/transcriptions", "transcribe", "Speech to text (OpenAI's form: a `file` part and fields)", TranscriptionResponse),
+        ("/v1/audio/translations", "translate", "Speech to English text (OpenAI's form: a `file` part and fields)", TranslationResponse),
+    ):
+        json_body = {"anyOf": [schema_of[whole], schema_of[TranscriptionResponseVerbose]]}
+        ok = {
+            "description": "json or verbose_json; text and srt as text/plain, vtt as text/vtt; `stream=true` as SSE",
+            "content": {
+                **_json(json_body),
+                "text/plain": {"schema": {"type": "string"}},
+                "text/vtt": {"schema": {"type": "string"}},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        }
+        too_large = {"description": "The body or the audio file is over its size limit", "content": _json({"$ref": "#/components/schemas/ErrorResponse"})}
+        form = {"multipart/form-data": {"schema": speech_form_schema(task)}}
+        paths[path] = {"post": {"summary": summary, "requestBody": {"required": True, "content": form}, "responses": {"200": ok, **errors, "413": too_large}}}
+    return paths  # fmt: skip
 
 
 SWAGGER_UI_VERSION = "5.17.14"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from protocol.media.spec import ImageProcessing, MultimodalSpec
+from protocol.media.spec import ImageProcessing, MultimodalSpec, SpeechSpec
 from protocol.model import PoolingInfo, ServedModel
 
 BOS_ID = 256
@@ -16,6 +16,35 @@ EOS_ID = 257
 IM_START_ID = 258
 IM_END_ID = 259
 IMAGE_ID = 260  # `<image>`, in `ByteTokenizer(vision=True)` only
+# Whisper's special tokens in `ByteTokenizer(speech=True)`, in Whisper's order: `<|endoftext|>` first,
+# the languages, the tasks, then `<|notimestamps|>` and the 1501 timestamps <|0.00|> .. <|30.00|>
+SPEECH_LANGUAGES = ("en", "fr", "de")
+END_OF_TEXT_ID = 261
+START_OF_TRANSCRIPT_ID = 262
+LANGUAGE_IDS = {code: 263 + i for i, code in enumerate(SPEECH_LANGUAGES)}  # 263 .. 265
+TRANSLATE_ID = 266
+TRANSCRIBE_ID = 267
+START_OF_PREV_ID = 268
+NO_SPEECH_ID = 269
+NO_TIMESTAMPS_ID = 270
+TIMESTAMP_BEGIN_ID = 271  # <|0.00|>
+TIMESTAMP_COUNT = 1501
+SPEECH_TOKENS: dict[str, int] = {
+    "<|endoftext|>": END_OF_TEXT_ID,
+    "<|startoftranscript|>": START_OF_TRANSCRIPT_ID,
+    **{f"<|{code}|>": token for code, token in LANGUAGE_IDS.items()},
+    "<|translate|>": TRANSLATE_ID,
+    "<|transcribe|>": TRANSCRIBE_ID,
+    "<|startofprev|>": START_OF_PREV_ID,
+    "<|nospeech|>": NO_SPEECH_ID,
+    "<|notimestamps|>": NO_TIMESTAMPS_ID,
+}
+
+
+def timestamp_id(seconds: float) -> int:
+    """The id of Whisper's timestamp token for `seconds` into a window (0.02 s steps)."""
+    return TIMESTAMP_BEGIN_ID + round(seconds / 0.02)
+
 
 SPECIAL_TOKENS: dict[str, int] = {
     "<s>": BOS_ID,
@@ -37,25 +66,36 @@ class ByteTokenizer:
 
     Special-token strings inside the text are encoded as their ids (as HF tokenizers do), so a
     rendered chat template tokenizes the way a real model's would. `add_special_tokens` prepends
-    `<s>`. Both `</s>` and `<|im_end|>` end generation.
+    `<s>`. Both `</s>` and `<|im_end|>` end generation. `vision=True` adds `<image>` (260);
+    `speech=True` adds Whisper's special tokens and timestamps from 261 (`SPEECH_TOKENS`), and
+    `<|endoftext|>` ends generation too.
     """
 
-    def __init__(self, chat_template: str | None = CHATML_TEMPLATE, *, vision: bool = False):
+    def __init__(
+        self, chat_template: str | None = CHATML_TEMPLATE, *, vision: bool = False, speech: bool = False
+    ):
         self._chat_template = chat_template
         self._specials = dict(SPECIAL_TOKENS, **({"<image>": IMAGE_ID} if vision else {}))
+        if speech:
+            self._specials.update(SPEECH_TOKENS)
         self._names = {token_id: name for name, token_id in self._specials.items()}
+        if speech:  # timestamps decode to their names but are not matched in text (too many to scan)
+            self._names.update(
+                {TIMESTAMP_BEGIN_ID + i: f"<|{i * 0.02:.2f}|>" for i in range(TIMESTAMP_COUNT)}
+            )
+        self._speech = speech
 
     @property
     def vocab_size(self) -> int:
-        return 256 + len(self._specials)
+        return max(self._names) + 1
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        return frozenset({EOS_ID, IM_END_ID})
+        return frozenset({EOS_ID, IM_END_ID, *((END_OF_TEXT_ID,) if self._speech else ())})
 
     @property
     def all_special_ids(self) -> frozenset[int]:
-        return frozenset(self._specials.values())
+        return frozenset(self._names)
 
     @property
     def bos_token(self) -> str | None:
@@ -210,4 +250,38 @@ def tiny_pooling_model(
         max_model_len=max_model_len,
         tasks=frozenset(tasks),
         pooling=pooling,
+    )
+
+
+def tiny_speech_model(
+    *,
+    multilingual: bool = True,
+    name: str = "tiny-speech-model",
+    max_target_tokens: int = 448,
+    window_seconds: float = 30.0,
+    sample_rate: int = 16000,
+) -> ServedModel:
+    """A Whisper-style speech-to-text model as the API sees it: `ByteTokenizer(speech=True)` (text is
+    bytes; Whisper's special tokens and timestamps from id 261, see `SPEECH_TOKENS`). Multilingual:
+    "en", "fr", "de" and translation; `multilingual=False`: English-only, as tiny.en."""
+    spec = SpeechSpec(
+        sample_rate=sample_rate,
+        window_seconds=window_seconds,
+        max_target_tokens=max_target_tokens,
+        start_of_transcript=START_OF_TRANSCRIPT_ID,
+        transcribe=TRANSCRIBE_ID,
+        translate=TRANSLATE_ID if multilingual else None,
+        no_timestamps=NO_TIMESTAMPS_ID,
+        start_of_prev=START_OF_PREV_ID,
+        timestamp_begin=TIMESTAMP_BEGIN_ID,
+        end_of_text=END_OF_TEXT_ID,
+        languages=dict(LANGUAGE_IDS) if multilingual else {},
+    )
+    return ServedModel(
+        names=[name],
+        root=name,
+        tokenizer=ByteTokenizer(chat_template=None, speech=True),
+        max_model_len=max_target_tokens,
+        tasks=frozenset({"transcription"}),
+        speech=spec,
     )
