@@ -531,6 +531,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         "from VLLM_IMAGE_FETCH_TIMEOUT (5 s), VLLM_AUDIO_FETCH_TIMEOUT (10 s), VLLM_VIDEO_FETCH_TIMEOUT (30 s)",
     )
 
+    speech = parser.add_argument_group("Speech to text")
+    speech.add_argument(
+        "--max-audio-upload-bytes",
+        type=human_readable_int,
+        default=None,
+        metavar="SIZE",
+        help="largest audio file /v1/audio/transcriptions and /translations take, e.g. 25M (default 25 MiB; over it: 413)",
+    )
+    speech.add_argument(
+        "--max-audio-upload-seconds",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="longest decoded audio taken (default 3600; over it: 400)",
+    )
+
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),

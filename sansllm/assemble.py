@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import msgspec
+
 from protocol.app import App, AppConfig
 from protocol.asgi import AsgiApp
 from protocol.model import PoolingInfo, ServedModel
@@ -81,6 +83,15 @@ def engine_config_for(spec: ModelSpec, args: argparse.Namespace, config_cls: Cal
 
 def app_config_from_args(args: argparse.Namespace) -> AppConfig:
     """The core's options from the flags (the chat template file is read here: the core does no IO)."""
+    config = _app_config(args)
+    # an audio upload as large as --max-audio-upload-bytes must get through the body cap (+ its form)
+    floor = config.max_audio_upload_bytes + (1 << 20)
+    if config.max_request_body_bytes < floor:
+        config = msgspec.structs.replace(config, max_request_body_bytes=floor)
+    return config
+
+
+def _app_config(args: argparse.Namespace) -> AppConfig:
     return AppConfig(
         api_keys=list(args.api_key),
         max_logprobs=args.max_logprobs,
@@ -108,8 +119,17 @@ def app_config_from_args(args: argparse.Namespace) -> AppConfig:
         reasoning_parser=args.reasoning_parser,
         limit_mm_per_prompt=dict(getattr(args, "limit_mm_per_prompt", None) or {}),
         enable_mm_embeds=bool(getattr(args, "enable_mm_embeds", False)),
+        **_set(
+            max_audio_upload_bytes=getattr(args, "max_audio_upload_bytes", None),
+            max_audio_upload_seconds=getattr(args, "max_audio_upload_seconds", None),
+        ),
         version=_version(),
     )
+
+
+def _set(**values: Any) -> dict[str, Any]:
+    """The flags given (not None): the others keep AppConfig's defaults."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def load_engines(
@@ -187,6 +207,7 @@ def served_model(spec: ModelSpec, engine: Any, *, created: int) -> ServedModel:
         lora_enabled=bool(getattr(engine, "lora_enabled", False)),
         tokenizer_config=tokenizer_config(engine.tokenizer),
         multimodal=getattr(engine, "multimodal", None),
+        speech=getattr(engine, "speech", None),
     )
 
 

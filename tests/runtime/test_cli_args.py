@@ -600,3 +600,11 @@ def test_bad_media_settings_are_refused_at_start(capsys, argv, environ, message)
     with pytest.raises(SystemExit):
         parse(*argv, environ=environ)
     assert message in capsys.readouterr().err
+
+
+def test_audio_upload_flags_reach_the_core_and_lift_the_body_cap():
+    config = app_config_from_args(parse("--max-audio-upload-bytes", "100M", "--max-audio-upload-seconds", "90"))
+    assert (config.max_audio_upload_bytes, config.max_audio_upload_seconds) == (100 << 20, 90.0)
+    assert config.max_request_body_bytes > 100 << 20  # the upload and its form fields get through
+    defaults = app_config_from_args(parse())
+    assert (defaults.max_audio_upload_bytes, defaults.max_audio_upload_seconds) == (25 << 20, 3600.0)
