@@ -23,10 +23,16 @@ from tqdm import tqdm
 
 from engine.gguf_file import GGUFModel
 from engine.image_processor import ImageProcessor, image_processor_from_config, read_processor_files
-from engine.model_config import ModelConfig, UnsupportedModelError, multimodal_architecture
+from engine.model_config import (
+    ModelConfig,
+    UnsupportedModelError,
+    multimodal_architecture,
+    speech_architecture,
+)
 from engine.model_files import ModelSource
 from engine.models.llama import LlamaForCausalLM
 from engine.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from engine.models.whisper import WhisperConfig, WhisperForConditionalGeneration
 from engine.quantized_weights import QuantizedTensor
 from engine.registry import (
     ArchitectureSupport,
@@ -36,8 +42,10 @@ from engine.registry import (
     encoder_architecture,
 )
 from engine.tokenizer import HFTokenizer
+from engine.whisper_features import FeatureSettings
+from engine.whisper_tokens import WhisperDecoding, speech_spec, whisper_decoding
 from kernels import cpu_ops
-from protocol.media.spec import MultimodalSpec
+from protocol.media.spec import MultimodalSpec, SpeechSpec
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,8 @@ class LoadedModel:
     pooling: PoolingFacts | None = None
     max_model_len: int | None = None  # a limit below the model's own (sentence-transformers' max_seq_length)
     multimodal: MultimodalSpec | None = None  # the media a vision-language model takes (None: text only)
+    speech: SpeechSpec | None = None  # a speech-to-text model's special tokens and limits (None: not one)
+    decoding: WhisperDecoding | None = None  # its decoding rules' settings (engine.processors.whisper)
 
     def __post_init__(self) -> None:
         if self.spec is None:
@@ -182,6 +192,8 @@ def load_model(
         return _decoder(source, config, model, tokenizer, defaults, convert)
 
     raw = _read_json(source.path / "config.json")
+    if speech_architecture(raw) is not None:
+        return _load_whisper(source, raw, dtype, dev, progress, convert, clock)
     if encoder_architecture(raw) is not None:
         return _load_encoder(source, raw, dtype, dev, progress, convert, clock)
     if multimodal_architecture(raw) is not None:
@@ -370,6 +382,68 @@ def build_llava_model(
     if config.text.tie_word_embeddings:  # to_empty unties shared parameters
         language.lm_head.weight = language.model.embed_tokens.weight
     model.init_rope()
+    model.load_weights((name, tensor.to(device)) for name, tensor in weights)
+    return model.eval().requires_grad_(False)
+
+
+def _load_whisper(
+    source: ModelSource,
+    raw: dict[str, Any],
+    dtype: str,
+    device: torch.device,
+    progress: bool,
+    convert: Convert,
+    clock: _PhaseClock,
+) -> LoadedModel:
+    """A Whisper model from an HF folder: config.json, safetensors, tokenizer, preprocessor_config.json
+    (the log-mel settings; transformers' defaults when absent) and generation_config.json (special
+    tokens, languages, the suppress lists of the decoding rules)."""
+    config = WhisperConfig.from_hf(raw)
+    spec = architecture_support(speech_architecture(raw) or "", convert)
+    preprocessor = _read_json(source.path / "preprocessor_config.json")
+    features = FeatureSettings.from_hf(preprocessor, config.num_mel_bins)
+    torch_dtype = resolve_dtype(dtype, device, raw.get("torch_dtype") or raw.get("dtype"))
+    model = build_whisper_model(
+        config, features, torch_dtype, device, safetensors_weights(source.path, torch_dtype, progress)
+    )
+    clock.lap(f"loaded the weights ({torch_dtype}; encoder and decoder)")
+    generation = _read_json(source.path / "generation_config.json")
+    for key in ("suppress_tokens", "begin_suppress_tokens"):  # older folders keep them in config.json
+        if generation.get(key) is None and raw.get(key) is not None:
+            generation[key] = raw[key]
+    eos = {config.eos_token_id, *_ids(generation.get("eos_token_id"))}
+    tokenizer = HFTokenizer.from_folder(source.path, config.vocab_size, eos)
+    clock.lap("built the tokenizer")
+    speech = speech_spec(tokenizer.hf.get_vocab(), generation, config, features)
+    decoding = whisper_decoding(generation, speech, config)
+    languages = f"{len(speech.languages)} languages" if speech.languages else "English only"
+    logger.info(
+        "%s: speech to text (%s), %d s windows of %d mel bins, %d decoder positions",
+        source.name,
+        languages,
+        features.chunk_length,
+        features.feature_size,
+        config.max_target_positions,
+    )
+    defaults = generation_defaults(source.path / "generation_config.json")
+    return LoadedModel(
+        source, model.config, model, tokenizer, defaults, spec, speech=speech, decoding=decoding
+    )
+
+
+def build_whisper_model(
+    config: WhisperConfig,
+    features: FeatureSettings,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: Iterator[tuple[str, torch.Tensor | QuantizedTensor]],
+) -> WhisperForConditionalGeneration:
+    """A Whisper model on `device` in `dtype`, filled from `weights` (transformers' names, from any
+    checkpoint format), built on meta first as `build_model` does."""
+    with torch.device("meta"), _skip_random_init():
+        model = WhisperForConditionalGeneration(config, features)
+        model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty unties shared parameters
     model.load_weights((name, tensor.to(device)) for name, tensor in weights)
     return model.eval().requires_grad_(False)
 

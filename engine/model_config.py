@@ -24,6 +24,9 @@ SLIDING_ATTENTION, FULL_ATTENTION = "sliding_attention", "full_attention"
 # `text_config`); their `ModelConfig` is the decoder's, under the vision-language architecture's name
 MULTIMODAL_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 _MULTIMODAL_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration"}
+# Speech-to-text encoder-decoders (engine.models.whisper): their `ModelConfig` is the decoder's
+SPEECH_ARCHITECTURES = ("WhisperForConditionalGeneration",)
+_SPEECH_MODEL_TYPES = {"whisper": "WhisperForConditionalGeneration"}
 _LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")  # what their decoder may be
 # LlamaConfig's defaults, for the keys a LLaVA `text_config` leaves out (transformers writes only the
 # differences from them: llava-1.5's text_config names little more than its vocab_size)
@@ -141,6 +144,16 @@ def multimodal_architecture(config: dict[str, Any]) -> str | None:
     found = next((a for a in architectures if a in MULTIMODAL_ARCHITECTURES), None)
     if found is None and not architectures:
         found = _MULTIMODAL_MODEL_TYPES.get(config.get("model_type", ""))
+    return found
+
+
+def speech_architecture(config: dict[str, Any]) -> str | None:
+    """The speech-to-text architecture an HF config.json describes (by its architectures, else its
+    model_type), or None."""
+    architectures = config.get("architectures") or []
+    found = next((a for a in architectures if a in SPEECH_ARCHITECTURES), None)
+    if found is None and config.get("model_type") in _SPEECH_MODEL_TYPES:
+        found = _SPEECH_MODEL_TYPES[config["model_type"]]
     return found
 
 

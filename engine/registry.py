@@ -13,6 +13,10 @@ Two kinds of model run in the engine:
   keep no KV cache. The base models serve embeddings; `*ForSequenceClassification` models serve
   `classify`, and with a single output (a cross-encoder) also `score` for /score and /rerank.
 
+Speech-to-text models (Whisper) run as decoders too, serving `transcription` only: their decoder
+is scheduled on the paged KV cache like any other, and cross-attends to one audio window per
+request, encoded once (engine.models.whisper).
+
 Tasks use vLLM's names (see `protocol.model.Task`).
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engine.model_config import MULTIMODAL_ARCHITECTURES, UnsupportedModelError
+from engine.model_config import MULTIMODAL_ARCHITECTURES, SPEECH_ARCHITECTURES, UnsupportedModelError
 from engine.model_config import SUPPORTED_ARCHITECTURES as DECODER_ARCHITECTURES
 from engine.models.bert import BASE_BY_MODEL_TYPE
 from engine.models.bert import ENCODER_ARCHITECTURES as _ENCODERS
@@ -57,7 +61,7 @@ def decoder_class(architecture: str) -> type[LlamaForCausalLM]:
 
 
 def all_architectures() -> tuple[str, ...]:
-    decoders = (*DECODER_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
+    decoders = (*DECODER_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES, *SPEECH_ARCHITECTURES)
     return (*decoders, *ENCODER_ARCHITECTURES, *CLASSIFIER_ARCHITECTURES)
 
 
@@ -66,7 +70,7 @@ def encoder_architecture(config: dict[str, Any]) -> str | None:
     for name in config.get("architectures") or ():
         if name in ENCODER_ARCHITECTURES or name in CLASSIFIER_ARCHITECTURES:
             return name
-    decoders = (*DECODER_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
+    decoders = (*DECODER_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES, *SPEECH_ARCHITECTURES)
     if not any(name in decoders for name in config.get("architectures") or ()):
         return BASE_BY_MODEL_TYPE.get(config.get("model_type", ""))
     return None
@@ -80,6 +84,10 @@ def architecture_support(architecture: str, convert: Convert = "auto", num_label
         if convert == "embed":
             return ArchitectureSupport(architecture, "decoder", frozenset({"embed"}))
         return ArchitectureSupport(architecture, "decoder", frozenset({"generate"}))
+    if architecture in SPEECH_ARCHITECTURES:
+        if convert == "embed":
+            raise UnsupportedModelError(f"{architecture} is a speech-to-text model; it cannot serve embeddings")
+        return ArchitectureSupport(architecture, "decoder", frozenset({"transcription"}))
     if architecture in ENCODER_ARCHITECTURES:
         return ArchitectureSupport(architecture, "encoder", frozenset({"embed", "token_embed"}))
     if architecture in CLASSIFIER_ARCHITECTURES:
