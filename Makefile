@@ -32,15 +32,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 # With no model named, `sansllm serve` serves both packaged models from one process:
-# SmolLM2-135M-Instruct (chat, completions) and all-MiniLM-L6-v2 (embeddings, score, rerank).
-# ARGS adds flags, or names the models instead: ARGS="--model SmolLM2-135M-Instruct".
+# SmolLM2-135M-Instruct (chat, completions) and all-MiniLM-L6-v2 (embeddings, score, rerank);
+# `make serve` adds whisper-tiny.en (/v1/audio/transcriptions) when `make fetch-whisper` has put it
+# in the cache. ARGS adds flags: ARGS="--max-model-len 4k".
+SPEECH_MODEL_DIR = $${SANSLLM_CACHE:-$$HOME/.cache/sansllm}/models/whisper-tiny.en
 serve: $(STAMP)
-	$(BIN)/sansllm serve --host $(HOST) --port $(PORT) $(ARGS)
+	$(BIN)/sansllm serve --host $(HOST) --port $(PORT) $$(test -f $(SPEECH_MODEL_DIR)/config.json \
+		&& echo --model SmolLM2-135M-Instruct --model all-MiniLM-L6-v2 --model whisper-tiny.en) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m engine.wheel_gguf  # the tool-calling model, once (cached; tests/runtime/test_e2e_tool_calling.py)
+	$(BIN)/python -m engine.wheel_whisper  # the speech models, once (cached; tests/runtime/test_e2e_whisper.py)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
 
 lint: $(STAMP)

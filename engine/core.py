@@ -34,6 +34,7 @@ from engine.lora import AdapterError, LoRAManager
 from engine.model_runner import DecoderRunner
 from engine.models.llama import LlamaForCausalLM
 from engine.processors import builtin_processors
+from engine.processors.base import LogitsProcessor
 from engine.requests import (
     ImageInputs,
     RequestRejected,
@@ -124,6 +125,7 @@ class EngineCore:
         lora: LoRAManager | None = None,
         image_inputs: ImageInputs | None = None,
         speech: SpeechSpec | None = None,
+        model_rules: Sequence[LogitsProcessor] = (),
     ):
         if max_model_len > num_kv_blocks * block_size:
             raise ValueError(
@@ -162,7 +164,9 @@ class EngineCore:
         self._arrived_at: dict[str, float] = {}  # requests waiting for a guide: when they arrived
         self._faulted = False  # the last forward pass failed and a lone request was blamed for it
         self._step_at = 0.0  # when this step's tokens were produced (one clock read per step)
-        self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed), builtin_processors(guides))
+        # a model's own decoding rules (Whisper's suppressions and timestamp rules) go first, as in transformers
+        processors = [*model_rules, *builtin_processors(guides)]
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(seed), processors)
         # n-gram speculative decoding (engine.spec_decode); None: off
         self.speculator = Speculator(speculative_config, max_model_len) if speculative_config else None
         self.requests: dict[str, RequestState] = {}

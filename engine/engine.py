@@ -29,6 +29,7 @@ from engine.loader import LoadedModel, PoolingFacts, load_model, resolve_device,
 from engine.lora import LoRAManager
 from engine.model_files import DEFAULT_MODEL, resolve_model
 from engine.model_runner import EncoderRunner
+from engine.processors.whisper import whisper_rules
 from engine.registry import Convert
 from engine.requests import image_inputs
 from engine.spec_decode import SpeculativeConfig, parse_speculative_config
@@ -36,7 +37,7 @@ from engine.structured import GuideCompiler
 from engine.tokenizer import HFTokenizer
 from kernels.quantized import set_default_activations
 from protocol.engine_api import Command, Encode, Event, Failed, Generate
-from protocol.media.spec import MultimodalSpec
+from protocol.media.spec import MultimodalSpec, SpeechSpec
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,7 @@ class Engine:
         self.tasks: frozenset[str] = loaded.spec.tasks
         self.pooling: PoolingFacts | None = loaded.pooling
         self.multimodal: MultimodalSpec | None = loaded.multimodal  # what media the model takes
+        self.speech: SpeechSpec | None = loaded.speech  # a speech-to-text model's tokens and limits
         if loaded.spec.kind == "encoder":
             self._build_encoder(config, loaded)
         else:
@@ -309,6 +311,8 @@ class Engine:
             max_queue_seconds=config.max_queue_seconds,
             lora=self._lora_manager(config, loaded, lora),
             image_inputs=image_inputs(loaded.multimodal),
+            speech=loaded.speech,
+            model_rules=[rules] if (rules := whisper_rules(loaded)) is not None else [],
         )
 
     def _lora_manager(self, config: EngineConfig, loaded: LoadedModel, old: LoRAManager | None) -> LoRAManager | None:

@@ -18,6 +18,7 @@ from engine.audio_encoder_cache import AudioEncoderCache
 from engine.lora import LoRAManager
 from engine.media_embeddings import MediaEmbedder
 from engine.models.llama import LlamaForCausalLM
+from engine.models.whisper import CrossInputs
 from engine.pooling import classifier_activation, embedding_output, pool
 from kernels.kv_cache import copy_blocks
 from protocol.engine_api import PoolingParams
@@ -54,8 +55,6 @@ class DecoderRunner:
         embeds = self.media.step_embeds(spans) if self.media is not None else None
         extra: dict = {"embeds": embeds} if embeds is not None else {}
         if self.speech is not None:
-            from engine.models.whisper import CrossInputs  # only speech models need it
-
             extra["cross"] = CrossInputs(self.speech.step_cross(spans), [len(span.token_ids) for span in spans])
         if self.lora is None or adapters is None:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, **extra)

@@ -32,6 +32,8 @@ def test_the_public_surface_is_what_it_says():
             "parse_memory",
             "resolve_dtype",
             "resolve_model",
+            "fetch_whisper",
+            "whisper_ct2_folder",
         ]
     )
     assert all(hasattr(engine, name) for name in engine.__all__)
