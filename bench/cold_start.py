@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.report import cpu_flags
 from bench.server_process import REPO_ROOT, free_port, sansllm_command
 
 CONFIGS = {
@@ -200,16 +201,6 @@ def _summed(phases: list[tuple[str, float]]) -> list[tuple[str, float]]:
     return list(out.items())
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(sorted({flag for flag in flags.split() if flag.startswith("avx")}))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cold_start", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -227,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = list(CONFIGS) if args.config == "all" else [args.config]
     print(f"# cold start of {args.repo.resolve()} (python -m bench.cold_start {' '.join(sys.argv[1:])})")
-    print(f"cpu: {os.cpu_count()} cores; flags: {cpu_flags()}; load average {os.getloadavg()[0]:.2f}\n")
+    print(f"cpu: {os.cpu_count()} cores; flags: {' '.join(cpu_flags())}; load average {os.getloadavg()[0]:.2f}\n")
     for name in names:
         with tempfile.TemporaryDirectory(prefix="sansllm-cold-cache-") as fresh:
             cache = (

@@ -42,7 +42,16 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from bench.report import RESULTS_PATH, append_section, command_line, fmt, markdown_table, ms
+from bench.report import (
+    RESULTS_PATH,
+    append_section,
+    command_line,
+    cpu_flags,
+    cpu_model,
+    fmt,
+    markdown_table,
+    ms,
+)
 from bench.server_process import ServerProcess
 from bench.stats import percentile, ratio
 
@@ -252,28 +261,6 @@ def max_cosine_distance(ours: np.ndarray, reference: np.ndarray) -> float:
 
 
 # ---- the run ----
-
-
-def cpu_flags() -> list[str]:
-    """`grep -o 'avx[^ ]*' /proc/cpuinfo | sort -u`."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return sorted({word for line in text.splitlines() if line.startswith("flags") for word in line.split()
-                   if word.startswith("avx")})  # fmt: skip
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def parse_counts(value: str) -> list[int]:

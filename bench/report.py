@@ -65,12 +65,35 @@ def command_line(module: str, argv: Sequence[str], omit: Sequence[str] = ("--not
     return shlex.join([".venv/bin/python", "-m", module, *kept])
 
 
+def cpu_flags() -> list[str]:
+    """`grep -o 'avx[^ ]*' /proc/cpuinfo | sort -u`: what the CPU paths are chosen by."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return sorted({word for line in text.splitlines() if line.startswith("flags") for word in line.split()
+                   if word.startswith("avx")})  # fmt: skip
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_line() -> str:
+    """Where a figure was measured: every recorded section carries the CPU and its flags (absolute
+    times differ by tens of percent between this project's machines)."""
     import torch  # deferred: report formatting alone should not need torch
 
     return (
-        f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {sys.version.split()[0]}"
+        f"{platform.machine()} {platform.system()}, {cpu_model()}, {os.cpu_count()} CPUs, CPU flags "
+        f"`{' '.join(cpu_flags()) or 'unknown'}`, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {sys.version.split()[0]}"
     )
 
 

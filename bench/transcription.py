@@ -89,10 +89,14 @@ async def ours(base_url: str, model: str, audio: Path, concurrency: int) -> tupl
         return single, time.perf_counter() - started, text
 
 
-def faster_whisper(folder: Path, audio: Path, concurrency: int, threads: int) -> tuple[float, float, str]:
+def faster_whisper(
+    folder: Path, audio: Path, concurrency: int, threads: int, compute_type: str
+) -> tuple[float, float, str]:
     from faster_whisper import WhisperModel
 
-    model = WhisperModel(str(folder), device="cpu", compute_type="default", cpu_threads=threads, num_workers=concurrency)
+    model = WhisperModel(
+        str(folder), device="cpu", compute_type=compute_type, cpu_threads=threads, num_workers=concurrency
+    )
 
     def one() -> str:
         segments, _ = model.transcribe(
@@ -118,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compute-type",
+        default="default",
+        help="faster-whisper's compute type: default (the weights' float16, run as float32 on a CPU without "
+        "fast float16) or int8, which CTranslate2 users often pick on CPUs",
+    )
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args(argv)
     from engine import fetch_whisper, whisper_ct2_folder  # fetched once into the cache
@@ -130,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts: dict[str, str] = {}
         for _ in range(args.rounds):  # alternate, one system at a time
             print("[bench] faster-whisper", file=sys.stderr, flush=True)
-            single, batch, texts["faster-whisper"] = faster_whisper(folder, audio, args.concurrency, args.threads)
+            single, batch, texts["faster-whisper"] = faster_whisper(
+                folder, audio, args.concurrency, args.threads, args.compute_type
+            )
             rows["faster-whisper"].append((single, batch))
             print("[bench] sansllm", file=sys.stderr, flush=True)
             with ServerProcess(args.model, ["--max-num-seqs", str(4 * args.concurrency)]) as server:
@@ -153,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         append_section(
             f"Speech to text: {args.model} vs faster-whisper (issue 13)",
             command_line("bench.transcription", argv or sys.argv[1:]),
-            f"{args.threads} CPU threads each; greedy; one system at a time; {args.rounds} alternating rounds",
+            f"{args.threads} CPU threads each; greedy; one system at a time; {args.rounds} alternating rounds; "
+            f"faster-whisper compute_type={args.compute_type}",
             body,
         )
     return 0
