@@ -76,11 +76,13 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def encoded(samples: np.ndarray, rate: int, container: str, codec: str) -> bytes:
+def encoded(samples: np.ndarray, rate: int, container: str, codec: str, bit_rate: int | None = None) -> bytes:
     """The samples re-encoded with PyAV (mp3, flac, ...)."""
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=container) as output:
         stream = output.add_stream(codec, rate=rate, layout="mono")
+        if bit_rate is not None:
+            stream.bit_rate = bit_rate
         frame = av.AudioFrame.from_ndarray(samples.astype("<i2")[None, :], format="s16", layout="mono")
         frame.sample_rate = rate
         for packet in stream.encode(frame):
@@ -132,10 +134,10 @@ def test_wav_mp3_and_flac_give_the_same_text(tiny, sentences_audio):
     texts = {
         "wav": transcribe(tiny, wav_bytes(samples, rate), "a.wav").text,
         "flac": transcribe(tiny, encoded(samples, rate, "flac", "flac"), "a.flac").text,
-        "mp3": transcribe(tiny, encoded(samples, rate, "mp3", "mp3"), "a.mp3").text,
+        "mp3": transcribe(tiny, encoded(samples, rate, "mp3", "mp3", bit_rate=320_000), "a.mp3").text,
     }
-    assert texts["wav"] == texts["flac"]
-    assert word_error_rate(words(texts["wav"]), words(texts["mp3"])) <= 0.1  # mp3 is lossy
+    # flac is lossless; mp3 at 320 kb/s changes no word here (at 128 kb/s one near-tie word moved)
+    assert texts["wav"] == texts["flac"] == texts["mp3"], texts
 
 
 def test_a_90_second_recording_is_transcribed_whole(tiny, sentences_audio):
