@@ -11,13 +11,13 @@ never evicted by that step.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
 from engine.attention import SequenceSpan
+from engine.item_cache import ItemCache
 from protocol.engine_api import MediaInput
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: (keys, values) [frames, heads, head_dim]
@@ -40,8 +40,7 @@ class AudioEncoderCache:
         self.model = model
         parameters = getattr(model, "parameters", None)
         self.device = next(iter(parameters())).device if parameters is not None else torch.device("cpu")
-        self.max_cached_items = max_cached_items
-        self._cache: OrderedDict[str, LayerKV] = OrderedDict()
+        self._cache: ItemCache[LayerKV] = ItemCache(max_cached_items)
 
     def step_cross(self, spans: Sequence[SequenceSpan]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per decoder layer, (keys [S, frames, heads, head_dim], values) for the S spans in order."""
@@ -52,28 +51,22 @@ class AudioEncoderCache:
             (torch.stack([kv[layer][0] for kv in per_span]), torch.stack([kv[layer][1] for kv in per_span]))
             for layer in range(len(per_span[0]))
         ]
-        while len(self._cache) > self.max_cached_items:  # after the gather: this step's items may be many
-            self._cache.popitem(last=False)
+        self._cache.trim()
         return stacked
 
     def _compute(self, items: Sequence[MediaInput]) -> None:
         """Encode the windows not cached yet, in one encoder batch."""
-        missing: dict[str, MediaInput] = {}
-        for item in items:
-            if item.hash in self._cache:
-                self._cache.move_to_end(item.hash)
-            else:
-                missing.setdefault(item.hash, item)
+        missing = self._cache.missing(items)
         if not missing:
             return
         features = torch.stack(
             [
                 self.model.input_features(torch.frombuffer(bytearray(item.data), dtype=torch.float32))
-                for item in missing.values()
+                for item in missing
             ]
         ).to(self.device)
         layers = self.model.cross_kv(self.model.encode(features))
-        for index, item in enumerate(missing.values()):
+        for index, item in enumerate(missing):
             self._cache[item.hash] = [(keys[index], values[index]) for keys, values in layers]
 
 

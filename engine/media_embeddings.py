@@ -9,13 +9,13 @@ cache): the next chunk of the same prompt, or another request with the same imag
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
 from engine.attention import SequenceSpan
+from engine.item_cache import ItemCache
 from protocol.engine_api import MediaInput
 
 
@@ -34,8 +34,7 @@ class MediaEmbedder:
         self.model = model
         parameters = getattr(model, "parameters", None)
         self.device = next(iter(parameters())).device if parameters is not None else torch.device("cpu")
-        self.max_cached_items = max_cached_items
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: ItemCache[torch.Tensor] = ItemCache(max_cached_items)
 
     def step_embeds(self, spans: Sequence[SequenceSpan]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rows of this step (flattened over spans, in order) whose embedding an item replaces."""
@@ -55,22 +54,13 @@ class MediaEmbedder:
         for row, item, first, last in wanted:
             rows.append(torch.arange(row, row + last - first))
             values.append(self._cache[item.hash][first:last])
-        while len(self._cache) > self.max_cached_items:  # after the gather: this step's items may be many
-            self._cache.popitem(last=False)
+        self._cache.trim()
         return torch.cat(rows).to(values[0].device), torch.cat(values)
 
     def _compute(self, items: Sequence[MediaInput]) -> None:
         """Embed the images not cached yet, all in one vision-tower batch (equal shapes stack)."""
-        missing: dict[str, MediaInput] = {}
-        for item in items:
-            if item.hash in self._cache:
-                self._cache.move_to_end(item.hash)
-            else:
-                missing.setdefault(item.hash, item)
-        if not missing:
-            return
         by_shape: dict[tuple[int, ...], list[MediaInput]] = {}
-        for item in missing.values():
+        for item in self._cache.missing(items):
             if item.kind == "image_embeds":  # precomputed by the client: the rows as they are
                 rows = torch.frombuffer(bytearray(item.data), dtype=torch.float32).view(item.shape)
                 self._cache[item.hash] = rows.to(self.device)
