@@ -51,7 +51,7 @@ class AudioEncoderCache:
             (torch.stack([kv[layer][0] for kv in per_span]), torch.stack([kv[layer][1] for kv in per_span]))
             for layer in range(len(per_span[0]))
         ]
-        self._cache.trim()
+        self._cache.trim(in_use=len({item.hash for item in items}))
         return stacked
 
     def _compute(self, items: Sequence[MediaInput]) -> None:

@@ -3,8 +3,7 @@
 Why a cache at all: an image's embeddings or an audio window's cross-attention keys are needed by
 every step that touches the item (chunks of one prompt, every decode step of a transcription) and by
 any other request with the same content; computing them once per item is the point. Trimming runs
-after a step has gathered its items (`trim`), so one step with more items than the bound still
-finds all of its own.
+after a step has gathered its items (`trim`) and never drops the items the step used.
 """
 
 from __future__ import annotations
@@ -45,7 +44,10 @@ class ItemCache(Generic[V]):
     def __len__(self) -> int:
         return len(self._values)
 
-    def trim(self) -> None:
-        """Drop the least recently used values past the bound (after a step has gathered its own)."""
-        while len(self._values) > self.max_items:
+    def trim(self, in_use: int = 0) -> None:
+        """Drop the least recently used values past the bound, never the `in_use` most recent ones
+        (the step's own items: `missing` and a store make them the most recent). A step with more
+        items than the bound keeps them all: dropping one would encode it again at the next step,
+        every step, for as long as its sequence runs."""
+        while len(self._values) > max(self.max_items, in_use):
             self._values.popitem(last=False)

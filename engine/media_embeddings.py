@@ -54,7 +54,7 @@ class MediaEmbedder:
         for row, item, first, last in wanted:
             rows.append(torch.arange(row, row + last - first))
             values.append(self._cache[item.hash][first:last])
-        self._cache.trim()
+        self._cache.trim(in_use=len({item.hash for _, item, _, _ in wanted}))
         return torch.cat(rows).to(values[0].device), torch.cat(values)
 
     def _compute(self, items: Sequence[MediaInput]) -> None:

@@ -69,11 +69,14 @@ def test_a_step_without_media_rows_embeds_nothing():
     assert model.images_embedded == 0
 
 
-def test_the_cache_is_bounded_and_a_step_keeps_what_it_gathered():
+def test_the_cache_is_bounded_but_never_drops_what_a_step_uses():
     model = CountingVisionModel()
     embedder = MediaEmbedder(model, max_cached_items=2)
     items = [image(v, offset=0) for v in (1, 2, 3)]
     rows, values = embedder.step_embeds([span(0, TOKENS, [item]) for item in items])
     assert values[:, 0].tolist() == [v + r for v in (1, 2, 3) for r in range(TOKENS)]
-    embedder.step_embeds([span(0, TOKENS, [items[0]])])  # evicted (oldest): embedded again
+    embedder.step_embeds([span(0, TOKENS, [item]) for item in items])  # all three still running: all kept
+    assert model.images_embedded == 3
+    embedder.step_embeds([span(0, TOKENS, [items[0]])])  # only the first runs on: back to the bound
+    embedder.step_embeds([span(0, TOKENS, [items[1]])])  # the least recent was dropped: embedded again
     assert model.images_embedded == 4
