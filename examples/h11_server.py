@@ -24,10 +24,18 @@ import h11
 from protocol.app import App, AppConfig
 from protocol.engine_api import Encode, Event, Generate
 from protocol.model import ServedModel
-from protocol.outputs import Body, EndResponse, Output, StartResponse, Submit
+from protocol.outputs import Body, Compute, EndResponse, Output, StartResponse, Submit, compute_inline
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 
+
+
+def _computed(call: Any, outputs: Sequence[Output]) -> Sequence[Output]:
+    """Run a call's `Compute` (decoding an uploaded recording or image) here and feed it back; a
+    server with a thread pool would run it there, so the loop keeps serving meanwhile."""
+    while len(outputs) == 1 and isinstance(outputs[0], Compute):
+        outputs = call.feed([compute_inline(outputs[0])])
+    return outputs
 
 class H11Server:
     """Serves `app` over h11 with `engine` (anything with `start(on_events)`, `submit`, `healthy`)."""
@@ -72,7 +80,7 @@ class H11Server:
     def _run_call(self, call: Any, write: Callable[[bytes], None], h11_connection: h11.Connection) -> bool:
         """Play the call to its end; False when the client went away (its engine work is aborted)."""
         request_ids: set[str] = set()
-        outputs: Sequence[Output] = call.start()
+        outputs: Sequence[Output] = _computed(call, call.start())
         try:
             while True:
                 for output in outputs:

@@ -40,7 +40,7 @@ from protocol.engine_api import (
     Tokens,
 )
 from protocol.media.fetch import FetchResult, MediaFetched, MediaFetchFailed, MediaRequest
-from protocol.outputs import Body, EndResponse, Fetch, Output, StartResponse, Submit
+from protocol.outputs import Body, Compute, EndResponse, Fetch, Output, StartResponse, Submit, compute_inline
 
 MAX_STEPS = 10_000
 MAX_SAMPLE_TOKENS = 24  # a sample never runs longer than this, whatever its max_tokens
@@ -263,6 +263,8 @@ class FakeEngine:
                     transcript.fetch_pending = True
                     continue
                 self._play(call, call.feed(results), transcript, samples, dead, script)
+            elif isinstance(output, Compute):  # decoding media: a server's worker thread runs it
+                self._play(call, call.feed([compute_inline(output)]), transcript, samples, dead, script)
             else:
                 raise DriverError(f"unknown output {output!r}")
 

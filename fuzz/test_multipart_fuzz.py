@@ -31,6 +31,7 @@ from fuzz.oracle import traceback_leak
 from protocol import App, AppConfig, Body, EndResponse, Failed, Generate, StartResponse, Submit, Tokens
 from protocol.errors import ProtocolError
 from protocol.multipart import FormLimits, parse_form_data
+from protocol.outputs import Compute, compute_inline
 from protocol.testing import (
     END_OF_TEXT_ID,
     TIMESTAMP_BEGIN_ID,
@@ -301,7 +302,7 @@ ENGINE_TOKENS = st.one_of(
 )
 
 
-def play(outputs, response: dict) -> list[Generate]:
+def play(outputs, response: dict, call) -> list[Generate]:
     submitted = []
     for output in outputs:
         if isinstance(output, StartResponse):
@@ -312,6 +313,8 @@ def play(outputs, response: dict) -> list[Generate]:
             response["body"] += output.data
         elif isinstance(output, EndResponse):
             response["ended"] = True
+        elif isinstance(output, Compute):  # decoding the upload: a server's worker thread runs it
+            submitted += play(call.feed([compute_inline(output)]), response, call)
         else:
             assert isinstance(output, Submit)
             submitted += [command for command in output.commands if isinstance(command, Generate)]
@@ -352,7 +355,7 @@ def _speech_requests(case, path: str, data: st.DataObject) -> None:
     content_type, body = case
     call = make_app().handle("POST", path, [(b"content-type", content_type)], body)
     response: dict = {"status": None, "headers": {}, "body": b"", "ended": False}
-    running = play(call.start(), response)
+    running = play(call.start(), response, call)
     engine_status = None
     while running and not response["ended"]:
         action = data.draw(st.sampled_from(["tokens"] * 8 + ["fail", "leave"]), label="engine")
@@ -378,7 +381,7 @@ def _speech_requests(case, path: str, data: st.DataObject) -> None:
             ]
             if finish is not None:
                 running.remove(generate)
-        running += play(call.feed(events), response)
+        running += play(call.feed(events), response, call)
         if action == "fail":
             running.clear()
     assert response["ended"], "the call waits although no engine work runs"

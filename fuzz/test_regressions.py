@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 from fuzz.harness import make_app
 from protocol import App, AppConfig, Body, StartResponse
 from protocol.media.fetch import MediaFetchFailed
-from protocol.outputs import Fetch
+from protocol.outputs import Compute, Fetch, compute_inline
 from protocol.testing import tiny_vision_model
 
 JSON = [(b"content-type", b"application/json")]
@@ -54,7 +54,14 @@ def _body(app: App, method: str, path: str) -> bytes:
 
 def _chat(app: App, body: dict, headers: tuple = ()) -> tuple[list, object]:
     call = app.handle("POST", "/v1/chat/completions", [*JSON, *headers], json.dumps(body).encode())
-    return call.start(), call
+    return _decoded(call, call.start()), call
+
+
+def _decoded(call, outputs: list) -> list:
+    """The outputs after the call's media decoding (which a server runs on a worker thread)."""
+    while len(outputs) == 1 and isinstance(outputs[0], Compute):
+        outputs = call.feed([compute_inline(outputs[0])])
+    return outputs
 
 
 def _user(*parts: dict) -> list[dict]:
@@ -76,7 +83,7 @@ def test_a_media_error_keeps_the_request_id_and_cors_headers() -> None:
     fetched = _user({"type": "image_url", "image_url": {"url": "https://example.com/x.png"}})
     (fetch,), call = _chat(app, {"messages": fetched}, headers)
     assert isinstance(fetch, Fetch)
-    outputs = call.feed([MediaFetchFailed(fetch.requests[0].key, "HTTP 404")])
+    outputs = _decoded(call, call.feed([MediaFetchFailed(fetch.requests[0].key, "HTTP 404")]))
     start = next(output for output in outputs if isinstance(output, StartResponse))
     assert start.status == 400 and wanted <= set(start.headers)
 

@@ -6,7 +6,8 @@ and hypercorn. One HTTP request is one `_Exchange`: read the body, `app.handle(.
 call's outputs in order while engine events arrive, watching for the client going away.
 
 Media URLs in a prompt are fetched by an injected `fetch_media` (the runtime's fetcher, with its
-limits); the results go back to the call before it submits engine work.
+limits); the results go back to the call before it submits engine work. A call's `Compute` (decoding
+media) runs on a worker thread, so one request's long decode does not stall the others.
 
 It also owns the drain: `drain()` turns /health to 503 and refuses new work (through the status
 it hands the core with each request), waits for the requests in flight, and ends those still
@@ -23,12 +24,23 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from protocol.engine_api import Abort, Command, Encode, Event, Failed, Generate
 from protocol.engine_client import EngineClient
 from protocol.errors import ProtocolError
 from protocol.media.fetch import FetchResult, MediaFetchFailed, MediaRequest
-from protocol.outputs import Body, EndResponse, Fetch, Output, StartResponse, Submit
+from protocol.outputs import (
+    Body,
+    Compute,
+    Computed,
+    EndResponse,
+    Fetch,
+    Output,
+    StartResponse,
+    Submit,
+    compute_inline,
+)
 from protocol.state import SERVING, Health, ServerStatus
 
 logger = logging.getLogger(__name__)
@@ -57,7 +69,7 @@ class CallLike(Protocol):
 
     def start(self) -> list[Output]: ...
 
-    def feed(self, events: Sequence[Event | FetchResult]) -> list[Output]: ...
+    def feed(self, events: Sequence[Event | FetchResult | Computed]) -> list[Output]: ...
 
     def disconnected(self) -> list[Command]: ...
 
@@ -381,6 +393,10 @@ class _Exchange:
                 self._submit(output.commands)
             elif isinstance(output, Fetch):
                 await self._play(await self._fetch(output))
+            elif isinstance(output, Compute):  # pure CPU work (decoding media): off the event loop
+                assert self.call is not None
+                computed = await anyio.to_thread.run_sync(compute_inline, output)
+                await self._play(self.call.feed([computed]))
             else:
                 raise TypeError(f"unknown output {output!r}")
 

@@ -4,10 +4,14 @@ A runtime loop handles them in order: `StartResponse` commits the HTTP status an
 only once the status is known, so an early failure keeps its real 4xx/5xx), `Body` is bytes to
 write (a JSON body or SSE frames), `EndResponse` closes the response, `Submit` hands commands to
 the engine (the runtime must route the engine's events for the submitted request ids back to
-`Call.feed`), `Fetch` asks it for media (fed back as `protocol.media.fetch.FetchResult`s).
+`Call.feed`), `Fetch` asks it for media (fed back as `protocol.media.fetch.FetchResult`s), and
+`Compute` asks it to run a request's CPU-heavy pure work (decoding an upload) away from the event
+loop, fed back as `Computed`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
@@ -38,7 +42,33 @@ class Fetch(msgspec.Struct, frozen=True):
     requests: tuple[MediaRequest, ...]
 
 
-Output = StartResponse | Body | EndResponse | Submit | Fetch
+class Compute(msgspec.Struct, frozen=True):
+    """Run `work()` where it does not hold up the event loop and feed back its `Computed`.
+
+    Why: decoding an image or an hour of audio takes from milliseconds to seconds of one request's
+    CPU time; on the loop it would stall every other request's stream for as long. `work` is pure
+    (no IO, no shared state), so any thread may run it; a runtime without threads (tests,
+    fuzzers) runs it in place (`compute_inline`)."""
+
+    work: Any  # Callable[[], Any]
+
+
+class Computed(msgspec.Struct, frozen=True):
+    """What `Compute.work()` returned, or the exception it raised."""
+
+    value: Any = None
+    error: Any = None  # BaseException | None
+
+
+def compute_inline(compute: Compute) -> Computed:
+    """Run a `Compute` here and now (what a runtime does on its worker thread)."""
+    try:
+        return Computed(compute.work())
+    except Exception as exc:  # handed to the call, which answers it (a 400, or a 500 for a bug)
+        return Computed(error=exc)
+
+
+Output = StartResponse | Body | EndResponse | Submit | Fetch | Compute
 
 
 def whole_response(

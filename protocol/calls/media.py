@@ -1,9 +1,9 @@
 """A call whose prompt holds media: first its bytes (fetched by the runtime), then the real call.
 
 The prompt's text, tokens and placeholder positions are known when the request arrives; only the
-media's bytes may be elsewhere. So this call asks the runtime to fetch them (`Fetch`), decodes what
-it is fed back, and then becomes the call it was built for (`build(media)`), which submits the
-engine work. Anything wrong with a medium is a 400 naming its part, sent before any engine work,
+media's bytes may be elsewhere. So this call asks the runtime to fetch them (`Fetch`), has what
+it is fed back decoded off the event loop (a `DeferredCall`: decoding large images takes a while),
+and then becomes the call it was built for (`build(media)`), which submits the engine work. Anything wrong with a medium is a 400 naming its part, sent before any engine work,
 with the response headers every answer to the request carries (X-Request-Id, CORS).
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from protocol.calls.base import Call, Headers, error_call, internal_error, logger
+from protocol.calls.base import Call, Headers
+from protocol.calls.deferred import DeferredCall
 from protocol.engine_api import Command, Event, MediaInput
-from protocol.errors import ProtocolError
 from protocol.media.fetch import MediaFetched, MediaFetchFailed
 from protocol.media.resolve import MediaPlan
-from protocol.outputs import Fetch, Output
+from protocol.outputs import Computed, Fetch, Output
 
 
 class MediaCall(Call):
@@ -41,26 +41,20 @@ class MediaCall(Call):
         if requests:
             self._waiting = True
             return [Fetch(requests)]
-        return self._become(())
+        return self._decode(())
 
-    def feed(self, events: Sequence[Event | MediaFetched | MediaFetchFailed]) -> list[Output]:
+    def feed(self, events: Sequence[Event | MediaFetched | MediaFetchFailed | Computed]) -> list[Output]:
         if self._inner is not None:
-            return self._inner.feed(events)  # type: ignore[arg-type]
+            return self._inner.feed(events)
         if not self._waiting:
             return []
         self._waiting = False
         fetched = [event for event in events if isinstance(event, (MediaFetched, MediaFetchFailed))]
-        return self._become(fetched)
+        return self._decode(fetched)
 
-    def _become(self, fetched: Sequence[MediaFetched | MediaFetchFailed]) -> list[Output]:
-        try:
-            media = self._plan.resolve(fetched)
-            self._inner = self._build(media)
-        except ProtocolError as error:
-            self._inner = error_call(error, self._headers)
-        except Exception as exc:  # a bug in the core: answer it, never let it escape
-            logger.exception("failed while preparing a prompt's media")
-            self._inner = error_call(internal_error(exc), self._headers)
+    def _decode(self, fetched: Sequence[MediaFetched | MediaFetchFailed]) -> list[Output]:
+        plan = self._plan
+        self._inner = DeferredCall(lambda: plan.resolve(fetched), self._build, self.model, self._headers)
         return self._inner.start()
 
     def disconnected(self) -> list[Command]:

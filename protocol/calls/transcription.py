@@ -1,8 +1,8 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations: an upload in, text (or subtitles) out.
 
-`build_transcription_call` checks the request, decodes the upload (413 past the upload limit, 400
-for anything not audio or longer than the duration limit), cuts it into the model's 30 s windows
-and prepares one `Generate` per window (engine ids `f"{response_id}{engine_tag}-{index}"`), all
+`build_transcription_call` checks the request (413 past the upload limit), has the upload decoded
+off the event loop (400 for anything not audio or longer than the duration limit), cuts it into the
+model's 30 s windows and prepares one `Generate` per window (engine ids `f"{response_id}{engine_tag}-{index}"`), all
 submitted at once so the engine batches them with its other work. A multilingual model asked for
 no `language` first runs one detection step on the first window (`-lang`), then submits the
 windows with the language it found.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import msgspec
 
 from protocol.calls.base import JSON_CONTENT_TYPE, CallIdentity, EngineCall, Headers, retry_after
+from protocol.calls.deferred import DeferredCall
 from protocol.detokenizer import IncrementalDetokenizer
 from protocol.engine_api import Abort, Event, Failed, Generate, SamplingParams, Tokens
 from protocol.errors import ProtocolError
@@ -82,8 +83,10 @@ def build_transcription_call(
     model: ServedModel,
     settings: SpeechSettings,
     identity: CallIdentity,
-) -> TranscriptionCall:
-    """Check, decode and window a speech request; raises `ProtocolError` for a bad one."""
+) -> DeferredCall:
+    """Check a speech request, then have its upload decoded and windowed off the event loop (an
+    hour of audio takes seconds) before the call that submits the windows exists; raises
+    `ProtocolError` for a bad request, and a bad upload is a 4xx once decoded."""
     api = "Transcriptions" if request.task == "transcribe" else "Translations"
     spec = speech_spec(model, api)
     options = speech_options(request, model, spec)
@@ -95,26 +98,33 @@ def build_transcription_call(
         )
     # the sampling checks need the prompt's length, which the language does not change
     params = sampling_params(request, model, spec, len(decoder_prompt(spec, request.task, "en", options)))
-    audio = decode_audio(
-        request.file, spec.sample_rate, where="file", param="file", max_seconds=settings.max_seconds
-    )
-    windows = audio_windows(audio, spec)
     prefix = "trsc" if request.task == "transcribe" else "trsl"
     response_id = identity.response_id(prefix)
-    return TranscriptionCall(
-        request,
-        model,
-        spec,
-        options,
-        windows,
-        params,
-        settings,
-        response_id=response_id,
-        engine_id=identity.engine_request_id(response_id),
-        created=identity.created,
-        headers=identity.headers,
-        duration=audio.shape[0] / spec.sample_rate,
-    )
+
+    def decode() -> tuple[list[AudioWindow], float]:
+        audio = decode_audio(
+            request.file, spec.sample_rate, where="file", param="file", max_seconds=settings.max_seconds
+        )
+        return audio_windows(audio, spec), audio.shape[0] / spec.sample_rate
+
+    def build(decoded: tuple[list[AudioWindow], float]) -> TranscriptionCall:
+        windows, duration = decoded
+        return TranscriptionCall(
+            request,
+            model,
+            spec,
+            options,
+            windows,
+            params,
+            settings,
+            response_id=response_id,
+            engine_id=identity.engine_request_id(response_id),
+            created=identity.created,
+            headers=identity.headers,
+            duration=duration,
+        )
+
+    return DeferredCall(decode, build, model.engine_name, identity.headers)
 
 
 class _Window:

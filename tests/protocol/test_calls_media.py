@@ -14,7 +14,7 @@ from PIL import Image
 
 from protocol import App, AppConfig, Body, EndResponse, Generate, StartResponse, Submit
 from protocol.media.fetch import MediaFetched, MediaFetchFailed, MediaRequest
-from protocol.outputs import Fetch
+from protocol.outputs import Compute, Fetch, compute_inline
 from protocol.testing import IMAGE_ID, ByteTokenizer, tiny_served_model, tiny_vision_model
 from tests.media_samples import png_with_size
 
@@ -65,6 +65,8 @@ class Runtime:
                 self.ended = True
             elif isinstance(output, Fetch):
                 self.fetches.extend(output.requests)
+            elif isinstance(output, Compute):  # decoding, which a server runs on a worker thread
+                self._play(self.call.feed([compute_inline(output)]))
             else:
                 assert isinstance(output, Submit)
                 self.commands.extend(output.commands)

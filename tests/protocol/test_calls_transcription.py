@@ -23,6 +23,7 @@ import pytest
 
 from protocol import Abort, App, AppConfig, Body, EndResponse, Failed, Generate, StartResponse, Submit, Tokens
 from protocol.engine_api import TokenLogprobs
+from protocol.outputs import Compute, compute_inline
 from protocol.testing import (
     END_OF_TEXT_ID,
     LANGUAGE_IDS,
@@ -93,6 +94,8 @@ class Runtime:
                 self.body += output.data
             elif isinstance(output, EndResponse):
                 self.ended = True
+            elif isinstance(output, Compute):  # decoding the upload, which a server runs on a worker thread
+                self._play(self.call.feed([compute_inline(output)]))
             else:
                 assert isinstance(output, Submit)
                 self.commands.extend(output.commands)

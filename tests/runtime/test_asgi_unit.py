@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import anyio
 import pytest
 
 from protocol.asgi import NO_FETCHER_MESSAGE, AsgiApp
 from protocol.engine_api import Abort, Generate, SamplingParams, Tokens
 from protocol.media.fetch import MediaFetched, MediaFetchFailed, MediaRequest
-from protocol.outputs import Body, EndResponse, Fetch, StartResponse, Submit
+from protocol.outputs import Body, Compute, Computed, EndResponse, Fetch, StartResponse, Submit
 from tests.runtime.server import RUNTIMES
 
 
@@ -203,3 +205,44 @@ def test_without_a_fetcher_a_url_is_refused_with_what_to_do(backend):
     assert sent[0]["status"] == 400
     assert sent[1]["body"] == NO_FETCHER_MESSAGE.encode()
     assert engine.submitted == []
+
+
+class ComputingCall(SpyCall):
+    """Its work waits for the event loop to do something: possible only off the loop."""
+
+    def __init__(self, started: threading.Event, loop_ran: threading.Event) -> None:
+        super().__init__()
+        self.started = started
+        self.loop_ran = loop_ran
+        self.computed = None
+
+    def start(self):
+        def work() -> bool:
+            self.started.set()
+            return self.loop_ran.wait(timeout=10)
+
+        return [Compute(work)]
+
+    def feed(self, events):
+        if self.computed is None:
+            (self.computed,) = events
+            return super().start()
+        return super().feed(events)
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_a_compute_runs_off_the_event_loop_and_is_fed_back(backend):
+    started, loop_ran = threading.Event(), threading.Event()
+    app, engine = SpyApp(), InstantEngine()
+    app.call = ComputingCall(started, loop_ran)
+    shell = AsgiApp(app, {"m": engine})
+
+    async def main():
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(request, shell, [{"type": "http.request", "body": b"{}"}])
+            await anyio.to_thread.run_sync(started.wait)  # the work is running...
+            loop_ran.set()  # ...and the loop still runs this (it would not if the work held it)
+        return app.call.computed
+
+    computed = anyio.run(main, backend=backend)
+    assert computed == Computed(True)  # the work saw the loop run while it waited
