@@ -17,6 +17,7 @@ import torch
 from protocol import App, AppConfig, Generate, Submit
 from protocol.media.embeds import decode_image_embeds
 from protocol.media.tensor_file import TensorFileError, read_tensor
+from protocol.outputs import compute_inline
 from protocol.testing import IMAGE_ID, tiny_vision_model
 
 HIDDEN = 6
@@ -95,7 +96,9 @@ def test_embeddings_fill_as_many_positions_as_they_have_rows_beside_images():
     app = App(AppConfig(enable_mm_embeds=True), [model], clock=lambda: 1.0, new_id=lambda: f"r{next(ids)}")
     rows = torch.arange(3 * HIDDEN, dtype=torch.bfloat16).reshape(3, HIDDEN)
     part = {"type": "image_embeds", "image_embeds": base64.b64encode(saved(rows)).decode()}
-    outputs = chat(app, [part, {"type": "text", "text": "hi"}, part]).start()
+    call = chat(app, [part, {"type": "text", "text": "hi"}, part])
+    (compute,) = call.start()  # the decoding, which a server runs on a worker thread
+    outputs = call.feed([compute_inline(compute)])
     (generate,) = [c for o in outputs if isinstance(o, Submit) for c in o.commands if isinstance(c, Generate)]
     first, second = generate.media
     assert (first.kind, first.length, first.shape) == ("image_embeds", 3, (3, HIDDEN))
