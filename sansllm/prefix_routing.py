@@ -63,9 +63,9 @@ class PrefixAffinity:
             keys.append(parent)
         return keys
 
-    def choose(self, keys: Sequence[bytes], loads: Mapping[str, int]) -> str:
+    def prefer(self, keys: Sequence[bytes], loads: Mapping[str, int]) -> str:
         """The replica for a request with these chunk keys, given each live replica's load (queued
-        and running requests); remembers the choice. Ties go to the first replica in `loads`."""
+        and running requests). Ties go to the first replica in `loads`."""
         if not loads:
             raise ValueError("no replica to route to")
         least = min(loads.values())
@@ -74,17 +74,27 @@ class PrefixAffinity:
         owner = next((self._owner[key] for key in reversed(keys) if self._owner.get(key) in loads), None)
         if owner is not None and loads[owner] - least <= self.imbalance:
             chosen = owner
-        self._remember(keys, chosen)
         return chosen
 
-    def forget(self, replica: str) -> None:
-        """A replica went away (died, scaled down): its cache went with it."""
-        for key in [key for key, owner in self._owner.items() if owner == replica]:
-            del self._owner[key]
+    def choose(self, keys: Sequence[bytes], loads: Mapping[str, int]) -> str:
+        """`prefer`, remembered: for a caller whose choice is final."""
+        chosen = self.prefer(keys, loads)
+        self.remember(keys, chosen)
+        return chosen
 
-    def _remember(self, keys: Sequence[bytes], replica: str) -> None:
+    def remember(self, keys: Sequence[bytes], replica: str) -> None:
+        """The request with these keys went to `replica`: its cache now holds that prefix."""
         for key in keys:
             self._owner[key] = replica
             self._owner.move_to_end(key)
         while len(self._owner) > self.max_entries:
             self._owner.popitem(last=False)
+
+    def replicas(self) -> set[str]:
+        """The replicas some remembered prefix points at."""
+        return set(self._owner.values())
+
+    def forget(self, replica: str) -> None:
+        """A replica went away (died, scaled down): its cache went with it."""
+        for key in [key for key, owner in self._owner.items() if owner == replica]:
+            del self._owner[key]
