@@ -56,6 +56,10 @@ $(RAY_STAMP): $(STAMP)
 test-ray: $(RAY_STAMP)
 	$(BIN)/python -m pytest -q -s -p no:cacheprovider -o addopts="-p no:schemathesis" -W ignore::DeprecationWarning tests/ray $(ARGS)
 
+# Ray Serve's cost per token: one replica (through the ingress, and Ray's proxy direct) vs sansllm serve
+bench-ray: $(RAY_STAMP)
+	$(BIN)/python -m bench.ray_overhead $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-logo

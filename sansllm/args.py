@@ -547,6 +547,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, runtime_flag: bool =
         help="longest decoded audio taken (default 3600; over it: 400)",
     )
 
+    ray = parser.add_argument_group("Ray Serve (the ray extra; see sansllm.serve_ray)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: engine replicas behind an ingress with prefix-cache-aware routing, "
+        "on the cluster $RAY_ADDRESS names or a local one; --host/--port are Ray's HTTP proxy's",
+    )
+    ray.add_argument("--ray-replicas", type=int, default=1, metavar="N", help="engine replicas (with --ray)")
+    ray.add_argument(
+        "--ray-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sansllm.serve_ray option (repeatable), e.g. num_cpus=2, min_replicas=1, routing=pow2",
+    )
+
     parser.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),

@@ -24,7 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = parse_serve_args(argv[1:], prog="sansllm serve")
     configure_logging(args.log_level)
-    if args.runtime == "trio":
+    if args.ray:
+        from sansllm.serve_ray.launch import serve_on_ray
+
+        serve_on_ray(args, argv[1:])
+    elif args.runtime == "trio":
         from runtime_trio.bridge import TrioEngineBridge
         from runtime_trio.serve import run
 

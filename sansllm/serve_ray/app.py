@@ -59,15 +59,15 @@ class _EngineReplicaBase:
         logging.getLogger("sansllm").setLevel(args.log_level.upper())
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         logger.info("replica %s: loading %s", self.replica_id, ", ".join(spec.model for spec in args.models))
-        self.app = build_asgi_app(args, load_engines(args), bridge_for_running_library)
-        self.app.on_startup.append(self._start_metrics)
-        self.app.on_shutdown.insert(0, self._drain)  # before the engines stop
+        self.server = build_asgi_app(args, load_engines(args), bridge_for_running_library)
+        self.server.on_startup.append(self._start_metrics)
+        self.server.on_shutdown.insert(0, self._drain)  # before the engines stop
         self.drain_timeout = graceful_shutdown_timeout_s
         self._exporter_task: asyncio.Task[None] | None = None
 
     def check_health(self) -> None:
         """Ray's health check: an engine thread that died makes the replica unhealthy (replaced)."""
-        if not self.app.healthy:
+        if not self.server.healthy:
             raise RuntimeError(f"replica {self.replica_id}: an engine thread stopped; see its log")
 
     def replica_pid(self) -> tuple[str, int]:
@@ -77,10 +77,10 @@ class _EngineReplicaBase:
     async def _drain(self) -> None:
         if self._exporter_task is not None:
             self._exporter_task.cancel()
-        await self.app.drain(self.drain_timeout)
+        await self.server.drain(self.drain_timeout)
 
     async def _start_metrics(self) -> None:
-        registry = getattr(self.app.app.state, "registry", None)
+        registry = getattr(self.server.app.state, "registry", None)
         if registry is None:
             return
         exporter = RegistryExporter(
@@ -103,12 +103,12 @@ class EngineReplica(_EngineReplicaBase):
 
     async def __init__(self, serve_argv: list[str], graceful_shutdown_timeout_s: float) -> None:
         self._setup(serve_argv, graceful_shutdown_timeout_s)
-        self._lifespan = Lifespan(self.app)
+        self._lifespan = Lifespan(self.server)
         await self._lifespan.startup()  # the engines start behind their bridges on this loop
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[list[Message]]:
         """Play one request from the ingress through the app, streaming back its ASGI messages."""
-        async for batch in play_forwarded(self.app, request, [(REPLICA_HEADER, self.replica_id.encode())]):
+        async for batch in play_forwarded(self.server, request, [(REPLICA_HEADER, self.replica_id.encode())]):
             yield batch
 
     async def __del__(self) -> None:
@@ -124,7 +124,7 @@ class DirectEngineReplica(_EngineReplicaBase):
         self._setup(serve_argv, graceful_shutdown_timeout_s)
 
     def __serve_build_asgi_app__(self) -> AsgiApp:
-        return self.app
+        return self.server
 
 
 @serve.ingress()

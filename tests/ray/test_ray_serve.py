@@ -17,10 +17,14 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import ray
@@ -236,6 +240,49 @@ def test_shared_system_prompts_stay_on_their_replica_unlike_random_routing(clust
     assert len(set().union(*prefix_placement.values())) == 2, "the prompts are spread over both replicas"
     assert prefix_ratio > 0.6  # 3 of 4 requests per prompt find its ~500 tokens cached
     assert prefix_ratio > random_ratio + 0.05
+
+
+def test_proxy_direct_mode_serves_the_same_api(cluster):
+    """`ingress=false`: Ray's proxy calls the replicas' ASGI app itself (power-of-two routing)."""
+    app = build_app({"model": MODEL, "serve_args": SERVE_ARGS, "ingress": "false", "routing": "pow2"})
+    serve.run(app, name=APP, route_prefix="/")
+    client = openai.OpenAI(base_url=f"{cluster}/v1", api_key="none", max_retries=0)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = client.chat.completions.create(model=MODEL, messages=question, max_tokens=20, temperature=0)
+    assert answer.choices[0].message.content == "The capital of France is Paris."
+    stream = client.chat.completions.create(model=MODEL, messages=question, max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "The capital of France is Paris."
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=question)
+
+
+def test_sansllm_serve_ray_deploys_on_the_running_cluster(cluster):
+    """`sansllm serve --ray` from a shell, joining the cluster by $RAY_ADDRESS; Ctrl-C removes it."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [str(Path(sys.executable).with_name("sansllm")), "serve", MODEL, "--ray", "--ray-replicas", "1",
+               "--max-model-len", "1024", "--ray-option", "num_cpus=1"]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+        while not _serving(cluster, max_model_len=1024):
+            assert process.poll() is None, process.stderr.read().decode(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "sansllm serve --ray did not deploy"
+            time.sleep(0.5)  # polling the proxy: the subprocess gives no signal when it is up
+        client = openai.OpenAI(base_url=f"{cluster}/v1", api_key="none", max_retries=0)
+        answer = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens == 4
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) in (0, 1, -signal.SIGINT)
+    assert APP not in serve.status().applications, "Ctrl-C removed the deployment"
+
+
+def _serving(base_url: str, max_model_len: int) -> bool:
+    try:
+        models = httpx.get(f"{base_url}/v1/models", timeout=5).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return [model.get("max_model_len") for model in models] == [max_model_len]
 
 
 def test_shutdown_leaves_no_process(cluster):

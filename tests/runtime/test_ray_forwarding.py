@@ -298,3 +298,21 @@ def test_the_replica_registry_is_copied_into_ray_metrics_as_increments():
     assert [value for _, value, _ in histogram.calls] == [0.5, 2.0, 1.0]  # bucket bounds; +Inf: twice the last
     assert ray_name("vllm:kv_cache_usage_perc") == "sansllm_kv_cache_usage_perc"
     assert ray_name("http_requests") == "sansllm_http_requests"
+
+
+def test_sansllm_serve_ray_passes_the_server_flags_to_the_replicas_and_the_rest_to_the_deployment():
+    from sansllm.serve_ray.launch import app_arguments, replica_argv
+
+    argv = ["SmolLM2-135M-Instruct", "--ray", "--ray-replicas", "3", "--host=0.0.0.0", "--port", "9000",
+            "--max-model-len", "2048", "--ray-option", "num_cpus=2", "--ray-option=routing=prefix"]  # fmt: skip
+    assert replica_argv(argv) == ["SmolLM2-135M-Instruct", "--max-model-len", "2048"]
+    args = parse_serve_args(argv, environ={})
+    assert args.ray and args.ray_replicas == 3
+    assert app_arguments(args, argv) == {
+        "serve_args": "SmolLM2-135M-Instruct --max-model-len 2048", "num_replicas": "3", "num_cpus": "2",
+        "routing": "prefix",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        app_arguments(parse_serve_args(["--ray", "--ray-option", "num_cpus"], environ={}), [])
+    with pytest.raises(ValueError, match="unknown sansllm Ray option"):
+        app_arguments(parse_serve_args(["--ray", "--ray-option", "replicas=2"], environ={}), [])
