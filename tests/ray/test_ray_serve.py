@@ -256,25 +256,36 @@ def test_proxy_direct_mode_serves_the_same_api(cluster):
         client.chat.completions.create(model="nope", messages=question)
 
 
-def test_sansllm_serve_ray_deploys_on_the_running_cluster(cluster):
-    """`sansllm serve --ray` from a shell, joining the cluster by $RAY_ADDRESS; Ctrl-C removes it."""
+SHELL_COMMANDS = {
+    "sansllm serve --ray": ["sansllm", "serve", MODEL, "--ray", "--ray-replicas", "1", "--max-model-len", "1024",
+                            "--ray-option", "num_cpus=1"],
+    "serve run": ["serve", "run", "sansllm.serve_ray:build_app", f"model={MODEL}", "num_replicas=1", "num_cpus=1",
+                  "serve_args=--max-model-len 1024"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("how", list(SHELL_COMMANDS))
+def test_deploying_from_a_shell_on_the_running_cluster(cluster, how):
+    """`sansllm serve --ray` and Ray's own `serve run` with our builder, joining the cluster by
+    $RAY_ADDRESS; Ctrl-C takes the deployment down."""
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    command = [str(Path(sys.executable).with_name("sansllm")), "serve", MODEL, "--ray", "--ray-replicas", "1",
-               "--max-model-len", "1024", "--ray-option", "num_cpus=1"]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    program, *rest = SHELL_COMMANDS[how]
+    command = [str(Path(sys.executable).with_name(program)), *rest]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/")
     try:
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
         while not _serving(cluster, max_model_len=1024):
             assert process.poll() is None, process.stderr.read().decode(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "sansllm serve --ray did not deploy"
+            assert time.monotonic() < deadline, f"{how} did not deploy"
             time.sleep(0.5)  # polling the proxy: the subprocess gives no signal when it is up
         client = openai.OpenAI(base_url=f"{cluster}/v1", api_key="none", max_retries=0)
         answer = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
         assert answer.usage.completion_tokens == 4
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) in (0, 1, -signal.SIGINT)
-    assert APP not in serve.status().applications, "Ctrl-C removed the deployment"
+        returncode = process.wait(timeout=120)
+    assert returncode in (0, 1, -signal.SIGINT), process.stderr.read().decode(errors="replace")[-3000:]
+    assert not _serving(cluster, max_model_len=1024), "Ctrl-C took the deployment down"
 
 
 def _serving(base_url: str, max_model_len: int) -> bool:
