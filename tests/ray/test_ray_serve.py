@@ -20,6 +20,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -254,6 +255,42 @@ def test_proxy_direct_mode_serves_the_same_api(cluster):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "The capital of France is Paris."
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=question)
+
+
+def test_removing_the_app_lets_a_stream_in_flight_finish(cluster):
+    """Ray stops replicas gracefully (scale-down, redeploy, delete): no new requests reach them, the
+    ones in flight finish (within graceful_shutdown_timeout_s), then the engines stop."""
+    deploy("prefix")
+    client = openai.OpenAI(base_url=f"{cluster}/v1", api_key="none", max_retries=0)
+    stream = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=300, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = iter(stream)
+    next(chunks)
+    deleter = threading.Thread(target=serve.delete, args=(APP,), daemon=True)
+    deleter.start()
+    deadline = time.monotonic() + 60
+    while serve.status().applications[APP].status != "DELETING":
+        assert time.monotonic() < deadline, "Ray did not start removing the app"
+        time.sleep(0.1)  # polling Ray's status: there is no event to wait on
+    rest = list(chunks)
+    assert rest[-1].usage.completion_tokens == 300, "the stream ran to its end while the app was removed"
+    deleter.join(timeout=120)
+    assert APP not in serve.status().applications
+
+
+def test_the_health_check_fails_once_an_engine_stopped():
+    from types import SimpleNamespace
+
+    from sansllm.serve_ray.app import _EngineReplicaBase
+
+    replica = _EngineReplicaBase()  # no engine: just the check Ray calls on both replica kinds
+    replica.replica_id, replica.server = "r1", SimpleNamespace(healthy=True)
+    replica.check_health()
+    replica.server.healthy = False
+    with pytest.raises(RuntimeError, match="engine thread stopped"):
+        replica.check_health()
 
 
 SHELL_COMMANDS = {
