@@ -220,7 +220,11 @@ class Relay:
             decoded = msgspec.json.decode(body)
         except msgspec.DecodeError:
             return []  # the replica answers the 400
-        return self.affinity.keys(prompt_text(decoded)) if isinstance(decoded, dict) else []
+        if not isinstance(decoded, dict):
+            return []
+        # the model (or LoRA adapter) first: each has a prefix cache of its own in the engine
+        model = decoded.get("model")
+        return self.affinity.keys(f"{model if isinstance(model, str) else ''}\x00{prompt_text(decoded)}")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -39,6 +39,11 @@ def replica_argv(argv: Sequence[str]) -> list[str]:
 
 def app_arguments(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, str]:
     """The builder's arguments for this command line (checked: a bad option is a ValueError)."""
+    if args.ssl_certfile or args.uds:
+        raise ValueError(
+            "Ray's HTTP proxy serves plain HTTP on --host/--port: terminate TLS in front of it (a load "
+            "balancer, an ingress controller) and drop --ssl-certfile/--uds"
+        )
     options = {"serve_args": shlex.join(replica_argv(argv)), "num_replicas": str(args.ray_replicas)}
     for item in args.ray_option:
         key, sep, value = item.partition("=")

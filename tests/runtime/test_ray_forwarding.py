@@ -172,7 +172,7 @@ def test_the_relay_resends_a_request_whose_replica_died_before_answering():
     request = calls[-1]
     assert request.body == chat_body(stream=False, content="x" * 100)
     assert (b"connection", b"keep-alive") not in request.headers and request.client == ("127.0.0.1", 5000)
-    assert request.prefix_keys == PrefixAffinity(chunk_chars=16).keys("\x00user\x00" + "x" * 100)
+    assert request.prefix_keys == PrefixAffinity(chunk_chars=16).keys(f"{MODEL}\x00\x00user\x00" + "x" * 100)
 
 
 def test_a_stream_cut_after_its_first_bytes_ends_with_an_error_frame_and_done():
@@ -222,7 +222,9 @@ def test_the_relay_refuses_an_oversized_body_and_keys_only_json_posts():
     assert relay._keys({"method": "GET"}, b'{"prompt": "' + b"y" * 64 + b'"}') == []
     assert relay._keys({"method": "POST"}, b"not json at all") == []
     assert relay._keys({"method": "POST"}, b'{"prompt": broken') == []
-    assert len(relay._keys({"method": "POST"}, b'{"prompt": "' + b"y" * 64 + b'"}')) == 4
+    assert len(relay._keys({"method": "POST"}, b'{"prompt": "' + b"y" * 63 + b'"}')) == 4  # "\x00" + 63
+    same = b'{"model": "a", "prompt": "' + b"y" * 64 + b'"}'
+    assert relay._keys({"method": "POST"}, same) != relay._keys({"method": "POST"}, same.replace(b'"a"', b'"b"'))
 
 
 def test_options_from_serve_run_strings():
@@ -314,5 +316,7 @@ def test_sansllm_serve_ray_passes_the_server_flags_to_the_replicas_and_the_rest_
     }  # fmt: skip
     with pytest.raises(ValueError, match="KEY=VALUE"):
         app_arguments(parse_serve_args(["--ray", "--ray-option", "num_cpus"], environ={}), [])
+    with pytest.raises(ValueError, match="terminate TLS in front of it"):
+        app_arguments(parse_serve_args(["--ray", "--ssl-certfile", "c.pem"], environ={}), [])
     with pytest.raises(ValueError, match="unknown sansllm Ray option"):
         app_arguments(parse_serve_args(["--ray", "--ray-option", "replicas=2"], environ={}), [])
