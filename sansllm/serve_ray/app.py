@@ -59,7 +59,8 @@ class _EngineReplicaBase:
         logging.getLogger("sansllm").setLevel(args.log_level.upper())
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         logger.info("replica %s: loading %s", self.replica_id, ", ".join(spec.model for spec in args.models))
-        self.server = build_asgi_app(args, load_engines(args), bridge_for_running_library)
+        self.engines = load_engines(args)
+        self.server = build_asgi_app(args, self.engines, bridge_for_running_library)
         self.server.on_startup.append(self._start_metrics)
         self.server.on_shutdown.insert(0, self._drain)  # before the engines stop
         self.drain_timeout = graceful_shutdown_timeout_s
@@ -70,9 +71,10 @@ class _EngineReplicaBase:
         if not self.server.healthy:
             raise RuntimeError(f"replica {self.replica_id}: an engine thread stopped; see its log")
 
-    def replica_pid(self) -> tuple[str, int]:
-        """This replica's id and process (tests kill it to check failover)."""
-        return self.replica_id, os.getpid()
+    def requests_in_engine(self) -> tuple[str, int]:
+        """This replica's id and the requests its engines are running or queueing (tests, operators)."""
+        snapshots = [engine.stats() for engine in self.engines]
+        return self.replica_id, sum(int(snap.num_running) + int(snap.num_waiting) for snap in snapshots)
 
     async def _drain(self) -> None:
         if self._exporter_task is not None:

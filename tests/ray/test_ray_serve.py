@@ -227,6 +227,21 @@ def _cached(usage) -> int:
     return usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
 
 
+def test_a_client_leaving_mid_stream_stops_its_engine_work(cluster):
+    """Ray's proxy cancels the ingress's call, which cancels the replica's, whose app aborts the work."""
+    engines = serve.get_deployment_handle("SansllmEngine", APP)
+    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{cluster}/v1/completions", json=body, timeout=60) as response:
+        replica = response.headers["x-sansllm-replica"]
+        next(response.iter_lines())  # the stream runs: ~1900 tokens would take a minute here
+    deadline = time.monotonic() + 30
+    while True:  # ask both replicas (random routing) until the one that streamed reports no work
+        answered, in_engine = engines.requests_in_engine.remote().result()
+        if answered == replica and in_engine == 0:
+            break
+        assert time.monotonic() < deadline, f"replica {replica} still runs the abandoned request"
+
+
 def test_shared_system_prompts_stay_on_their_replica_unlike_random_routing(cluster):
     prefix_ratio, prefix_placement = run_shared_prompt_workload(cluster)
     deploy("pow2")  # fresh replicas, Ray's default routing: the less loaded of two random replicas
