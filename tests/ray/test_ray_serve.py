@@ -58,10 +58,26 @@ def cluster():
         log_to_driver=False,
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    assert _listening_on(port) == {"127.0.0.1"}, "the OpenAI API is served on loopback only"
     yield f"http://127.0.0.1:{port}"
     if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
+
+
+def _listening_on(port: int) -> set[str]:
+    """The local addresses a TCP port is listened on (from /proc/net/tcp and tcp6)."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                if len(address) == 8:
+                    addresses.add(".".join(str(b) for b in reversed(bytes.fromhex(address))))
+                else:
+                    addresses.add("::" if int(address, 16) == 0 else address)
+    return addresses
 
 
 def deploy(routing: str) -> None:
