@@ -71,10 +71,18 @@ class _EngineReplicaBase:
         if not self.server.healthy:
             raise RuntimeError(f"replica {self.replica_id}: an engine thread stopped; see its log")
 
-    def requests_in_engine(self) -> tuple[str, int]:
-        """This replica's id and the requests its engines are running or queueing (tests, operators)."""
+    def describe(self) -> dict[str, Any]:
+        """This replica at a glance (operators, tests): its id, process, torch threads (Ray's
+        OMP_NUM_THREADS follows num_cpus) and the requests its engines run or queue."""
+        import torch  # loaded already: the engines run on it
+
         snapshots = [engine.stats() for engine in self.engines]
-        return self.replica_id, sum(int(snap.num_running) + int(snap.num_waiting) for snap in snapshots)
+        return {
+            "replica": self.replica_id,
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "requests_in_engine": sum(int(snap.num_running) + int(snap.num_waiting) for snap in snapshots),
+        }
 
     async def _drain(self) -> None:
         if self._exporter_task is not None:

@@ -144,6 +144,9 @@ def test_openai_client_streaming_and_not(cluster):
         return Counter(replica for replica, _ in answers)
 
     served = asyncio.run(spread())
+    engines = serve.get_deployment_handle("SansllmEngine", APP)
+    states = {state["replica"]: state for state in (engines.describe.remote().result() for _ in range(12))}
+    assert {state["torch_threads"] for state in states.values()} == {1}, "one thread per replica (num_cpus=1)"
     print(f"\n16 short chats by replica: {dict(served)}")
     assert set(served) == set(engine_replicas()), "both replicas serve requests"
 
@@ -252,8 +255,8 @@ def test_a_client_leaving_mid_stream_stops_its_engine_work(cluster):
         next(response.iter_lines())  # the stream runs: ~1900 tokens would take a minute here
     deadline = time.monotonic() + 30
     while True:  # ask both replicas (random routing) until the one that streamed reports no work
-        answered, in_engine = engines.requests_in_engine.remote().result()
-        if answered == replica and in_engine == 0:
+        state = engines.describe.remote().result()
+        if state["replica"] == replica and state["requests_in_engine"] == 0:
             break
         assert time.monotonic() < deadline, f"replica {replica} still runs the abandoned request"
 
