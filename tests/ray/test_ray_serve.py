@@ -137,6 +137,10 @@ def test_openai_client_streaming_and_not(cluster):
     completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert completion.usage.completion_tokens == 5
     assert [m.id for m in client.models.list().data] == [MODEL]
+    broken = httpx.post(f"{cluster}/v1/chat/completions", content=b"{not json", timeout=30)
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == 400, broken.text
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=MODEL, messages=question, max_tokens=-1)
 
     async def spread() -> Counter[str]:
         async with openai.AsyncOpenAI(base_url=f"{cluster}/v1", api_key="none", max_retries=0) as aclient:
