@@ -1,15 +1,20 @@
-"""Test doubles for the protocol core: a byte-level tokenizer and a tiny served model.
+"""Test doubles for the protocol core: a byte-level tokenizer, tiny served models, a call player.
 
 `ByteTokenizer` makes every UTF-8 byte a token, so a multi-byte character spans several tokens:
 exactly the case incremental detokenization must get right. It needs no files and no downloads.
+`CallPlayer` plays a call's outputs the way a runtime does, without one.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from typing import Any, Self
 
+from protocol.engine_api import Abort, Generate
 from protocol.media.spec import ImageProcessing, MultimodalSpec, SpeechSpec
 from protocol.model import PoolingInfo, ServedModel
+from protocol.outputs import Body, Compute, EndResponse, Fetch, StartResponse, Submit, compute_inline
 
 BOS_ID = 256
 EOS_ID = 257
@@ -285,3 +290,80 @@ def tiny_speech_model(
         tasks=frozenset({"transcription"}),
         speech=spec,
     )
+
+
+class CallPlayer:
+    """Plays a call's outputs as a runtime does and records what the client and the engine receive.
+
+    Asserts the output contract on the way (one status, no body before it or after the end); runs
+    `Compute` work in place and records `Fetch` requests for the test to answer with `feed`.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.status: int | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.body = b""
+        self.ended = False
+        self.commands: list = []
+        self.fetches: list = []
+        self._play(call.start())
+
+    def feed(self, *events: Any) -> Self:
+        """Engine events (or fetch results) into the call; its outputs are played."""
+        self._play(self.call.feed(list(events)))
+        return self
+
+    def _play(self, outputs: Iterable[Any]) -> None:
+        for output in outputs:
+            if isinstance(output, StartResponse):
+                assert self.status is None, "status committed twice"
+                self.status, self.headers = output.status, dict(output.headers)
+            elif isinstance(output, Body):
+                assert self.status is not None and not self.ended, "body outside the response"
+                self.body += output.data
+            elif isinstance(output, EndResponse):
+                assert self.status is not None and not self.ended, "response ended twice or unstarted"
+                self.ended = True
+            elif isinstance(output, Fetch):
+                self.fetches.extend(output.requests)
+            elif isinstance(output, Compute):  # decoding media, which a server runs on a worker thread
+                self._play(self.call.feed([compute_inline(output)]))
+            else:
+                assert isinstance(output, Submit), output
+                self.commands.extend(output.commands)
+
+    @property
+    def generates(self) -> list[Generate]:
+        return [command for command in self.commands if isinstance(command, Generate)]
+
+    @property
+    def generate(self) -> Generate:
+        (generate,) = self.generates
+        return generate
+
+    @property
+    def aborts(self) -> list[Abort]:
+        return [command for command in self.commands if isinstance(command, Abort)]
+
+    def json(self) -> Any:
+        assert self.ended, (self.status, self.body)
+        return json.loads(self.body)
+
+    def error(self, status: int = 400) -> dict:
+        """The OpenAI error of a finished response with `status` (its `code` checked too)."""
+        assert self.ended and self.status == status, (self.status, self.body)
+        error = self.json()["error"]
+        assert error["code"] == status, error
+        return error
+
+    def events(self) -> list:
+        """The SSE payloads, parsed; asserts the framing and the final `[DONE]`."""
+        assert self.ended and self.headers[b"content-type"].startswith(b"text/event-stream")
+        frames = self.body.split(b"\n\n")
+        assert frames[-1] == b"" and frames[-2] == b"data: [DONE]", self.body[-200:]
+        payloads = []
+        for frame in frames[:-2]:
+            assert frame.startswith(b"data: ") and b"\n" not in frame, frame
+            payloads.append(json.loads(frame[6:]))
+        return payloads

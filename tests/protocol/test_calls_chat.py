@@ -15,16 +15,12 @@ from protocol import (
     Abort,
     App,
     AppConfig,
-    Body,
-    EndResponse,
     Failed,
-    Generate,
-    StartResponse,
-    Submit,
     TokenLogprobs,
     Tokens,
 )
 from protocol.testing import EOS_ID, ByteTokenizer, tiny_served_model
+from protocol.testing import CallPlayer as Client
 
 NOW = 1_700_000_000.75
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -36,67 +32,7 @@ def make_app(**config):
     return App(AppConfig(**config), [tiny_served_model()], clock=lambda: NOW, new_id=lambda: f"r{next(ids)}")
 
 
-class Client:
-    """Plays a call's outputs the way a runtime does and records what the client receives."""
-
-    def __init__(self, call):
-        self.call = call
-        self.status = None
-        self.headers = None
-        self.body = b""
-        self.ended = False
-        self.commands = []
-        self._play(call.start())
-
-    def _play(self, outputs):
-        for output in outputs:
-            if isinstance(output, StartResponse):
-                assert self.status is None, "status committed twice"
-                self.status, self.headers = output.status, dict(output.headers)
-            elif isinstance(output, Body):
-                assert self.status is not None and not self.ended
-                self.body += output.data
-            elif isinstance(output, EndResponse):
-                assert self.status is not None and not self.ended
-                self.ended = True
-            else:
-                assert isinstance(output, Submit)
-                self.commands.extend(output.commands)
-
-    def feed(self, *events):
-        self._play(self.call.feed(list(events)))
-        return self
-
-    @property
-    def generates(self) -> list[Generate]:
-        return [c for c in self.commands if isinstance(c, Generate)]
-
-    @property
-    def generate(self) -> Generate:
-        (generate,) = self.generates
-        return generate
-
-    @property
-    def aborts(self):
-        return [c for c in self.commands if isinstance(c, Abort)]
-
-    def json(self):
-        assert self.ended
-        return json.loads(self.body)
-
-    def events(self):
-        """The SSE payloads, parsed; asserts the framing and the final `[DONE]`."""
-        assert self.ended and self.headers[b"content-type"].startswith(b"text/event-stream")
-        frames = self.body.split(b"\n\n")
-        assert frames[-1] == b"" and frames[-2] == b"data: [DONE]"
-        payloads = []
-        for frame in frames[:-2]:
-            assert frame.startswith(b"data: ") and b"\n" not in frame
-            payloads.append(json.loads(frame[6:]))
-        return payloads
-
-
-def chat(app=None, headers=JSON_HEADERS, **body):
+def chat(app=None, headers=JSON_HEADERS, **body) -> Client:
     body.setdefault("messages", USER)
     app = app or make_app()
     return Client(app.handle("POST", "/v1/chat/completions", headers, json.dumps(body).encode()))

@@ -12,10 +12,10 @@ import json
 import pytest
 from PIL import Image
 
-from protocol import App, AppConfig, Body, EndResponse, Generate, StartResponse, Submit
+from protocol import App, AppConfig
 from protocol.media.fetch import MediaFetched, MediaFetchFailed, MediaRequest
-from protocol.outputs import Compute, Fetch, compute_inline
 from protocol.testing import IMAGE_ID, ByteTokenizer, tiny_served_model, tiny_vision_model
+from protocol.testing import CallPlayer as Runtime
 from tests.media_samples import png_with_size
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -39,50 +39,6 @@ def image_part(url: str) -> dict:
 
 def user(*parts) -> list[dict]:
     return [{"role": "user", "content": list(parts)}]
-
-
-class Runtime:
-    """Plays a call's outputs; records fetches, engine commands and the response."""
-
-    def __init__(self, call):
-        self.call = call
-        self.status = None
-        self.headers: dict[bytes, bytes] = {}
-        self.body = b""
-        self.ended = False
-        self.fetches: list[MediaRequest] = []
-        self.commands = []
-        self._play(call.start())
-
-    def _play(self, outputs):
-        for output in outputs:
-            if isinstance(output, StartResponse):
-                self.status = output.status
-                self.headers = dict(output.headers)
-            elif isinstance(output, Body):
-                self.body += output.data
-            elif isinstance(output, EndResponse):
-                self.ended = True
-            elif isinstance(output, Fetch):
-                self.fetches.extend(output.requests)
-            elif isinstance(output, Compute):  # decoding, which a server runs on a worker thread
-                self._play(self.call.feed([compute_inline(output)]))
-            else:
-                assert isinstance(output, Submit)
-                self.commands.extend(output.commands)
-
-    def answer(self, *results):
-        self._play(self.call.feed(list(results)))
-        return self
-
-    @property
-    def generate(self) -> Generate:
-        (generate,) = [c for c in self.commands if isinstance(c, Generate)]
-        return generate
-
-    def error(self) -> dict:
-        assert self.ended and self.status == 400, (self.status, self.body)
-        return json.loads(self.body)["error"]
 
 
 def make_app(model=None, **config):
@@ -134,14 +90,14 @@ def test_a_url_is_fetched_by_the_runtime_before_the_engine_work():
     assert runtime.commands == [] and runtime.status is None
     (request,) = runtime.fetches
     assert request == MediaRequest(0, "https://example.com/cat.png", "image")
-    runtime.answer(MediaFetched(0, png(color=(1, 2, 3)), "image/png"))
+    runtime.feed(MediaFetched(0, png(color=(1, 2, 3)), "image/png"))
     (item,) = runtime.generate.media
     assert item.data[:3] == bytes([1, 2, 3])
 
 
 def test_a_failed_fetch_is_a_400_naming_the_part():
     runtime = chat(user({"type": "text", "text": "hi"}, image_part("http://example.com/x.png")))
-    runtime.answer(MediaFetchFailed(0, "HTTP 404 fetching http://example.com/x.png"))
+    runtime.feed(MediaFetchFailed(0, "HTTP 404 fetching http://example.com/x.png"))
     error = runtime.error()
     assert error["message"] == "messages[0].content[1]: HTTP 404 fetching http://example.com/x.png"
     assert runtime.commands == []
@@ -149,7 +105,7 @@ def test_a_failed_fetch_is_a_400_naming_the_part():
 
 def test_fetched_bytes_that_are_not_an_image_are_a_400():
     runtime = chat(user(image_part("http://example.com/x.png")))
-    runtime.answer(MediaFetched(0, b"<html>not found</html>", "text/html"))
+    runtime.feed(MediaFetched(0, b"<html>not found</html>", "text/html"))
     assert "messages[0].content[0]" in runtime.error()["message"]
 
 

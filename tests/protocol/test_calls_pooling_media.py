@@ -40,7 +40,7 @@ class PoolingRuntime(Runtime):
 
     def pooled(self, vector=VECTOR) -> dict:
         encode = self.encode
-        self.answer(Pooled(encode.request_id, vector, len(encode.prompt_token_ids)))
+        self.feed(Pooled(encode.request_id, vector, len(encode.prompt_token_ids)))
         assert self.ended and self.status == 200, (self.status, self.body)
         return json.loads(self.body)
 
@@ -76,7 +76,7 @@ def test_an_image_url_is_fetched_before_anything_reaches_the_engine():
     runtime = post("/v1/embeddings", user(image_part("https://example.com/cat.png")))
     assert runtime.commands == [] and runtime.status is None
     assert runtime.fetches == [MediaRequest(0, "https://example.com/cat.png", "image")]
-    runtime.answer(MediaFetched(0, png(color=(1, 2, 3)), "image/png"))
+    runtime.feed(MediaFetched(0, png(color=(1, 2, 3)), "image/png"))
     (item,) = runtime.encode.media
     assert item.data[:3] == bytes([1, 2, 3])
     assert runtime.pooled()["object"] == "list"

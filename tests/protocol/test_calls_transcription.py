@@ -21,9 +21,8 @@ import numpy
 import openai
 import pytest
 
-from protocol import Abort, App, AppConfig, Body, EndResponse, Failed, Generate, StartResponse, Submit, Tokens
+from protocol import Abort, App, AppConfig, Failed, Generate, Tokens
 from protocol.engine_api import TokenLogprobs
-from protocol.outputs import Compute, compute_inline
 from protocol.testing import (
     END_OF_TEXT_ID,
     LANGUAGE_IDS,
@@ -36,6 +35,7 @@ from protocol.testing import (
     tiny_served_model,
     tiny_speech_model,
 )
+from protocol.testing import CallPlayer as Runtime
 from tests.media_samples import audio_bytes, sine
 
 RATE = 16000
@@ -69,65 +69,6 @@ def form(files=None, data=None) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Headers and body of a multipart form as httpx (the openai client's transport) writes it."""
     request = httpx.Request("POST", "http://x/", files=files, data=data)
     return [(b"content-type", request.headers["content-type"].encode())], request.read()
-
-
-class Runtime:
-    """Plays a call's outputs; records engine commands and the response."""
-
-    def __init__(self, call):
-        self.call = call
-        self.status: int | None = None
-        self.headers: dict[bytes, bytes] = {}
-        self.body = b""
-        self.ended = False
-        self.commands: list = []
-        self._play(call.start())
-
-    def _play(self, outputs):
-        for output in outputs:
-            if isinstance(output, StartResponse):
-                assert self.status is None, "a second StartResponse"
-                self.status = output.status
-                self.headers = dict(output.headers)
-            elif isinstance(output, Body):
-                assert self.status is not None and not self.ended
-                self.body += output.data
-            elif isinstance(output, EndResponse):
-                self.ended = True
-            elif isinstance(output, Compute):  # decoding the upload, which a server runs on a worker thread
-                self._play(self.call.feed([compute_inline(output)]))
-            else:
-                assert isinstance(output, Submit)
-                self.commands.extend(output.commands)
-
-    def feed(self, *events):
-        self._play(self.call.feed(list(events)))
-        return self
-
-    @property
-    def generates(self) -> list[Generate]:
-        return [c for c in self.commands if isinstance(c, Generate)]
-
-    @property
-    def aborts(self) -> list[str]:
-        return [c.request_id for c in self.commands if isinstance(c, Abort)]
-
-    def json(self):
-        assert self.ended and self.headers[b"content-type"] == b"application/json", (self.status, self.body)
-        return json.loads(self.body)
-
-    def error(self, status: int = 400) -> dict:
-        assert self.ended and self.status == status, (self.status, self.body)
-        error = self.json()["error"]
-        assert error["code"] == status
-        return error
-
-    def frames(self) -> list:
-        assert self.ended and self.headers[b"content-type"].startswith(b"text/event-stream")
-        raw = [frame for frame in self.body.decode().split("\n\n") if frame]
-        assert all(frame.startswith("data: ") for frame in raw)
-        assert raw[-1] == "data: [DONE]"
-        return [json.loads(frame[6:]) for frame in raw[:-1]]
 
 
 def post(
@@ -460,7 +401,7 @@ def test_stream_deltas_go_out_in_window_order_with_usage():
     runtime.feed(tokens(first, [END_OF_TEXT_ID]))
     runtime.feed(tokens(third, text_ids(" 3") + [END_OF_TEXT_ID]))
     runtime.feed(tokens(second, text_ids(" two") + [END_OF_TEXT_ID]))
-    chunks = runtime.frames()
+    chunks = runtime.events()
     *deltas, usage = chunks
     assert "".join(c["choices"][0]["delta"]["content"] for c in deltas) == "one two three 3"
     assert [c["choices"][0]["delta"]["content"] for c in deltas] == ["one", " two three 3"]
@@ -484,7 +425,7 @@ def test_stream_continuous_usage_and_translation_chunks():
     )  # fmt: skip
     (generate,) = runtime.generates
     runtime.feed(tokens(generate, text_ids(" Hi"), finish=None), tokens(generate, [END_OF_TEXT_ID]))
-    first, last, usage = runtime.frames()
+    first, last, usage = runtime.events()
     assert first["object"] == "translation.chunk" and first["id"].startswith("trsl-")
     assert first["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
     assert last["usage"]["completion_tokens"] == 4 and usage["choices"] == []
@@ -493,7 +434,7 @@ def test_stream_continuous_usage_and_translation_chunks():
 def test_force_include_usage_adds_the_usage_chunk():
     runtime = post(app=make_app(enable_force_include_usage=True), language="en", stream="true")
     runtime.feed(tokens(runtime.generates[0], text_ids(" a") + [END_OF_TEXT_ID]))
-    assert runtime.frames()[-1]["choices"] == []
+    assert runtime.events()[-1]["choices"] == []
 
 
 def test_a_failure_before_any_output_keeps_its_status_and_aborts_the_other_windows():
@@ -502,7 +443,7 @@ def test_a_failure_before_any_output_keeps_its_status_and_aborts_the_other_windo
     runtime.feed(Failed(second.request_id, 503, "over capacity"))
     assert runtime.error(503)["message"] == "over capacity"
     assert runtime.headers[b"retry-after"] == b"1"
-    assert sorted(runtime.aborts) == sorted([first.request_id, third.request_id])
+    assert sorted(a.request_id for a in runtime.aborts) == sorted([first.request_id, third.request_id])
     assert runtime.call.disconnected() == []
 
 
@@ -511,9 +452,9 @@ def test_a_failure_mid_stream_is_an_sse_error_frame():
     first, second = runtime.generates
     runtime.feed(tokens(first, text_ids(" one"), finish=None))
     runtime.feed(Failed(second.request_id, 500, "engine error"))
-    *_, error = runtime.frames()
+    *_, error = runtime.events()
     assert error["error"]["message"] == "engine error" and runtime.status == 200
-    assert runtime.aborts == [first.request_id]
+    assert [a.request_id for a in runtime.aborts] == [first.request_id]
 
 
 def test_disconnect_aborts_every_running_window():
