@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from prometheus_client.registry import Collector
 
-LABEL_ORDER_SKIP = {"le"}
+_BUCKET_LABEL = "le"  # a histogram bucket sample's upper bound, not a tag
 
 
 class MetricFactory(Protocol):
@@ -86,8 +86,8 @@ class RegistryExporter:
         buckets: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
         for sample in family.samples:
             if sample.name.endswith("_bucket"):
-                tags = _tags({k: v for k, v in sample.labels.items() if k not in LABEL_ORDER_SKIP})
-                buckets.setdefault(tags, []).append((float(sample.labels["le"]), sample.value))
+                tags = _tags({k: v for k, v in sample.labels.items() if k != _BUCKET_LABEL})
+                buckets.setdefault(tags, []).append((float(sample.labels[_BUCKET_LABEL]), sample.value))
         for tags, cumulative in buckets.items():
             cumulative.sort()
             bounds = [bound for bound, _ in cumulative if not math.isinf(bound)]
