@@ -98,7 +98,7 @@ class RegistryExporter:
             for bound, count in cumulative:
                 in_bucket = count - below
                 below = count
-                new = int(self._grown((family.name + "_bucket", (*tags, ("le", str(bound)))), in_bucket))
+                new = int(self._grown((family.name + "_bucket", (*tags, (_BUCKET_LABEL, str(bound)))), in_bucket))
                 value = bound if not math.isinf(bound) else (bounds[-1] * 2 if bounds else 1.0)
                 for _ in range(new):
                     metric.observe(value, tags=dict(tags))
